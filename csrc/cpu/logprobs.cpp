@@ -1,0 +1,540 @@
+// Token log-probs on CPU: one read of the logits in forward, one read and one write in backward.
+//
+// Rows are split across threads with at::parallel_for. Each row is walked in chunks small enough
+// to stay in L1: a max pass, then one exp pass that folds the chunk into online-softmax
+// statistics (running max m, s = sum e^(z-m), and the entropy / sum-of-squares accumulators).
+// The chunk is re-read from L1, never from memory, so the logits cross the memory bus once.
+//
+// Logits arrive as a [B, T, V] view with arbitrary strides (trainers pass logits[:, :-1]);
+// rows are addressed with 64-bit offsets b * stride_b + t * stride_t.
+
+#include <ATen/ATen.h>
+#include <ATen/Parallel.h>
+#include <ATen/cpu/vec/functional.h>
+#include <ATen/cpu/vec/vec.h>
+#include <torch/library.h>
+
+#include <sys/mman.h>
+
+#include <algorithm>
+#include <cmath>
+#include <cstring>
+#include <limits>
+#include <memory>
+#include <string>
+#include <tuple>
+#include <type_traits>
+
+namespace fastalign {
+namespace {
+
+using at::vec::Vectorized;
+
+// 2048 floats = 8 KiB: a chunk and its output buffer fit L1 together.
+constexpr int64_t kChunk = 2048;
+
+template <typename T>
+constexpr T neg_inf() {
+  return -std::numeric_limits<T>::infinity();
+}
+
+// max that propagates NaN, so NaN logits give NaN results instead of being skipped.
+template <typename T>
+inline T nan_max(T a, T b) {
+  return (a > b || std::isnan(a)) ? a : b;
+}
+
+template <typename T>
+inline T hsum(const Vectorized<T>& v) {
+  alignas(64) T lanes[Vectorized<T>::size()];
+  v.store(lanes);
+  T total = 0;
+  for (int i = 0; i < Vectorized<T>::size(); ++i) total += lanes[i];
+  return total;
+}
+
+template <typename T>
+inline T hmax(const Vectorized<T>& v) {
+  alignas(64) T lanes[Vectorized<T>::size()];
+  v.store(lanes);
+  T best = neg_inf<T>();
+  for (int i = 0; i < Vectorized<T>::size(); ++i) best = nan_max(best, lanes[i]);
+  return best;
+}
+
+// The logit transform applied to every logit, in TRL's order:
+// z = softcap * tanh(x * logit_scale / softcap) / temperature   (without softcap: x * scale / T).
+template <typename acc_t>
+struct Transform {
+  acc_t scale;
+  acc_t softcap;  // 0 means no softcap
+  acc_t inv_t;
+  // Without softcap the transform is a multiplication by k = scale / T. When k is positive it
+  // commutes with max, so the passes read the logits in place and apply k with FMAs instead of
+  // staging a transformed copy. k is split into hi + lo so that x * k - m keeps the accuracy of a
+  // single rounding (1 / 0.7 rounded to fp32 alone would shift z by ~1e-6 at |z| ~ 20).
+  acc_t factor_hi;
+  acc_t factor_lo;
+
+  bool has_softcap() const { return softcap > 0; }
+  acc_t linear_factor() const { return factor_hi; }
+};
+
+// Copies n logits (element stride `stride`) into `dst` as acc_t.
+template <typename scalar_t, typename acc_t>
+inline void load_as_acc(const scalar_t* src, int64_t stride, int64_t n, acc_t* dst) {
+  if (stride != 1) {
+    for (int64_t i = 0; i < n; ++i) dst[i] = static_cast<acc_t>(src[i * stride]);
+    return;
+  }
+  if constexpr (std::is_same_v<scalar_t, acc_t>) {
+    std::memcpy(dst, src, n * sizeof(acc_t));
+  } else {
+    using bVec = Vectorized<scalar_t>;
+    using fVec = Vectorized<float>;
+    int64_t i = 0;
+    for (; i + bVec::size() <= n; i += bVec::size()) {
+      auto [lo, hi] = at::vec::convert_to_float<scalar_t>(bVec::loadu(src + i));
+      lo.store(dst + i);
+      hi.store(dst + i + fVec::size());
+    }
+    for (; i < n; ++i) dst[i] = static_cast<float>(src[i]);
+  }
+}
+
+// Writes n acc_t values to a contiguous scalar_t destination.
+template <typename scalar_t, typename acc_t>
+inline void store_from_acc(const acc_t* src, int64_t n, scalar_t* dst) {
+  if constexpr (std::is_same_v<scalar_t, acc_t>) {
+    std::memcpy(dst, src, n * sizeof(acc_t));
+  } else {
+    using bVec = Vectorized<scalar_t>;
+    using fVec = Vectorized<float>;
+    int64_t i = 0;
+    for (; i + bVec::size() <= n; i += bVec::size()) {
+      at::vec::convert_from_float<scalar_t>(fVec::loadu(src + i), fVec::loadu(src + i + fVec::size()))
+          .store(dst + i);
+    }
+    for (; i < n; ++i) dst[i] = static_cast<scalar_t>(src[i]);
+  }
+}
+
+// Applies the full transform in place to a staged chunk.
+template <typename acc_t>
+inline void transform_in_place(acc_t* z, int64_t n, const Transform<acc_t>& tf) {
+  using Vec = Vectorized<acc_t>;
+  int64_t i = 0;
+  if (tf.has_softcap()) {
+    const Vec scale_over_cap(tf.scale / tf.softcap), cap_over_t(tf.softcap * tf.inv_t);
+    for (; i + Vec::size() <= n; i += Vec::size()) {
+      ((Vec::loadu(z + i) * scale_over_cap).tanh() * cap_over_t).store(z + i);
+    }
+    for (; i < n; ++i) z[i] = std::tanh(z[i] * (tf.scale / tf.softcap)) * (tf.softcap * tf.inv_t);
+  } else {
+    // x * (hi + lo) rounded once; infinities take x * hi (x * lo could be an opposite infinity).
+    const Vec vhi(tf.factor_hi), vlo(tf.factor_lo), vinf(std::numeric_limits<acc_t>::infinity());
+    for (; i + Vec::size() <= n; i += Vec::size()) {
+      const Vec x = Vec::loadu(z + i);
+      Vec::blendv(at::vec::fmadd(x, vhi, x * vlo), x * vhi, x.abs() == vinf).store(z + i);
+    }
+    for (; i < n; ++i) z[i] = std::isinf(z[i]) ? z[i] * tf.factor_hi : std::fma(z[i], tf.factor_hi, z[i] * tf.factor_lo);
+  }
+}
+
+// A chunk of a row, ready for the passes: values x with z = x * (factor + factor_lo).
+template <typename acc_t>
+struct ChunkView {
+  const acc_t* x;
+  acc_t factor;
+  acc_t factor_lo;
+
+  // x * factor - shift, rounded once. x = -inf is clamped first: -inf * factor_lo could meet
+  // +inf and give NaN, while the clamped value still yields exp(...) = 0.
+  acc_t shifted(acc_t value, acc_t shift) const {
+    value = std::max(value, std::numeric_limits<acc_t>::lowest());
+    return std::fma(value, factor, std::fma(value, factor_lo, -shift));
+  }
+};
+
+// Either points at the logits themselves (fp32/fp64, unit stride, positive linear transform)
+// or stages the transformed chunk in `buffer`.
+template <typename scalar_t, typename acc_t>
+inline ChunkView<acc_t> view_chunk(const scalar_t* row, int64_t stride, int64_t start, int64_t n,
+                                   const Transform<acc_t>& tf, bool in_place, acc_t* buffer) {
+  if constexpr (std::is_same_v<scalar_t, acc_t>) {
+    if (in_place) return {row + start, tf.factor_hi, tf.factor_lo};
+  }
+  load_as_acc<scalar_t, acc_t>(row + start * stride, stride, n, buffer);
+  transform_in_place(buffer, n, tf);
+  return {buffer, acc_t(1), acc_t(0)};
+}
+
+template <typename acc_t>
+struct SoftmaxState {
+  acc_t m = neg_inf<acc_t>();  // running max of z
+  acc_t s = 0;                 // sum of exp(z - m)
+  acc_t xs = 0;                // sum of exp(z - m) * (z - m): entropy without cancellation at |z| ~ 1e4
+  acc_t sq = 0;                // sum of exp(z - m)^2
+};
+
+// Max (NaN-propagating) and sum of x over a chunk.
+template <typename acc_t, bool SUM>
+inline std::pair<acc_t, acc_t> max_and_sum(const acc_t* x, int64_t n) {
+  using Vec = Vectorized<acc_t>;
+  Vec vmax(neg_inf<acc_t>()), vsum(acc_t(0));
+  int64_t i = 0;
+  for (; i + Vec::size() <= n; i += Vec::size()) {
+    Vec v = Vec::loadu(x + i);
+    vmax = at::vec::maximum(vmax, v);
+    if constexpr (SUM) vsum += v;
+  }
+  acc_t mx = hmax(vmax), total = SUM ? hsum(vsum) : acc_t(0);
+  for (; i < n; ++i) {
+    mx = nan_max(mx, x[i]);
+    if constexpr (SUM) total += x[i];
+  }
+  return {mx, total};
+}
+
+template <typename acc_t>
+inline acc_t prefix_max(const acc_t* x, int64_t n) {
+  acc_t mx = neg_inf<acc_t>();
+  for (int64_t i = 0; i < n; ++i) mx = nan_max(mx, x[i]);
+  return mx;
+}
+
+// Folds one chunk (z = x * factor, chunk max `cmax` already known and not -inf) into the state.
+template <typename acc_t, bool ENTROPY, bool SQ>
+inline void fold_chunk(const ChunkView<acc_t>& c, int64_t n, acc_t cmax, SoftmaxState<acc_t>& st) {
+  using Vec = Vectorized<acc_t>;
+  if (!(cmax <= st.m)) {  // a new maximum, or NaN
+    if (st.s > 0) {
+      const acc_t shift = st.m - cmax;
+      const acc_t r = std::exp(shift);
+      if constexpr (ENTROPY) st.xs = r * (st.xs + shift * st.s);
+      if constexpr (SQ) st.sq *= r * r;
+      st.s *= r;
+    }
+    st.m = cmax;
+  }
+  const Vec vk(c.factor), vk_lo(c.factor_lo), vneg_m(-st.m), vlowest(std::numeric_limits<acc_t>::lowest());
+  Vec vs(acc_t(0)), vxs(acc_t(0)), vsq(acc_t(0));
+  int64_t i = 0;
+  for (; i + Vec::size() <= n; i += Vec::size()) {
+    const Vec x = at::vec::maximum(Vec::loadu(c.x + i), vlowest);
+    const Vec d = at::vec::fmadd(x, vk, at::vec::fmadd(x, vk_lo, vneg_m));
+    const Vec e = d.exp();
+    vs += e;
+    // d = -inf has e = 0; clamping d keeps 0 * -inf from turning into NaN.
+    if constexpr (ENTROPY) vxs = at::vec::fmadd(e, at::vec::maximum(d, vlowest), vxs);
+    if constexpr (SQ) vsq = at::vec::fmadd(e, e, vsq);
+  }
+  acc_t s = hsum(vs), xs = ENTROPY ? hsum(vxs) : acc_t(0), sq = SQ ? hsum(vsq) : acc_t(0);
+  for (; i < n; ++i) {
+    const acc_t d = c.shifted(c.x[i], st.m);
+    const acc_t e = std::exp(d);
+    s += e;
+    if constexpr (ENTROPY) xs += e * std::max(d, std::numeric_limits<acc_t>::lowest());
+    if constexpr (SQ) sq += e * e;
+  }
+  st.s += s;
+  if constexpr (ENTROPY) st.xs += xs;
+  if constexpr (SQ) st.sq += sq;
+}
+
+// The gradient is as large as the logits and written exactly once. With 4 KiB pages its first
+// touch (a page fault and a kernel zero-fill per page) costs more than the kernel itself on
+// small-core machines; 2 MiB transparent huge pages make that cost small. Falls back to ATen's
+// allocator for small tensors or where mmap fails.
+at::Tensor empty_like_huge_pages(const at::Tensor& like) {
+  constexpr size_t kHuge = size_t(2) << 20;
+  const size_t bytes = static_cast<size_t>(like.numel()) * like.element_size();
+  if (bytes < 4 * kHuge) {
+    return at::empty(like.sizes(), like.options().memory_format(at::MemoryFormat::Contiguous));
+  }
+  const size_t mapped = bytes + kHuge;
+  void* base = mmap(nullptr, mapped, PROT_READ | PROT_WRITE, MAP_PRIVATE | MAP_ANONYMOUS, -1, 0);
+  if (base == MAP_FAILED) {
+    return at::empty(like.sizes(), like.options().memory_format(at::MemoryFormat::Contiguous));
+  }
+  const uintptr_t aligned = (reinterpret_cast<uintptr_t>(base) + kHuge - 1) & ~(uintptr_t(kHuge) - 1);
+  madvise(reinterpret_cast<void*>(aligned), bytes, MADV_HUGEPAGE);
+  return at::from_blob(
+      reinterpret_cast<void*>(aligned), like.sizes(), [base, mapped](void*) { munmap(base, mapped); },
+      like.options().memory_format(at::MemoryFormat::Contiguous));
+}
+
+struct ForwardOutputs {
+  at::Tensor logps, entropy, log_sum_sq_probs, mean_logits, is_top1, lse;
+};
+
+struct Flags {
+  bool entropy, log_sum_sq, mean, top1;
+};
+
+template <typename scalar_t, typename acc_t, bool ENTROPY, bool SQ>
+void forward_rows(const at::Tensor& logits, const int64_t* labels, int64_t ignore_index,
+                  const Transform<acc_t>& tf, const Flags& flags, ForwardOutputs& out) {
+  const int64_t T = logits.size(1), V = logits.size(2);
+  const int64_t N = logits.size(0) * T;
+  const int64_t sb = logits.stride(0), st_ = logits.stride(1), sv = logits.stride(2);
+  const scalar_t* base = logits.const_data_ptr<scalar_t>();
+  const bool in_place = sv == 1 && !tf.has_softcap() && tf.linear_factor() > 0;
+  acc_t* logps = out.logps.mutable_data_ptr<acc_t>();
+  acc_t* lse_out = out.lse.mutable_data_ptr<acc_t>();
+  acc_t* entropy = flags.entropy ? out.entropy.mutable_data_ptr<acc_t>() : nullptr;
+  acc_t* log_sum_sq = flags.log_sum_sq ? out.log_sum_sq_probs.mutable_data_ptr<acc_t>() : nullptr;
+  acc_t* mean = flags.mean ? out.mean_logits.mutable_data_ptr<acc_t>() : nullptr;
+  bool* top1 = flags.top1 ? out.is_top1.mutable_data_ptr<bool>() : nullptr;
+  const int64_t grain = std::max<int64_t>(1, 16384 / std::max<int64_t>(V, 1));
+
+  at::parallel_for(0, N, grain, [&](int64_t begin, int64_t end) {
+    std::unique_ptr<acc_t[]> buffer(new acc_t[kChunk]);
+    for (int64_t r = begin; r < end; ++r) {
+      const int64_t label = labels[r];
+      if (label == ignore_index) {
+        logps[r] = 0;
+        lse_out[r] = 0;
+        if (entropy) entropy[r] = 0;
+        if (log_sum_sq) log_sum_sq[r] = 0;
+        if (mean) mean[r] = 0;
+        if (top1) top1[r] = false;
+        continue;
+      }
+      const scalar_t* row = base + (r / T) * sb + (r % T) * st_;
+      SoftmaxState<acc_t> state;
+      acc_t z_sum = 0, max_before_label = neg_inf<acc_t>();
+      // The label's logit as read (x) with its chunk's factors, so logp = x * k - lse rounds once.
+      acc_t x_label = 0, k_label = 0, k_label_lo = 0;
+      for (int64_t start = 0; start < V; start += kChunk) {
+        const int64_t n = std::min(kChunk, V - start);
+        const ChunkView<acc_t> c = view_chunk<scalar_t, acc_t>(row, sv, start, n, tf, in_place, buffer.get());
+        acc_t cmax, csum;
+        if (mean) {
+          std::tie(cmax, csum) = max_and_sum<acc_t, true>(c.x, n);
+          z_sum += csum * c.factor;
+        } else {
+          cmax = max_and_sum<acc_t, false>(c.x, n).first;
+        }
+        cmax *= c.factor;
+        if (label >= start && label < start + n) {
+          x_label = c.x[label - start];
+          k_label = c.factor;
+          k_label_lo = c.factor_lo;
+          // argmax takes the first maximum: a tie with an earlier token is not a top-1 hit.
+          if (top1) max_before_label = nan_max(state.m, prefix_max(c.x, label - start) * c.factor);
+        }
+        if (cmax == neg_inf<acc_t>()) continue;  // an all -inf chunk adds nothing
+        fold_chunk<acc_t, ENTROPY, SQ>(c, n, cmax, state);
+      }
+      const acc_t log_s = std::log(state.s);
+      const acc_t lse = state.m + log_s;
+      const acc_t z_label = x_label * k_label;
+      logps[r] = std::fma(x_label, k_label, std::fma(x_label, k_label_lo, -lse));
+      lse_out[r] = lse;
+      if (entropy) entropy[r] = log_s - state.xs / state.s;
+      if (log_sum_sq) log_sum_sq[r] = std::log(state.sq) - 2 * log_s;
+      if (mean) mean[r] = z_sum / static_cast<acc_t>(V);
+      if (top1) top1[r] = z_label >= state.m && z_label > max_before_label;
+    }
+  });
+}
+
+void check_label_range(const int64_t* labels, int64_t N, int64_t V, int64_t ignore_index) {
+  for (int64_t r = 0; r < N; ++r) {
+    const int64_t label = labels[r];
+    TORCH_CHECK_VALUE(label == ignore_index || (label >= 0 && label < V), "labels: every value must lie in [0, ", V,
+                      ") (the vocabulary size, logits.shape[-1]) or equal ignore_index=", ignore_index, "; found ",
+                      label, " at flattened position ", r);
+  }
+}
+
+void check_inputs(const at::Tensor& logits, const at::Tensor& labels) {
+  TORCH_CHECK(logits.dim() == 3, "logits: expected a [B, T, V] view, got ", logits.dim(), " dims");
+  TORCH_CHECK(logits.device().is_cpu(), "logits: the native kernels take CPU tensors, got ", logits.device());
+  TORCH_CHECK(labels.dim() == 1 && labels.numel() == logits.size(0) * logits.size(1),
+              "labels: expected [B*T] = [", logits.size(0) * logits.size(1), "], got ", labels.sizes());
+  TORCH_CHECK(labels.scalar_type() == at::kLong && labels.is_contiguous(), "labels: expected contiguous int64");
+}
+
+template <typename acc_t>
+Transform<acc_t> make_transform(double temperature, double logit_scale, double softcap) {
+  const double k = logit_scale / temperature;
+  const acc_t hi = static_cast<acc_t>(k);
+  const acc_t lo = std::is_same_v<acc_t, double> ? acc_t(0) : static_cast<acc_t>(k - static_cast<double>(hi));
+  return {static_cast<acc_t>(logit_scale), static_cast<acc_t>(softcap), static_cast<acc_t>(1.0 / temperature), hi, lo};
+}
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> token_logprobs_forward(
+    const at::Tensor& logits, const at::Tensor& labels, double temperature, double logit_scale, double softcap,
+    int64_t ignore_index, bool with_entropy, bool with_log_sum_sq_probs, bool with_mean_logits, bool with_is_top1) {
+  check_inputs(logits, labels);
+  const int64_t N = labels.numel(), V = logits.size(2);
+  check_label_range(labels.const_data_ptr<int64_t>(), N, V, ignore_index);
+  const auto acc_type = logits.scalar_type() == at::kDouble ? at::kDouble : at::kFloat;
+  const auto opts = logits.options().dtype(acc_type);
+  auto sized = [&](bool wanted) { return at::empty({wanted ? N : 0}, opts); };
+  ForwardOutputs out{at::empty({N}, opts),  sized(with_entropy),
+                     sized(with_log_sum_sq_probs), sized(with_mean_logits),
+                     at::empty({with_is_top1 ? N : 0}, logits.options().dtype(at::kBool)), at::empty({N}, opts)};
+  const Flags flags{with_entropy, with_log_sum_sq_probs, with_mean_logits, with_is_top1};
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, logits.scalar_type(), "token_logprobs_forward", [&] {
+    using acc_t = std::conditional_t<std::is_same_v<scalar_t, double>, double, float>;
+    const auto tf = make_transform<acc_t>(temperature, logit_scale, softcap);
+    const int64_t* lab = labels.const_data_ptr<int64_t>();
+    if (with_entropy && with_log_sum_sq_probs) {
+      forward_rows<scalar_t, acc_t, true, true>(logits, lab, ignore_index, tf, flags, out);
+    } else if (with_entropy) {
+      forward_rows<scalar_t, acc_t, true, false>(logits, lab, ignore_index, tf, flags, out);
+    } else if (with_log_sum_sq_probs) {
+      forward_rows<scalar_t, acc_t, false, true>(logits, lab, ignore_index, tf, flags, out);
+    } else {
+      forward_rows<scalar_t, acc_t, false, false>(logits, lab, ignore_index, tf, flags, out);
+    }
+  });
+  return {out.logps, out.entropy, out.log_sum_sq_probs, out.mean_logits, out.is_top1, out.lse};
+}
+
+// d/dz of  g * logp_label + gH * H :  g * (1[j = label] - p_j) - gH * p_j * (log p_j + H),
+// then back through the transform: * scale / T, times (1 - tanh^2) under softcap.
+template <typename scalar_t, typename acc_t, bool ENTROPY_GRAD>
+void backward_rows(const at::Tensor& logits, const int64_t* labels, int64_t ignore_index,
+                   const Transform<acc_t>& tf, const acc_t* grad_logps, const acc_t* grad_entropy,
+                   const acc_t* lse, const acc_t* entropy, at::Tensor& grad) {
+  using Vec = Vectorized<acc_t>;
+  const int64_t T = logits.size(1), V = logits.size(2);
+  const int64_t N = logits.size(0) * T;
+  const int64_t sb = logits.stride(0), st_ = logits.stride(1), sv = logits.stride(2);
+  const scalar_t* base = logits.const_data_ptr<scalar_t>();
+  scalar_t* grad_base = grad.mutable_data_ptr<scalar_t>();
+  const bool in_place = sv == 1 && !tf.has_softcap() && tf.linear_factor() > 0;
+  const acc_t chain = tf.linear_factor();
+  const acc_t inv_cap_t = tf.has_softcap() ? acc_t(1) / (tf.softcap * tf.inv_t) : acc_t(0);
+  const int64_t grain = std::max<int64_t>(1, 16384 / std::max<int64_t>(V, 1));
+
+  at::parallel_for(0, N, grain, [&](int64_t begin, int64_t end) {
+    std::unique_ptr<acc_t[]> buffer(new acc_t[kChunk]);
+    std::unique_ptr<acc_t[]> out_buffer(new acc_t[kChunk]);
+    for (int64_t r = begin; r < end; ++r) {
+      scalar_t* grad_row = grad_base + r * V;
+      const int64_t label = labels[r];
+      if (label == ignore_index) {
+        std::fill(grad_row, grad_row + V, scalar_t(0));
+        continue;
+      }
+      const scalar_t* row = base + (r / T) * sb + (r % T) * st_;
+      const acc_t g = grad_logps ? grad_logps[r] : acc_t(0);
+      const acc_t gh = ENTROPY_GRAD ? grad_entropy[r] : acc_t(0);
+      const acc_t h = ENTROPY_GRAD ? entropy[r] : acc_t(0);
+      const Vec vg(g), vgh(gh), vh(h), vneg_lse(-lse[r]), vzero(acc_t(0)), vchain(chain), vone(acc_t(1)),
+          vinv_cap_t(inv_cap_t), vlowest(std::numeric_limits<acc_t>::lowest());
+      for (int64_t start = 0; start < V; start += kChunk) {
+        const int64_t n = std::min(kChunk, V - start);
+        const ChunkView<acc_t> c = view_chunk<scalar_t, acc_t>(row, sv, start, n, tf, in_place, buffer.get());
+        acc_t* dz = std::is_same_v<scalar_t, acc_t> ? reinterpret_cast<acc_t*>(grad_row + start) : out_buffer.get();
+        const Vec vk(c.factor), vk_lo(c.factor_lo);
+        int64_t i = 0;
+        for (; i + Vec::size() <= n; i += Vec::size()) {
+          const Vec raw = Vec::loadu(c.x + i);
+          const Vec z = raw * vk;
+          const Vec x = at::vec::maximum(raw, vlowest);
+          const Vec logp = at::vec::fmadd(x, vk, at::vec::fmadd(x, vk_lo, vneg_lse));
+          const Vec p = logp.exp();
+          Vec d;
+          if constexpr (ENTROPY_GRAD) {
+            d = p * at::vec::fmadd(vgh, logp + vh, vg);
+            d = Vec::blendv(d, vzero, p == vzero);  // p = 0 where z = -inf: no 0 * inf
+          } else {
+            d = p * vg;
+          }
+          d = vzero - d;
+          if (tf.has_softcap()) {
+            const Vec t = z * vinv_cap_t;
+            d = d * vchain * (vone - t * t);
+          } else {
+            d = d * vchain;
+          }
+          d.store(dz + i);
+        }
+        for (; i < n; ++i) {
+          const acc_t z = c.x[i] * c.factor;
+          const acc_t logp = c.shifted(c.x[i], lse[r]);
+          const acc_t p = std::exp(logp);
+          acc_t d = ENTROPY_GRAD ? (p == 0 ? acc_t(0) : p * (g + gh * (logp + h))) : p * g;
+          d = -d * chain;
+          if (tf.has_softcap()) {
+            const acc_t t = z * inv_cap_t;
+            d *= (1 - t * t);
+          }
+          dz[i] = d;
+        }
+        if (label >= start && label < start + n) {
+          acc_t d = g * chain;
+          if (tf.has_softcap()) {
+            const acc_t t = c.x[label - start] * c.factor * inv_cap_t;
+            d *= (1 - t * t);
+          }
+          dz[label - start] += d;
+        }
+        if constexpr (!std::is_same_v<scalar_t, acc_t>) store_from_acc<scalar_t, acc_t>(dz, n, grad_row + start);
+      }
+    }
+  });
+}
+
+at::Tensor token_logprobs_backward(const std::optional<at::Tensor>& grad_logps,
+                                   const std::optional<at::Tensor>& grad_entropy, const at::Tensor& logits,
+                                   const at::Tensor& labels, const at::Tensor& lse,
+                                   const std::optional<at::Tensor>& entropy, double temperature, double logit_scale,
+                                   double softcap, int64_t ignore_index) {
+  check_inputs(logits, labels);
+  const bool entropy_grad = grad_entropy.has_value() && grad_entropy->defined();
+  TORCH_CHECK(!entropy_grad || (entropy.has_value() && entropy->defined()),
+              "token_logprobs_backward: an entropy gradient needs the forward entropy");
+  const auto acc_type = logits.scalar_type() == at::kDouble ? at::kDouble : at::kFloat;
+  auto as_acc = [&](const at::Tensor& t) { return t.to(acc_type).contiguous(); };
+  const at::Tensor lse_c = as_acc(lse);
+  const at::Tensor g_logps = grad_logps.has_value() && grad_logps->defined() ? as_acc(*grad_logps) : at::Tensor();
+  const at::Tensor g_entropy = entropy_grad ? as_acc(*grad_entropy) : at::Tensor();
+  const at::Tensor entropy_c = entropy_grad ? as_acc(*entropy) : at::Tensor();
+  at::Tensor grad = empty_like_huge_pages(logits);
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, logits.scalar_type(), "token_logprobs_backward", [&] {
+    using acc_t = std::conditional_t<std::is_same_v<scalar_t, double>, double, float>;
+    const auto tf = make_transform<acc_t>(temperature, logit_scale, softcap);
+    const acc_t* gl = g_logps.defined() ? g_logps.const_data_ptr<acc_t>() : nullptr;
+    const int64_t* lab = labels.const_data_ptr<int64_t>();
+    if (entropy_grad) {
+      backward_rows<scalar_t, acc_t, true>(logits, lab, ignore_index, tf, gl, g_entropy.const_data_ptr<acc_t>(),
+                                           lse_c.const_data_ptr<acc_t>(), entropy_c.const_data_ptr<acc_t>(), grad);
+    } else {
+      backward_rows<scalar_t, acc_t, false>(logits, lab, ignore_index, tf, gl, nullptr,
+                                            lse_c.const_data_ptr<acc_t>(), nullptr, grad);
+    }
+  });
+  return grad;
+}
+
+#define FASTALIGN_STR2(x) #x
+#define FASTALIGN_STR(x) FASTALIGN_STR2(x)
+
+// The instruction set the Vectorized<T> code was compiled for, for `python -m fastalign info`.
+std::string cpu_capability() { return FASTALIGN_STR(CPU_CAPABILITY); }
+
+}  // namespace
+}  // namespace fastalign
+
+TORCH_LIBRARY(fastalign_cpu, m) {
+  m.def("cpu_capability() -> str", &fastalign::cpu_capability);
+  m.def(
+      "token_logprobs_forward(Tensor logits, Tensor labels, float temperature, float logit_scale, float softcap, "
+      "int ignore_index, bool with_entropy, bool with_log_sum_sq_probs, bool with_mean_logits, bool with_is_top1) "
+      "-> (Tensor, Tensor, Tensor, Tensor, Tensor, Tensor)");
+  m.def(
+      "token_logprobs_backward(Tensor? grad_logps, Tensor? grad_entropy, Tensor logits, Tensor labels, Tensor lse, "
+      "Tensor? entropy, float temperature, float logit_scale, float softcap, int ignore_index) -> Tensor");
+}
+
+TORCH_LIBRARY_IMPL(fastalign_cpu, CPU, m) {
+  m.impl("token_logprobs_forward", &fastalign::token_logprobs_forward);
+  m.impl("token_logprobs_backward", &fastalign::token_logprobs_backward);
+}

@@ -1,0 +1,18 @@
+"""Command line: `python -m fastalign info`."""
+
+import argparse
+import sys
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m fastalign", description="fastalign utilities")
+    parser.add_argument("command", choices=["info"], help="info: versions, devices and live backends")
+    parser.parse_args(argv)
+    from .info import report
+
+    print(report())
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

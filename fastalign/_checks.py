@@ -1,0 +1,99 @@
+"""Argument checks shared by every backend: a bad input fails here, naming the argument,
+never deep in a kernel."""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+
+import torch
+
+FLOAT_DTYPES = (torch.float32, torch.bfloat16, torch.float16, torch.float64)
+INDEX_DTYPES = (torch.int64, torch.int32)
+OPTIONAL_OUTPUTS = ("entropy", "log_sum_sq_probs", "mean_logits", "is_top1")
+
+
+def check_positive_finite(name: str, value: object) -> float:
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        raise TypeError(f"{name}: expected a number, got {type(value).__name__}")
+    if not math.isfinite(value) or value <= 0:
+        raise ValueError(f"{name}: expected a finite number > 0, got {value}")
+    return float(value)
+
+
+def check_finite(name: str, value: object) -> float:
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        raise TypeError(f"{name}: expected a number, got {type(value).__name__}")
+    if not math.isfinite(value):
+        raise ValueError(f"{name}: expected a finite number, got {value}")
+    return float(value)
+
+
+def check_outputs(outputs: Sequence[str] | str) -> frozenset[str]:
+    if isinstance(outputs, str):
+        outputs = (outputs,)
+    unknown = [name for name in outputs if name not in OPTIONAL_OUTPUTS]
+    if unknown:
+        raise ValueError(
+            f"outputs: unknown field(s) {unknown}; expected any of {', '.join(OPTIONAL_OUTPUTS)} "
+            "(log-probs are always returned)"
+        )
+    return frozenset(outputs)
+
+
+def check_token_logprobs_args(
+    logits: torch.Tensor,
+    labels: torch.Tensor,
+    temperature: float,
+    ignore_index: int,
+    logit_scale: float,
+    softcap: float | None,
+    mask: torch.Tensor | None,
+    outputs: Sequence[str] | str,
+) -> tuple[float, float, float, frozenset[str]]:
+    """Checks shapes, dtypes, devices and options; returns (temperature, logit_scale, softcap or 0, outputs)."""
+    if not isinstance(logits, torch.Tensor):
+        raise TypeError(f"logits: expected a torch.Tensor, got {type(logits).__name__}")
+    if logits.dim() < 1:
+        raise ValueError("logits: expected shape [..., V] with at least 1 dimension, got a 0-d tensor")
+    if logits.dtype not in FLOAT_DTYPES:
+        raise TypeError(f"logits: expected a float32, bfloat16, float16 or float64 tensor, got {logits.dtype}")
+    if logits.shape[-1] == 0:
+        raise ValueError("logits: the vocabulary dimension (last) is empty")
+    if not isinstance(labels, torch.Tensor):
+        raise TypeError(f"labels: expected a torch.Tensor, got {type(labels).__name__}")
+    if labels.dtype not in INDEX_DTYPES:
+        raise TypeError(f"labels: expected an int64 or int32 tensor, got {labels.dtype}")
+    if labels.shape != logits.shape[:-1]:
+        raise ValueError(
+            f"labels: expected shape {tuple(logits.shape[:-1])} (logits.shape[:-1]), got {tuple(labels.shape)}"
+        )
+    if labels.device != logits.device:
+        raise ValueError(f"labels: expected a tensor on {logits.device} (the logits' device), got {labels.device}")
+    if mask is not None:
+        if not isinstance(mask, torch.Tensor):
+            raise TypeError(f"mask: expected a torch.Tensor or None, got {type(mask).__name__}")
+        if mask.shape != labels.shape:
+            raise ValueError(f"mask: expected shape {tuple(labels.shape)} (labels' shape), got {tuple(mask.shape)}")
+        if mask.device != logits.device:
+            raise ValueError(f"mask: expected a tensor on {logits.device} (the logits' device), got {mask.device}")
+        if mask.is_complex():
+            raise TypeError(f"mask: expected a bool, integer or float tensor, got {mask.dtype}")
+    if isinstance(ignore_index, bool) or not isinstance(ignore_index, int):
+        raise TypeError(f"ignore_index: expected an int, got {type(ignore_index).__name__}")
+    temperature = check_positive_finite("temperature", temperature)
+    logit_scale = check_finite("logit_scale", logit_scale)
+    softcap = 0.0 if softcap is None else check_positive_finite("softcap", softcap)
+    return temperature, logit_scale, softcap, check_outputs(outputs)
+
+
+def check_label_range(labels: torch.Tensor, vocab_size: int, ignore_index: int) -> None:
+    """Raises ValueError for a label outside [0, V) that is not ignore_index (synchronizes on GPU)."""
+    bad = ((labels < 0) | (labels >= vocab_size)) & (labels != ignore_index)
+    if bool(bad.any()):
+        position = int(bad.reshape(-1).nonzero()[0, 0])
+        value = int(labels.reshape(-1)[position])
+        raise ValueError(
+            f"labels: every value must lie in [0, {vocab_size}) (the vocabulary size, logits.shape[-1]) "
+            f"or equal ignore_index={ignore_index}; found {value} at flattened position {position}"
+        )

@@ -1,0 +1,50 @@
+"""Loads fastalign._C, the compiled C++ CPU kernels, and says why when it cannot."""
+
+from __future__ import annotations
+
+import functools
+import importlib.util
+import os
+
+import torch
+
+
+@functools.lru_cache(maxsize=None)
+def status() -> tuple[bool, str]:
+    """(loaded, reason): loads the library once; `import fastalign` never fails for want of it."""
+    if os.environ.get("FASTALIGN_DISABLE_NATIVE") == "1":
+        return False, "disabled by FASTALIGN_DISABLE_NATIVE=1"
+    try:
+        spec = importlib.util.find_spec("fastalign._C")
+    except (ImportError, ValueError) as exc:  # pragma: no cover - broken installs
+        return False, f"fastalign._C cannot be located: {exc}"
+    if spec is None or spec.origin is None:
+        return False, (
+            "fastalign._C is not built; install with `pip install --no-build-isolation .` "
+            "(or `python setup.py build_ext --inplace` in a checkout)"
+        )
+    try:
+        torch.ops.load_library(spec.origin)
+    except (OSError, RuntimeError) as exc:
+        return False, f"fastalign._C failed to load from {spec.origin}: {exc}"
+    return True, f"C++ kernels ({cpu_capability()}) from {os.path.basename(spec.origin)}"
+
+
+def cpu_capability() -> str:
+    return torch.ops.fastalign_cpu.cpu_capability()
+
+
+def require() -> None:
+    ok, why = status()
+    if not ok:
+        raise RuntimeError(f"fastalign backend 'native' is not available: {why}")
+
+
+def token_logprobs_forward(*args):
+    require()
+    return torch.ops.fastalign_cpu.token_logprobs_forward(*args)
+
+
+def token_logprobs_backward(*args):
+    require()
+    return torch.ops.fastalign_cpu.token_logprobs_backward(*args)

@@ -1,0 +1,218 @@
+"""`token_logprobs`: per-token log-probs (selective log-softmax) with entropy and TRL's extra
+fields, in one pass over the vocabulary.
+
+Registered as the torch.library ops `fastalign::token_logprobs_forward` and
+`fastalign::token_logprobs_backward` (fake implementations for torch.compile, autograd through
+`register_autograd`). Each op body picks its backend at run time: Triton for CUDA tensors, the
+C++ kernels for CPU tensors, the reference PyTorch otherwise or when forced (see `backend.py`).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import torch
+
+from . import _native, _triton
+from ._checks import check_label_range, check_token_logprobs_args
+from .backend import current_backend
+from .reference import logprobs as reference
+from .types import TokenLogprobs
+
+TRITON_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
+
+
+def _implementation(backend: str, logits: torch.Tensor):
+    """The module that serves `backend` for these logits; each has the same forward/backward pair."""
+    device = logits.device.type
+    if backend == "auto":
+        if device == "cpu" and _native.status()[0]:
+            return _native
+        if device == "cuda" and logits.dtype in TRITON_DTYPES and _triton.status("cuda")[0]:
+            return _triton.kernels("logprobs")
+        return reference
+    if backend == "reference":
+        return reference
+    if backend == "native":
+        if device != "cpu":
+            raise RuntimeError(f"fastalign backend 'native' serves CPU tensors; the logits are on {logits.device}")
+        _native.require()
+        return _native
+    ok, why = _triton.status(device)
+    if not ok:
+        raise RuntimeError(f"fastalign backend 'triton' cannot run on {logits.device}: {why}")
+    if logits.dtype not in TRITON_DTYPES:
+        raise TypeError(f"logits: the triton backend takes float32, bfloat16 or float16, got {logits.dtype}")
+    return _triton.kernels("logprobs")
+
+
+def _acc_dtype(logits: torch.Tensor) -> torch.dtype:
+    return torch.float64 if logits.dtype == torch.float64 else torch.float32
+
+
+@torch.library.custom_op("fastalign::token_logprobs_forward", mutates_args=())
+def token_logprobs_forward(
+    logits: torch.Tensor,
+    labels: torch.Tensor,
+    temperature: float,
+    logit_scale: float,
+    softcap: float,
+    ignore_index: int,
+    with_entropy: bool,
+    with_log_sum_sq_probs: bool,
+    with_mean_logits: bool,
+    with_is_top1: bool,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """logits [B, T, V] (any strides), labels [B*T] int64 -> (logps, entropy, log_sum_sq_probs,
+    mean_logits, is_top1, lse), each [B*T] or [0] when not asked for."""
+    impl = _implementation(current_backend(), logits)
+    if logits.device.type == "cpu" and impl is not _native:
+        check_label_range(labels, logits.shape[-1], ignore_index)  # the C++ kernel checks its own
+    return impl.token_logprobs_forward(
+        logits, labels, temperature, logit_scale, softcap, ignore_index,
+        with_entropy, with_log_sum_sq_probs, with_mean_logits, with_is_top1,
+    )
+
+
+@token_logprobs_forward.register_fake
+def _(logits, labels, temperature, logit_scale, softcap, ignore_index,
+      with_entropy, with_log_sum_sq_probs, with_mean_logits, with_is_top1):
+    n = labels.shape[0]
+    acc = _acc_dtype(logits)
+
+    def sized(wanted: bool, dtype: torch.dtype = acc) -> torch.Tensor:
+        return logits.new_empty(n if wanted else 0, dtype=dtype)
+
+    return (
+        sized(True), sized(with_entropy), sized(with_log_sum_sq_probs), sized(with_mean_logits),
+        sized(with_is_top1, torch.bool), sized(True),
+    )
+
+
+@torch.library.custom_op("fastalign::token_logprobs_backward", mutates_args=())
+def token_logprobs_backward(
+    grad_logps: torch.Tensor | None,
+    grad_entropy: torch.Tensor | None,
+    logits: torch.Tensor,
+    labels: torch.Tensor,
+    lse: torch.Tensor,
+    entropy: torch.Tensor | None,
+    temperature: float,
+    logit_scale: float,
+    softcap: float,
+    ignore_index: int,
+    backend: str,
+) -> torch.Tensor:
+    """Gradient w.r.t. logits [B, T, V] (contiguous, logits' dtype); `backend` is the one the forward used."""
+    impl = _implementation(backend, logits)
+    return impl.token_logprobs_backward(
+        grad_logps, grad_entropy, logits, labels, lse, entropy, temperature, logit_scale, softcap, ignore_index
+    )
+
+
+@token_logprobs_backward.register_fake
+def _(grad_logps, grad_entropy, logits, labels, lse, entropy, temperature, logit_scale, softcap, ignore_index,
+      backend):
+    return torch.empty(logits.shape, dtype=logits.dtype, device=logits.device)
+
+
+def _setup_context(ctx, inputs, output):
+    logits, labels, temperature, logit_scale, softcap, ignore_index, with_entropy, *_ = inputs
+    logps, entropy, log_sum_sq_probs, mean_logits, is_top1, lse = output
+    ctx.save_for_backward(logits, labels, lse, entropy if with_entropy else None)
+    ctx.params = (temperature, logit_scale, softcap, ignore_index)
+    # Backward runs on the backend the forward ran on, even if it is called outside `use_backend`.
+    ctx.backend = current_backend()
+    ctx.mark_non_differentiable(log_sum_sq_probs, mean_logits, is_top1, lse)
+
+
+def _backward(ctx, grad_logps, grad_entropy, *_unused):
+    logits, labels, lse, entropy = ctx.saved_tensors
+    if entropy is None:
+        grad_entropy = None
+    if grad_logps is not None:
+        grad_logps = grad_logps.float() if grad_logps.dtype != torch.float64 else grad_logps
+    if grad_entropy is not None:
+        grad_entropy = grad_entropy.float() if grad_entropy.dtype != torch.float64 else grad_entropy
+    grad = None
+    if ctx.needs_input_grad[0]:
+        grad = token_logprobs_backward(grad_logps, grad_entropy, logits, labels, lse, entropy, *ctx.params,
+                                       ctx.backend)
+    return grad, None, None, None, None, None, None, None, None, None
+
+
+token_logprobs_forward.register_autograd(_backward, setup_context=_setup_context)
+
+
+def _as_rows(logits: torch.Tensor) -> torch.Tensor:
+    """A [B, T, V] view of logits [..., V] without copying whenever the strides allow it."""
+    if logits.dim() == 1:
+        return logits.view(1, 1, -1)
+    if logits.dim() == 2:
+        return logits.unsqueeze(0)
+    if logits.dim() == 3:
+        return logits
+    lead = logits.shape[:-2]
+    strides = logits.stride()[:-2]
+    mergeable = all(strides[i] == strides[i + 1] * lead[i + 1] for i in range(len(lead) - 1))
+    if mergeable:
+        return logits.flatten(0, -3)
+    # The leading dims cannot be merged without a copy (rare: a permuted batch of batches).
+    return logits.reshape(-1, logits.shape[-2], logits.shape[-1])
+
+
+def token_logprobs(
+    logits: torch.Tensor,
+    labels: torch.Tensor,
+    *,
+    temperature: float = 1.0,
+    ignore_index: int = -100,
+    logit_scale: float = 1.0,
+    softcap: float | None = None,
+    mask: torch.Tensor | None = None,
+    outputs: Sequence[str] = (),
+) -> TokenLogprobs:
+    """Per-token log p(label) from logits, in one pass over the vocabulary.
+
+    Args:
+        logits: `[..., V]` float32/bfloat16/float16 (float64 for gradcheck), any strides:
+            `model(...).logits[:, :-1]` is read in place, never copied.
+        labels: `[...]` int64 or int32, values in `[0, V)` or `ignore_index`.
+        temperature: logits are divided by it (> 0), after `logit_scale` and `softcap`.
+        ignore_index: label value whose position yields 0 and no gradient.
+        logit_scale: multiplies the logits first (a model's `logit_scale`).
+        softcap: `cap * tanh(z / cap)` after the scale (Gemma's `final_logit_softcapping`); None = off.
+        mask: optional `[...]`; positions where it is 0/False are ignored like `ignore_index`.
+        outputs: extra fields among "entropy", "log_sum_sq_probs", "mean_logits", "is_top1",
+            each computed in the same pass only when asked for.
+
+    Returns:
+        TokenLogprobs: `logps` and the requested fields shaped like `labels`, fp32 (bool for
+        `is_top1`); log-probs and entropy are differentiable.
+
+    A label outside `[0, V)` other than `ignore_index` raises ValueError for CPU tensors; on CUDA
+    the kernels never read out of bounds and give NaN for that position (no device sync).
+    """
+    temperature, logit_scale, softcap_value, wanted = check_token_logprobs_args(
+        logits, labels, temperature, ignore_index, logit_scale, softcap, mask, outputs
+    )
+    leading = labels.shape
+    if mask is not None:
+        labels = labels.masked_fill(mask == 0, ignore_index)
+    rows = _as_rows(logits)
+    flat_labels = labels.reshape(-1).to(torch.int64)
+    logps, entropy, log_sum_sq_probs, mean_logits, is_top1, _ = token_logprobs_forward(
+        rows, flat_labels, temperature, logit_scale, softcap_value, ignore_index,
+        "entropy" in wanted, "log_sum_sq_probs" in wanted, "mean_logits" in wanted, "is_top1" in wanted,
+    )
+
+    def field(name: str, value: torch.Tensor) -> torch.Tensor | None:
+        return value.view(leading) if name in wanted else None
+
+    return TokenLogprobs(
+        logps=logps.view(leading),
+        entropy=field("entropy", entropy),
+        log_sum_sq_probs=field("log_sum_sq_probs", log_sum_sq_probs),
+        mean_logits=field("mean_logits", mean_logits),
+        is_top1=field("is_top1", is_top1),
+    )

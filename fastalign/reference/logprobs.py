@@ -1,0 +1,167 @@
+"""Token log-probs in plain PyTorch (the ground truth), and its adapter to the op contract.
+
+The math, per row of logits x and label y:
+    z = softcap * tanh(x * logit_scale / softcap) / temperature     (TRL's order; no softcap: x * scale / T)
+    logp = z_y - logsumexp(z)            entropy = -sum p log p         p = softmax(z)
+    log_sum_sq_probs = log sum p^2       mean_logits = mean(z)          is_top1 = (argmax z == y)
+Positions whose label is ignore_index give 0 (False) and no gradient. Computation runs in fp32
+(fp64 for fp64 logits) whatever the input dtype.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import torch
+
+from .._checks import check_label_range, check_token_logprobs_args
+from ..types import TokenLogprobs
+
+
+def transform_logits(
+    logits: torch.Tensor, temperature: float = 1.0, logit_scale: float = 1.0, softcap: float = 0.0
+) -> torch.Tensor:
+    """logit_scale, then softcap (0 = none), then temperature, upcast to fp32 (fp64 stays fp64)."""
+    z = logits if logits.dtype == torch.float64 else logits.float()
+    if logit_scale != 1.0:
+        z = z * logit_scale
+    if softcap:
+        z = softcap * torch.tanh(z / softcap)
+    if temperature != 1.0:
+        z = z / temperature
+    return z
+
+
+def token_logprobs_stats(
+    logits: torch.Tensor,
+    labels: torch.Tensor,
+    temperature: float,
+    logit_scale: float,
+    softcap: float,
+    ignore_index: int,
+    outputs: frozenset[str],
+) -> dict[str, torch.Tensor]:
+    """All per-token fields for logits [..., V] and labels [...]; differentiable in logits."""
+    z = transform_logits(logits, temperature, logit_scale, softcap)
+    vocab = z.shape[-1]
+    valid = labels != ignore_index
+    # An out-of-range label gathers a clamped index and is turned into NaN below: never an OOB read.
+    in_range = (labels >= 0) & (labels < vocab)
+    index = torch.where(valid & in_range, labels, 0).long()
+    zero = z.new_zeros(())
+    lse = torch.logsumexp(z, dim=-1)
+    log_p = z - lse.unsqueeze(-1)
+    logps = log_p.gather(-1, index.unsqueeze(-1)).squeeze(-1)
+    logps = torch.where(in_range, logps, torch.full_like(logps, float("nan")))
+    stats = {"logps": torch.where(valid, logps, zero), "lse": torch.where(valid, lse, zero).detach()}
+    if "entropy" in outputs or "log_sum_sq_probs" in outputs:
+        p = log_p.exp()
+    if "entropy" in outputs:
+        # p = 0 where z = -inf: take 0 * log 0 as 0, in value and in gradient.
+        plogp = p * torch.where(p > 0, log_p, zero)
+        stats["entropy"] = torch.where(valid, -plogp.sum(-1), zero)
+    if "log_sum_sq_probs" in outputs:
+        stats["log_sum_sq_probs"] = torch.where(valid, torch.logsumexp(2 * log_p, dim=-1), zero).detach()
+    if "mean_logits" in outputs:
+        stats["mean_logits"] = torch.where(valid, z.mean(-1), zero).detach()
+    if "is_top1" in outputs:
+        # argmax returns the first maximum, so a tie with an earlier token is not a hit.
+        stats["is_top1"] = valid & (z.argmax(-1) == labels)
+    return stats
+
+
+def token_logprobs(
+    logits: torch.Tensor,
+    labels: torch.Tensor,
+    *,
+    temperature: float = 1.0,
+    ignore_index: int = -100,
+    logit_scale: float = 1.0,
+    softcap: float | None = None,
+    mask: torch.Tensor | None = None,
+    outputs: Sequence[str] = (),
+) -> TokenLogprobs:
+    """The reference of `fastalign.token_logprobs`: same arguments, same result, plain autograd."""
+    temperature, logit_scale, softcap_value, wanted = check_token_logprobs_args(
+        logits, labels, temperature, ignore_index, logit_scale, softcap, mask, outputs
+    )
+    if mask is not None:
+        labels = labels.masked_fill(mask == 0, ignore_index)
+    if not torch.compiler.is_compiling():
+        check_label_range(labels, logits.shape[-1], ignore_index)
+    stats = token_logprobs_stats(logits, labels, temperature, logit_scale, softcap_value, ignore_index, wanted)
+    return TokenLogprobs(
+        logps=stats["logps"],
+        entropy=stats.get("entropy"),
+        log_sum_sq_probs=stats.get("log_sum_sq_probs"),
+        mean_logits=stats.get("mean_logits"),
+        is_top1=stats.get("is_top1"),
+    )
+
+
+# The op contract shared with the native and Triton backends: logits [B, T, V], labels [B*T].
+
+
+def token_logprobs_forward(
+    logits, labels, temperature, logit_scale, softcap, ignore_index,
+    with_entropy, with_log_sum_sq_probs, with_mean_logits, with_is_top1,
+):
+    wanted = {
+        name
+        for name, flag in (
+            ("entropy", with_entropy),
+            ("log_sum_sq_probs", with_log_sum_sq_probs),
+            ("mean_logits", with_mean_logits),
+            ("is_top1", with_is_top1),
+        )
+        if flag
+    }
+    rows = labels.view(logits.shape[:-1])
+    with torch.no_grad():
+        stats = token_logprobs_stats(logits, rows, temperature, logit_scale, softcap, ignore_index, frozenset(wanted))
+    acc = stats["logps"].dtype
+    empty = logits.new_empty(0, dtype=acc)
+
+    def field(name, dtype=acc):
+        return stats[name].reshape(-1).to(dtype) if name in stats else logits.new_empty(0, dtype=dtype)
+
+    return (
+        stats["logps"].reshape(-1),
+        field("entropy"),
+        field("log_sum_sq_probs"),
+        field("mean_logits"),
+        field("is_top1", torch.bool) if with_is_top1 else empty.bool(),
+        stats["lse"].reshape(-1).clone(),
+    )
+
+
+def token_logprobs_backward(
+    grad_logps, grad_entropy, logits, labels, lse, entropy, temperature, logit_scale, softcap, ignore_index
+):
+    """The gradient of sum(g * logps) + sum(gH * entropy) w.r.t. logits, written out:
+        dz_j = g * (1[j = label] - p_j) - gH * p_j * (log p_j + H)       (0 where p_j = 0)
+        dx_j = dz_j * logit_scale / T * (1 - tanh^2(x_j * logit_scale / softcap))   (no softcap: no tanh term)
+    The kernels implement this formula; tests check it against autograd of `token_logprobs_stats`.
+    (Autograd cannot run inside a torch.library op body, hence the explicit form.)
+    """
+    vocab = logits.shape[-1]
+    rows = labels.view(-1)
+    z = transform_logits(logits, temperature, logit_scale, softcap).reshape(-1, vocab)
+    valid = (rows != ignore_index).unsqueeze(-1)
+    log_p = z - lse.to(z.dtype).unsqueeze(-1)
+    p = log_p.exp()
+    dz = torch.zeros_like(z)
+    if grad_logps is not None:
+        g = grad_logps.to(z.dtype).unsqueeze(-1)
+        dz -= p * g
+        index = torch.where(valid.squeeze(-1), rows, 0).clamp(0, vocab - 1).unsqueeze(-1)
+        dz.scatter_add_(-1, index, g.expand_as(index).clone())
+    if grad_entropy is not None:
+        h = entropy.to(z.dtype).unsqueeze(-1)
+        dz -= grad_entropy.to(z.dtype).unsqueeze(-1) * torch.where(p > 0, p * (log_p + h), 0.0)
+    dz = torch.where(valid, dz, 0.0) * (logit_scale / temperature)
+    if softcap:
+        x = logits if logits.dtype == torch.float64 else logits.float()
+        t = torch.tanh(x.reshape(-1, vocab) * (logit_scale / softcap))
+        dz = dz * (1 - t * t)
+    return dz.reshape(logits.shape).to(logits.dtype).contiguous()

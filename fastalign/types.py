@@ -1,0 +1,23 @@
+"""Result types returned by fastalign's functional API."""
+
+from __future__ import annotations
+
+from typing import NamedTuple
+
+import torch
+
+
+class TokenLogprobs(NamedTuple):
+    """Per-token fields, each shaped like `labels`, fp32 (fp64 for fp64 logits); None unless asked for.
+
+    logps: log p(label), differentiable. entropy: -sum p log p, differentiable.
+    log_sum_sq_probs: log sum_v p_v^2 (WPO weights). mean_logits: mean over the vocabulary of the
+    transformed logits (DPO's logits/chosen metric). is_top1: the label is the first argmax (bool).
+    Positions with label == ignore_index hold 0 (False).
+    """
+
+    logps: torch.Tensor
+    entropy: torch.Tensor | None = None
+    log_sum_sq_probs: torch.Tensor | None = None
+    mean_logits: torch.Tensor | None = None
+    is_top1: torch.Tensor | None = None
