@@ -1,0 +1,62 @@
+"""The Triton kernels compile for real GPUs (sm_80, sm_90) without spills, with 64-bit addressing.
+
+Both tests run tests/triton_compile_gate.py in a subprocess with TRITON_INTERPRET removed from the
+environment: under the interpreter ``triton.jit`` returns objects ``triton.compile`` cannot take,
+and this process may already have imported triton that way.
+"""
+
+import importlib.util
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+if importlib.util.find_spec("triton") is None:
+    pytest.skip("triton is not installed", allow_module_level=True)
+
+GATE = Path(__file__).with_name("triton_compile_gate.py")
+KERNELS = Path(__file__).resolve().parents[1] / "kernels" / "logprobs.py"
+
+
+def _run_gate(*args: str, timeout: float = 600) -> subprocess.CompletedProcess:
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    return subprocess.run([sys.executable, str(GATE), *args], env=env, capture_output=True, text=True,
+                          timeout=timeout)
+
+
+def _report(proc: subprocess.CompletedProcess) -> str:
+    return f"gate exited with {proc.returncode}\n--- stdout ---\n{proc.stdout}\n--- stderr ---\n{proc.stderr[-4000:]}"
+
+
+def test_every_kernel_compiles_without_spills():
+    proc = _run_gate()
+    assert proc.returncode == 0, _report(proc)
+    assert "no spills" in proc.stdout, _report(proc)
+
+
+def test_row_offsets_are_64_bit():
+    proc = _run_gate("--offsets-only")
+    assert proc.returncode == 0, _report(proc)
+    # The check is not vacuous: the gate's own 32-bit control kernel was rejected.
+    assert "control kernel with a 32-bit row offset: rejected" in proc.stdout, _report(proc)
+
+
+@pytest.mark.parametrize(
+    "original, mutated, expected",
+    [
+        # The row index left in 32 bits: b * stride_b and row * V overflow past 2^31 elements.
+        ("row = tl.program_id(0).to(tl.int64)", "row = tl.program_id(0)", "offset of type i32"),
+        # A strided vocabulary indexed in 32 bits: index * stride_v overflows past 2^31 elements.
+        (".to(tl.int64) * stride_v", " * stride_v", "32-bit use of %stride_v"),
+    ],
+)
+def test_offset_check_catches_32_bit_arithmetic_in_the_kernels(tmp_path, original, mutated, expected):
+    source = KERNELS.read_text()
+    assert original in source, f"{original!r} no longer in {KERNELS.name}; update this test"
+    copy = tmp_path / "logprobs.py"
+    copy.write_text(source.replace(original, mutated))
+    proc = _run_gate("--offsets-only", "--kernels", str(copy))
+    assert proc.returncode == 1, _report(proc)
+    assert expected in proc.stdout, _report(proc)
