@@ -1,0 +1,83 @@
+# Entry points for building, testing and benchmarking fastalign. Everything runs in .venv.
+#
+#   make venv      create .venv (reusing a torch already installed system-wide) and the dev tools
+#   make install   editable install; compiles fastalign._C when setup.py or csrc/ change
+#   make test      the test suite
+#   make bench     the benchmark suite; prints a markdown table, writes bench/results/<device>.*
+#                  (BENCH_ARGS="-k fwd" narrows it and FASTALIGN_BENCH_QUICK=1 shrinks the shapes;
+#                  both write to build/bench/ instead)
+#   make clean     build outputs (keeps .venv); `make distclean` drops .venv too
+
+SHELL := /bin/bash
+.DEFAULT_GOAL := test
+
+PYTHON ?= python3
+VENV := .venv
+PY := $(VENV)/bin/python
+PIP := $(VENV)/bin/pip
+# torch's cpp_extension runs `ninja` from PATH and falls back to a slow serial build without it;
+# the ninja pip installs lives in the venv, which is not on PATH unless activated.
+export PATH := $(CURDIR)/$(VENV)/bin:$(PATH)
+
+TORCH_SPEC := torch==2.13.0
+# The setuptools a fresh Python 3.11 venv starts with (65.x) cannot build an editable install
+# without `wheel`, and with it the editable install leaves kernels/ (package_dir-mapped to
+# fastalign.kernels) unimportable.
+DEV_DEPS := numpy triton pytest pytest-benchmark ninja transformers trl liger-kernel matplotlib \
+	'setuptools>=77' wheel
+
+# Stamps live inside .venv so that deleting the venv also forgets what was installed into it.
+DEPS_STAMP := $(VENV)/.stamp-deps
+INSTALL_STAMP := $(VENV)/.stamp-install
+# Directories too: their mtime changes when a source file is added or removed.
+BUILD_INPUTS := setup.py $(wildcard pyproject.toml setup.cfg) $(shell find csrc 2>/dev/null)
+
+BENCH_JSON := build/bench/last-run.json
+BENCH_ARGS ?=
+# A narrowed or quick run goes next to its JSON, not over the full results kept in the repository.
+ifneq ($(strip $(BENCH_ARGS)),)
+BENCH_OUT ?= build/bench
+else ifeq ($(FASTALIGN_BENCH_QUICK),1)
+BENCH_OUT ?= build/bench
+else
+BENCH_OUT ?= bench/results
+endif
+
+.PHONY: venv install test bench clean distclean
+
+venv: $(DEPS_STAMP)
+
+# Re-checked when the Makefile (and so the dependency list) changes. pip leaves requirements that
+# are already satisfied alone, so a GPU machine's own torch and triton stay in place.
+$(DEPS_STAMP): Makefile
+	@test -x $(PY) || $(PYTHON) -m venv --system-site-packages $(VENV)
+	@$(PY) -c 'import torch' 2>/dev/null || $(PIP) install $(TORCH_SPEC)
+	$(PIP) install -q $(DEV_DEPS)
+	@touch $@
+
+install: $(INSTALL_STAMP)
+
+# Order-only on the deps: a dev-tool change must not force a 45 s rebuild of the extension.
+$(INSTALL_STAMP): $(BUILD_INPUTS) | $(DEPS_STAMP)
+	$(PIP) install --no-build-isolation -e .
+	@touch $@
+
+test: install
+	$(PY) -m pytest tests -q
+
+# The report runs even when a benchmark fails, so the rows that did run are not lost; the exit
+# status still says something failed.
+bench: install
+	@mkdir -p $(dir $(BENCH_JSON)) && rm -f $(BENCH_JSON)
+	@status=0; \
+	$(PY) -m pytest bench -q $(BENCH_ARGS) --benchmark-json=$(BENCH_JSON) || status=$$?; \
+	if [ -f $(BENCH_JSON) ]; then $(PY) bench/report.py $(BENCH_JSON) --out-dir $(BENCH_OUT) || status=1; \
+	else echo "no benchmark results written" >&2; [ $$status -ne 0 ] || status=1; fi; \
+	exit $$status
+
+clean:
+	rm -rf build dist *.egg-info .pytest_cache .benchmarks fastalign/*.so $(INSTALL_STAMP)
+	find . -path ./$(VENV) -prune -o -name __pycache__ -type d -prune -exec rm -rf {} +
+
+distclean: clean
+	rm -rf $(VENV)

@@ -1,0 +1,349 @@
+"""Turns a pytest-benchmark JSON from `bench/` into a markdown table (and a chart).
+
+    python bench/report.py RUN.json                       # print the table
+    python bench/report.py RUN.json --out-dir bench/results
+        # also write <device>.md, <device>.json (the raw data) and <device>.png
+
+Only the standard library is needed (matplotlib for the chart, if installed), so a JSON made on a
+GPU machine can be turned into a table anywhere.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import shutil
+import sys
+from collections import defaultdict
+from pathlib import Path
+
+import naming
+
+BASELINES = {"eager": "vs eager", "compile": "vs compile", "trl": "vs TRL"}
+IMPL_ORDER = ["eager", "compile", "plain", "plain-compile", "trl", "native", "triton"]
+PASS_ORDER = ["fwd+bwd", "fwd"]
+DTYPE_SHORT = {"float32": "fp32", "bfloat16": "bf16", "float16": "fp16", "float64": "fp64"}
+# Sanity bounds on |impl - eager reference| of the forward outputs: far above rounding noise,
+# far below what a broken kernel produces. Rows beyond them are flagged, not dropped.
+ERROR_FLAG = {"float32": 1e-2, "float64": 1e-6}
+ERROR_FLAG_DEFAULT = 0.25
+# Share of the CPUs other processes used while a row was timed above which the row is marked.
+BUSY_FLAG = 0.1
+
+# Goals stated for the headline case; the report says whether the run met them.
+TARGETS = [
+    {
+        "device": "cpu",
+        "op": "token_logprobs",
+        "pass": "fwd+bwd",
+        "shape": [2048, 32000],
+        "dtype": "float32",
+        "impl": "native",
+        "max": {"eager": 0.1, "compile": 0.4},
+        "also": {"plain": "plain eager", "plain-compile": "plain compile"},
+    },
+]
+
+LEGEND = [
+    ("eager", "`fastalign.reference.token_logprobs` in eager PyTorch (log_softmax + gather + entropy)"),
+    ("compile", "`torch.compile` of that reference, compiled before timing"),
+    (
+        "plain torch",
+        "the bare `log_softmax`, `gather`, `-(p * log p).sum(-1)` in fp32, without the reference's "
+        "ignore_index / -inf / NaN handling, in eager and under `torch.compile`",
+    ),
+    (
+        "TRL",
+        "TRL `selective_log_softmax_and_entropy` (torch path on CPU, Triton kernel on CUDA); "
+        "Liger-Kernel has no selective log-softmax op, so it has no row",
+    ),
+]
+
+
+def load(path: Path) -> dict:
+    data = json.loads(Path(path).read_text())
+    rows = []
+    for b in data.get("benchmarks", []):
+        x = b.get("extra_info", {})
+        if "impl" not in x:
+            continue
+        rows.append(
+            {
+                "op": x.get("op", b.get("group") or b["name"]),
+                "pass": x.get("pass", ""),
+                "shape": x.get("shape", []),
+                "dtype": x.get("dtype", ""),
+                "impl": x["impl"],
+                "label": x.get("label", x["impl"]),
+                "device": x.get("device", ""),
+                "median_ms": b["stats"]["median"] * 1e3,
+                "rounds": b["stats"].get("rounds"),
+                "peak_mib": x.get("peak_mem_mib"),
+                "others_busy": x.get("others_busy"),
+                "err": max((x[k] for k in ("max_err_logps", "max_err_entropy") if x.get(k) is not None), default=None),
+            }
+        )
+    return {
+        "machine": data.get("machine_info", {}),
+        "commit": data.get("commit_info", {}),
+        "datetime": data.get("datetime", ""),
+        "rows": rows,
+        "not_run": data.get("fastalign_not_run", []),
+    }
+
+
+def _case_key(r: dict):
+    return (r["op"], r["pass"], tuple(r["shape"]), r["dtype"])
+
+
+def _sort_key(r: dict):
+    n_elems = 1
+    for s in r["shape"]:
+        n_elems *= s
+    return (
+        r["op"],
+        n_elems,
+        list(DTYPE_SHORT).index(r["dtype"]) if r["dtype"] in DTYPE_SHORT else 99,
+        PASS_ORDER.index(r["pass"]) if r["pass"] in PASS_ORDER else 99,
+        IMPL_ORDER.index(r["impl"]) if r["impl"] in IMPL_ORDER else 99,
+        r["impl"],
+    )
+
+
+def add_ratios(rows: list[dict]) -> None:
+    """r["vs_<impl>"]: this row's median over <impl>'s median for the same case, for every impl."""
+    medians = defaultdict(dict)
+    for r in rows:
+        medians[_case_key(r)][r["impl"]] = r["median_ms"]
+    impls = set(BASELINES) | {r["impl"] for r in rows}
+    for r in rows:
+        for impl in impls:
+            b = medians[_case_key(r)].get(impl)
+            r["vs_" + impl] = r["median_ms"] / b if b else None
+
+
+def _ms(v: float) -> str:
+    return f"{v:.0f}" if v >= 100 else f"{v:.1f}" if v >= 10 else f"{v:.2f}" if v >= 0.1 else f"{v:.3f}"
+
+
+def _ratio(v) -> str:
+    if v is None:
+        return "–"
+    return f"{v:.2f}×" if v >= 0.1 else f"{v:.3f}×"
+
+
+def _mib(v) -> str:
+    if v is None:
+        return "n/a"
+    return f"{v:.0f}" if abs(v) >= 10 else f"{v:.1f}"
+
+
+def _flagged(r: dict) -> bool:
+    return r["err"] is not None and not r["err"] <= ERROR_FLAG.get(r["dtype"], ERROR_FLAG_DEFAULT)
+
+
+def _contended(r: dict) -> bool:
+    return r["device"] == "cpu" and (r.get("others_busy") or 0) > BUSY_FLAG
+
+
+def table(rows: list[dict]) -> str:
+    head = ["op", "pass", "shape", "dtype", "impl", "median ms", "peak MiB", *BASELINES.values()]
+    lines = ["| " + " | ".join(head) + " |", "|" + "|".join(["---"] * 5 + ["---:"] * (len(head) - 5)) + "|"]
+    for r in sorted(rows, key=_sort_key):
+        impl = r["label"] + (" †" if _flagged(r) else "") + (" ‡" if _contended(r) else "")
+        if r["impl"] in ("native", "triton"):
+            impl = f"**{impl}**"
+        cells = [
+            r["op"],
+            r["pass"],
+            "×".join(map(str, r["shape"])),
+            DTYPE_SHORT.get(r["dtype"], r["dtype"]),
+            impl,
+            _ms(r["median_ms"]),
+            _mib(r["peak_mib"]),
+            *(_ratio(r["vs_" + k]) for k in BASELINES),
+        ]
+        lines.append("| " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
+def target_lines(rows: list[dict], device_type: str) -> list[str]:
+    out = []
+    for t in TARGETS:
+        if t["device"] != device_type:
+            continue
+        for r in rows:
+            if (r["op"], r["pass"], list(r["shape"]), r["dtype"], r["impl"]) != (
+                t["op"], t["pass"], t["shape"], t["dtype"], t["impl"]
+            ):
+                continue
+            parts = []
+            for base, limit in t["max"].items():
+                got = r["vs_" + base]
+                verdict = "no baseline" if got is None else ("met" if got <= limit else "MISSED")
+                parts.append(f"{_ratio(got)} {BASELINES[base].removeprefix('vs ')} (target ≤ {limit}×, {verdict})")
+            for base, name in t.get("also", {}).items():
+                if r.get("vs_" + base) is not None:
+                    parts.append(f"{_ratio(r['vs_' + base])} {name}")
+            case = f"{r['op']} {r['pass']} {DTYPE_SHORT.get(r['dtype'], r['dtype'])} {'×'.join(map(str, r['shape']))}"
+            out.append(f"- Target, {r['label']}, {case}: " + "; ".join(parts))
+    return out
+
+
+def describe(machine: dict) -> dict:
+    info = dict(machine.get("fastalign") or {})
+    if "slug" not in info:
+        # JSON from a plain pytest-benchmark run: name the machine from what pytest-benchmark saw.
+        brand = (machine.get("cpu") or {}).get("brand_raw") or machine.get("processor") or "unknown"
+        info.setdefault("type", "cpu")
+        info.setdefault("name", brand)
+        info["slug"] = naming.cpu_slug(brand)
+    return info
+
+
+def render(run: dict, table_only: bool = False) -> str:
+    rows = run["rows"]
+    add_ratios(rows)
+    info = describe(run["machine"])
+    body = [table(rows)]
+    targets = target_lines(rows, info.get("type", ""))
+    if table_only:
+        return "\n".join(body + ([""] + targets if targets else [])) + "\n"
+
+    where = info.get("name", "?")
+    if info.get("type") == "cpu":
+        where += f", {info.get('cores', info.get('threads', '?'))} cores, {info.get('threads', '?')} torch threads"
+    versions = " · ".join(
+        f"{k} {info[k]}" for k in ("torch", "triton", "trl", "fastalign") if info.get(k)
+    )
+    commit = run["commit"] or {}
+    commit_txt = ""
+    if commit.get("id") and commit["id"] != "unknown":
+        commit_txt = f" · commit {commit['id'][:10]}{' (dirty)' if commit.get('dirty') else ''}"
+    counts = sorted({r["rounds"] for r in rows if r["rounds"]})
+    rounds = f"{counts[0]}–{counts[-1]}" if len(counts) > 1 else (counts[0] if counts else "?")
+    mem = info.get("peak_memory_method")
+    mem_txt = (
+        f"peak MiB = extra memory one call needs at its peak, outputs included ({mem})"
+        if mem
+        else "peak MiB: n/a (no usable memory probe on this machine)"
+    )
+    busy = info.get("others_busy")
+    busy_txt = ""
+    if busy is not None and info.get("type") == "cpu":
+        busy_txt = f" Other processes kept {busy:.0%} of the CPUs busy during the run"
+        busy_txt += "; timings are shaken by that, rerun on a quiet machine." if busy > 0.1 else "."
+    out = [
+        f"### Benchmarks on {info.get('type', '?')}: {where}",
+        "",
+        f"{versions}{commit_txt} · {run['datetime'][:19].replace('T', ' ')}",
+        "",
+        f"Median of {rounds} rounds{' (more for faster rows)' if len(counts) > 1 else ''} after warm-up; ratios are median time over the "
+        f"baseline's median in the same run (below 1× is faster); {mem_txt}.{busy_txt}",
+        "",
+        *body,
+        "",
+    ]
+    if targets:
+        out += targets + [""]
+    notes = [f"- {name}: {text}" for name, text in LEGEND]
+    flagged = [r for r in rows if _flagged(r)]
+    for r in sorted(flagged, key=_sort_key):
+        notes.append(
+            f"- † {r['label']}, {r['pass']} {DTYPE_SHORT.get(r['dtype'], r['dtype'])} {'×'.join(map(str, r['shape']))}: "
+            "forward outputs differ "
+            f"from the eager reference by up to {r['err']:.3g}"
+        )
+    contended = sorted((r for r in rows if _contended(r)), key=_sort_key)
+    if contended:
+        worst = max(r["others_busy"] for r in contended)
+        notes.append(
+            f"- ‡ other processes kept more than {BUSY_FLAG:.0%} of the CPUs busy while this row was timed "
+            f"(up to {worst:.0%}): its time is inflated; rerun `make bench` on a quiet machine"
+        )
+    seen = set()
+    for n in run["not_run"]:
+        key = (n.get("impl"), n.get("reason"))
+        if key not in seen:
+            seen.add(key)
+            notes.append(f"- not run: {n.get('impl')} ({n.get('reason')})")
+    out += notes
+    return "\n".join(out) + "\n"
+
+
+def chart(run: dict, path: Path) -> bool:
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        return False
+    rows = sorted(run["rows"], key=_sort_key)
+    cases, impls = [], []
+    for r in rows:
+        case = f"{r['pass']} {DTYPE_SHORT.get(r['dtype'], r['dtype'])} {'×'.join(map(str, r['shape']))}"
+        if case not in cases:
+            cases.append(case)
+        if r["label"] not in impls:
+            impls.append(r["label"])
+    if not rows:
+        return False
+    height = 1.0 / (len(impls) + 1)
+    fig, ax = plt.subplots(figsize=(11, 1.0 + 0.3 * len(cases) * (len(impls) + 1)))
+    for j, label in enumerate(impls):
+        ys, xs = [], []
+        for r in rows:
+            if r["label"] != label:
+                continue
+            case = f"{r['pass']} {DTYPE_SHORT.get(r['dtype'], r['dtype'])} {'×'.join(map(str, r['shape']))}"
+            ys.append(cases.index(case) + j * height)
+            xs.append(r["median_ms"])
+        bars = ax.barh(ys, xs, height=height, label=label)
+        ax.bar_label(bars, labels=[_ms(x) for x in xs], padding=2, fontsize=7)
+    ax.set_yticks([i + height * (len(impls) - 1) / 2 for i in range(len(cases))], cases)
+    ax.invert_yaxis()
+    ax.set_xscale("log")
+    ax.set_xlabel("median ms (log scale, lower is better)")
+    info = describe(run["machine"])
+    ax.set_title(f"{rows[0]['op']} on {info.get('name', '?')}", fontsize=10)
+    ax.legend(fontsize=8, loc="upper left", bbox_to_anchor=(1.01, 1.0))
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+    return True
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("json", type=Path, help="pytest-benchmark JSON written with --benchmark-json")
+    p.add_argument("--out-dir", type=Path, help="write <device>.md, <device>.json and <device>.png here")
+    p.add_argument("--name", help="file name stem to use instead of the device name")
+    p.add_argument("--table-only", action="store_true", help="just the table and target lines (for the README)")
+    p.add_argument("--no-chart", action="store_true")
+    args = p.parse_args(argv)
+
+    run = load(args.json)
+    if not run["rows"]:
+        print(f"{args.json}: no fastalign benchmarks in this file", file=sys.stderr)
+        return 1
+    text = render(run, table_only=args.table_only)
+    print(text, end="")
+    if args.out_dir:
+        args.out_dir.mkdir(parents=True, exist_ok=True)
+        stem = args.name or describe(run["machine"])["slug"]
+        md = args.out_dir / f"{stem}.md"
+        md.write_text(text)
+        raw = args.out_dir / f"{stem}.json"
+        if args.json.resolve() != raw.resolve():
+            shutil.copyfile(args.json, raw)
+        written = [md, raw]
+        png = args.out_dir / f"{stem}.png"
+        if not args.no_chart and chart(run, png):
+            written.append(png)
+        print("\nwrote " + ", ".join(map(str, written)), file=sys.stderr)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
