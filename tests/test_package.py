@@ -94,3 +94,32 @@ def test_native_can_be_disabled_for_debugging():
     )
     assert proc.returncode == 0, proc.stderr
     assert "(False, 'disabled by FASTALIGN_DISABLE_NATIVE=1')" in proc.stdout
+
+
+def test_regular_install_builds_the_extension(tmp_path):
+    # `pip install --no-build-isolation .` (not editable): _C compiled, kernels/ as fastalign.kernels.
+    target = tmp_path / "site"
+    env = dict(os.environ)
+    env["PATH"] = os.path.dirname(sys.executable) + os.pathsep + env.get("PATH", "")  # ninja from the venv
+    proc = subprocess.run(
+        [sys.executable, "-m", "pip", "install", "-q", "--no-build-isolation", "--no-deps", str(ROOT),
+         "--target", str(target)],
+        capture_output=True, text=True, env=env, timeout=600,
+    )
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    assert list((target / "fastalign").glob("_C*.so")), "fastalign._C was not built"
+    assert (target / "fastalign" / "kernels" / "logprobs.py").exists()
+    code = (
+        "import sys\n"
+        "sys.meta_path[:] = [f for f in sys.meta_path if 'editable' not in repr(f).lower()]\n"
+        "import torch, fastalign, fastalign.kernels\n"
+        f"assert fastalign.__file__.startswith({str(target)!r}), fastalign.__file__\n"
+        "ok, why = fastalign.available_backends('cpu')['native']\n"
+        "assert ok, why\n"
+        "x = torch.randn(3, 40, dtype=torch.float64, requires_grad=True)\n"
+        "with fastalign.use_backend('native'):\n"
+        "    out = fastalign.token_logprobs(x, torch.tensor([0, 5, 39]), outputs=('entropy',))\n"
+        "assert torch.autograd.gradcheck(lambda t: fastalign.token_logprobs(t, torch.tensor([0, 5, 39])).logps, (x,))\n"
+    )
+    proc = run_python(code, pythonpath=str(target))
+    assert proc.returncode == 0, proc.stderr

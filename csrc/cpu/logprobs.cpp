@@ -16,6 +16,10 @@
 
 #include <sys/mman.h>
 
+#if defined(CPU_CAPABILITY_AVX512) || defined(CPU_CAPABILITY_AVX2)
+#include <immintrin.h>
+#endif
+
 #include <algorithm>
 #include <cmath>
 #include <cstring>
@@ -102,9 +106,56 @@ inline void load_as_acc(const scalar_t* src, int64_t stride, int64_t n, acc_t* d
   }
 }
 
-// Writes n acc_t values to a contiguous scalar_t destination.
+// A vector store that bypasses the cache (dst must be vector-aligned). The gradient is written
+// once and not read back by this kernel; a plain store would first read each line from memory
+// (read-for-ownership), a third pass over an [N, V] tensor. Needs a fence before other threads
+// read the data: see `stream_fence`.
+template <typename T>
+inline void stream_store(T* dst, const Vectorized<T>& v) {
+#if defined(CPU_CAPABILITY_AVX512)
+  if constexpr (std::is_same_v<T, float>) {
+    _mm512_stream_ps(dst, v);
+  } else if constexpr (std::is_same_v<T, double>) {
+    _mm512_stream_pd(dst, v);
+  } else {
+    _mm512_stream_si512(reinterpret_cast<__m512i*>(dst), v);
+  }
+#elif defined(CPU_CAPABILITY_AVX2)
+  if constexpr (std::is_same_v<T, float>) {
+    _mm256_stream_ps(dst, v);
+  } else if constexpr (std::is_same_v<T, double>) {
+    _mm256_stream_pd(dst, v);
+  } else {
+    _mm256_stream_si256(reinterpret_cast<__m256i*>(dst), v);
+  }
+#else
+  v.store(dst);
+#endif
+}
+
+inline void stream_fence() {
+#if defined(CPU_CAPABILITY_AVX512) || defined(CPU_CAPABILITY_AVX2)
+  _mm_sfence();
+#endif
+}
+
+template <typename T>
+inline bool vector_aligned(const T* p) {
+  return reinterpret_cast<uintptr_t>(p) % (Vectorized<T>::size() * sizeof(T)) == 0;
+}
+
+template <typename T>
+inline void store_vec(T* dst, const Vectorized<T>& v, bool stream) {
+  if (stream) {
+    stream_store(dst, v);
+  } else {
+    v.store(dst);
+  }
+}
+
+// Writes n acc_t values to a contiguous scalar_t destination (streaming when `stream`: dst aligned).
 template <typename scalar_t, typename acc_t>
-inline void store_from_acc(const acc_t* src, int64_t n, scalar_t* dst) {
+inline void store_from_acc(const acc_t* src, int64_t n, scalar_t* dst, bool stream) {
   if constexpr (std::is_same_v<scalar_t, acc_t>) {
     std::memcpy(dst, src, n * sizeof(acc_t));
   } else {
@@ -112,8 +163,9 @@ inline void store_from_acc(const acc_t* src, int64_t n, scalar_t* dst) {
     using fVec = Vectorized<float>;
     int64_t i = 0;
     for (; i + bVec::size() <= n; i += bVec::size()) {
-      at::vec::convert_from_float<scalar_t>(fVec::loadu(src + i), fVec::loadu(src + i + fVec::size()))
-          .store(dst + i);
+      store_vec(dst + i,
+                at::vec::convert_from_float<scalar_t>(fVec::loadu(src + i), fVec::loadu(src + i + fVec::size())),
+                stream);
     }
     for (; i < n; ++i) dst[i] = static_cast<scalar_t>(src[i]);
   }
@@ -156,13 +208,19 @@ struct ChunkView {
   }
 };
 
-// Either points at the logits themselves (fp32/fp64, unit stride, positive linear transform)
-// or stages the transformed chunk in `buffer`.
+// With a linear transform (`linear`: unit stride, no softcap, positive scale / T) the passes
+// apply the factor themselves: fp32/fp64 logits are read in place, bf16/fp16 are only widened
+// into `buffer`. Otherwise the fully transformed chunk is staged in `buffer`.
 template <typename scalar_t, typename acc_t>
 inline ChunkView<acc_t> view_chunk(const scalar_t* row, int64_t stride, int64_t start, int64_t n,
-                                   const Transform<acc_t>& tf, bool in_place, acc_t* buffer) {
-  if constexpr (std::is_same_v<scalar_t, acc_t>) {
-    if (in_place) return {row + start, tf.factor_hi, tf.factor_lo};
+                                   const Transform<acc_t>& tf, bool linear, acc_t* buffer) {
+  if (linear) {
+    if constexpr (std::is_same_v<scalar_t, acc_t>) {
+      return {row + start, tf.factor_hi, tf.factor_lo};
+    } else {
+      load_as_acc<scalar_t, acc_t>(row + start, 1, n, buffer);
+      return {buffer, tf.factor_hi, tf.factor_lo};
+    }
   }
   load_as_acc<scalar_t, acc_t>(row + start * stride, stride, n, buffer);
   transform_in_place(buffer, n, tf);
@@ -279,7 +337,7 @@ void forward_rows(const at::Tensor& logits, const int64_t* labels, int64_t ignor
   const int64_t N = logits.size(0) * T;
   const int64_t sb = logits.stride(0), st_ = logits.stride(1), sv = logits.stride(2);
   const scalar_t* base = logits.const_data_ptr<scalar_t>();
-  const bool in_place = sv == 1 && !tf.has_softcap() && tf.linear_factor() > 0;
+  const bool linear = sv == 1 && !tf.has_softcap() && tf.linear_factor() > 0;
   acc_t* logps = out.logps.mutable_data_ptr<acc_t>();
   acc_t* lse_out = out.lse.mutable_data_ptr<acc_t>();
   acc_t* entropy = flags.entropy ? out.entropy.mutable_data_ptr<acc_t>() : nullptr;
@@ -308,7 +366,7 @@ void forward_rows(const at::Tensor& logits, const int64_t* labels, int64_t ignor
       acc_t x_label = 0, k_label = 0, k_label_lo = 0;
       for (int64_t start = 0; start < V; start += kChunk) {
         const int64_t n = std::min(kChunk, V - start);
-        const ChunkView<acc_t> c = view_chunk<scalar_t, acc_t>(row, sv, start, n, tf, in_place, buffer.get());
+        const ChunkView<acc_t> c = view_chunk<scalar_t, acc_t>(row, sv, start, n, tf, linear, buffer.get());
         acc_t cmax, csum;
         if (mean) {
           std::tie(cmax, csum) = max_and_sum<acc_t, true>(c.x, n);
@@ -407,7 +465,7 @@ void backward_rows(const at::Tensor& logits, const int64_t* labels, int64_t igno
   const int64_t sb = logits.stride(0), st_ = logits.stride(1), sv = logits.stride(2);
   const scalar_t* base = logits.const_data_ptr<scalar_t>();
   scalar_t* grad_base = grad.mutable_data_ptr<scalar_t>();
-  const bool in_place = sv == 1 && !tf.has_softcap() && tf.linear_factor() > 0;
+  const bool linear = sv == 1 && !tf.has_softcap() && tf.linear_factor() > 0;
   const acc_t chain = tf.linear_factor();
   const acc_t inv_cap_t = tf.has_softcap() ? acc_t(1) / (tf.softcap * tf.inv_t) : acc_t(0);
   const int64_t grain = std::max<int64_t>(1, 16384 / std::max<int64_t>(V, 1));
@@ -415,6 +473,7 @@ void backward_rows(const at::Tensor& logits, const int64_t* labels, int64_t igno
   at::parallel_for(0, N, grain, [&](int64_t begin, int64_t end) {
     std::unique_ptr<acc_t[]> buffer(new acc_t[kChunk]);
     std::unique_ptr<acc_t[]> out_buffer(new acc_t[kChunk]);
+    alignas(64) acc_t lanes[Vec::size()];
     for (int64_t r = begin; r < end; ++r) {
       scalar_t* grad_row = grad_base + r * V;
       const int64_t label = labels[r];
@@ -422,21 +481,30 @@ void backward_rows(const at::Tensor& logits, const int64_t* labels, int64_t igno
         std::fill(grad_row, grad_row + V, scalar_t(0));
         continue;
       }
+      // Chunks start at multiples of kChunk, so an aligned row keeps every vector store aligned.
+      const bool stream = vector_aligned(grad_row);
       const scalar_t* row = base + (r / T) * sb + (r % T) * st_;
       const acc_t g = grad_logps ? grad_logps[r] : acc_t(0);
       const acc_t gh = ENTROPY_GRAD ? grad_entropy[r] : acc_t(0);
       const acc_t h = ENTROPY_GRAD ? entropy[r] : acc_t(0);
+      // The 1[j = label] term, through the transform's chain rule.
+      acc_t label_term = g * chain;
+      if (tf.has_softcap()) {
+        const acc_t t = std::tanh(static_cast<acc_t>(row[label * sv]) * (tf.scale / tf.softcap));
+        label_term *= (1 - t * t);
+      }
       const Vec vg(g), vgh(gh), vh(h), vneg_lse(-lse[r]), vzero(acc_t(0)), vchain(chain), vone(acc_t(1)),
           vinv_cap_t(inv_cap_t), vlowest(std::numeric_limits<acc_t>::lowest());
       for (int64_t start = 0; start < V; start += kChunk) {
         const int64_t n = std::min(kChunk, V - start);
-        const ChunkView<acc_t> c = view_chunk<scalar_t, acc_t>(row, sv, start, n, tf, in_place, buffer.get());
+        const ChunkView<acc_t> c = view_chunk<scalar_t, acc_t>(row, sv, start, n, tf, linear, buffer.get());
         acc_t* dz = std::is_same_v<scalar_t, acc_t> ? reinterpret_cast<acc_t*>(grad_row + start) : out_buffer.get();
+        const bool stream_dz = stream && std::is_same_v<scalar_t, acc_t>;
+        const int64_t label_at = label - start;  // the label's offset in this chunk, if it is here
         const Vec vk(c.factor), vk_lo(c.factor_lo);
         int64_t i = 0;
         for (; i + Vec::size() <= n; i += Vec::size()) {
           const Vec raw = Vec::loadu(c.x + i);
-          const Vec z = raw * vk;
           const Vec x = at::vec::maximum(raw, vlowest);
           const Vec logp = at::vec::fmadd(x, vk, at::vec::fmadd(x, vk_lo, vneg_lse));
           const Vec p = logp.exp();
@@ -447,38 +515,36 @@ void backward_rows(const at::Tensor& logits, const int64_t* labels, int64_t igno
           } else {
             d = p * vg;
           }
-          d = vzero - d;
           if (tf.has_softcap()) {
-            const Vec t = z * vinv_cap_t;
-            d = d * vchain * (vone - t * t);
+            const Vec t = raw * vk * vinv_cap_t;
+            d = (vzero - d) * vchain * (vone - t * t);
           } else {
-            d = d * vchain;
+            d = (vzero - d) * vchain;
           }
-          d.store(dz + i);
+          if (label_at >= i && label_at < i + Vec::size()) {
+            d.store(lanes);
+            lanes[label_at - i] += label_term;
+            d = Vec::loadu(lanes);
+          }
+          store_vec(dz + i, d, stream_dz);
         }
         for (; i < n; ++i) {
-          const acc_t z = c.x[i] * c.factor;
           const acc_t logp = c.shifted(c.x[i], lse[r]);
           const acc_t p = std::exp(logp);
           acc_t d = ENTROPY_GRAD ? (p == 0 ? acc_t(0) : p * (g + gh * (logp + h))) : p * g;
           d = -d * chain;
           if (tf.has_softcap()) {
-            const acc_t t = z * inv_cap_t;
+            const acc_t t = c.x[i] * c.factor * inv_cap_t;
             d *= (1 - t * t);
           }
-          dz[i] = d;
+          dz[i] = i == label_at ? d + label_term : d;
         }
-        if (label >= start && label < start + n) {
-          acc_t d = g * chain;
-          if (tf.has_softcap()) {
-            const acc_t t = c.x[label - start] * c.factor * inv_cap_t;
-            d *= (1 - t * t);
-          }
-          dz[label - start] += d;
+        if constexpr (!std::is_same_v<scalar_t, acc_t>) {
+          store_from_acc<scalar_t, acc_t>(dz, n, grad_row + start, stream);
         }
-        if constexpr (!std::is_same_v<scalar_t, acc_t>) store_from_acc<scalar_t, acc_t>(dz, n, grad_row + start);
       }
     }
+    stream_fence();
   });
 }
 
