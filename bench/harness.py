@@ -7,12 +7,12 @@ from __future__ import annotations
 
 import gc
 import os
-import platform
 import time
 
 import torch
 
 import naming
+from fastalign.info import cpu_name
 
 
 def cpu_count() -> int:
@@ -30,17 +30,6 @@ def bench_device() -> str:
     return "cuda" if torch.cuda.is_available() else "cpu"
 
 
-def cpu_model() -> str:
-    try:
-        with open("/proc/cpuinfo") as f:
-            for line in f:
-                if line.startswith("model name"):
-                    return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or platform.machine() or "unknown"
-
-
 def device_info(device: str) -> dict:
     """What the report needs to name the machine and explain where the numbers come from."""
     info = {"type": device, "torch": torch.__version__, "threads": torch.get_num_threads()}
@@ -48,7 +37,7 @@ def device_info(device: str) -> dict:
         name = torch.cuda.get_device_name()
         info.update(name=name, slug=naming.cuda_slug(name), cuda=torch.version.cuda)
     else:
-        model = cpu_model()
+        model = cpu_name()
         name = naming.short_cpu_model(model)
         info.update(name=name, slug=naming.cpu_slug(model, cpu_count()), cores=cpu_count())
     for pkg in ("triton", "trl", "fastalign"):

@@ -7,7 +7,7 @@ import platform
 import torch
 
 
-def _cpu_name() -> str:
+def cpu_name() -> str:
     try:
         with open("/proc/cpuinfo") as f:
             for line in f:
@@ -15,7 +15,7 @@ def _cpu_name() -> str:
                     return line.split(":", 1)[1].strip()
     except OSError:
         pass
-    return platform.processor() or platform.machine()
+    return platform.processor() or platform.machine() or "unknown"
 
 
 def report() -> str:
@@ -32,7 +32,7 @@ def report() -> str:
         f"fastalign {__version__}",
         f"python {platform.python_version()}, torch {torch.__version__}, triton {triton_version}",
         f"TRITON_INTERPRET={'1' if _triton.interpreting() else 'unset'}; backend override: {current_backend()}",
-        f"cpu: {_cpu_name()} ({torch.get_num_threads()} threads)",
+        f"cpu: {cpu_name()} ({torch.get_num_threads()} threads)",
     ]
     devices = ["cpu"]
     if torch.cuda.is_available():
