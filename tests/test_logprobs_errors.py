@@ -97,3 +97,30 @@ def test_forcing_triton_with_float64():
         pytest.skip("triton not live on cpu")
     with pytest.raises(TypeError, match="logits: the triton backend takes float32, bfloat16 or float16"):
         call("triton", logits=torch.randn(2, 3, V, dtype=torch.float64))
+
+
+def _cuda_contract_modules():
+    """The backends that serve CUDA tensors, called through the op contract directly (no CPU check)."""
+    from fastalign.reference import logprobs as reference_logprobs
+
+    modules = [pytest.param(reference_logprobs, id="reference")]
+    ok, why = fastalign.available_backends("cpu")["triton"]
+    triton_mark = () if ok else pytest.mark.skip(reason=why)
+    modules.append(pytest.param("triton", id="triton", marks=triton_mark))
+    return modules
+
+
+@pytest.mark.parametrize("module", _cuda_contract_modules())
+def test_label_out_of_range_gives_nan_without_reading_out_of_bounds(module):
+    # What CUDA callers get: no device sync to raise, a NaN log-prob and gradient for that row.
+    if module == "triton":
+        from fastalign import _triton
+
+        module = _triton.kernels("logprobs")
+    logits = torch.randn(1, 3, V)
+    labels = torch.tensor([2, V + 5, -100])
+    out = module.token_logprobs_forward(logits, labels, 1.0, 1.0, 0.0, -100, True, False, False, False)
+    logps, entropy, lse = out[0], out[1], out[5]
+    assert torch.isfinite(logps[0]) and torch.isnan(logps[1]) and logps[2] == 0
+    grad = module.token_logprobs_backward(torch.ones(3), None, logits, labels, lse, None, 1.0, 1.0, 0.0, -100)
+    assert torch.isfinite(grad[0, 0]).all() and torch.isnan(grad[0, 1]).all() and (grad[0, 2] == 0).all()

@@ -554,6 +554,7 @@ at::Tensor token_logprobs_backward(const std::optional<at::Tensor>& grad_logps,
                                    const std::optional<at::Tensor>& entropy, double temperature, double logit_scale,
                                    double softcap, int64_t ignore_index) {
   check_inputs(logits, labels);
+  check_label_range(labels.const_data_ptr<int64_t>(), labels.numel(), logits.size(2), ignore_index);
   const bool entropy_grad = grad_entropy.has_value() && grad_entropy->defined();
   TORCH_CHECK(!entropy_grad || (entropy.has_value() && entropy->defined()),
               "token_logprobs_backward: an entropy gradient needs the forward entropy");

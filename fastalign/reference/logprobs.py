@@ -160,6 +160,10 @@ def token_logprobs_backward(
         h = entropy.to(z.dtype).unsqueeze(-1)
         dz -= grad_entropy.to(z.dtype).unsqueeze(-1) * torch.where(p > 0, p * (log_p + h), 0.0)
     dz = torch.where(valid, dz, 0.0) * (logit_scale / temperature)
+    if grad_logps is not None:
+        # An out-of-range label has a NaN log-prob (CUDA; CPU raises in the forward): so does its gradient.
+        in_range = ((rows >= 0) & (rows < vocab)) | (rows == ignore_index)
+        dz = torch.where(in_range.unsqueeze(-1), dz, float("nan"))
     if softcap:
         x = logits if logits.dtype == torch.float64 else logits.float()
         t = torch.tanh(x.reshape(-1, vocab) * (logit_scale / softcap))
