@@ -21,3 +21,15 @@ class TokenLogprobs(NamedTuple):
     log_sum_sq_probs: torch.Tensor | None = None
     mean_logits: torch.Tensor | None = None
     is_top1: torch.Tensor | None = None
+
+
+class LossOutput(NamedTuple):
+    """A loss and the metrics trainers log with it.
+
+    loss: the scalar to backpropagate. metrics: name -> detached 0-d fp32 tensor, under the
+    names TRL's trainers log (e.g. "rewards/chosen", "logps/rejected"); tensors, not floats, so
+    reading them is the caller's choice of when to synchronize.
+    """
+
+    loss: torch.Tensor
+    metrics: dict[str, torch.Tensor]

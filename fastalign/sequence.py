@@ -1,0 +1,74 @@
+"""Per-sequence log-probs from logits: the one pass over the vocabulary every sequence-level loss
+(DPO family, SimPO/CPO, ORPO, KTO) starts from.
+
+`token_logprobs` reads the logits once (and once more in backward, writing the gradient once);
+everything here reduces [B, T] per-token values, never [B, T, V].
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import NamedTuple
+
+import torch
+
+from .logprobs import token_logprobs
+from .types import TokenLogprobs
+
+
+class SequenceLogprobs(NamedTuple):
+    """logps: [B] sum of log p over the counted tokens (differentiable); num_tokens: [B] fp32 count;
+    mask: [B, T] bool, the counted positions; token: the per-token fields ([B, T], 0 off the mask)."""
+
+    logps: torch.Tensor
+    num_tokens: torch.Tensor
+    mask: torch.Tensor
+    token: TokenLogprobs
+
+
+def sequence_logprobs(
+    logits: torch.Tensor,
+    labels: torch.Tensor,
+    *,
+    completion_mask: torch.Tensor | None = None,
+    ignore_index: int = -100,
+    temperature: float = 1.0,
+    logit_scale: float = 1.0,
+    softcap: float | None = None,
+    outputs: Sequence[str] = (),
+) -> SequenceLogprobs:
+    """Sums of per-token log-probs over each sequence's completion tokens.
+
+    `logits` [B, T, V] and `labels` [B, T] are aligned: logits[b, t] scores labels[b, t] (pass
+    `logits[:, :-1]`, `input_ids[:, 1:]`, `completion_mask[:, 1:]` for a causal LM's output; the
+    view is read in place). A position counts when its label is not `ignore_index` and
+    `completion_mask` (if given) is nonzero there.
+    """
+    if not isinstance(logits, torch.Tensor) or logits.dim() != 3:
+        shape = tuple(logits.shape) if isinstance(logits, torch.Tensor) else type(logits).__name__
+        raise ValueError(f"logits: expected [B, T, V], got {shape}")
+    token = token_logprobs(
+        logits, labels, temperature=temperature, ignore_index=ignore_index, logit_scale=logit_scale,
+        softcap=softcap, mask=completion_mask, outputs=outputs,
+    )
+    mask = labels != ignore_index
+    if completion_mask is not None:
+        mask = mask & (completion_mask != 0)
+    return SequenceLogprobs(
+        logps=token.logps.sum(-1), num_tokens=mask.sum(-1, dtype=torch.float32), mask=mask, token=token
+    )
+
+
+def masked_mean(values: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    """Mean of `values` where `mask` holds (0 when nothing does, never 0/0)."""
+    mask = mask.to(values.dtype)
+    return (values * mask).sum() / mask.sum().clamp(min=1)
+
+
+def split_pairs(values: torch.Tensor, name: str) -> tuple[torch.Tensor, torch.Tensor]:
+    """[2B, ...] -> ([B, ...] chosen, [B, ...] rejected): the first half chosen, the second rejected."""
+    if values.dim() == 0 or values.shape[0] % 2:
+        raise ValueError(
+            f"{name}: a paired loss takes 2B rows, B chosen then B rejected; got {values.shape[0] if values.dim() else 0}"
+        )
+    return values.chunk(2, dim=0)
