@@ -42,10 +42,26 @@ TARGETS = [
         "max": {"eager": 0.1, "compile": 0.4},
         "also": {"plain": "plain eager", "plain-compile": "plain compile"},
     },
+    *(
+        {
+            "device": "cpu",
+            "op": "dpo_loss",
+            "pass": "fwd+bwd",
+            "shape": [8, 512, 32000],
+            "dtype": dtype,
+            "impl": "native",
+            "max": {"compile": 0.5},
+        }
+        for dtype in ("float32", "bfloat16")
+    ),
 ]
 
 LEGEND = [
-    ("eager", "`fastalign.reference.token_logprobs` in eager PyTorch (log_softmax + gather + entropy)"),
+    (
+        "eager",
+        "`fastalign.reference.token_logprobs` in eager PyTorch (log_softmax + gather + entropy); for dpo_loss, "
+        "`fastalign.reference.dpo.dpo_loss_from_logits` (log_softmax + gather + masked sums + the loss, TRL's layout)",
+    ),
     ("compile", "`torch.compile` of that reference, compiled before timing"),
     (
         "plain torch",
@@ -80,7 +96,10 @@ def load(path: Path) -> dict:
                 "rounds": b["stats"].get("rounds"),
                 "peak_mib": x.get("peak_mem_mib"),
                 "others_busy": x.get("others_busy"),
-                "err": max((x[k] for k in ("max_err_logps", "max_err_entropy") if x.get(k) is not None), default=None),
+                "err": max(
+                    (x[k] for k in ("max_err_logps", "max_err_entropy", "max_err_loss") if x.get(k) is not None),
+                    default=None,
+                ),
             }
         )
     return {
@@ -271,6 +290,11 @@ def render(run: dict, table_only: bool = False) -> str:
     return "\n".join(out) + "\n"
 
 
+def _chart_case(r: dict) -> str:
+    # Several ops can share one chart, so each bar group names its op.
+    return f"{r['op']} {r['pass']} {DTYPE_SHORT.get(r['dtype'], r['dtype'])} {'×'.join(map(str, r['shape']))}"
+
+
 def chart(run: dict, path: Path) -> bool:
     try:
         import matplotlib
@@ -282,7 +306,7 @@ def chart(run: dict, path: Path) -> bool:
     rows = sorted(run["rows"], key=_sort_key)
     cases, impls = [], []
     for r in rows:
-        case = f"{r['pass']} {DTYPE_SHORT.get(r['dtype'], r['dtype'])} {'×'.join(map(str, r['shape']))}"
+        case = _chart_case(r)
         if case not in cases:
             cases.append(case)
         if r["label"] not in impls:
@@ -296,7 +320,7 @@ def chart(run: dict, path: Path) -> bool:
         for r in rows:
             if r["label"] != label:
                 continue
-            case = f"{r['pass']} {DTYPE_SHORT.get(r['dtype'], r['dtype'])} {'×'.join(map(str, r['shape']))}"
+            case = _chart_case(r)
             ys.append(cases.index(case) + j * height)
             xs.append(r["median_ms"])
         bars = ax.barh(ys, xs, height=height, label=label)
@@ -306,7 +330,8 @@ def chart(run: dict, path: Path) -> bool:
     ax.set_xscale("log")
     ax.set_xlabel("median ms (log scale, lower is better)")
     info = describe(run["machine"])
-    ax.set_title(f"{rows[0]['op']} on {info.get('name', '?')}", fontsize=10)
+    ops = ", ".join(dict.fromkeys(r["op"] for r in rows))
+    ax.set_title(f"{ops} on {info.get('name', '?')}", fontsize=10)
     ax.legend(fontsize=8, loc="upper left", bbox_to_anchor=(1.01, 1.0))
     fig.tight_layout()
     fig.savefig(path, dpi=120)

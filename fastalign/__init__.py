@@ -6,17 +6,37 @@ kernels for CPU tensors and a reference PyTorch implementation (the ground truth
 
 from . import reference
 from .backend import BACKENDS, available_backends, current_backend, use_backend
+from .cpo import CPOLoss, cpo_loss, cpo_loss_from_logits
+from .dpo import DPOLoss, dpo_loss, dpo_loss_from_logits
+from .kto import KTOLoss, kto_loss, kto_loss_from_logits
 from .logprobs import token_logprobs
+from .orpo import ORPOLoss, orpo_loss, orpo_loss_from_logits
+from .reward import RewardLoss, bradley_terry_loss, reward_loss
 from .types import TokenLogprobs
 
 __version__ = "0.1.0"
 
 __all__ = [
     "BACKENDS",
+    "CPOLoss",
+    "DPOLoss",
+    "KTOLoss",
+    "ORPOLoss",
+    "RewardLoss",
     "TokenLogprobs",
     "available_backends",
+    "bradley_terry_loss",
+    "cpo_loss",
+    "cpo_loss_from_logits",
     "current_backend",
+    "dpo_loss",
+    "dpo_loss_from_logits",
+    "kto_loss",
+    "kto_loss_from_logits",
+    "orpo_loss",
+    "orpo_loss_from_logits",
     "reference",
+    "reward_loss",
     "token_logprobs",
     "use_backend",
 ]

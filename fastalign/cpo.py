@@ -1,0 +1,356 @@
+"""CPO and SimPO (with AlphaPO's reward shaping): reference-free paired preference losses.
+
+The formulas are TRL 1.16's `trl.experimental.cpo.CPOTrainer`: `CPOTrainer.cpo_loss` (the
+per-pair losses and rewards), `concatenated_forward` (length-normalised log-probs for "ipo" and
+"simpo", and the behaviour-cloning NLL on the chosen completions) and `get_batch_loss_metrics` (the
+total loss and the logged metrics).
+
+Three entry points share one piece of math, `cpo_from_sequences`, which takes per-sequence sums
+and token counts, so a path that produces those sums without logits reuses it unchanged:
+
+- `cpo_loss`: from per-sequence log-prob sums and token counts of the chosen and rejected completions;
+- `cpo_loss_from_logits`: from `[2B, T, V]` logits (B chosen rows, then B rejected), one pass over
+  the vocabulary;
+- `CPOLoss`: the `nn.Module` form of `cpo_loss_from_logits`. SimPO and AlphaPO are loss types of the
+  same loss, as in TRL: `CPOLoss(loss_type="simpo", cpo_alpha=0)`,
+  `CPOLoss(loss_type="alphapo", alpha=...)`.
+
+A completion with no counted token has a log-prob sum of 0 and, where the loss type averages over
+tokens, an average of 0 (the count is taken as at least 1): the empty sequence has probability 1.
+The loss stays finite and that completion's logits get no gradient. The NLL over a batch whose chosen
+completions are all empty is 0.
+"""
+
+from __future__ import annotations
+
+from typing import NamedTuple
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from ._checks import check_finite, check_positive_finite
+from .sequence import SequenceLogprobs, masked_mean, sequence_logprobs, split_pairs
+from .types import LossOutput
+
+LOSS_TYPES = ("sigmoid", "hinge", "ipo", "simpo", "alphapo")
+# TRL's concatenated_forward averages the log-probs over tokens for these (AlphaPO is SimPO in TRL's config).
+LENGTH_NORMALISED = ("ipo", "simpo", "alphapo")
+DEFAULT_SIMPO_GAMMA = 0.5
+
+
+# Checks shared by the sequence-level losses (cpo, orpo, kto, reward) --------------------------------
+
+
+def check_loss_type(loss_type: object, valid: tuple[str, ...]) -> str:
+    if loss_type not in valid:
+        raise ValueError(f"loss_type: expected one of {', '.join(repr(v) for v in valid)}; got {loss_type!r}")
+    return loss_type
+
+
+def check_sequence_values(
+    name: str, value: object, like: torch.Tensor | None = None, like_name: str = "", counts: bool = False
+) -> torch.Tensor:
+    """A [B] per-sequence tensor, returned in fp32 (fp64 kept for gradcheck); `like` fixes B and the device."""
+    if not isinstance(value, torch.Tensor):
+        raise TypeError(f"{name}: expected a torch.Tensor, got {type(value).__name__}")
+    if value.dim() != 1:
+        raise ValueError(f"{name}: expected a 1-d tensor of per-sequence values [B], got shape {tuple(value.shape)}")
+    if value.dtype == torch.bool or value.is_complex() or (not counts and not value.is_floating_point()):
+        kind = "a float or integer" if counts else "a floating-point"
+        raise TypeError(f"{name}: expected {kind} tensor, got {value.dtype}")
+    if like is None:
+        if value.shape[0] == 0:
+            raise ValueError(f"{name}: the batch is empty")
+    else:
+        if value.shape != like.shape:
+            raise ValueError(
+                f"{name}: expected shape {tuple(like.shape)} (that of {like_name}), got {tuple(value.shape)}"
+            )
+        if value.device != like.device:
+            raise ValueError(f"{name}: expected a tensor on {like.device} (that of {like_name}), got {value.device}")
+    return value if value.dtype == torch.float64 else value.float()
+
+
+def check_token_mask(name: str, mask: object, labels: torch.Tensor) -> None:
+    if not isinstance(mask, torch.Tensor):
+        raise TypeError(f"{name}: expected a torch.Tensor, got {type(mask).__name__}")
+    if not isinstance(labels, torch.Tensor):
+        return  # token_logprobs names the bad labels
+    if mask.shape != labels.shape:
+        raise ValueError(f"{name}: expected shape {tuple(labels.shape)} (that of labels), got {tuple(mask.shape)}")
+    if mask.device != labels.device:
+        raise ValueError(f"{name}: expected a tensor on {labels.device} (that of labels), got {mask.device}")
+
+
+def check_logits_batch(logits: object, labels: object) -> None:
+    """[2B, T, V] logits with labels [2B, T]; the odd-batch error names logits before any work is done."""
+    if not isinstance(logits, torch.Tensor) or logits.dim() != 3:
+        shape = tuple(logits.shape) if isinstance(logits, torch.Tensor) else type(logits).__name__
+        raise ValueError(f"logits: expected [2B, T, V] (B chosen rows, then B rejected), got {shape}")
+    split_pairs(logits, "logits")
+    if isinstance(labels, torch.Tensor) and labels.shape != logits.shape[:-1]:
+        raise ValueError(
+            f"labels: expected shape {tuple(logits.shape[:-1])} (logits.shape[:-1]), got {tuple(labels.shape)}"
+        )
+
+
+def metric(value: torch.Tensor) -> torch.Tensor:
+    """A logged value: detached 0-d fp32, the mean when given several."""
+    value = value.detach()
+    return (value.mean() if value.dim() else value).float()
+
+
+def completion_logits_metrics(mean_logits: torch.Tensor, mask: torch.Tensor) -> dict[str, torch.Tensor]:
+    """logits/chosen and logits/rejected: the vocabulary-mean logit averaged over the counted completion
+    tokens of each half, as TRL's DPOTrainer logs them (0 for a half with no token).
+
+    TRL's CPO and ORPO trainers average the full logits tensor instead, prompt and padding positions
+    included, so their value shifts with the padding; the completion-token average does not."""
+    chosen_logits, rejected_logits = mean_logits.chunk(2, dim=0)
+    chosen_mask, rejected_mask = mask.chunk(2, dim=0)
+    return {
+        "logits/chosen": metric(masked_mean(chosen_logits.detach(), chosen_mask)),
+        "logits/rejected": metric(masked_mean(rejected_logits.detach(), rejected_mask)),
+    }
+
+
+# CPO / SimPO / AlphaPO ------------------------------------------------------------------------------
+
+
+class CPOOptions(NamedTuple):
+    """Checked hyper-parameters; `loss_type` "alphapo" is kept, with the SimPO margin and cpo_alpha resolved."""
+
+    beta: float
+    loss_type: str
+    label_smoothing: float
+    cpo_alpha: float
+    simpo_gamma: float
+    alpha: float
+
+    @property
+    def length_normalised(self) -> bool:
+        return self.loss_type in LENGTH_NORMALISED
+
+
+def cpo_options(
+    beta: float = 0.1,
+    loss_type: str = "sigmoid",
+    label_smoothing: float = 0.0,
+    cpo_alpha: float | None = None,
+    simpo_gamma: float | None = None,
+    alpha: float = 0.0,
+) -> CPOOptions:
+    """Checks CPOConfig-style options. TRL ignores (with a warning) or silently overrides the combinations
+    that are rejected here, so a setting that would have no effect fails instead."""
+    beta = check_positive_finite("beta", beta)
+    loss_type = check_loss_type(loss_type, LOSS_TYPES)
+    label_smoothing = check_finite("label_smoothing", label_smoothing)
+    if not 0.0 <= label_smoothing <= 1.0:
+        raise ValueError(f"label_smoothing: expected a number in [0, 1], got {label_smoothing}")
+    if label_smoothing and loss_type in ("hinge", "ipo"):
+        raise ValueError(
+            f"label_smoothing: loss_type={loss_type!r} has no label smoothing (only 'sigmoid', 'simpo' and "
+            f"'alphapo' do); got {label_smoothing}"
+        )
+    if simpo_gamma is None:
+        simpo_gamma = DEFAULT_SIMPO_GAMMA
+    elif loss_type not in ("simpo", "alphapo"):
+        raise ValueError(
+            f"simpo_gamma: only loss_type 'simpo' or 'alphapo' uses a target margin; got loss_type={loss_type!r}"
+        )
+    else:
+        simpo_gamma = check_finite("simpo_gamma", simpo_gamma)
+    if cpo_alpha is None:
+        # TRL's CPOConfig turns "alphapo" into "simpo" with the NLL term off.
+        cpo_alpha = 0.0 if loss_type == "alphapo" else 1.0
+    else:
+        cpo_alpha = check_finite("cpo_alpha", cpo_alpha)
+        if cpo_alpha < 0:
+            raise ValueError(f"cpo_alpha: expected a number >= 0 (the weight of the NLL term), got {cpo_alpha}")
+        if loss_type == "alphapo" and cpo_alpha != 0:
+            raise ValueError(
+                f"cpo_alpha: loss_type='alphapo' has no NLL term (TRL sets cpo_alpha=0); got {cpo_alpha}"
+            )
+    alpha = check_finite("alpha", alpha)
+    return CPOOptions(beta, loss_type, label_smoothing, cpo_alpha, simpo_gamma, alpha)
+
+
+def _alphapo_reward(logps: torch.Tensor, alpha: float) -> torch.Tensor:
+    # CPOTrainer.cpo_loss: r = (1 - p^(-alpha)) / alpha with p = exp(logps). exp(-alpha * logps) is the same
+    # number without p underflowing to 0 (and p^(-alpha) to inf) for long summed completions.
+    return -torch.expm1(-alpha * logps) / alpha
+
+
+def cpo_from_sequences(
+    chosen_logps: torch.Tensor,
+    rejected_logps: torch.Tensor,
+    chosen_num_tokens: torch.Tensor,
+    rejected_num_tokens: torch.Tensor,
+    options: CPOOptions,
+) -> LossOutput:
+    """The CPO-family math on checked [B] tensors: log-prob sums over each completion and token counts."""
+    beta, loss_type, smoothing = options.beta, options.loss_type, options.label_smoothing
+    if options.length_normalised:
+        chosen = chosen_logps / chosen_num_tokens.clamp(min=1)
+        rejected = rejected_logps / rejected_num_tokens.clamp(min=1)
+    else:
+        chosen, rejected = chosen_logps, rejected_logps
+    if options.alpha != 0.0:
+        chosen_rewards = _alphapo_reward(chosen, options.alpha)
+        rejected_rewards = _alphapo_reward(rejected, options.alpha)
+    else:
+        chosen_rewards, rejected_rewards = chosen, rejected
+
+    # CPOTrainer.cpo_loss
+    logits = chosen_rewards - rejected_rewards
+    if loss_type in ("simpo", "alphapo"):
+        logits = logits - options.simpo_gamma / beta
+    if loss_type == "hinge":
+        losses = torch.relu(1 - beta * logits)
+    elif loss_type == "ipo":
+        losses = (logits - 1 / (2 * beta)) ** 2
+    else:
+        losses = -F.logsigmoid(beta * logits) * (1 - smoothing) - F.logsigmoid(-beta * logits) * smoothing
+
+    # concatenated_forward: token-mean cross-entropy over the chosen completions (the same tokens as the
+    # log-probs), and a constant 0 when the term is off.
+    if options.cpo_alpha != 0.0:
+        nll = -chosen_logps.sum() / chosen_num_tokens.sum().clamp(min=1)
+    else:
+        nll = chosen_logps.new_zeros(())
+    loss = losses.mean() + options.cpo_alpha * nll
+
+    chosen_rewards = beta * chosen_rewards.detach()
+    rejected_rewards = beta * rejected_rewards.detach()
+    metrics = {
+        "rewards/chosen": metric(chosen_rewards),
+        "rewards/rejected": metric(rejected_rewards),
+        "rewards/accuracies": metric((chosen_rewards > rejected_rewards).float()),
+        "rewards/margins": metric(chosen_rewards - rejected_rewards),
+        "logps/rejected": metric(rejected),
+        "logps/chosen": metric(chosen),
+        "nll_loss": metric(nll),
+    }
+    return LossOutput(loss, metrics)
+
+
+def cpo_loss(
+    chosen_logps: torch.Tensor,
+    rejected_logps: torch.Tensor,
+    chosen_num_tokens: torch.Tensor,
+    rejected_num_tokens: torch.Tensor,
+    *,
+    beta: float = 0.1,
+    loss_type: str = "sigmoid",
+    label_smoothing: float = 0.0,
+    cpo_alpha: float | None = None,
+    simpo_gamma: float | None = None,
+    alpha: float = 0.0,
+) -> LossOutput:
+    """CPO / SimPO / AlphaPO loss from per-sequence log-probs.
+
+    Args:
+        chosen_logps, rejected_logps: `[B]` sums of per-token log-probs over each completion (not averages:
+            the loss types that average, "ipo", "simpo" and "alphapo", divide by the counts themselves).
+        chosen_num_tokens, rejected_num_tokens: `[B]` counted completion tokens (float or integer).
+        beta: inverse temperature (> 0); for "ipo", TRL's regularisation strength tau.
+        loss_type: "sigmoid" (CPO), "hinge", "ipo", "simpo" or "alphapo" (SimPO without the NLL term;
+            set `alpha`).
+        label_smoothing: in [0, 1]; "sigmoid", "simpo" and "alphapo" only.
+        cpo_alpha: weight of the NLL on the chosen completions (>= 0); default 1, or 0 for "alphapo".
+        simpo_gamma: SimPO's target margin ("simpo"/"alphapo" only); default 0.5.
+        alpha: AlphaPO's reward shape; 0 uses the log-probs as rewards.
+
+    Returns:
+        LossOutput: `loss = mean(losses) + cpo_alpha * nll_loss` and TRL's metrics `rewards/chosen`,
+        `rewards/rejected`, `rewards/accuracies`, `rewards/margins`, `logps/chosen`, `logps/rejected`
+        (averages for the length-normalised types) and `nll_loss` (0 when cpo_alpha is 0, as TRL logs it).
+    """
+    options = cpo_options(beta, loss_type, label_smoothing, cpo_alpha, simpo_gamma, alpha)
+    like = (chosen_logps, "chosen_logps")
+    chosen = check_sequence_values("chosen_logps", chosen_logps)
+    rejected = check_sequence_values("rejected_logps", rejected_logps, *like)
+    chosen_n = check_sequence_values("chosen_num_tokens", chosen_num_tokens, *like, counts=True)
+    rejected_n = check_sequence_values("rejected_num_tokens", rejected_num_tokens, *like, counts=True)
+    return cpo_from_sequences(chosen, rejected, chosen_n, rejected_n, options)
+
+
+def _paired_sequences(seq: SequenceLogprobs) -> tuple[torch.Tensor, ...]:
+    chosen, rejected = split_pairs(seq.logps, "logits")
+    chosen_n, rejected_n = split_pairs(seq.num_tokens, "logits")
+    return chosen, rejected, chosen_n, rejected_n
+
+
+def cpo_loss_from_logits(
+    logits: torch.Tensor,
+    labels: torch.Tensor,
+    *,
+    completion_mask: torch.Tensor | None = None,
+    ignore_index: int = -100,
+    beta: float = 0.1,
+    loss_type: str = "sigmoid",
+    label_smoothing: float = 0.0,
+    cpo_alpha: float | None = None,
+    simpo_gamma: float | None = None,
+    alpha: float = 0.0,
+) -> LossOutput:
+    """CPO / SimPO / AlphaPO loss from logits, reading the vocabulary once.
+
+    `logits` `[2B, T, V]` (B chosen rows, then their B rejected rows, as TRL concatenates them) and
+    `labels` `[2B, T]` are aligned: pass `logits[:, :-1]`, `input_ids[:, 1:]` (the view is read in
+    place). A position counts when its label is not `ignore_index` and `completion_mask` (if given,
+    `[2B, T]`) is nonzero: TRL's `concatenated_labels[:, 1:]` with -100 on the prompt and padding works
+    as is. The other options and the returned metrics are those of `cpo_loss`, plus
+    `logits/chosen` and `logits/rejected` (see `completion_logits_metrics`).
+    """
+    options = cpo_options(beta, loss_type, label_smoothing, cpo_alpha, simpo_gamma, alpha)
+    return _cpo_from_logits(logits, labels, completion_mask, ignore_index, options)
+
+
+def _cpo_from_logits(
+    logits: torch.Tensor,
+    labels: torch.Tensor,
+    completion_mask: torch.Tensor | None,
+    ignore_index: int,
+    options: CPOOptions,
+) -> LossOutput:
+    check_logits_batch(logits, labels)
+    if completion_mask is not None:
+        check_token_mask("completion_mask", completion_mask, labels)
+    seq = sequence_logprobs(logits, labels, completion_mask=completion_mask, ignore_index=ignore_index,
+                            outputs=("mean_logits",))
+    out = cpo_from_sequences(*_paired_sequences(seq), options)
+    out.metrics.update(completion_logits_metrics(seq.token.mean_logits, seq.mask))
+    return out
+
+
+class CPOLoss(nn.Module):
+    """CPO / SimPO / AlphaPO loss on `[2B, T, V]` logits (see `cpo_loss_from_logits`).
+
+    `CPOLoss()` is CPO, `CPOLoss(loss_type="simpo", cpo_alpha=0)` is SimPO as its paper states it
+    (TRL keeps `cpo_alpha=1`, CPO-SimPO, unless told otherwise), `CPOLoss(loss_type="alphapo", alpha=0.25)`
+    is AlphaPO. Options are checked here, so a bad configuration fails when the module is built.
+    """
+
+    def __init__(
+        self,
+        beta: float = 0.1,
+        loss_type: str = "sigmoid",
+        label_smoothing: float = 0.0,
+        cpo_alpha: float | None = None,
+        simpo_gamma: float | None = None,
+        alpha: float = 0.0,
+        ignore_index: int = -100,
+    ) -> None:
+        super().__init__()
+        self.options = cpo_options(beta, loss_type, label_smoothing, cpo_alpha, simpo_gamma, alpha)
+        self.ignore_index = ignore_index
+
+    def forward(
+        self, logits: torch.Tensor, labels: torch.Tensor, completion_mask: torch.Tensor | None = None
+    ) -> LossOutput:
+        return _cpo_from_logits(logits, labels, completion_mask, self.ignore_index, self.options)
+
+    def extra_repr(self) -> str:
+        return ", ".join(f"{k}={v!r}" for k, v in self.options._asdict().items())

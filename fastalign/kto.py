@@ -1,0 +1,306 @@
+"""KTO and unpaired APO-zero: losses on single completions labelled desirable or undesirable.
+
+The formulas are TRL 1.16's `trl.KTOTrainer._compute_loss` (TRL has no separate loss method for KTO):
+per-completion log-prob sums for the policy and the reference, the KL baseline
+`z = clamp(mean(KL_logps - ref_KL_logps), min=0)`, detached, estimated from mismatched
+(prompt, completion) pairs, and
+
+    kto:                desirable  1 - sigmoid(beta * (logratio - z))
+                        undesirable 1 - sigmoid(beta * (z - logratio))
+    apo_zero_unpaired:  desirable  1 - sigmoid(beta * logratio)
+                        undesirable sigmoid(beta * logratio)
+
+each weighted by `desirable_weight` / `undesirable_weight` and averaged over the batch.
+
+What the caller passes for the baseline: TRL builds the mismatched pairs by rotating each batch's
+completions by one, (x_1, y_n), (x_2, y_1), ..., (x_n, y_{n-1}), and sums the policy's (under
+no_grad) and the reference's log-probs over each mismatched completion: those are `kl_logps` and
+`ref_kl_logps` (`fastalign.sequence.sequence_logprobs` computes them from logits). With data
+parallelism TRL averages the per-rank means before clamping; pass that average as `kl` instead.
+
+`kto_from_sequences` is the math on per-sequence tensors; `kto_loss` takes them,
+`kto_loss_from_logits` computes the policy's log-probs (and the entropy and logits metrics) in one
+pass over the vocabulary, and `KTOLoss` is its `nn.Module` form.
+
+A batch with no desirable (or no undesirable) completion is fine for the loss, which is per
+completion; the metrics of the missing group (`rewards/*`, `logps/*`, `logits/*` and
+`rewards/margins`) are NaN where TRL leaves them out of its log. A completion with no counted token has
+a log-prob sum of 0.
+"""
+
+from __future__ import annotations
+
+from typing import NamedTuple
+
+import torch
+from torch import nn
+
+from ._checks import check_finite, check_positive_finite
+from .cpo import check_loss_type, check_sequence_values, check_token_mask, metric
+from .sequence import masked_mean, sequence_logprobs
+from .types import LossOutput
+
+LOSS_TYPES = ("kto", "apo_zero_unpaired")
+
+
+class KTOOptions(NamedTuple):
+    beta: float
+    loss_type: str
+    desirable_weight: float
+    undesirable_weight: float
+
+
+def kto_options(
+    beta: float = 0.1, loss_type: str = "kto", desirable_weight: float = 1.0, undesirable_weight: float = 1.0
+) -> KTOOptions:
+    beta = check_positive_finite("beta", beta)
+    loss_type = check_loss_type(loss_type, LOSS_TYPES)
+    weights = []
+    for name, value in (("desirable_weight", desirable_weight), ("undesirable_weight", undesirable_weight)):
+        value = check_finite(name, value)
+        if value < 0:
+            raise ValueError(f"{name}: expected a number >= 0, got {value}")
+        weights.append(value)
+    if weights == [0.0, 0.0]:
+        raise ValueError("desirable_weight, undesirable_weight: both are 0, so the loss would be 0 for every batch")
+    return KTOOptions(beta, loss_type, *weights)
+
+
+def kl_baseline(kl_logps: torch.Tensor, ref_kl_logps: torch.Tensor) -> torch.Tensor:
+    """KTO's reference point z on one rank: mean(kl_logps - ref_kl_logps), detached, clamped at 0."""
+    return (kl_logps - ref_kl_logps).mean().detach().clamp(min=0)
+
+
+def _resolve_kl(
+    options: KTOOptions,
+    kl_logps: torch.Tensor | None,
+    ref_kl_logps: torch.Tensor | None,
+    kl: torch.Tensor | float | None,
+    like: torch.Tensor,
+) -> torch.Tensor:
+    """The checked baseline z as a 0-d tensor (0 for apo_zero_unpaired, which has none)."""
+    candidates = (("kl_logps", kl_logps), ("ref_kl_logps", ref_kl_logps), ("kl", kl))
+    given = [name for name, value in candidates if value is not None]
+    if options.loss_type == "apo_zero_unpaired":
+        if given:
+            raise ValueError(f"{given[0]}: loss_type='apo_zero_unpaired' has no KL baseline; pass None")
+        return like.new_zeros(())
+    if kl is not None:
+        if kl_logps is not None or ref_kl_logps is not None:
+            raise ValueError("kl: pass either the estimate kl or kl_logps with ref_kl_logps, not both")
+        if isinstance(kl, torch.Tensor):
+            if kl.numel() != 1 or not kl.is_floating_point():
+                raise ValueError(f"kl: expected a single floating-point value, got a {kl.dtype} tensor of shape "
+                                 f"{tuple(kl.shape)}")
+            kl = kl.detach().reshape(()).to(device=like.device, dtype=like.dtype)
+        else:
+            kl = like.new_tensor(check_finite("kl", kl))
+        return kl.clamp(min=0)
+    if kl_logps is None or ref_kl_logps is None:
+        missing = "kl_logps" if kl_logps is None else "ref_kl_logps"
+        raise ValueError(
+            f"{missing}: loss_type='kto' needs the KL baseline: kl_logps and ref_kl_logps (policy and reference "
+            "log-prob sums over mismatched prompt/completion pairs), or a precomputed kl"
+        )
+    policy = check_sequence_values("kl_logps", kl_logps)
+    reference = check_sequence_values("ref_kl_logps", ref_kl_logps, kl_logps, "kl_logps")
+    if policy.device != like.device:
+        raise ValueError(f"kl_logps: expected a tensor on {like.device} (that of policy_logps), got {policy.device}")
+    if policy.shape[0] < 2:
+        # TRL rejects a per-device batch of 1 for the same reason: rotating one completion by one pairs
+        # it with its own prompt, and z becomes the implied reward itself.
+        raise ValueError(
+            "kl_logps: the KL baseline needs at least 2 mismatched pairs; with 1 the 'mismatched' completion "
+            "is the matched one"
+        )
+    return kl_baseline(policy, reference)
+
+
+def kto_from_sequences(
+    policy_logps: torch.Tensor,
+    ref_logps: torch.Tensor,
+    desirable: torch.Tensor,
+    kl: torch.Tensor,
+    options: KTOOptions,
+) -> LossOutput:
+    """The KTO math on checked [B] tensors (log-prob sums, bool labels) and the clamped baseline `kl`."""
+    beta = options.beta
+    logratios = policy_logps - ref_logps
+    if options.loss_type == "kto":
+        # 1 - sigmoid(x) written as sigmoid(-x): the same value without cancellation near x >> 0.
+        desirable_losses = torch.sigmoid(-beta * (logratios - kl))
+        undesirable_losses = torch.sigmoid(-beta * (kl - logratios))
+    else:
+        desirable_losses = torch.sigmoid(-beta * logratios)
+        undesirable_losses = torch.sigmoid(beta * logratios)
+    losses = torch.where(
+        desirable, options.desirable_weight * desirable_losses, options.undesirable_weight * undesirable_losses
+    )
+    loss = losses.mean()
+
+    rewards = beta * logratios.detach()
+    undesirable = ~desirable
+    chosen_rewards = _group_mean(rewards, desirable)
+    rejected_rewards = _group_mean(rewards, undesirable)
+    metrics = {
+        "kl": metric(kl),
+        "rewards/chosen": chosen_rewards,
+        "logps/chosen": _group_mean(policy_logps, desirable),
+        "rewards/rejected": rejected_rewards,
+        "logps/rejected": _group_mean(policy_logps, undesirable),
+        "rewards/margins": chosen_rewards - rejected_rewards,
+    }
+    return LossOutput(loss, metrics)
+
+
+def _like(value: torch.Tensor, policy: torch.Tensor) -> torch.Tensor:
+    """Reference-side values, detached, in the policy's precision: fp64 reference log-probs (say,
+    precomputed and stored) must not silently turn an fp32 loss into an fp64 one."""
+    return value.detach().to(policy.dtype)
+
+
+def _group_mean(values: torch.Tensor, members: torch.Tensor) -> torch.Tensor:
+    """Mean over a group as a metric; NaN for an empty group, which TRL leaves out of its log."""
+    return metric(torch.where(members, values.detach(), 0.0).sum() / members.sum())
+
+
+def _check_desirable(desirable: object, like: torch.Tensor) -> torch.Tensor:
+    if not isinstance(desirable, torch.Tensor):
+        raise TypeError(f"desirable: expected a torch.Tensor of bools, got {type(desirable).__name__}")
+    if desirable.dtype != torch.bool and (desirable.is_floating_point() or desirable.is_complex()):
+        raise TypeError(f"desirable: expected a bool (or 0/1 integer) tensor, got {desirable.dtype}")
+    if desirable.shape != like.shape:
+        raise ValueError(f"desirable: expected shape {tuple(like.shape)} (one label per completion), got "
+                         f"{tuple(desirable.shape)}")
+    if desirable.device != like.device:
+        raise ValueError(f"desirable: expected a tensor on {like.device}, got {desirable.device}")
+    return desirable != 0
+
+
+def kto_loss(
+    policy_logps: torch.Tensor,
+    ref_logps: torch.Tensor,
+    desirable: torch.Tensor,
+    *,
+    kl_logps: torch.Tensor | None = None,
+    ref_kl_logps: torch.Tensor | None = None,
+    kl: torch.Tensor | float | None = None,
+    beta: float = 0.1,
+    loss_type: str = "kto",
+    desirable_weight: float = 1.0,
+    undesirable_weight: float = 1.0,
+) -> LossOutput:
+    """KTO / unpaired APO-zero loss from per-sequence log-probs.
+
+    Args:
+        policy_logps: `[B]` sums of the policy's per-token log-probs over each completion.
+        ref_logps: `[B]` the same sums under the reference model.
+        desirable: `[B]` bool, True for a desirable completion (TRL's `label`).
+        kl_logps, ref_kl_logps: `[B_kl]` policy and reference log-prob sums over the mismatched KL
+            completions ("kto" only; B_kl >= 2). Detached here.
+        kl: instead of those, the baseline estimate itself (e.g. averaged across ranks); detached and
+            clamped at 0 here.
+        beta: > 0.
+        loss_type: "kto" or "apo_zero_unpaired".
+        desirable_weight, undesirable_weight: >= 0, not both 0.
+
+    Returns:
+        LossOutput: the weighted per-completion losses averaged over B, and TRL's metrics `kl`,
+        `rewards/chosen`, `logps/chosen`, `rewards/rejected`, `logps/rejected`, `rewards/margins`
+        (NaN for a group with no completion in the batch).
+    """
+    options = kto_options(beta, loss_type, desirable_weight, undesirable_weight)
+    policy = check_sequence_values("policy_logps", policy_logps)
+    reference = check_sequence_values("ref_logps", ref_logps, policy_logps, "policy_logps")
+    labels = _check_desirable(desirable, policy_logps)
+    z = _resolve_kl(options, kl_logps, ref_kl_logps, kl, policy)
+    return kto_from_sequences(policy, _like(reference, policy), labels, _like(z, policy), options)
+
+
+def kto_loss_from_logits(
+    logits: torch.Tensor,
+    labels: torch.Tensor,
+    ref_logps: torch.Tensor,
+    desirable: torch.Tensor,
+    *,
+    completion_mask: torch.Tensor | None = None,
+    ignore_index: int = -100,
+    kl_logps: torch.Tensor | None = None,
+    ref_kl_logps: torch.Tensor | None = None,
+    kl: torch.Tensor | float | None = None,
+    beta: float = 0.1,
+    loss_type: str = "kto",
+    desirable_weight: float = 1.0,
+    undesirable_weight: float = 1.0,
+) -> LossOutput:
+    """KTO / unpaired APO-zero loss from the policy's logits, reading the vocabulary once.
+
+    `logits` `[B, T, V]` and `labels` `[B, T]` are aligned (pass `logits[:, :-1]`, `input_ids[:, 1:]`;
+    the view is read in place); a position counts when its label is not `ignore_index` and
+    `completion_mask` (if given, `completion_mask[:, 1:]`) is nonzero. The rest is as in
+    `kto_loss`; the metrics add `entropy` (mean over all counted tokens, 0 if none), `logits/chosen` and
+    `logits/rejected` (vocabulary-mean logit over each group's counted tokens, NaN if none).
+    """
+    options = kto_options(beta, loss_type, desirable_weight, undesirable_weight)
+    return _kto_from_logits(logits, labels, ref_logps, desirable, completion_mask, ignore_index,
+                            kl_logps, ref_kl_logps, kl, options)
+
+
+def _kto_from_logits(logits, labels, ref_logps, desirable, completion_mask, ignore_index,
+                     kl_logps, ref_kl_logps, kl, options: KTOOptions) -> LossOutput:
+    if not isinstance(logits, torch.Tensor) or logits.dim() != 3:
+        shape = tuple(logits.shape) if isinstance(logits, torch.Tensor) else type(logits).__name__
+        raise ValueError(f"logits: expected [B, T, V], got {shape}")
+    if logits.shape[0] == 0:
+        raise ValueError("logits: the batch is empty")
+    rows = logits.new_empty(logits.shape[0])  # fixes B and the device for the per-sequence checks
+    reference = check_sequence_values("ref_logps", ref_logps, rows, "logits.shape[:1]")
+    good = _check_desirable(desirable, rows)
+    if completion_mask is not None:
+        check_token_mask("completion_mask", completion_mask, labels)
+    z = _resolve_kl(options, kl_logps, ref_kl_logps, kl, reference)
+    seq = sequence_logprobs(logits, labels, completion_mask=completion_mask, ignore_index=ignore_index,
+                            outputs=("entropy", "mean_logits"))
+    out = kto_from_sequences(seq.logps, _like(reference, seq.logps), good, _like(z, seq.logps), options)
+    token_mask = seq.mask
+    logits_sum = torch.where(token_mask, seq.token.mean_logits, 0.0).sum(-1)
+    per_row = token_mask.sum(-1)
+    out.metrics.update({
+        "entropy": metric(masked_mean(seq.token.entropy.detach(), token_mask)),
+        "logits/chosen": metric(torch.where(good, logits_sum, 0.0).sum() / torch.where(good, per_row, 0).sum()),
+        "logits/rejected": metric(torch.where(good, 0.0, logits_sum).sum() / torch.where(good, 0, per_row).sum()),
+    })
+    return out
+
+
+class KTOLoss(nn.Module):
+    """KTO / unpaired APO-zero loss on `[B, T, V]` policy logits (see `kto_loss_from_logits`)."""
+
+    def __init__(
+        self,
+        beta: float = 0.1,
+        loss_type: str = "kto",
+        desirable_weight: float = 1.0,
+        undesirable_weight: float = 1.0,
+        ignore_index: int = -100,
+    ) -> None:
+        super().__init__()
+        self.options = kto_options(beta, loss_type, desirable_weight, undesirable_weight)
+        self.ignore_index = ignore_index
+
+    def forward(
+        self,
+        logits: torch.Tensor,
+        labels: torch.Tensor,
+        ref_logps: torch.Tensor,
+        desirable: torch.Tensor,
+        completion_mask: torch.Tensor | None = None,
+        kl_logps: torch.Tensor | None = None,
+        ref_kl_logps: torch.Tensor | None = None,
+        kl: torch.Tensor | float | None = None,
+    ) -> LossOutput:
+        return _kto_from_logits(logits, labels, ref_logps, desirable, completion_mask, self.ignore_index,
+                                kl_logps, ref_kl_logps, kl, self.options)
+
+    def extra_repr(self) -> str:
+        return ", ".join(f"{k}={v!r}" for k, v in self.options._asdict().items())

@@ -1,0 +1,192 @@
+"""ORPO: the odds-ratio preference term plus the NLL on the chosen sequences, without a reference model.
+
+The formulas are TRL 1.16's `trl.experimental.orpo.ORPOTrainer`: `odds_ratio_loss` (and the module's
+`log1mexp`), `concatenated_forward` (completion log-probs averaged over tokens; the NLL over every
+attended token of the chosen sequences, prompt included) and `get_batch_loss_metrics`
+(`loss = nll_loss - mean(beta * logsigmoid(log_odds))` and the logged metrics).
+
+`orpo_from_sequences` is the math on per-sequence sums and counts; `orpo_loss` takes those sums,
+`orpo_loss_from_logits` gets both token sets (completion and NLL) from one pass over the
+vocabulary, and `ORPOLoss` is its `nn.Module` form.
+
+A completion with no counted token has probability 1, so its odds are infinite and the odds ratio
+undefined. A pair with such a completion adds 0 to the odds-ratio term (and to the `log_odds_ratio`
+and `log_odds_chosen` means, which still divide by B) and gets no gradient from it; its average
+log-prob, logged under `logps/*`, is 0. Chosen sequences with no NLL token give an NLL of 0.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from ._checks import check_positive_finite
+from .cpo import (
+    check_logits_batch,
+    check_sequence_values,
+    check_token_mask,
+    completion_logits_metrics,
+    metric,
+)
+from .sequence import sequence_logprobs, split_pairs
+from .types import LossOutput
+
+# log1mexp's switch point, -ln 2: below it log1p(-exp(x)) is accurate, above it log(-expm1(x)) is.
+_LOG1MEXP_SWITCH = -0.6931471805599453
+
+
+def log1mexp(x: torch.Tensor) -> torch.Tensor:
+    """log(1 - exp(x)) for x <= 0, accurate on both sides of -ln 2 (TRL's `orpo_trainer.log1mexp`)."""
+    return torch.where(x < _LOG1MEXP_SWITCH, torch.log1p(-torch.exp(x)), torch.log(-torch.expm1(x)))
+
+
+def orpo_from_sequences(
+    chosen_logps: torch.Tensor,
+    rejected_logps: torch.Tensor,
+    chosen_num_tokens: torch.Tensor,
+    rejected_num_tokens: torch.Tensor,
+    chosen_nll_logps: torch.Tensor,
+    chosen_nll_num_tokens: torch.Tensor,
+    beta: float,
+) -> LossOutput:
+    """The ORPO math on checked [B] tensors (sums and counts; see `orpo_loss`)."""
+    chosen = chosen_logps / chosen_num_tokens.clamp(min=1)
+    rejected = rejected_logps / rejected_num_tokens.clamp(min=1)
+
+    # ORPOTrainer.odds_ratio_loss. Empty pairs are computed at a harmless stand-in value and then
+    # dropped, so that neither their value nor their gradient (0 * inf) can turn into NaN.
+    defined = (chosen_num_tokens > 0) & (rejected_num_tokens > 0)
+    stand_in = chosen.new_tensor(-1.0)
+    safe_chosen = torch.where(defined, chosen, stand_in)
+    safe_rejected = torch.where(defined, rejected, stand_in)
+    log_odds = (safe_chosen - safe_rejected) - (log1mexp(safe_chosen) - log1mexp(safe_rejected))
+    zero = chosen.new_zeros(())
+    log_odds = torch.where(defined, log_odds, zero)
+    ratio = torch.where(defined, F.logsigmoid(log_odds), zero)
+
+    nll = -chosen_nll_logps.sum() / chosen_nll_num_tokens.sum().clamp(min=1)
+    loss = nll - (beta * ratio).mean()
+
+    chosen_rewards = beta * chosen.detach()
+    rejected_rewards = beta * rejected.detach()
+    metrics = {
+        "rewards/chosen": metric(chosen_rewards),
+        "rewards/rejected": metric(rejected_rewards),
+        "rewards/accuracies": metric((chosen_rewards > rejected_rewards).float()),
+        "rewards/margins": metric(chosen_rewards - rejected_rewards),
+        "logps/rejected": metric(rejected),
+        "logps/chosen": metric(chosen),
+        "nll_loss": metric(nll),
+        "log_odds_ratio": metric(ratio),
+        "log_odds_chosen": metric(log_odds),
+    }
+    return LossOutput(loss, metrics)
+
+
+def orpo_loss(
+    chosen_logps: torch.Tensor,
+    rejected_logps: torch.Tensor,
+    chosen_num_tokens: torch.Tensor,
+    rejected_num_tokens: torch.Tensor,
+    chosen_nll_logps: torch.Tensor,
+    chosen_nll_num_tokens: torch.Tensor,
+    *,
+    beta: float = 0.1,
+) -> LossOutput:
+    """ORPO loss from per-sequence log-probs.
+
+    Args:
+        chosen_logps, rejected_logps: `[B]` sums of per-token log-probs over each completion; the odds
+            ratio uses their per-token averages, as TRL does.
+        chosen_num_tokens, rejected_num_tokens: `[B]` counted completion tokens.
+        chosen_nll_logps: `[B]` sums of log-probs over every attended token of each chosen sequence,
+            prompt and completion (TRL computes ORPO's NLL over both).
+        chosen_nll_num_tokens: `[B]` the number of those tokens.
+        beta: weight of the odds-ratio term (> 0; TRL's ORPOConfig.beta, the paper's lambda).
+
+    Returns:
+        LossOutput: `loss = nll_loss - mean(beta * log_odds_ratio)` and TRL's metrics `rewards/chosen`,
+        `rewards/rejected`, `rewards/accuracies`, `rewards/margins`, `logps/chosen`, `logps/rejected`
+        (per-token averages), `nll_loss`, `log_odds_ratio` (mean logsigmoid of the log odds ratio) and
+        `log_odds_chosen` (mean log odds ratio).
+    """
+    beta = check_positive_finite("beta", beta)
+    like, like_name = chosen_logps, "chosen_logps"
+    values = [check_sequence_values("chosen_logps", chosen_logps)]
+    values.append(check_sequence_values("rejected_logps", rejected_logps, like, like_name))
+    values.append(check_sequence_values("chosen_num_tokens", chosen_num_tokens, like, like_name, counts=True))
+    values.append(check_sequence_values("rejected_num_tokens", rejected_num_tokens, like, like_name, counts=True))
+    values.append(check_sequence_values("chosen_nll_logps", chosen_nll_logps, like, like_name))
+    values.append(check_sequence_values("chosen_nll_num_tokens", chosen_nll_num_tokens, like, like_name, counts=True))
+    return orpo_from_sequences(*values, beta)
+
+
+def orpo_loss_from_logits(
+    logits: torch.Tensor,
+    labels: torch.Tensor,
+    *,
+    completion_mask: torch.Tensor,
+    attention_mask: torch.Tensor | None = None,
+    ignore_index: int = -100,
+    beta: float = 0.1,
+) -> LossOutput:
+    """ORPO loss from logits, reading the vocabulary once for both of its token sets.
+
+    Args:
+        logits: `[2B, T, V]`, B chosen rows then their B rejected rows, aligned with `labels`
+            (pass `logits[:, :-1]`; the view is read in place).
+        labels: `[2B, T]` the next tokens (`input_ids[:, 1:]`), prompt tokens included: the NLL scores them.
+        completion_mask: `[2B, T]` nonzero on completion tokens, those the odds ratio scores.
+        attention_mask: `[2B, T]` (`attention_mask[:, 1:]`) nonzero on the tokens the NLL scores; None
+            scores every position whose label is not `ignore_index`.
+        ignore_index: label value never scored.
+        beta: as in `orpo_loss`.
+
+    Returns:
+        LossOutput: as `orpo_loss`, plus `logits/chosen` and `logits/rejected`
+        (see `fastalign.cpo.completion_logits_metrics`).
+    """
+    beta = check_positive_finite("beta", beta)
+    return _orpo_from_logits(logits, labels, completion_mask, attention_mask, ignore_index, beta)
+
+
+def _orpo_from_logits(logits, labels, completion_mask, attention_mask, ignore_index, beta) -> LossOutput:
+    check_logits_batch(logits, labels)
+    check_token_mask("completion_mask", completion_mask, labels)
+    if attention_mask is not None:
+        check_token_mask("attention_mask", attention_mask, labels)
+    seq = sequence_logprobs(logits, labels, completion_mask=attention_mask, ignore_index=ignore_index,
+                            outputs=("mean_logits",))
+    # The completion tokens are a subset of the NLL tokens, so one pass serves both sums.
+    completion = seq.mask & (completion_mask != 0)
+    completion_logps = torch.where(completion, seq.token.logps, 0.0).sum(-1)
+    completion_num_tokens = completion.sum(-1, dtype=torch.float32)
+    chosen, rejected = split_pairs(completion_logps, "logits")
+    chosen_n, rejected_n = split_pairs(completion_num_tokens, "logits")
+    chosen_nll, _ = split_pairs(seq.logps, "logits")
+    chosen_nll_n, _ = split_pairs(seq.num_tokens, "logits")
+    out = orpo_from_sequences(chosen, rejected, chosen_n, rejected_n, chosen_nll, chosen_nll_n, beta)
+    out.metrics.update(completion_logits_metrics(seq.token.mean_logits, completion))
+    return out
+
+
+class ORPOLoss(nn.Module):
+    """ORPO loss on `[2B, T, V]` logits (see `orpo_loss_from_logits`); `beta` is checked when built."""
+
+    def __init__(self, beta: float = 0.1, ignore_index: int = -100) -> None:
+        super().__init__()
+        self.beta = check_positive_finite("beta", beta)
+        self.ignore_index = ignore_index
+
+    def forward(
+        self,
+        logits: torch.Tensor,
+        labels: torch.Tensor,
+        completion_mask: torch.Tensor,
+        attention_mask: torch.Tensor | None = None,
+    ) -> LossOutput:
+        return _orpo_from_logits(logits, labels, completion_mask, attention_mask, self.ignore_index, self.beta)
+
+    def extra_repr(self) -> str:
+        return f"beta={self.beta}"
