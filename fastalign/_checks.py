@@ -97,3 +97,47 @@ def check_label_range(labels: torch.Tensor, vocab_size: int, ignore_index: int) 
             f"labels: every value must lie in [0, {vocab_size}) (the vocabulary size, logits.shape[-1]) "
             f"or equal ignore_index={ignore_index}; found {value} at flattened position {position}"
         )
+
+
+# Checks shared by the sequence-level losses (DPO, CPO, ORPO, KTO, reward).
+
+
+def check_loss_type(loss_type: object, valid: tuple[str, ...]) -> str:
+    if loss_type not in valid:
+        raise ValueError(f"loss_type: expected one of {', '.join(repr(v) for v in valid)}; got {loss_type!r}")
+    return loss_type
+
+
+def check_sequence_values(
+    name: str, value: object, like: torch.Tensor | None = None, like_name: str = "", counts: bool = False
+) -> torch.Tensor:
+    """A [B] per-sequence tensor, returned in fp32 (fp64 kept for gradcheck); `like` fixes B and the device."""
+    if not isinstance(value, torch.Tensor):
+        raise TypeError(f"{name}: expected a torch.Tensor, got {type(value).__name__}")
+    if value.dim() != 1:
+        raise ValueError(f"{name}: expected a 1-d tensor of per-sequence values [B], got shape {tuple(value.shape)}")
+    if value.dtype == torch.bool or value.is_complex() or (not counts and not value.is_floating_point()):
+        kind = "a float or integer" if counts else "a floating-point"
+        raise TypeError(f"{name}: expected {kind} tensor, got {value.dtype}")
+    if like is None:
+        if value.shape[0] == 0:
+            raise ValueError(f"{name}: the batch is empty")
+    else:
+        if value.shape != like.shape:
+            raise ValueError(
+                f"{name}: expected shape {tuple(like.shape)} (that of {like_name}), got {tuple(value.shape)}"
+            )
+        if value.device != like.device:
+            raise ValueError(f"{name}: expected a tensor on {like.device} (that of {like_name}), got {value.device}")
+    return value if value.dtype == torch.float64 else value.float()
+
+
+def check_token_mask(name: str, mask: object, labels: torch.Tensor) -> None:
+    if not isinstance(mask, torch.Tensor):
+        raise TypeError(f"{name}: expected a torch.Tensor, got {type(mask).__name__}")
+    if not isinstance(labels, torch.Tensor):
+        return  # token_logprobs names the bad labels
+    if mask.shape != labels.shape:
+        raise ValueError(f"{name}: expected shape {tuple(labels.shape)} (that of labels), got {tuple(mask.shape)}")
+    if mask.device != labels.device:
+        raise ValueError(f"{name}: expected a tensor on {labels.device} (that of labels), got {mask.device}")

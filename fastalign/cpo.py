@@ -29,90 +29,22 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ._checks import check_finite, check_positive_finite
-from .sequence import SequenceLogprobs, masked_mean, sequence_logprobs, split_pairs
+from ._checks import check_finite, check_loss_type, check_positive_finite, check_sequence_values, check_token_mask
+from .sequence import (
+    SequenceLogprobs,
+    check_logits_batch,
+    completion_logits_metrics,
+    masked_mean,
+    metric,
+    sequence_logprobs,
+    split_pairs,
+)
 from .types import LossOutput
 
 LOSS_TYPES = ("sigmoid", "hinge", "ipo", "simpo", "alphapo")
 # TRL's concatenated_forward averages the log-probs over tokens for these (AlphaPO is SimPO in TRL's config).
 LENGTH_NORMALISED = ("ipo", "simpo", "alphapo")
 DEFAULT_SIMPO_GAMMA = 0.5
-
-
-# Checks shared by the sequence-level losses (cpo, orpo, kto, reward) --------------------------------
-
-
-def check_loss_type(loss_type: object, valid: tuple[str, ...]) -> str:
-    if loss_type not in valid:
-        raise ValueError(f"loss_type: expected one of {', '.join(repr(v) for v in valid)}; got {loss_type!r}")
-    return loss_type
-
-
-def check_sequence_values(
-    name: str, value: object, like: torch.Tensor | None = None, like_name: str = "", counts: bool = False
-) -> torch.Tensor:
-    """A [B] per-sequence tensor, returned in fp32 (fp64 kept for gradcheck); `like` fixes B and the device."""
-    if not isinstance(value, torch.Tensor):
-        raise TypeError(f"{name}: expected a torch.Tensor, got {type(value).__name__}")
-    if value.dim() != 1:
-        raise ValueError(f"{name}: expected a 1-d tensor of per-sequence values [B], got shape {tuple(value.shape)}")
-    if value.dtype == torch.bool or value.is_complex() or (not counts and not value.is_floating_point()):
-        kind = "a float or integer" if counts else "a floating-point"
-        raise TypeError(f"{name}: expected {kind} tensor, got {value.dtype}")
-    if like is None:
-        if value.shape[0] == 0:
-            raise ValueError(f"{name}: the batch is empty")
-    else:
-        if value.shape != like.shape:
-            raise ValueError(
-                f"{name}: expected shape {tuple(like.shape)} (that of {like_name}), got {tuple(value.shape)}"
-            )
-        if value.device != like.device:
-            raise ValueError(f"{name}: expected a tensor on {like.device} (that of {like_name}), got {value.device}")
-    return value if value.dtype == torch.float64 else value.float()
-
-
-def check_token_mask(name: str, mask: object, labels: torch.Tensor) -> None:
-    if not isinstance(mask, torch.Tensor):
-        raise TypeError(f"{name}: expected a torch.Tensor, got {type(mask).__name__}")
-    if not isinstance(labels, torch.Tensor):
-        return  # token_logprobs names the bad labels
-    if mask.shape != labels.shape:
-        raise ValueError(f"{name}: expected shape {tuple(labels.shape)} (that of labels), got {tuple(mask.shape)}")
-    if mask.device != labels.device:
-        raise ValueError(f"{name}: expected a tensor on {labels.device} (that of labels), got {mask.device}")
-
-
-def check_logits_batch(logits: object, labels: object) -> None:
-    """[2B, T, V] logits with labels [2B, T]; the odd-batch error names logits before any work is done."""
-    if not isinstance(logits, torch.Tensor) or logits.dim() != 3:
-        shape = tuple(logits.shape) if isinstance(logits, torch.Tensor) else type(logits).__name__
-        raise ValueError(f"logits: expected [2B, T, V] (B chosen rows, then B rejected), got {shape}")
-    split_pairs(logits, "logits")
-    if isinstance(labels, torch.Tensor) and labels.shape != logits.shape[:-1]:
-        raise ValueError(
-            f"labels: expected shape {tuple(logits.shape[:-1])} (logits.shape[:-1]), got {tuple(labels.shape)}"
-        )
-
-
-def metric(value: torch.Tensor) -> torch.Tensor:
-    """A logged value: detached 0-d fp32, the mean when given several."""
-    value = value.detach()
-    return (value.mean() if value.dim() else value).float()
-
-
-def completion_logits_metrics(mean_logits: torch.Tensor, mask: torch.Tensor) -> dict[str, torch.Tensor]:
-    """logits/chosen and logits/rejected: the vocabulary-mean logit averaged over the counted completion
-    tokens of each half, as TRL's DPOTrainer logs them (0 for a half with no token).
-
-    TRL's CPO and ORPO trainers average the full logits tensor instead, prompt and padding positions
-    included, so their value shifts with the padding; the completion-token average does not."""
-    chosen_logits, rejected_logits = mean_logits.chunk(2, dim=0)
-    chosen_mask, rejected_mask = mask.chunk(2, dim=0)
-    return {
-        "logits/chosen": metric(masked_mean(chosen_logits.detach(), chosen_mask)),
-        "logits/rejected": metric(masked_mean(rejected_logits.detach(), rejected_mask)),
-    }
 
 
 # CPO / SimPO / AlphaPO ------------------------------------------------------------------------------

@@ -25,8 +25,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ._checks import check_finite, check_positive_finite
-from .sequence import masked_mean, sequence_logprobs
+from ._checks import check_finite, check_positive_finite, check_sequence_values
+from .sequence import completion_logits_metrics, masked_mean, sequence_logprobs
 from .types import LossOutput, TokenLogprobs
 
 LOSS_TYPES = (
@@ -350,17 +350,6 @@ def _check_reference_given(options: DPOOptions, given: bool, how: str) -> None:
         )
 
 
-def _check_per_sequence(name: str, value: object, like: torch.Tensor, like_name: str, counts: bool = False) -> None:
-    if not isinstance(value, torch.Tensor):
-        raise TypeError(f"{name}: expected a torch.Tensor, got {type(value).__name__}")
-    if value.shape != like.shape:
-        raise ValueError(f"{name}: expected shape {tuple(like.shape)} ({like_name}), got {tuple(value.shape)}")
-    if value.device != like.device:
-        raise ValueError(f"{name}: expected a tensor on {like.device} ({like_name}'s device), got {value.device}")
-    if not (value.is_floating_point() or (counts and not value.is_complex())):
-        raise TypeError(f"{name}: expected a floating-point tensor, got {value.dtype}")
-
-
 def check_pairs(pairs: DPOPairs, options: DPOOptions) -> None:
     """Raises a ValueError/TypeError naming the argument if `pairs` does not fit `options`."""
     chosen = pairs.chosen_logps
@@ -370,16 +359,16 @@ def check_pairs(pairs: DPOPairs, options: DPOOptions) -> None:
         raise ValueError(f"policy_chosen_logps: expected shape [B] with B >= 1, got {tuple(chosen.shape)}")
     if not chosen.is_floating_point():
         raise TypeError(f"policy_chosen_logps: expected a floating-point tensor, got {chosen.dtype}")
-    like = "policy_chosen_logps' shape, B"
-    _check_per_sequence("policy_rejected_logps", pairs.rejected_logps, chosen, like)
+    like = "policy_chosen_logps"
+    check_sequence_values("policy_rejected_logps", pairs.rejected_logps, chosen, like)
     given = pairs.ref_chosen_logps is not None, pairs.ref_rejected_logps is not None
     if given[0] != given[1]:
         missing = "ref_rejected_logps" if given[0] else "ref_chosen_logps"
         raise ValueError(f"{missing}: the reference log-probs come in pairs; pass both or neither")
     _check_reference_given(options, given[0], "ref_chosen_logps/ref_rejected_logps")
     if given[0]:
-        _check_per_sequence("ref_chosen_logps", pairs.ref_chosen_logps, chosen, like)
-        _check_per_sequence("ref_rejected_logps", pairs.ref_rejected_logps, chosen, like)
+        check_sequence_values("ref_chosen_logps", pairs.ref_chosen_logps, chosen, like)
+        check_sequence_values("ref_rejected_logps", pairs.ref_rejected_logps, chosen, like)
     required = []
     if options.needs_num_tokens:
         length_types = sorted(LENGTH_LOSS_TYPES.intersection(options.loss_types))
@@ -395,7 +384,7 @@ def check_pairs(pairs: DPOPairs, options: DPOOptions) -> None:
     for name, value, why, counts in required:
         if value is None:
             raise ValueError(f"{name}: required by {why}")
-        _check_per_sequence(name, value, chosen, like, counts=counts)
+        check_sequence_values(name, value, chosen, like, counts=counts)
 
 
 # --- from per-token values to per-sequence sums (shared by the logits and hidden-state levels) --------
@@ -444,13 +433,7 @@ def pairs_from_tokens(
         chosen_logps, rejected_logps, *halves(ref_logps), *halves(num_tokens), *halves(tail_logps), *halves(lssp)
     )
     # TRL lines 1554-1568: the mean over all chosen (rejected) completion tokens of the per-token mean logit.
-    chosen_mask, rejected_mask = mask.chunk(2, dim=0)
-    chosen_mean_logits, rejected_mean_logits = token.mean_logits.chunk(2, dim=0)
-    metrics = {
-        "logits/chosen": masked_mean(chosen_mean_logits, chosen_mask).float(),
-        "logits/rejected": masked_mean(rejected_mean_logits, rejected_mask).float(),
-    }
-    return pairs, metrics
+    return pairs, completion_logits_metrics(token.mean_logits, mask)
 
 
 def _ordered(metrics: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:

@@ -35,9 +35,8 @@ from typing import NamedTuple
 import torch
 from torch import nn
 
-from ._checks import check_finite, check_positive_finite
-from .cpo import check_loss_type, check_sequence_values, check_token_mask, metric
-from .sequence import masked_mean, sequence_logprobs
+from ._checks import check_finite, check_loss_type, check_positive_finite, check_sequence_values, check_token_mask
+from .sequence import masked_mean, metric, sequence_logprobs
 from .types import LossOutput
 
 LOSS_TYPES = ("kto", "apo_zero_unpaired")

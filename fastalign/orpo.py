@@ -21,15 +21,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ._checks import check_positive_finite
-from .cpo import (
-    check_logits_batch,
-    check_sequence_values,
-    check_token_mask,
-    completion_logits_metrics,
-    metric,
-)
-from .sequence import sequence_logprobs, split_pairs
+from ._checks import check_positive_finite, check_sequence_values, check_token_mask
+from .sequence import check_logits_batch, completion_logits_metrics, metric, sequence_logprobs, split_pairs
 from .types import LossOutput
 
 # log1mexp's switch point, -ln 2: below it log1p(-exp(x)) is accurate, above it log(-expm1(x)) is.

@@ -21,9 +21,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ._checks import check_finite
-from .cpo import check_sequence_values, metric
-from .sequence import split_pairs
+from ._checks import check_finite, check_sequence_values
+from .sequence import metric, split_pairs
 from .types import LossOutput
 
 

@@ -72,3 +72,35 @@ def split_pairs(values: torch.Tensor, name: str) -> tuple[torch.Tensor, torch.Te
             f"{name}: a paired loss takes 2B rows, B chosen then B rejected; got {values.shape[0] if values.dim() else 0}"
         )
     return values.chunk(2, dim=0)
+
+
+def check_logits_batch(logits: object, labels: object) -> None:
+    """[2B, T, V] logits with labels [2B, T]; the odd-batch error names logits before any work is done."""
+    if not isinstance(logits, torch.Tensor) or logits.dim() != 3:
+        shape = tuple(logits.shape) if isinstance(logits, torch.Tensor) else type(logits).__name__
+        raise ValueError(f"logits: expected [2B, T, V] (B chosen rows, then B rejected), got {shape}")
+    split_pairs(logits, "logits")
+    if isinstance(labels, torch.Tensor) and labels.shape != logits.shape[:-1]:
+        raise ValueError(
+            f"labels: expected shape {tuple(logits.shape[:-1])} (logits.shape[:-1]), got {tuple(labels.shape)}"
+        )
+
+
+def metric(value: torch.Tensor) -> torch.Tensor:
+    """A logged value: detached 0-d fp32, the mean when given several."""
+    value = value.detach()
+    return (value.mean() if value.dim() else value).float()
+
+
+def completion_logits_metrics(mean_logits: torch.Tensor, mask: torch.Tensor) -> dict[str, torch.Tensor]:
+    """logits/chosen and logits/rejected: the vocabulary-mean logit averaged over the counted completion
+    tokens of each half, as TRL's DPOTrainer logs them (0 for a half with no token).
+
+    TRL's CPO and ORPO trainers average the full logits tensor instead, prompt and padding positions
+    included, so their value shifts with the padding; the completion-token average does not."""
+    chosen_logits, rejected_logits = mean_logits.chunk(2, dim=0)
+    chosen_mask, rejected_mask = mask.chunk(2, dim=0)
+    return {
+        "logits/chosen": metric(masked_mean(chosen_logits.detach(), chosen_mask)),
+        "logits/rejected": metric(masked_mean(rejected_logits.detach(), rejected_mask)),
+    }

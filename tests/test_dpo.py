@@ -527,7 +527,7 @@ def test_bad_logits_level_input_names_the_argument(change, error, match):
     "kwargs, error, match",
     [
         ({"policy_rejected_logps": torch.zeros(B + 1)}, ValueError,
-         r"policy_rejected_logps: expected shape \(2,\) \(policy_chosen_logps' shape, B\), got \(3,\)"),
+         r"policy_rejected_logps: expected shape \(2,\) \(that of policy_chosen_logps\), got \(3,\)"),
         ({"ref_chosen_logps": torch.zeros(B + 1)}, ValueError, r"ref_chosen_logps: expected shape \(2,\)"),
         ({"policy_chosen_logps": torch.zeros(2, B)}, ValueError, r"policy_chosen_logps: expected shape \[B\]"),
         ({"policy_chosen_logps": torch.zeros(0), "policy_rejected_logps": torch.zeros(0)}, ValueError,
