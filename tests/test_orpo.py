@@ -11,6 +11,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 from conftest import DEVICE, backend_params
+from trl_batches import paired_trainer_batch
 from numerics import assert_as_accurate_as_reference
 
 import fastalign
@@ -40,18 +41,7 @@ def trl_trainer(beta: float, device=DEVICE) -> types.SimpleNamespace:
 
 
 def make_batch(dtype=torch.float64, length=T + 1):
-    """An ORPOTrainer batch (prompt of 2-3 tokens, right padding) and the model's [2B, length, V] logits."""
-    batch = {}
-    for side in ("chosen", "rejected"):
-        ids = torch.randint(1, V, (B, length), device=DEVICE)
-        attention = torch.ones(B, length, dtype=torch.long, device=DEVICE)
-        attention[1, -2:] = 0
-        ids[attention == 0] = 0
-        labels = ids.masked_fill(attention == 0, -100)
-        labels[:, : 2 if side == "chosen" else 3] = -100
-        batch.update({f"{side}_input_ids": ids, f"{side}_attention_mask": attention, f"{side}_labels": labels})
-    logits = (torch.randn(2 * B, length, V, device=DEVICE) * 2).to(dtype)
-    return batch, logits
+    return paired_trainer_batch(B, V, length, dtype)
 
 
 def our_inputs(batch, logits):
