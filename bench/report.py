@@ -54,6 +54,15 @@ TARGETS = [
         }
         for dtype in ("float32", "bfloat16")
     ),
+    {
+        "device": "cpu",
+        "op": "gae",
+        "pass": "fwd",
+        "shape": [256, 4096],
+        "dtype": "float32",
+        "impl": "native",
+        "max": {"eager": 0.02, "trl": 0.02},
+    },
 ]
 
 LEGEND = [

@@ -5,9 +5,11 @@ kernels for CPU tensors and a reference PyTorch implementation (the ground truth
 """
 
 from . import reference
+from .advantages import group_advantages, reinforce_plus_plus_advantages
 from .backend import BACKENDS, available_backends, current_backend, use_backend
 from .cpo import CPOLoss, cpo_loss, cpo_loss_from_logits
 from .dpo import DPOLoss, dpo_loss, dpo_loss_from_logits
+from .gae import GAEOutput, gae
 from .kto import KTOLoss, kto_loss, kto_loss_from_logits
 from .logprobs import token_logprobs
 from .orpo import ORPOLoss, orpo_loss, orpo_loss_from_logits
@@ -20,6 +22,7 @@ __all__ = [
     "BACKENDS",
     "CPOLoss",
     "DPOLoss",
+    "GAEOutput",
     "KTOLoss",
     "ORPOLoss",
     "RewardLoss",
@@ -31,11 +34,14 @@ __all__ = [
     "current_backend",
     "dpo_loss",
     "dpo_loss_from_logits",
+    "gae",
+    "group_advantages",
     "kto_loss",
     "kto_loss_from_logits",
     "orpo_loss",
     "orpo_loss_from_logits",
     "reference",
+    "reinforce_plus_plus_advantages",
     "reward_loss",
     "token_logprobs",
     "use_backend",

@@ -1,4 +1,4 @@
-"""Ahead-of-time compile gate for the Triton kernels in kernels/logprobs.py.
+"""Ahead-of-time compile gate for the Triton kernels in kernels/logprobs.py, kernels/gae.py and kernels/advantages.py.
 
 The launchers are called over their whole input space (every logits dtype, softcap on and off,
 contiguous and strided vocabulary, every combination of optional outputs and of gradients) with
@@ -39,10 +39,15 @@ from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
 KERNELS_FILE = REPO / "kernels" / "logprobs.py"
+GAE_KERNELS_FILE = REPO / "kernels" / "gae.py"
+ADVANTAGES_KERNELS_FILE = REPO / "kernels" / "advantages.py"
 DTYPES = ("float32", "bfloat16", "float16")
 # Pointer arguments that address [B, T, V]-sized tensors: their offsets must be 64-bit.
 LARGE_POINTERS = ("logits_ptr", "grad_logits_ptr")
 STRIDES = ("stride_b", "stride_t", "stride_v")
+# The same for kernels/gae.py, whose [B, T] rows pass 2^31 elements at real batch x length sizes.
+GAE_LARGE_POINTERS = ("rewards_ptr", "values_ptr", "mask_ptr", "adv_ptr", "ret_ptr")
+GAE_STRIDES = ("stride_rb", "stride_rt", "stride_vb", "stride_vt", "stride_mb", "stride_mt")
 
 # Filled in before the worker pool forks, so workers find launches and kernels by index.
 _JOBS: list[dict] = []
@@ -52,7 +57,7 @@ def load_kernels_module(path: Path = KERNELS_FILE):
     """Import kernels/logprobs.py from this checkout (or another copy), whatever is installed."""
     if os.environ.get("TRITON_INTERPRET", "0") not in ("", "0"):
         raise RuntimeError("TRITON_INTERPRET is set: triton.compile cannot take interpreted kernels")
-    spec = importlib.util.spec_from_file_location("_gate_kernels_logprobs", path)
+    spec = importlib.util.spec_from_file_location(f"_gate_kernels_{path.stem}", path)
     module = importlib.util.module_from_spec(spec)
     sys.modules[spec.name] = module
     spec.loader.exec_module(module)
@@ -105,6 +110,54 @@ def _launcher_calls(module):
                                            logits, labels, lse, torch.zeros(B * T), **common)
 
 
+def _gae_launcher_calls(module):
+    """kernels/gae.py's launcher over every input kind: each rewards/values dtype, no mask or a
+    bool or int64 mask, both recurrences (verl, trl), with and without whitening, unbiased or not."""
+    import torch
+
+    B, T = 2, 48
+    for dtype_name, mask_dtype, trl, whiten in itertools.product(
+        DTYPES, (None, torch.bool, torch.int64), (False, True), (False, True)
+    ):
+        dtype = getattr(torch, dtype_name)
+        mask = None if mask_dtype is None else torch.ones(B, T, dtype=mask_dtype)
+        for unbiased in ((False, True) if whiten else (True,)):
+            module.gae_forward(torch.zeros(B, T, dtype=dtype), torch.zeros(B, T, dtype=dtype), mask, 0.99, 0.95,
+                               trl, whiten, True, unbiased)
+
+
+# kernels/advantages.py: the [B] rewards (read through the sort permutation) and the [B, T] token arrays.
+ADVANTAGES_LARGE_POINTERS = ("x_ptr", "order_ptr", "out_ptr", "r_ptr", "m_ptr")
+
+
+def _advantages_launcher_calls(module):
+    """kernels/advantages.py's launchers: every flag combination of the group kernel for small and
+    large contiguous groups and for ragged segments, and the returns kernel. N = 64 keeps the
+    pointers 16-aligned, as real batches are."""
+    import torch
+
+    n = 64
+    values, order, offsets = torch.zeros(n), torch.arange(n), torch.tensor([0, 5, n])
+    empty = torch.empty(0, dtype=torch.int64)
+    for rloo, scale, verl, nan_to_zero in itertools.product((False, True), (0, 1, 2), (False, True), (False, True)):
+        for layout in ((empty, empty, 16), (empty, empty, n), (order, offsets, 0)):
+            module.group_advantages_forward(values, *layout, rloo, scale, torch.ones(1), 1e-4, verl, nan_to_zero)
+    module.discounted_returns(torch.zeros(4, 48), torch.ones(4, 48), 0.99)
+
+
+# Which launcher calls and which offset rules go with a kernels file, by its name.
+LAUNCHERS = {"logprobs": _launcher_calls, "gae": _gae_launcher_calls, "advantages": _advantages_launcher_calls}
+OFFSET_RULES = {
+    "logprobs": (LARGE_POINTERS, STRIDES),
+    "gae": (GAE_LARGE_POINTERS, GAE_STRIDES),
+    "advantages": (ADVANTAGES_LARGE_POINTERS, ()),
+}
+
+
+def _stem(module) -> str:
+    return module.__name__.removeprefix("_gate_kernels_")
+
+
 def record_launches(module) -> dict[str, list[tuple[tuple, dict]]]:
     names = kernel_names(module)
     originals = {n: getattr(module, n) for n in names}
@@ -112,7 +165,7 @@ def record_launches(module) -> dict[str, list[tuple[tuple, dict]]]:
     try:
         for n in names:
             setattr(module, n, recorders[n])
-        _launcher_calls(module)
+        LAUNCHERS[_stem(module)](module)
     finally:
         for n, fn in originals.items():
             setattr(module, n, fn)
@@ -221,7 +274,7 @@ def _run_job(index: int) -> dict:
                                   options=options.__dict__)
         result.update(_resource_usage(compiled.asm["cubin"]))
         result["dynamic_shared"] = compiled.metadata.shared
-        result["offset_problems"] = check_64bit_offsets(compiled.asm["ttir"])
+        result["offset_problems"] = check_64bit_offsets(compiled.asm["ttir"], *job["offset_rules"])
     except Exception as e:  # reported per kernel; the gate fails on it
         result["error"] = f"{type(e).__name__}: {e}"
     result["seconds"] = time.perf_counter() - start
@@ -270,9 +323,10 @@ def build_jobs(module, arches) -> tuple[list[dict], list[str]]:
                        repr(sorted(attrs.items())), repr(sorted(options.__dict__.items())))
                 if key in distinct:
                     continue
-                dtype = signature["logits_ptr"].lstrip("*")
+                # The dtype of the first pointer argument: the logits, or the rewards.
+                dtype = next(t for t in signature.values() if isinstance(t, str) and t.startswith("*")).lstrip("*")
                 distinct[key] = dict(kernel=name, fn=kernel, arch=arch, dtype=dtype, flags=_describe(kernel, constexprs),
-                                     num_warps=options.num_warps, spec=spec)
+                                     num_warps=options.num_warps, spec=spec, offset_rules=OFFSET_RULES[_stem(module)])
             jobs.extend(distinct.values())
     return jobs, problems
 
@@ -284,20 +338,21 @@ def _pool(jobs_count: int):
     return concurrent.futures.ProcessPoolExecutor(max_workers=jobs_count, mp_context=context)
 
 
-def check_offsets_only(module, arch: int = 90) -> list[str]:
+def check_offsets_only(modules, arch: int = 90) -> list[str]:
     """Compile one launch per kernel plus the 32-bit control; return the problems found."""
     import triton
     from triton.backends.compiler import GPUTarget
     from triton.compiler import ASTSource
 
     problems = []
-    for name, recorded in record_launches(module).items():
+    launches = [(module, name, recorded) for module in modules for name, recorded in record_launches(module).items()]
+    for module, name, recorded in launches:
         kernel = getattr(module, name)
         for args, kwargs in recorded[:1] + recorded[-1:]:
             target, options, signature, constexprs, attrs = compile_spec(kernel, args, kwargs, arch)
             ttir = triton.compile(ASTSource(kernel, signature, constexprs, attrs), target=target,
                                   options=options.__dict__).asm["ttir"]
-            found = check_64bit_offsets(ttir)
+            found = check_64bit_offsets(ttir, *OFFSET_RULES[_stem(module)])
             problems += [f"{name}: {p}" for p in found]
             print(f"{name} [{_describe(kernel, constexprs)}]: "
                   + ("64-bit offsets" if not found else f"{len(found)} problem(s)"))
@@ -321,22 +376,27 @@ def main(argv=None) -> int:
     parser.add_argument("--offsets-only", action="store_true",
                         help="only check 64-bit address arithmetic (one launch per kernel and the control)")
     parser.add_argument("--verbose", action="store_true", help="one line per compiled variant")
-    parser.add_argument("--kernels", type=Path, default=KERNELS_FILE, help="the kernels file to check")
+    parser.add_argument("--kernels", type=Path, nargs="+", default=[KERNELS_FILE, GAE_KERNELS_FILE, ADVANTAGES_KERNELS_FILE],
+                        help="the kernels files to check (named logprobs.py, gae.py or advantages.py)")
     args = parser.parse_args(argv)
 
     started = time.perf_counter()
     import warnings
 
     warnings.filterwarnings("ignore", message="TRITON_DEFAULT_FP_FUSION")
-    module = load_kernels_module(args.kernels)
+    modules = [load_kernels_module(path) for path in args.kernels]
 
     if args.offsets_only:
-        problems = check_offsets_only(module, args.arch[-1])
+        problems = check_offsets_only(modules, args.arch[-1])
         for p in problems:
             print("FAIL", p)
         return 1 if problems else 0
 
-    jobs, problems = build_jobs(module, args.arch)
+    jobs, problems = [], []
+    for module in modules:
+        module_jobs, module_problems = build_jobs(module, args.arch)
+        jobs += module_jobs
+        problems += module_problems
     _JOBS[:] = jobs
     print(f"{len(jobs)} compilations ({', '.join(f'sm_{a}' for a in args.arch)}) on {args.jobs} processes")
     with _pool(args.jobs) as pool:

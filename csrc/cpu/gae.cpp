@@ -1,0 +1,237 @@
+// Generalized advantage estimation on CPU: one reverse scan per row, then (when whitening) one
+// normalizing pass.
+//
+// The scan is a chain of dependent multiply-adds along each row, so a single row runs at the
+// latency of that chain, not at the throughput of the core. Each thread therefore walks a group
+// of kGroup rows in lockstep: their chains are independent and overlap in the pipeline.
+//
+// Whitening needs the mean and variance over every valid token of the batch. While a row group
+// is still in cache, each row's count, mean and centred sum of squares are computed (two passes
+// over the cached row, so no catastrophic cancellation); the rows are then merged with Chan's
+// formula in double precision, and a second parallel pass normalizes.
+
+#include <ATen/ATen.h>
+#include <ATen/Parallel.h>
+#include <torch/library.h>
+
+#include <cmath>
+#include <optional>
+#include <tuple>
+#include <vector>
+
+namespace fastalign {
+namespace {
+
+constexpr int kGroup = 8;
+// TRL's and verl's masked_whiten: (x - mean) * rsqrt(var + 1e-8).
+constexpr double kWhitenEps = 1e-8;
+
+struct RowStats {
+  double n = 0;
+  double mean = 0;
+  double m2 = 0;
+};
+
+template <typename acc_t>
+struct Rows {
+  const acc_t* rewards;
+  int64_t r_b, r_t;
+  const acc_t* values;
+  int64_t v_b, v_t;
+  const bool* mask;  // null: every position is valid
+  int64_t m_b, m_t;
+  acc_t* adv;  // contiguous [B, T]
+  acc_t* ret;
+  int64_t T;
+};
+
+// verl's recurrence (MASKED): a masked position neither updates the carried advantage nor the
+// carried next value, so the scan steps over it. TRL's: every position updates both.
+template <typename acc_t, bool MASKED, int R>
+void scan_group(const Rows<acc_t>& x, int64_t b0, acc_t gamma, acc_t gamma_lam) {
+  acc_t next_value[R];
+  acc_t last[R];
+  for (int i = 0; i < R; ++i) {
+    next_value[i] = 0;
+    last[i] = 0;
+  }
+  for (int64_t t = x.T - 1; t >= 0; --t) {
+    for (int i = 0; i < R; ++i) {
+      const int64_t b = b0 + i;
+      const acc_t r = x.rewards[b * x.r_b + t * x.r_t];
+      const acc_t v = x.values[b * x.v_b + t * x.v_t];
+      const acc_t candidate = (r + gamma * next_value[i] - v) + gamma_lam * last[i];
+      if constexpr (MASKED) {
+        const bool m = x.mask[b * x.m_b + t * x.m_t];
+        last[i] = m ? candidate : last[i];
+        next_value[i] = m ? v : next_value[i];
+      } else {
+        last[i] = candidate;
+        next_value[i] = v;
+      }
+      x.adv[b * x.T + t] = last[i];
+      x.ret[b * x.T + t] = last[i] + v;
+    }
+  }
+}
+
+// Sums over a row split across kLanes partial sums: one running sum would make each addition wait
+// for the previous one (a latency chain as long as the row); kLanes independent ones vectorize.
+constexpr int kLanes = 16;
+
+template <typename acc_t>
+RowStats row_stats(const Rows<acc_t>& x, int64_t b) {
+  const acc_t* a = x.adv + b * x.T;
+  const bool* m = x.mask == nullptr ? nullptr : x.mask + b * x.m_b;
+  auto valid = [&](int64_t t) -> double { return m == nullptr || m[t * x.m_t] ? 1.0 : 0.0; };
+  double sum[kLanes] = {};
+  double count[kLanes] = {};
+  int64_t t = 0;
+  for (; t + kLanes <= x.T; t += kLanes) {
+    for (int i = 0; i < kLanes; ++i) {
+      const double w = valid(t + i);
+      sum[i] += w * static_cast<double>(a[t + i]);
+      count[i] += w;
+    }
+  }
+  for (; t < x.T; ++t) {
+    const double w = valid(t);
+    sum[0] += w * static_cast<double>(a[t]);
+    count[0] += w;
+  }
+  RowStats s;
+  double total = 0;
+  for (int i = 0; i < kLanes; ++i) {
+    s.n += count[i];
+    total += sum[i];
+  }
+  if (s.n == 0) return s;
+  s.mean = total / s.n;
+  double m2[kLanes] = {};
+  for (t = 0; t + kLanes <= x.T; t += kLanes) {
+    for (int i = 0; i < kLanes; ++i) {
+      const double d = static_cast<double>(a[t + i]) - s.mean;
+      m2[i] += valid(t + i) * d * d;
+    }
+  }
+  for (; t < x.T; ++t) {
+    const double d = static_cast<double>(a[t]) - s.mean;
+    m2[0] += valid(t) * d * d;
+  }
+  for (int i = 0; i < kLanes; ++i) s.m2 += m2[i];
+  return s;
+}
+
+template <typename acc_t, bool MASKED>
+void scan_rows(const Rows<acc_t>& x, int64_t begin, int64_t end, acc_t gamma, acc_t gamma_lam) {
+  int64_t b = begin;
+  for (; b + kGroup <= end; b += kGroup) scan_group<acc_t, MASKED, kGroup>(x, b, gamma, gamma_lam);
+  for (; b < end; ++b) scan_group<acc_t, MASKED, 1>(x, b, gamma, gamma_lam);
+}
+
+template <typename acc_t>
+void gae_kernel(const Rows<acc_t>& x, int64_t B, double gamma, double lam, bool trl, bool whiten,
+                bool shift_mean, bool unbiased) {
+  const acc_t g = static_cast<acc_t>(gamma);
+  const acc_t gl = static_cast<acc_t>(gamma * lam);
+  const bool masked_scan = !trl && x.mask != nullptr;
+  std::vector<RowStats> stats(whiten ? B : 0);
+  // A row of 4096 fp32 costs a few microseconds; groups of kGroup rows keep the chains overlapped.
+  at::parallel_for(0, B, kGroup, [&](int64_t begin, int64_t end) {
+    if (masked_scan) {
+      scan_rows<acc_t, true>(x, begin, end, g, gl);
+    } else {
+      scan_rows<acc_t, false>(x, begin, end, g, gl);
+    }
+    if (whiten) {
+      for (int64_t b = begin; b < end; ++b) stats[b] = row_stats(x, b);
+    }
+  });
+  if (!whiten) return;
+
+  RowStats total;
+  double weighted = 0;
+  for (const RowStats& s : stats) {
+    total.n += s.n;
+    weighted += s.n * s.mean;
+  }
+  const double ddof = unbiased ? 1.0 : 0.0;
+  TORCH_CHECK(total.n > ddof, "mask: whitening needs at least ", unbiased ? 2 : 1,
+              " valid position(s) in the batch (", unbiased ? "unbiased" : "biased", " variance), got ",
+              static_cast<int64_t>(total.n));
+  total.mean = weighted / total.n;
+  for (const RowStats& s : stats) {
+    const double d = s.mean - total.mean;
+    total.m2 += s.m2 + s.n * d * d;
+  }
+  const double var = total.m2 / (total.n - ddof);
+  const acc_t mean = static_cast<acc_t>(total.mean);
+  const acc_t rstd = static_cast<acc_t>(1.0 / std::sqrt(var + kWhitenEps));
+  const acc_t add_back = shift_mean ? acc_t(0) : mean;
+  // TRL's PPOTrainer zeroes the whitened advantages of padding positions.
+  const bool zero_masked = trl && x.mask != nullptr;
+  at::parallel_for(0, B, 1, [&](int64_t begin, int64_t end) {
+    for (int64_t b = begin; b < end; ++b) {
+      acc_t* a = x.adv + b * x.T;
+      if (zero_masked) {
+        const bool* m = x.mask + b * x.m_b;
+        for (int64_t t = 0; t < x.T; ++t) a[t] = m[t * x.m_t] ? (a[t] - mean) * rstd + add_back : acc_t(0);
+      } else {
+        for (int64_t t = 0; t < x.T; ++t) a[t] = (a[t] - mean) * rstd + add_back;
+      }
+    }
+  });
+}
+
+std::tuple<at::Tensor, at::Tensor> gae_forward(const at::Tensor& rewards, const at::Tensor& values,
+                                               const std::optional<at::Tensor>& mask, double gamma, double lam,
+                                               bool trl, bool whiten, bool shift_mean, bool unbiased) {
+  TORCH_CHECK(rewards.dim() == 2, "rewards: expected shape [B, T], got ", rewards.sizes());
+  TORCH_CHECK(values.sizes() == rewards.sizes(), "values: expected shape ", rewards.sizes(), " (that of rewards), got ",
+              values.sizes());
+  TORCH_CHECK(rewards.is_floating_point(), "rewards: expected a floating-point tensor, got ", rewards.scalar_type());
+  TORCH_CHECK(values.is_floating_point(), "values: expected a floating-point tensor, got ", values.scalar_type());
+  const bool fp64 = rewards.scalar_type() == at::kDouble || values.scalar_type() == at::kDouble;
+  const auto acc = fp64 ? at::kDouble : at::kFloat;
+  // Reduced-precision inputs are widened once; fp32 and fp64 inputs are read in place.
+  const at::Tensor r = rewards.scalar_type() == acc ? rewards : rewards.to(acc);
+  const at::Tensor v = values.scalar_type() == acc ? values : values.to(acc);
+  at::Tensor m;
+  if (mask.has_value()) {
+    TORCH_CHECK(mask->sizes() == rewards.sizes(), "mask: expected shape ", rewards.sizes(), " (that of rewards), got ",
+                mask->sizes());
+    m = mask->scalar_type() == at::kBool ? *mask : mask->ne(0);
+  }
+  const int64_t B = r.size(0);
+  const int64_t T = r.size(1);
+  at::Tensor adv = at::empty({B, T}, r.options().dtype(acc));
+  at::Tensor ret = at::empty({B, T}, r.options().dtype(acc));
+  if (B == 0 || T == 0) {
+    TORCH_CHECK(!whiten, "mask: whitening needs at least ", unbiased ? 2 : 1,
+                " valid position(s) in the batch, got an empty batch");
+    return {adv, ret};
+  }
+  AT_DISPATCH_FLOATING_TYPES(acc, "fastalign_gae", [&] {
+    Rows<scalar_t> x{
+        r.data_ptr<scalar_t>(), r.stride(0), r.stride(1),
+        v.data_ptr<scalar_t>(), v.stride(0), v.stride(1),
+        m.defined() ? m.data_ptr<bool>() : nullptr, m.defined() ? m.stride(0) : 0, m.defined() ? m.stride(1) : 0,
+        adv.data_ptr<scalar_t>(), ret.data_ptr<scalar_t>(), T,
+    };
+    gae_kernel<scalar_t>(x, B, gamma, lam, trl, whiten, shift_mean, unbiased);
+  });
+  return {adv, ret};
+}
+
+}  // namespace
+}  // namespace fastalign
+
+TORCH_LIBRARY_FRAGMENT(fastalign_cpu, m) {
+  m.def(
+      "gae_forward(Tensor rewards, Tensor values, Tensor? mask, float gamma, float lam, bool trl, bool whiten, "
+      "bool shift_mean, bool unbiased) -> (Tensor, Tensor)");
+}
+
+TORCH_LIBRARY_IMPL(fastalign_cpu, CPU, m) {
+  m.impl("gae_forward", &fastalign::gae_forward);
+}

@@ -1,0 +1,103 @@
+"""Reference PyTorch for the two advantage kernels, vectorized (no Python loop over groups).
+
+`group_advantages_forward` takes a flat vector and its group layout (contiguous runs of
+`group_size`, or a permutation `order` that sorts the elements by group plus the segment
+`offsets` into it) and returns one advantage per element; `discounted_returns` is REINFORCE++'s
+reverse scan. The statistics are accumulated in float64 whatever the input dtype: a group of equal
+rewards then centres to exactly 0, so `0 / (0 + eps)` stays 0 instead of amplifying a rounding
+residue by 1/eps.
+
+The per-element formula (shared by every backend; `fastalign/advantages.py` documents which
+trainer each flag combination reproduces):
+
+    n     = rewards counted in the group: the non-NaN ones (TRL), or all of them (verl)
+    mean  = sum / n,   std = sqrt(sum (x - mean)^2 / (n - 1))   (NaN when n <= 1)
+    verl and a group of one: mean = 0, std = 1
+    base  = x - mean                                  (GRPO)
+          = n / (n - 1) * (x - mean)   when n > 1     (RLOO: x minus the leave-one-out mean)
+            0 for a group of one (TRL), x (verl), NaN when one reward of several is scorable (TRL)
+    adv   = base / (d + eps), d = std (scale 1) or denom[0] (scale 2); adv = base (scale 0)
+    nan_to_zero: a NaN advantage becomes 0
+"""
+
+from __future__ import annotations
+
+import torch
+
+SCALE_NONE, SCALE_GROUP, SCALE_GIVEN = 0, 1, 2
+
+
+def _group_ids(n: int, order: torch.Tensor, offsets: torch.Tensor, group_size: int, device) -> tuple[torch.Tensor, int]:
+    if order.numel() == 0:
+        return torch.arange(n, device=device) // group_size, n // group_size
+    counts = offsets[1:] - offsets[:-1]
+    n_groups = counts.numel()
+    sorted_ids = torch.repeat_interleave(torch.arange(n_groups, device=device), counts)
+    ids = torch.empty(n, dtype=torch.int64, device=device)
+    ids[order] = sorted_ids
+    return ids, n_groups
+
+
+def group_advantages_forward(
+    values: torch.Tensor,
+    order: torch.Tensor,
+    offsets: torch.Tensor,
+    group_size: int,
+    rloo: bool,
+    scale: int,
+    denom: torch.Tensor,
+    eps: float,
+    verl: bool,
+    nan_to_zero: bool,
+) -> torch.Tensor:
+    out_dtype = torch.float64 if values.dtype == torch.float64 else torch.float32
+    n = values.numel()
+    if n == 0:
+        return torch.empty(0, dtype=out_dtype, device=values.device)
+    x = values.double()
+    ids, n_groups = _group_ids(n, order, offsets, group_size, values.device)
+    length = torch.zeros(n_groups, dtype=torch.float64, device=x.device).index_add_(0, ids, torch.ones_like(x))
+    valid = torch.ones_like(x, dtype=torch.bool) if verl else ~torch.isnan(x)
+    xv = torch.where(valid, x, torch.zeros_like(x))
+    count = torch.zeros_like(length).index_add_(0, ids, valid.double())
+    total = torch.zeros_like(length).index_add_(0, ids, xv)
+    mean = total / count
+    dev = torch.where(valid, x - mean[ids], torch.zeros_like(x))
+    m2 = torch.zeros_like(length).index_add_(0, ids, dev * dev)
+    std = torch.where(count > 1, (m2 / (count - 1)).sqrt(), torch.full_like(m2, float("nan")))
+    if verl:
+        single = length == 1
+        mean = torch.where(single, torch.zeros_like(mean), mean)
+        std = torch.where(single, torch.ones_like(std), std)
+    n_e, len_e = count[ids], length[ids]
+    centred = x - mean[ids]
+    if rloo:
+        loo = n_e / (n_e - 1) * centred
+        lone = x if verl else torch.zeros_like(x)
+        base = torch.where(n_e > 1, loo, torch.where(len_e == 1, lone, torch.full_like(x, float("nan"))))
+    else:
+        base = centred
+    if scale == SCALE_GROUP:
+        adv = base / (std[ids] + eps)
+    elif scale == SCALE_GIVEN:
+        adv = base / (denom.double().reshape(()) + eps)
+    else:
+        adv = base
+    if nan_to_zero:
+        adv = torch.where(torch.isnan(adv), torch.zeros_like(adv), adv)
+    return adv.to(out_dtype)
+
+
+def discounted_returns(rewards: torch.Tensor, mask: torch.Tensor, gamma: float) -> torch.Tensor:
+    """verl's REINFORCE++ return: G_t = r_t + gamma * G_{t+1}, with G_{t+1} dropped where
+    mask[t + 1] is 0, so the sum restarts after each response's end (scanned from the right)."""
+    out_dtype = torch.float64 if rewards.dtype == torch.float64 else torch.float32
+    r = rewards.to(out_dtype)
+    m = mask.to(out_dtype)
+    out = torch.empty_like(r)
+    running = torch.zeros(r.shape[0], dtype=out_dtype, device=r.device)
+    for t in range(r.shape[1] - 1, -1, -1):
+        running = r[:, t] + gamma * running
+        out[:, t] = running
+        running = running * m[:, t]
+    return out

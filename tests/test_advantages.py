@@ -1,0 +1,333 @@
+"""group_advantages / reinforce_plus_plus_advantages against the trainers' own code, ported as
+loops (TRL 1.16 GRPOTrainer / RLOOTrainer `_generate_and_score_completions`, verl
+`core_algos.compute_*_outcome_advantage`), on every backend, plus the argument errors."""
+
+from collections import defaultdict
+
+import pytest
+import torch
+from trl.trainer.utils import nanstd
+
+import fastalign
+from conftest import backend_params
+
+BACKENDS = backend_params()
+
+
+# --- the trainers' code, ported -----------------------------------------------------------------
+
+
+def trl_grpo(rewards_per_func, weights, num_generations, scale_rewards="group", aggregation="sum_then_normalize"):
+    """TRL 1.16 GRPOTrainer._generate_and_score_completions, the advantage block."""
+    unscorable_mask = torch.isnan(rewards_per_func).all(dim=1)
+    if aggregation == "sum_then_normalize":
+        rewards = (rewards_per_func * weights.unsqueeze(0)).nansum(dim=1)
+        rewards[unscorable_mask] = torch.nan
+        mean_grouped = torch.nanmean(rewards.view(-1, num_generations), dim=1).repeat_interleave(num_generations)
+        if scale_rewards in ["group", "none"]:
+            if num_generations > 1:
+                std = nanstd(rewards.view(-1, num_generations), dim=1).repeat_interleave(num_generations)
+            else:
+                std = torch.zeros_like(rewards)
+        else:
+            std = nanstd(rewards).expand_as(rewards) if rewards.numel() > 1 else torch.zeros_like(rewards)
+        advantages = rewards - mean_grouped
+        if scale_rewards != "none":
+            advantages = advantages / (std + 1e-4)
+    else:
+        grouped = rewards_per_func.view(-1, num_generations, rewards_per_func.shape[1])
+        mean_k = torch.nanmean(grouped, dim=1, keepdim=True)
+        std_k = nanstd(grouped, dim=1, keepdim=True) if num_generations > 1 else torch.zeros_like(mean_k)
+        reward_k = ((grouped - mean_k) / (std_k + 1e-4)).view(-1, rewards_per_func.shape[1])
+        rewards = (reward_k * weights.unsqueeze(0)).nansum(dim=1)
+        rewards[unscorable_mask] = torch.nan
+        std = nanstd(rewards).expand_as(rewards) if rewards.numel() > 1 else torch.zeros_like(rewards)
+        advantages = (rewards - torch.nanmean(rewards)) / (std + 1e-4)
+    return torch.nan_to_num(advantages, nan=0.0)
+
+
+def trl_rloo(rewards, num_generations, normalize_advantages=False):
+    """TRL 1.16 RLOOTrainer._generate_and_score_completions, the advantage block (one reward)."""
+    grouped = rewards.view(-1, num_generations)
+    scorable = (~torch.isnan(grouped)).sum(dim=1, keepdim=True)
+    grouped_sum = torch.nansum(grouped, dim=1, keepdim=True)
+    if num_generations > 1:
+        advantages = rewards - ((grouped_sum - grouped) / (scorable - 1)).view(-1)
+    else:
+        advantages = torch.zeros_like(rewards)
+    if normalize_advantages:
+        advantages = (advantages - torch.nanmean(advantages)) / (nanstd(advantages) + 1e-4)
+    return torch.nan_to_num(advantages, nan=0.0)
+
+
+def _groups(index):
+    id2 = defaultdict(list)
+    for i, uid in enumerate(index.tolist()):
+        id2[uid].append(i)
+    return id2
+
+
+def verl_grpo(scores, index, epsilon=1e-6, norm_adv_by_std_in_grpo=True):
+    """verl compute_grpo_outcome_advantage (scores = token_level_rewards.sum(-1))."""
+    scores = scores.clone()
+    id2score, id2mean, id2std = defaultdict(list), {}, {}
+    for i in range(len(scores)):
+        id2score[int(index[i])].append(scores[i])
+    for idx, vals in id2score.items():
+        if len(vals) == 1:
+            id2mean[idx], id2std[idx] = torch.tensor(0.0), torch.tensor(1.0)
+        else:
+            id2mean[idx], id2std[idx] = torch.mean(torch.stack(vals)), torch.std(torch.stack(vals))
+    for i in range(len(scores)):
+        idx = int(index[i])
+        if norm_adv_by_std_in_grpo:
+            scores[i] = (scores[i] - id2mean[idx]) / (id2std[idx] + epsilon)
+        else:
+            scores[i] = scores[i] - id2mean[idx]
+    return scores
+
+
+def verl_rloo(scores, index):
+    """verl compute_rloo_outcome_advantage."""
+    scores = scores.clone()
+    id2score, id2mean = defaultdict(list), {}
+    for i in range(len(scores)):
+        id2score[int(index[i])].append(scores[i])
+    for idx, vals in id2score.items():
+        id2mean[idx] = torch.tensor(0.0) if len(vals) == 1 else torch.mean(torch.stack(vals))
+    for i in range(len(scores)):
+        n = len(id2score[int(index[i])])
+        if n > 1:
+            scores[i] = scores[i] * n / (n - 1) - id2mean[int(index[i])] * n / (n - 1)
+    return scores
+
+
+def verl_masked_whiten(values, mask):
+    """verl torch_functional.masked_whiten (masked_mean, unbiased masked_var, rsqrt(var + 1e-8))."""
+    mean = (values * mask).sum() / mask.sum()
+    var = (((values - mean) ** 2) * mask).sum() / mask.sum()
+    var = var * (mask.sum() / (mask.sum() - 1))
+    return (values - mean) * torch.rsqrt(var + 1e-8)
+
+
+def verl_reinforce_pp_baseline(token_level_rewards, response_mask, index):
+    """verl compute_reinforce_plus_plus_baseline_outcome_advantage."""
+    scores = token_level_rewards.sum(dim=-1)
+    groups = _groups(index)
+    means = {k: (torch.tensor(0.0, dtype=scores.dtype) if len(v) == 1 else scores[v].mean()) for k, v in groups.items()}
+    scores = torch.stack([scores[i] - means[int(index[i])] for i in range(len(scores))])
+    scores = scores.unsqueeze(-1).tile([1, token_level_rewards.shape[-1]]) * response_mask
+    return verl_masked_whiten(scores, response_mask) * response_mask
+
+
+def verl_reinforce_pp(token_level_rewards, response_mask, gamma):
+    """verl compute_reinforce_plus_plus_outcome_advantage."""
+    returns = torch.zeros_like(token_level_rewards)
+    running = 0
+    for t in reversed(range(token_level_rewards.shape[1])):
+        running = token_level_rewards[:, t] + gamma * running
+        returns[:, t] = running
+        running = running * response_mask[:, t]
+    return verl_masked_whiten(returns, response_mask) * response_mask, returns
+
+
+# --- inputs ---------------------------------------------------------------------------------------
+
+
+def adversarial_rewards(groups=6, g=4):
+    r = torch.randn(groups * g, dtype=torch.float64)
+    r[0:g] = 0.7  # all equal
+    r[g] = float("nan")  # one NaN
+    r[2 * g: 3 * g - 1] = float("nan")  # a single scorable reward
+    r[3 * g: 4 * g] = float("nan")  # nothing scorable
+    return r
+
+
+def run(backend, fn, *args, **kwargs):
+    with fastalign.use_backend(backend):
+        return fn(*args, **kwargs)
+
+
+def close(got, want, tol=2e-5):
+    got, want = got.double(), want.double()
+    assert got.shape == want.shape
+    assert torch.equal(torch.isnan(got), torch.isnan(want)), (got, want)
+    ok = ~torch.isnan(want)
+    torch.testing.assert_close(got[ok], want[ok], atol=tol, rtol=tol)
+
+
+# --- TRL --------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("scale", ["group", "batch", "none"])
+@pytest.mark.parametrize("adversarial", [False, True])
+@pytest.mark.parametrize("g", [1, 4])
+def test_grpo_matches_trl(backend, scale, adversarial, g):
+    r = adversarial_rewards(6, 4) if adversarial else torch.randn(24, dtype=torch.float64)
+    want = trl_grpo(r.unsqueeze(1), torch.ones(1, dtype=torch.float64), g, scale)
+    got = run(backend, fastalign.group_advantages, r.float(), group_size=g, scale=scale)
+    assert got.dtype == torch.float32
+    close(got, want, tol=1e-4 if scale != "none" else 2e-6)
+    got64 = run(backend, fastalign.group_advantages, r, group_size=g, scale=scale) if backend != "triton" else None
+    if got64 is not None:
+        # TRL's nanstd forms its Bessel factor count / (count - 1) in float32 even for float64 input.
+        close(got64, want, tol=1e-6)
+
+
+def test_all_equal_group_gives_exact_zero():
+    r = torch.full((8,), 0.1)
+    for backend in ("reference", "native"):
+        assert torch.equal(run(backend, fastalign.group_advantages, r, group_size=8), torch.zeros(8))
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("aggregation", ["sum_then_normalize", "normalize_then_sum"])
+def test_multi_reward_matches_trl(backend, aggregation):
+    rk = torch.randn(16, 3, dtype=torch.float64)
+    rk[1, 0] = rk[5, 2] = float("nan")
+    rk[6] = float("nan")  # unscorable row
+    rk[8:12, 1] = 2.0  # one column constant in a group
+    w = torch.tensor([1.0, 0.5, -2.0], dtype=torch.float64)
+    want = trl_grpo(rk, w, 4, "group", aggregation)
+    got = run(backend, fastalign.group_advantages, rk.float(), group_size=4, reward_weights=w.float(),
+              aggregation=aggregation)
+    close(got, want, tol=1e-4)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("normalize", [False, True])
+@pytest.mark.parametrize("adversarial", [False, True])
+@pytest.mark.parametrize("g", [1, 4])
+def test_rloo_matches_trl(backend, normalize, adversarial, g):
+    r = adversarial_rewards(6, 4) if adversarial else torch.randn(24, dtype=torch.float64)
+    want = trl_rloo(r, g, normalize)
+    got = run(backend, fastalign.group_advantages, r.float(), group_size=g, estimator="rloo",
+              normalize_advantages=normalize)
+    close(got, want, tol=1e-4)
+
+
+# --- verl -------------------------------------------------------------------------------------------
+
+
+def ragged_index(b=23):
+    ids = torch.tensor([7, -3, 7, 100, 5, 5, 7, 100, -3, 5, 42, 7, 100, 5, 9, 9, 7, 5, 100, 9, 5, 7, 9])[:b]
+    return ids  # groups of 6, 2, 4, 5, 1 (id 42), 4, shuffled
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("norm", [True, False])
+def test_grpo_matches_verl_ragged(backend, norm):
+    index = ragged_index()
+    r = torch.randn(len(index))
+    r[index == 100] = 1.0  # all equal
+    want = verl_grpo(r, index, 1e-6, norm)
+    got = run(backend, fastalign.group_advantages, r, group_index=index, convention="verl",
+              scale="group" if norm else "none")
+    close(got, want, tol=1e-4)
+    dr = run(backend, fastalign.group_advantages, r, group_index=index.int(), estimator="dr_grpo",
+             convention="verl")
+    close(dr, verl_grpo(r, index, 1e-6, False))
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_rloo_matches_verl_ragged(backend):
+    index = ragged_index()
+    r = torch.randn(len(index))
+    mask = (torch.rand(len(index), 5) > 0.3).float()
+    mask[3] = 0  # an all-masked row
+    want = verl_rloo(r, index).unsqueeze(-1) * mask
+    got = run(backend, fastalign.group_advantages, r, group_index=index, estimator="rloo", convention="verl",
+              response_mask=mask)
+    close(got, want)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_trl_ragged_equals_contiguous(backend):
+    r = adversarial_rewards(6, 4).float()
+    perm = torch.randperm(24)
+    index = (torch.arange(24) // 4 * 13 + 1)[perm]
+    got = run(backend, fastalign.group_advantages, r[perm], group_index=index)
+    want = run("reference", fastalign.group_advantages, r, group_size=4)[perm]
+    close(got, want, tol=1e-6)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_reinforce_pp_baseline_matches_verl(backend):
+    index = ragged_index()
+    token_rewards = torch.zeros(len(index), 6)
+    token_rewards[:, -1] = torch.randn(len(index))
+    mask = torch.ones(len(index), 6)
+    mask[0, 2:] = 0
+    mask[4] = 0  # all masked
+    want = verl_reinforce_pp_baseline(token_rewards, mask, index)
+    got = run(backend, fastalign.group_advantages, token_rewards.sum(-1), group_index=index,
+              estimator="reinforce++-baseline", response_mask=mask)
+    close(got, want, tol=1e-5)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("gamma", [1.0, 0.9])
+def test_reinforce_pp_matches_verl(backend, gamma):
+    B, T = 5, 9
+    rewards = torch.randn(B, T)
+    mask = torch.ones(B, T)
+    for b, length in enumerate([9, 3, 1, 6, 0]):
+        mask[b, length:] = 0  # right padding after EOS; the last row fully masked
+    want_adv, want_ret = verl_reinforce_pp(rewards, mask, gamma)
+    adv, ret = run(backend, fastalign.reinforce_plus_plus_advantages, rewards, mask, gamma=gamma)
+    close(ret, want_ret, tol=1e-5)
+    close(adv, want_adv, tol=1e-5)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_large_ragged_groups_loop_over_blocks(backend):
+    index = torch.cat([torch.zeros(1500, dtype=torch.int64), torch.ones(3, dtype=torch.int64)])
+    r = torch.randn(1503)
+    got = run(backend, fastalign.group_advantages, r, group_index=index)
+    want = trl_grpo(r.double()[torch.argsort(index, stable=True)][:1500].unsqueeze(1),
+                    torch.ones(1, dtype=torch.float64), 1500)
+    close(got[:1500], want, tol=1e-4)
+
+
+def test_compiles_fullgraph_on_cpu():
+    r = torch.randn(32)
+    fn = torch.compile(lambda x: fastalign.group_advantages(x, group_size=8), fullgraph=True)
+    close(fn(r), run("reference", fastalign.group_advantages, r, group_size=8), tol=1e-6)
+
+
+# --- errors -----------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    "kwargs, match",
+    [
+        (dict(group_size=5), "group_size: the batch of 8"),
+        (dict(), "group_size, group_index: pass exactly one"),
+        (dict(group_size=4, group_index=torch.zeros(8, dtype=torch.int64)), "exactly one"),
+        (dict(group_index=torch.zeros(7, dtype=torch.int64)), r"group_index: expected shape \[8\]"),
+        (dict(group_index=torch.zeros(8)), "group_index: expected an integer tensor"),
+        (dict(group_size=4, scale="global"), "scale: expected one of 'group', 'batch', 'none'"),
+        (dict(group_size=4, eps=-1e-3), "eps: expected a finite number >= 0"),
+        (dict(group_size=4, reward_weights=torch.ones(2)), r"reward_weights: expected shape \[1\]"),
+        (dict(group_size=4, response_mask=torch.ones(7, 3)), "response_mask: expected shape"),
+        (dict(group_size=4, estimator="ppo"), "estimator: expected one of"),
+        (dict(group_size=4, estimator="dr_grpo", scale="group"), "scale: estimator 'dr_grpo'"),
+        (dict(group_size=4, estimator="reinforce++-baseline"), "response_mask: estimator"),
+        (dict(group_size=0), "group_size: expected an int >= 1"),
+    ],
+)
+def test_bad_arguments_name_the_argument(kwargs, match):
+    with pytest.raises((ValueError, TypeError), match=match):
+        fastalign.group_advantages(torch.randn(8), **kwargs)
+
+
+def test_bad_shapes():
+    with pytest.raises(ValueError, match="rewards: expected shape"):
+        fastalign.group_advantages(torch.randn(2, 3, 4), group_size=2)
+    with pytest.raises(ValueError, match=r"reward_weights: expected shape \[3\]"):
+        fastalign.group_advantages(torch.randn(8, 3), group_size=4, reward_weights=torch.ones(4))
+    with pytest.raises(ValueError, match="response_mask: expected shape"):
+        fastalign.reinforce_plus_plus_advantages(torch.randn(4, 5), torch.ones(4, 6))
+    with pytest.raises(ValueError, match="gamma"):
+        fastalign.reinforce_plus_plus_advantages(torch.randn(4, 5), torch.ones(4, 5), gamma=1.5)
