@@ -6,6 +6,7 @@ Rows per case (op, pass, shape, dtype):
            time, masked carries, then masked_whiten): the ratio baseline
   trl      TRL's PPOTrainer loop (unmasked recurrence, masked_whiten, masked_fill)
   native   fastalign.gae on the C++ backend, verl semantics (one call: scan and whitening)
+  native-trl  the same with semantics="trl": the like-for-like row for TRL's loop
   triton   fastalign.gae on the Triton backend (CUDA only)
 verl is not a dependency and TRL 1.16 no longer ships its PPO trainer, so both loops are ported
 here statement for statement (tests/test_gae.py checks the same ports against fastalign).
@@ -32,7 +33,7 @@ def _cases() -> list[dict]:
     return [{"op": OP, "pass": "fwd", "shape": list(shape), "dtype": "float32", "group": group}]
 
 
-IMPLS = ["eager", "trl", "native", "triton"]
+IMPLS = ["eager", "trl", "native", "native-trl", "triton"]
 CASES = _cases()
 PARAMS = [
     pytest.param(case, impl, id=f"{case['pass']}-{case['dtype']}-{'x'.join(map(str, case['shape']))}-{impl}")
@@ -112,16 +113,18 @@ def _impl(impl: str, case: dict):
         return _trl_loop, contextlib.nullcontext, "TRL PPO loop (eager)"
     import fastalign
 
-    available, reason = fastalign.available_backends(DEVICE).get(impl, (False, "no such backend"))
+    backend, _, semantics = impl.partition("-")
+    semantics = semantics or "verl"
+    available, reason = fastalign.available_backends(DEVICE).get(backend, (False, "no such backend"))
     if not available:
         not_run(case, impl, reason)
-    if impl == "triton" and DEVICE != "cuda":
+    if backend == "triton" and DEVICE != "cuda":
         not_run(case, impl, "CPU runs Triton only under the interpreter; not a performance path")
 
     def fn(rewards, values, mask):
-        return fastalign.gae(rewards, values, mask, GAMMA, LAM)
+        return fastalign.gae(rewards, values, mask, GAMMA, LAM, semantics=semantics)
 
-    return fn, lambda: fastalign.use_backend(impl), f"fastalign {impl}"
+    return fn, lambda: fastalign.use_backend(backend), f"fastalign {backend} ({semantics} semantics)"
 
 
 @pytest.mark.parametrize("case,impl", PARAMS)
@@ -140,6 +143,6 @@ def bench_gae(measure, case, impl):
     adv, _ = step()
     # TRL's loop gives other advantages by design (no mask in its recurrence): its own semantics
     # are the sanity check for its row.
-    expected, _ = (_trl_loop if impl == "trl" else _verl_loop)(rewards, values, mask)
+    expected, _ = (_trl_loop if impl.endswith("trl") else _verl_loop)(rewards, values, mask)
     err = (adv.double() - expected.double()).abs().max().item()
     measure(step, case=case, impl=impl, label=label, extra={"max_err_loss": err})

@@ -20,7 +20,7 @@ from pathlib import Path
 import naming
 
 BASELINES = {"eager": "vs eager", "compile": "vs compile", "trl": "vs TRL"}
-IMPL_ORDER = ["eager", "compile", "plain", "plain-compile", "trl", "native", "triton"]
+IMPL_ORDER = ["eager", "compile", "plain", "plain-compile", "trl", "verl", "native", "native-trl", "triton"]
 PASS_ORDER = ["fwd+bwd", "fwd"]
 DTYPE_SHORT = {"float32": "fp32", "bfloat16": "bf16", "float16": "fp16", "float64": "fp64"}
 # Sanity bounds on |impl - eager reference| of the forward outputs: far above rounding noise,
@@ -63,13 +63,24 @@ TARGETS = [
         "impl": "native",
         "max": {"eager": 0.02, "trl": 0.02},
     },
+    {
+        "device": "cpu",
+        "op": "gae",
+        "pass": "fwd",
+        "shape": [256, 4096],
+        "dtype": "float32",
+        "impl": "native-trl",
+        "max": {"trl": 0.02},
+    },
 ]
 
 LEGEND = [
     (
         "eager",
         "`fastalign.reference.token_logprobs` in eager PyTorch (log_softmax + gather + entropy); for dpo_loss, "
-        "`fastalign.reference.dpo.dpo_loss_from_logits` (log_softmax + gather + masked sums + the loss, TRL's layout)",
+        "`fastalign.reference.dpo.dpo_loss_from_logits` (log_softmax + gather + masked sums + the loss, TRL's layout); "
+        "for gae, verl's `compute_gae_advantage_return` loop (ported); for group_advantages, "
+        "`fastalign.reference.advantages` (vectorized PyTorch)",
     ),
     ("compile", "`torch.compile` of that reference, compiled before timing"),
     (
@@ -80,7 +91,8 @@ LEGEND = [
     (
         "TRL",
         "TRL `selective_log_softmax_and_entropy` (torch path on CPU, Triton kernel on CUDA); "
-        "Liger-Kernel has no selective log-softmax op, so it has no row",
+        "Liger-Kernel has no selective log-softmax op, so it has no row; for gae, TRL's PPOTrainer loop "
+        "(ported from TRL 0.x); for group_advantages, TRL 1.16 GRPO's vectorized advantage code",
     ),
 ]
 

@@ -88,9 +88,9 @@ def gae_forward(
     unbiased: bool,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """rewards, values [B, T] (any strides), mask [B, T] or None -> (advantages, returns) [B, T]."""
-    if whiten:
-        _check_whiten_count(rewards, mask, unbiased)
     impl = _implementation(current_backend(), rewards, values)
+    if whiten and impl is not _native_impl():
+        _check_whiten_count(rewards, mask, unbiased)  # the C++ kernel counts while it scans
     return impl.gae_forward(rewards, values, mask, gamma, lam, trl, whiten, shift_mean, unbiased)
 
 

@@ -5,15 +5,15 @@
 // latency of that chain, not at the throughput of the core. Each thread therefore walks a group
 // of kGroup rows in lockstep: their chains are independent and overlap in the pipeline.
 //
-// Whitening needs the mean and variance over every valid token of the batch. While a row group
-// is still in cache, each row's count, mean and centred sum of squares are computed (two passes
-// over the cached row, so no catastrophic cancellation); the rows are then merged with Chan's
-// formula in double precision, and a second parallel pass normalizes.
+// Whitening needs the mean and variance over every valid token of the batch: the scan gathers
+// each row's count, mean and centred sum of squares as it goes (shifted sums in double), the rows
+// are merged with Chan's formula, and a second parallel pass normalizes.
 
 #include <ATen/ATen.h>
 #include <ATen/Parallel.h>
 #include <torch/library.h>
 
+#include <algorithm>
 #include <cmath>
 #include <optional>
 #include <tuple>
@@ -22,10 +22,13 @@
 namespace fastalign {
 namespace {
 
-constexpr int kGroup = 8;
+// Rows scanned in lockstep per thread: enough independent chains to hide the multiply-add latency,
+// few enough memory streams (5 per row, walked backwards) for the prefetchers to follow.
+constexpr int kGroup = 4;
 // TRL's and verl's masked_whiten: (x - mean) * rsqrt(var + 1e-8).
 constexpr double kWhitenEps = 1e-8;
 
+// Count, mean and centred sum of squares of a row's valid advantages.
 struct RowStats {
   double n = 0;
   double mean = 0;
@@ -45,15 +48,20 @@ struct Rows {
   int64_t T;
 };
 
-// verl's recurrence (MASKED): a masked position neither updates the carried advantage nor the
-// carried next value, so the scan steps over it. TRL's: every position updates both.
-template <typename acc_t, bool MASKED, int R>
-void scan_group(const Rows<acc_t>& x, int64_t b0, acc_t gamma, acc_t gamma_lam) {
+// verl's recurrence (MASKED_SCAN): a masked position neither updates the carried advantage nor
+// the carried next value, so the scan steps over it. TRL's: every position updates both.
+// With WHITEN the row's whitening statistics are gathered in the same walk, over the valid
+// positions (HAS_MASK), shifted by the row's first valid advantage so that the sum of squares
+// keeps its precision when the mean is large against the spread.
+template <typename acc_t, bool MASKED_SCAN, bool HAS_MASK, bool WHITEN, int R>
+void scan_group(const Rows<acc_t>& x, int64_t b0, acc_t gamma, acc_t gamma_lam, RowStats* stats) {
   acc_t next_value[R];
   acc_t last[R];
+  double shift[R], sum[R], sum_sq[R], count[R];
   for (int i = 0; i < R; ++i) {
     next_value[i] = 0;
     last[i] = 0;
+    shift[i] = sum[i] = sum_sq[i] = count[i] = 0;
   }
   for (int64_t t = x.T - 1; t >= 0; --t) {
     for (int i = 0; i < R; ++i) {
@@ -61,72 +69,59 @@ void scan_group(const Rows<acc_t>& x, int64_t b0, acc_t gamma, acc_t gamma_lam) 
       const acc_t r = x.rewards[b * x.r_b + t * x.r_t];
       const acc_t v = x.values[b * x.v_b + t * x.v_t];
       const acc_t candidate = (r + gamma * next_value[i] - v) + gamma_lam * last[i];
-      if constexpr (MASKED) {
-        const bool m = x.mask[b * x.m_b + t * x.m_t];
-        last[i] = m ? candidate : last[i];
-        next_value[i] = m ? v : next_value[i];
+      bool valid = true;
+      if constexpr (HAS_MASK) valid = x.mask[b * x.m_b + t * x.m_t];
+      if constexpr (MASKED_SCAN) {
+        last[i] = valid ? candidate : last[i];
+        next_value[i] = valid ? v : next_value[i];
       } else {
         last[i] = candidate;
         next_value[i] = v;
       }
       x.adv[b * x.T + t] = last[i];
       x.ret[b * x.T + t] = last[i] + v;
+      if constexpr (WHITEN) {
+        if (valid) {
+          if (count[i] == 0) shift[i] = static_cast<double>(last[i]);
+          const double d = static_cast<double>(last[i]) - shift[i];
+          sum[i] += d;
+          sum_sq[i] += d * d;
+          count[i] += 1;
+        }
+      }
+    }
+  }
+  if constexpr (WHITEN) {
+    for (int i = 0; i < R; ++i) {
+      RowStats& st = stats[b0 + i];
+      st.n = count[i];
+      if (count[i] > 0) {
+        const double centred = sum[i] / count[i];
+        st.mean = shift[i] + centred;
+        st.m2 = std::max(0.0, sum_sq[i] - sum[i] * centred);
+      }
     }
   }
 }
 
-// Sums over a row split across kLanes partial sums: one running sum would make each addition wait
-// for the previous one (a latency chain as long as the row); kLanes independent ones vectorize.
-constexpr int kLanes = 16;
-
-template <typename acc_t>
-RowStats row_stats(const Rows<acc_t>& x, int64_t b) {
-  const acc_t* a = x.adv + b * x.T;
-  const bool* m = x.mask == nullptr ? nullptr : x.mask + b * x.m_b;
-  auto valid = [&](int64_t t) -> double { return m == nullptr || m[t * x.m_t] ? 1.0 : 0.0; };
-  double sum[kLanes] = {};
-  double count[kLanes] = {};
-  int64_t t = 0;
-  for (; t + kLanes <= x.T; t += kLanes) {
-    for (int i = 0; i < kLanes; ++i) {
-      const double w = valid(t + i);
-      sum[i] += w * static_cast<double>(a[t + i]);
-      count[i] += w;
-    }
-  }
-  for (; t < x.T; ++t) {
-    const double w = valid(t);
-    sum[0] += w * static_cast<double>(a[t]);
-    count[0] += w;
-  }
-  RowStats s;
-  double total = 0;
-  for (int i = 0; i < kLanes; ++i) {
-    s.n += count[i];
-    total += sum[i];
-  }
-  if (s.n == 0) return s;
-  s.mean = total / s.n;
-  double m2[kLanes] = {};
-  for (t = 0; t + kLanes <= x.T; t += kLanes) {
-    for (int i = 0; i < kLanes; ++i) {
-      const double d = static_cast<double>(a[t + i]) - s.mean;
-      m2[i] += valid(t + i) * d * d;
-    }
-  }
-  for (; t < x.T; ++t) {
-    const double d = static_cast<double>(a[t]) - s.mean;
-    m2[0] += valid(t) * d * d;
-  }
-  for (int i = 0; i < kLanes; ++i) s.m2 += m2[i];
-  return s;
-}
-
-template <typename acc_t, bool MASKED>
-void scan_rows(const Rows<acc_t>& x, int64_t begin, int64_t end, acc_t gamma, acc_t gamma_lam) {
+template <typename acc_t, bool MASKED_SCAN, bool HAS_MASK, bool WHITEN>
+void scan_rows(const Rows<acc_t>& x, int64_t begin, int64_t end, acc_t gamma, acc_t gamma_lam, RowStats* stats) {
   int64_t b = begin;
-  for (; b + kGroup <= end; b += kGroup) scan_group<acc_t, MASKED, kGroup>(x, b, gamma, gamma_lam);
-  for (; b < end; ++b) scan_group<acc_t, MASKED, 1>(x, b, gamma, gamma_lam);
+  for (; b + kGroup <= end; b += kGroup) {
+    scan_group<acc_t, MASKED_SCAN, HAS_MASK, WHITEN, kGroup>(x, b, gamma, gamma_lam, stats);
+  }
+  for (; b < end; ++b) scan_group<acc_t, MASKED_SCAN, HAS_MASK, WHITEN, 1>(x, b, gamma, gamma_lam, stats);
+}
+
+template <typename acc_t, bool WHITEN>
+void scan_dispatch(const Rows<acc_t>& x, int64_t begin, int64_t end, acc_t g, acc_t gl, bool trl, RowStats* stats) {
+  if (x.mask == nullptr) {
+    scan_rows<acc_t, false, false, WHITEN>(x, begin, end, g, gl, stats);
+  } else if (trl) {
+    scan_rows<acc_t, false, true, WHITEN>(x, begin, end, g, gl, stats);
+  } else {
+    scan_rows<acc_t, true, true, WHITEN>(x, begin, end, g, gl, stats);
+  }
 }
 
 template <typename acc_t>
@@ -134,21 +129,17 @@ void gae_kernel(const Rows<acc_t>& x, int64_t B, double gamma, double lam, bool 
                 bool shift_mean, bool unbiased) {
   const acc_t g = static_cast<acc_t>(gamma);
   const acc_t gl = static_cast<acc_t>(gamma * lam);
-  const bool masked_scan = !trl && x.mask != nullptr;
   std::vector<RowStats> stats(whiten ? B : 0);
-  // A row of 4096 fp32 costs a few microseconds; groups of kGroup rows keep the chains overlapped.
   at::parallel_for(0, B, kGroup, [&](int64_t begin, int64_t end) {
-    if (masked_scan) {
-      scan_rows<acc_t, true>(x, begin, end, g, gl);
-    } else {
-      scan_rows<acc_t, false>(x, begin, end, g, gl);
-    }
     if (whiten) {
-      for (int64_t b = begin; b < end; ++b) stats[b] = row_stats(x, b);
+      scan_dispatch<acc_t, true>(x, begin, end, g, gl, trl, stats.data());
+    } else {
+      scan_dispatch<acc_t, false>(x, begin, end, g, gl, trl, nullptr);
     }
   });
   if (!whiten) return;
 
+  // Chan's pairwise merge of the row statistics, in double.
   RowStats total;
   double weighted = 0;
   for (const RowStats& s : stats) {
@@ -156,9 +147,9 @@ void gae_kernel(const Rows<acc_t>& x, int64_t B, double gamma, double lam, bool 
     weighted += s.n * s.mean;
   }
   const double ddof = unbiased ? 1.0 : 0.0;
-  TORCH_CHECK(total.n > ddof, "mask: whitening needs at least ", unbiased ? 2 : 1,
-              " valid position(s) in the batch (", unbiased ? "unbiased" : "biased", " variance), got ",
-              static_cast<int64_t>(total.n));
+  TORCH_CHECK_VALUE(total.n > ddof, "mask: whitening needs at least ", unbiased ? 2 : 1,
+                    " valid position(s) in the batch (", unbiased ? "unbiased" : "biased", " variance), got ",
+                    static_cast<int64_t>(total.n));
   total.mean = weighted / total.n;
   for (const RowStats& s : stats) {
     const double d = s.mean - total.mean;
@@ -175,7 +166,11 @@ void gae_kernel(const Rows<acc_t>& x, int64_t B, double gamma, double lam, bool 
       acc_t* a = x.adv + b * x.T;
       if (zero_masked) {
         const bool* m = x.mask + b * x.m_b;
-        for (int64_t t = 0; t < x.T; ++t) a[t] = m[t * x.m_t] ? (a[t] - mean) * rstd + add_back : acc_t(0);
+        if (x.m_t == 1) {  // the common contiguous mask: a loop the compiler vectorizes
+          for (int64_t t = 0; t < x.T; ++t) a[t] = m[t] ? (a[t] - mean) * rstd + add_back : acc_t(0);
+        } else {
+          for (int64_t t = 0; t < x.T; ++t) a[t] = m[t * x.m_t] ? (a[t] - mean) * rstd + add_back : acc_t(0);
+        }
       } else {
         for (int64_t t = 0; t < x.T; ++t) a[t] = (a[t] - mean) * rstd + add_back;
       }
@@ -207,7 +202,7 @@ std::tuple<at::Tensor, at::Tensor> gae_forward(const at::Tensor& rewards, const 
   at::Tensor adv = at::empty({B, T}, r.options().dtype(acc));
   at::Tensor ret = at::empty({B, T}, r.options().dtype(acc));
   if (B == 0 || T == 0) {
-    TORCH_CHECK(!whiten, "mask: whitening needs at least ", unbiased ? 2 : 1,
+    TORCH_CHECK_VALUE(!whiten, "mask: whitening needs at least ", unbiased ? 2 : 1,
                 " valid position(s) in the batch, got an empty batch");
     return {adv, ret};
   }
