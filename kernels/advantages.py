@@ -109,7 +109,12 @@ def _group_advantages_kernel(
             base = v - mean
         a = base / divisor
         if NAN_TO_ZERO:
-            a = tl.where(a != a, 0.0, a)
+            # torch.nan_to_num(x, nan=0.0) as TRL applies it: NaN -> 0, +-inf -> the dtype's finite extremes.
+            if out_ptr.dtype.element_ty == tl.float32:
+                limit = 3.4028234663852886e38
+            else:
+                limit = 1.7976931348623157e308
+            a = tl.where(a != a, 0.0, tl.minimum(tl.maximum(a, -limit), limit))
         tl.store(out_ptr + idx, a.to(out_ptr.dtype.element_ty), mask=inside)
 
 

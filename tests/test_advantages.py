@@ -175,6 +175,16 @@ def test_grpo_matches_trl(backend, scale, adversarial, g):
         close(got64, want, tol=1e-6)
 
 
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("scale", ["group", "none"])
+def test_infinite_rewards_follow_trl_nan_to_num(backend, scale):
+    r = torch.tensor([float("inf"), 1.0, 2.0, 3.0, -float("inf"), 0.5, 0.25, 0.0], dtype=torch.float64)
+    want = trl_grpo(r.float().unsqueeze(1), torch.ones(1), 4, scale)
+    got = run(backend, fastalign.group_advantages, r.float(), group_size=4, scale=scale)
+    assert torch.isfinite(got).all()
+    assert torch.equal(got, want), (got, want)
+
+
 def test_all_equal_group_gives_exact_zero():
     r = torch.full((8,), 0.1)
     for backend in ("reference", "native"):

@@ -77,7 +77,11 @@ void group_advantages_kernel(const scalar_t* x, const int64_t* order, const int6
           base = nan;
         }
         double a = base / divisor;
-        if (nan_to_zero && std::isnan(a)) a = 0.0;
+        if (nan_to_zero) {
+          // torch.nan_to_num(x, nan=0.0) as TRL applies it: NaN -> 0, +-inf -> the dtype's finite extremes.
+          const double limit = static_cast<double>(std::numeric_limits<scalar_t>::max());
+          a = std::isnan(a) ? 0.0 : std::min(std::max(a, -limit), limit);
+        }
         out[i] = static_cast<scalar_t>(a);
       }
     }

@@ -83,9 +83,9 @@ def group_advantages_forward(
         adv = base / (denom.double().reshape(()) + eps)
     else:
         adv = base
-    if nan_to_zero:
-        adv = torch.where(torch.isnan(adv), torch.zeros_like(adv), adv)
-    return adv.to(out_dtype)
+    adv = adv.to(out_dtype)
+    # TRL's torch.nan_to_num(advantages, nan=0.0): NaN -> 0, +-inf -> the dtype's finite extremes.
+    return torch.nan_to_num(adv, nan=0.0) if nan_to_zero else adv
 
 
 def discounted_returns(rewards: torch.Tensor, mask: torch.Tensor, gamma: float) -> torch.Tensor:
