@@ -36,9 +36,9 @@ def _cpu_capability_flags() -> list[str]:
     return ["-DCPU_CAPABILITY=DEFAULT", "-DCPU_CAPABILITY_DEFAULT"]
 
 
-sources = sorted(
-    os.path.join("csrc", "cpu", name) for name in os.listdir(os.path.join("csrc", "cpu")) if name.endswith(".cpp")
-)
+_cpu_dir = os.path.join("csrc", "cpu")
+sources = sorted(os.path.join(_cpu_dir, name) for name in os.listdir(_cpu_dir) if name.endswith(".cpp"))
+headers = sorted(os.path.join(_cpu_dir, name) for name in os.listdir(_cpu_dir) if name.endswith(".h"))
 
 setup(
     packages=find_packages(include=["fastalign", "fastalign.*"]) + ["fastalign.kernels"],
@@ -47,6 +47,7 @@ setup(
         CppExtension(
             "fastalign._C",
             sources,
+            depends=headers,
             extra_compile_args=["-O3", "-fopenmp", "-std=c++17", *_cpu_capability_flags()],
             extra_link_args=["-fopenmp"],
         )

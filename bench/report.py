@@ -63,15 +63,6 @@ TARGETS = [
         "impl": "native",
         "max": {"eager": 0.02, "trl": 0.02},
     },
-    {
-        "device": "cpu",
-        "op": "gae",
-        "pass": "fwd",
-        "shape": [256, 4096],
-        "dtype": "float32",
-        "impl": "native-trl",
-        "max": {"trl": 0.02},
-    },
 ]
 
 LEGEND = [

@@ -13,6 +13,8 @@
 #include <ATen/Parallel.h>
 #include <torch/library.h>
 
+#include "huge_pages.h"
+
 #include <algorithm>
 #include <cmath>
 #include <optional>
@@ -35,13 +37,15 @@ struct RowStats {
   double m2 = 0;
 };
 
-template <typename acc_t>
+// mask_t: the mask is read in its own dtype (bool, uint8, int32, int64, float, double; nonzero =
+// valid), so a verl-style integer or float response mask costs no conversion pass.
+template <typename acc_t, typename mask_t>
 struct Rows {
   const acc_t* rewards;
   int64_t r_b, r_t;
   const acc_t* values;
   int64_t v_b, v_t;
-  const bool* mask;  // null: every position is valid
+  const mask_t* mask;  // null: every position is valid
   int64_t m_b, m_t;
   acc_t* adv;  // contiguous [B, T]
   acc_t* ret;
@@ -53,8 +57,8 @@ struct Rows {
 // With WHITEN the row's whitening statistics are gathered in the same walk, over the valid
 // positions (HAS_MASK), shifted by the row's first valid advantage so that the sum of squares
 // keeps its precision when the mean is large against the spread.
-template <typename acc_t, bool MASKED_SCAN, bool HAS_MASK, bool WHITEN, int R>
-void scan_group(const Rows<acc_t>& x, int64_t b0, acc_t gamma, acc_t gamma_lam, RowStats* stats) {
+template <typename acc_t, typename mask_t, bool MASKED_SCAN, bool HAS_MASK, bool WHITEN, int R>
+void scan_group(const Rows<acc_t, mask_t>& x, int64_t b0, acc_t gamma, acc_t gamma_lam, RowStats* stats) {
   acc_t next_value[R];
   acc_t last[R];
   double shift[R], sum[R], sum_sq[R], count[R];
@@ -70,7 +74,7 @@ void scan_group(const Rows<acc_t>& x, int64_t b0, acc_t gamma, acc_t gamma_lam, 
       const acc_t v = x.values[b * x.v_b + t * x.v_t];
       const acc_t candidate = (r + gamma * next_value[i] - v) + gamma_lam * last[i];
       bool valid = true;
-      if constexpr (HAS_MASK) valid = x.mask[b * x.m_b + t * x.m_t];
+      if constexpr (HAS_MASK) valid = x.mask[b * x.m_b + t * x.m_t] != mask_t(0);
       if constexpr (MASKED_SCAN) {
         last[i] = valid ? candidate : last[i];
         next_value[i] = valid ? v : next_value[i];
@@ -104,37 +108,37 @@ void scan_group(const Rows<acc_t>& x, int64_t b0, acc_t gamma, acc_t gamma_lam, 
   }
 }
 
-template <typename acc_t, bool MASKED_SCAN, bool HAS_MASK, bool WHITEN>
-void scan_rows(const Rows<acc_t>& x, int64_t begin, int64_t end, acc_t gamma, acc_t gamma_lam, RowStats* stats) {
+template <typename acc_t, typename mask_t, bool MASKED_SCAN, bool HAS_MASK, bool WHITEN>
+void scan_rows(const Rows<acc_t, mask_t>& x, int64_t begin, int64_t end, acc_t gamma, acc_t gamma_lam, RowStats* stats) {
   int64_t b = begin;
   for (; b + kGroup <= end; b += kGroup) {
-    scan_group<acc_t, MASKED_SCAN, HAS_MASK, WHITEN, kGroup>(x, b, gamma, gamma_lam, stats);
+    scan_group<acc_t, mask_t, MASKED_SCAN, HAS_MASK, WHITEN, kGroup>(x, b, gamma, gamma_lam, stats);
   }
-  for (; b < end; ++b) scan_group<acc_t, MASKED_SCAN, HAS_MASK, WHITEN, 1>(x, b, gamma, gamma_lam, stats);
+  for (; b < end; ++b) scan_group<acc_t, mask_t, MASKED_SCAN, HAS_MASK, WHITEN, 1>(x, b, gamma, gamma_lam, stats);
 }
 
-template <typename acc_t, bool WHITEN>
-void scan_dispatch(const Rows<acc_t>& x, int64_t begin, int64_t end, acc_t g, acc_t gl, bool trl, RowStats* stats) {
+template <typename acc_t, typename mask_t, bool WHITEN>
+void scan_dispatch(const Rows<acc_t, mask_t>& x, int64_t begin, int64_t end, acc_t g, acc_t gl, bool trl, RowStats* stats) {
   if (x.mask == nullptr) {
-    scan_rows<acc_t, false, false, WHITEN>(x, begin, end, g, gl, stats);
+    scan_rows<acc_t, mask_t, false, false, WHITEN>(x, begin, end, g, gl, stats);
   } else if (trl) {
-    scan_rows<acc_t, false, true, WHITEN>(x, begin, end, g, gl, stats);
+    scan_rows<acc_t, mask_t, false, true, WHITEN>(x, begin, end, g, gl, stats);
   } else {
-    scan_rows<acc_t, true, true, WHITEN>(x, begin, end, g, gl, stats);
+    scan_rows<acc_t, mask_t, true, true, WHITEN>(x, begin, end, g, gl, stats);
   }
 }
 
-template <typename acc_t>
-void gae_kernel(const Rows<acc_t>& x, int64_t B, double gamma, double lam, bool trl, bool whiten,
+template <typename acc_t, typename mask_t>
+void gae_kernel(const Rows<acc_t, mask_t>& x, int64_t B, double gamma, double lam, bool trl, bool whiten,
                 bool shift_mean, bool unbiased) {
   const acc_t g = static_cast<acc_t>(gamma);
   const acc_t gl = static_cast<acc_t>(gamma * lam);
   std::vector<RowStats> stats(whiten ? B : 0);
   at::parallel_for(0, B, kGroup, [&](int64_t begin, int64_t end) {
     if (whiten) {
-      scan_dispatch<acc_t, true>(x, begin, end, g, gl, trl, stats.data());
+      scan_dispatch<acc_t, mask_t, true>(x, begin, end, g, gl, trl, stats.data());
     } else {
-      scan_dispatch<acc_t, false>(x, begin, end, g, gl, trl, nullptr);
+      scan_dispatch<acc_t, mask_t, false>(x, begin, end, g, gl, trl, nullptr);
     }
   });
   if (!whiten) return;
@@ -165,11 +169,11 @@ void gae_kernel(const Rows<acc_t>& x, int64_t B, double gamma, double lam, bool 
     for (int64_t b = begin; b < end; ++b) {
       acc_t* a = x.adv + b * x.T;
       if (zero_masked) {
-        const bool* m = x.mask + b * x.m_b;
+        const mask_t* m = x.mask + b * x.m_b;
         if (x.m_t == 1) {  // the common contiguous mask: a loop the compiler vectorizes
-          for (int64_t t = 0; t < x.T; ++t) a[t] = m[t] ? (a[t] - mean) * rstd + add_back : acc_t(0);
+          for (int64_t t = 0; t < x.T; ++t) a[t] = m[t] != mask_t(0) ? (a[t] - mean) * rstd + add_back : acc_t(0);
         } else {
-          for (int64_t t = 0; t < x.T; ++t) a[t] = m[t * x.m_t] ? (a[t] - mean) * rstd + add_back : acc_t(0);
+          for (int64_t t = 0; t < x.T; ++t) a[t] = m[t * x.m_t] != mask_t(0) ? (a[t] - mean) * rstd + add_back : acc_t(0);
         }
       } else {
         for (int64_t t = 0; t < x.T; ++t) a[t] = (a[t] - mean) * rstd + add_back;
@@ -195,25 +199,39 @@ std::tuple<at::Tensor, at::Tensor> gae_forward(const at::Tensor& rewards, const 
   if (mask.has_value()) {
     TORCH_CHECK(mask->sizes() == rewards.sizes(), "mask: expected shape ", rewards.sizes(), " (that of rewards), got ",
                 mask->sizes());
-    m = mask->scalar_type() == at::kBool ? *mask : mask->ne(0);
+    const auto kind = mask->scalar_type();
+    const bool direct = kind == at::kBool || kind == at::kByte || kind == at::kInt || kind == at::kLong ||
+                        kind == at::kFloat || kind == at::kDouble;
+    m = direct ? *mask : mask->ne(0);
   }
   const int64_t B = r.size(0);
   const int64_t T = r.size(1);
-  at::Tensor adv = at::empty({B, T}, r.options().dtype(acc));
-  at::Tensor ret = at::empty({B, T}, r.options().dtype(acc));
+  at::Tensor adv = empty_huge_pages({B, T}, r.options().dtype(acc));
+  at::Tensor ret = empty_huge_pages({B, T}, r.options().dtype(acc));
   if (B == 0 || T == 0) {
     TORCH_CHECK_VALUE(!whiten, "mask: whitening needs at least ", unbiased ? 2 : 1,
                 " valid position(s) in the batch, got an empty batch");
     return {adv, ret};
   }
   AT_DISPATCH_FLOATING_TYPES(acc, "fastalign_gae", [&] {
-    Rows<scalar_t> x{
-        r.data_ptr<scalar_t>(), r.stride(0), r.stride(1),
-        v.data_ptr<scalar_t>(), v.stride(0), v.stride(1),
-        m.defined() ? m.data_ptr<bool>() : nullptr, m.defined() ? m.stride(0) : 0, m.defined() ? m.stride(1) : 0,
-        adv.data_ptr<scalar_t>(), ret.data_ptr<scalar_t>(), T,
+    auto run = [&](auto mask_tag) {
+      using mask_t = decltype(mask_tag);
+      Rows<scalar_t, mask_t> x{
+          r.data_ptr<scalar_t>(), r.stride(0), r.stride(1),
+          v.data_ptr<scalar_t>(), v.stride(0), v.stride(1),
+          m.defined() ? m.data_ptr<mask_t>() : nullptr, m.defined() ? m.stride(0) : 0, m.defined() ? m.stride(1) : 0,
+          adv.data_ptr<scalar_t>(), ret.data_ptr<scalar_t>(), T,
+      };
+      gae_kernel<scalar_t, mask_t>(x, B, gamma, lam, trl, whiten, shift_mean, unbiased);
     };
-    gae_kernel<scalar_t>(x, B, gamma, lam, trl, whiten, shift_mean, unbiased);
+    switch (m.defined() ? m.scalar_type() : at::kBool) {
+      case at::kByte: run(uint8_t{}); break;
+      case at::kInt: run(int32_t{}); break;
+      case at::kLong: run(int64_t{}); break;
+      case at::kFloat: run(float{}); break;
+      case at::kDouble: run(double{}); break;
+      default: run(bool{}); break;
+    }
   });
   return {adv, ret};
 }

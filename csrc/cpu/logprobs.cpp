@@ -14,7 +14,7 @@
 #include <ATen/cpu/vec/vec.h>
 #include <torch/library.h>
 
-#include <sys/mman.h>
+#include "huge_pages.h"
 
 #if defined(CPU_CAPABILITY_AVX512) || defined(CPU_CAPABILITY_AVX2)
 #include <immintrin.h>
@@ -300,28 +300,6 @@ inline void fold_chunk(const ChunkView<acc_t>& c, int64_t n, acc_t cmax, Softmax
   if constexpr (SQ) st.sq += sq;
 }
 
-// The gradient is as large as the logits and written exactly once. With 4 KiB pages its first
-// touch (a page fault and a kernel zero-fill per page) costs more than the kernel itself on
-// small-core machines; 2 MiB transparent huge pages make that cost small. Falls back to ATen's
-// allocator for small tensors or where mmap fails.
-at::Tensor empty_like_huge_pages(const at::Tensor& like) {
-  constexpr size_t kHuge = size_t(2) << 20;
-  const size_t bytes = static_cast<size_t>(like.numel()) * like.element_size();
-  if (bytes < 4 * kHuge) {
-    return at::empty(like.sizes(), like.options().memory_format(at::MemoryFormat::Contiguous));
-  }
-  const size_t mapped = bytes + kHuge;
-  void* base = mmap(nullptr, mapped, PROT_READ | PROT_WRITE, MAP_PRIVATE | MAP_ANONYMOUS, -1, 0);
-  if (base == MAP_FAILED) {
-    return at::empty(like.sizes(), like.options().memory_format(at::MemoryFormat::Contiguous));
-  }
-  const uintptr_t aligned = (reinterpret_cast<uintptr_t>(base) + kHuge - 1) & ~(uintptr_t(kHuge) - 1);
-  madvise(reinterpret_cast<void*>(aligned), bytes, MADV_HUGEPAGE);
-  return at::from_blob(
-      reinterpret_cast<void*>(aligned), like.sizes(), [base, mapped](void*) { munmap(base, mapped); },
-      like.options().memory_format(at::MemoryFormat::Contiguous));
-}
-
 struct ForwardOutputs {
   at::Tensor logps, entropy, log_sum_sq_probs, mean_logits, is_top1, lse;
 };
@@ -564,7 +542,7 @@ at::Tensor token_logprobs_backward(const std::optional<at::Tensor>& grad_logps,
   const at::Tensor g_logps = grad_logps.has_value() && grad_logps->defined() ? as_acc(*grad_logps) : at::Tensor();
   const at::Tensor g_entropy = entropy_grad ? as_acc(*grad_entropy) : at::Tensor();
   const at::Tensor entropy_c = entropy_grad ? as_acc(*entropy) : at::Tensor();
-  at::Tensor grad = empty_like_huge_pages(logits);
+  at::Tensor grad = empty_huge_pages(logits.sizes(), logits.options());
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, logits.scalar_type(), "token_logprobs_backward", [&] {
     using acc_t = std::conditional_t<std::is_same_v<scalar_t, double>, double, float>;
     const auto tf = make_transform<acc_t>(temperature, logit_scale, softcap);
