@@ -13,8 +13,6 @@
 #include <ATen/Parallel.h>
 #include <torch/library.h>
 
-#include "huge_pages.h"
-
 #include <algorithm>
 #include <cmath>
 #include <optional>
@@ -206,8 +204,8 @@ std::tuple<at::Tensor, at::Tensor> gae_forward(const at::Tensor& rewards, const 
   }
   const int64_t B = r.size(0);
   const int64_t T = r.size(1);
-  at::Tensor adv = empty_huge_pages({B, T}, r.options().dtype(acc));
-  at::Tensor ret = empty_huge_pages({B, T}, r.options().dtype(acc));
+  at::Tensor adv = at::empty({B, T}, r.options().dtype(acc));
+  at::Tensor ret = at::empty({B, T}, r.options().dtype(acc));
   if (B == 0 || T == 0) {
     TORCH_CHECK_VALUE(!whiten, "mask: whitening needs at least ", unbiased ? 2 : 1,
                 " valid position(s) in the batch, got an empty batch");

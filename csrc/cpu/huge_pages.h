@@ -1,10 +1,11 @@
 // Large output tensors backed by 2 MiB transparent huge pages.
 //
-// An output written once, like the logits gradient or GAE's [B, T] advantages, is paid for mostly
-// in its first touch when it sits on fresh 4 KiB pages: a page fault and a kernel zero-fill per
-// page, which on small-core machines costs more than the kernel itself (70 ms for a 250 MiB
-// gradient here, 2 ms for GAE's two 4 MiB outputs). Huge pages cut the faults 512-fold. Small
-// tensors, and any mmap failure, fall back to ATen's allocator.
+// An output as large as the logits, written once (the logits gradient), is paid for mostly in its
+// first touch when it sits on fresh 4 KiB pages: a page fault and a kernel zero-fill per page,
+// 70 ms for a 250 MiB gradient here, more than the kernel itself. Huge pages cut the faults
+// 512-fold. Below 8 MiB the allocator's reuse of freed memory wins (measured on GAE's 4 MiB
+// outputs: a fresh huge-page mapping per call was twice as slow), so those tensors, and any
+// mmap failure, go to ATen's allocator.
 #pragma once
 
 #include <ATen/ATen.h>
@@ -21,7 +22,7 @@ inline at::Tensor empty_huge_pages(at::IntArrayRef sizes, const at::TensorOption
   int64_t numel = 1;
   for (const int64_t s : sizes) numel *= s;
   const size_t bytes = static_cast<size_t>(numel) * c10::elementSize(c10::typeMetaToScalarType(options.dtype()));
-  if (bytes < kHuge) return at::empty(sizes, contiguous);
+  if (bytes < 4 * kHuge) return at::empty(sizes, contiguous);
   // One huge page of slack, so the tensor can start on a 2 MiB boundary; untouched, it costs no memory.
   const size_t mapped = bytes + kHuge;
   void* base = mmap(nullptr, mapped, PROT_READ | PROT_WRITE, MAP_PRIVATE | MAP_ANONYMOUS, -1, 0);
