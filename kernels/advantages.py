@@ -26,6 +26,27 @@ RETURNS_BLOCK_ROWS = 128
 RETURNS_NUM_WARPS = 4
 
 
+@triton.jit
+def _load_group_block(x_ptr, order_ptr, start, j, length, RAGGED: tl.constexpr):
+    # Positions j of a group: rows start + j, or through the sorted permutation for ragged groups.
+    inside = j < length
+    if RAGGED:
+        idx = tl.load(order_ptr + start + j, mask=inside, other=0)
+    else:
+        idx = start + j
+    v = tl.load(x_ptr + idx, mask=inside, other=0.0).to(tl.float64)
+    return idx, v, inside
+
+
+@triton.jit
+def _counted(v, inside, VERL: tl.constexpr):
+    # verl counts every reward; TRL's nanmean/nanstd leave NaN rewards out.
+    if VERL:
+        return inside
+    else:
+        return inside & (v == v)
+
+
 @triton.jit(do_not_specialize=["group_size", "eps"])
 def _group_advantages_kernel(
     x_ptr, order_ptr, offsets_ptr, denom_ptr, out_ptr,
@@ -45,17 +66,8 @@ def _group_advantages_kernel(
     count = tl.zeros([BLOCK], dtype=tl.float64)
     total = tl.zeros([BLOCK], dtype=tl.float64)
     for j0 in range(0, length, BLOCK):
-        j = j0 + cols
-        inside = j < length
-        if RAGGED:
-            idx = tl.load(order_ptr + start + j, mask=inside, other=0)
-        else:
-            idx = start + j
-        v = tl.load(x_ptr + idx, mask=inside, other=0.0).to(tl.float64)
-        if VERL:
-            counted = inside
-        else:
-            counted = inside & (v == v)
+        idx, v, inside = _load_group_block(x_ptr, order_ptr, start, j0 + cols, length, RAGGED)
+        counted = _counted(v, inside, VERL)
         count += tl.where(counted, 1.0, 0.0)
         total += tl.where(counted, v, 0.0)
     n = tl.sum(count, axis=0)
@@ -63,17 +75,8 @@ def _group_advantages_kernel(
 
     m2 = tl.zeros([BLOCK], dtype=tl.float64)
     for j0 in range(0, length, BLOCK):
-        j = j0 + cols
-        inside = j < length
-        if RAGGED:
-            idx = tl.load(order_ptr + start + j, mask=inside, other=0)
-        else:
-            idx = start + j
-        v = tl.load(x_ptr + idx, mask=inside, other=0.0).to(tl.float64)
-        if VERL:
-            counted = inside
-        else:
-            counted = inside & (v == v)
+        idx, v, inside = _load_group_block(x_ptr, order_ptr, start, j0 + cols, length, RAGGED)
+        counted = _counted(v, inside, VERL)
         d = tl.where(counted, v - mean, 0.0)
         m2 += d * d
     nan = float("nan")
@@ -91,13 +94,7 @@ def _group_advantages_kernel(
     loo = n / (n - 1.0)
 
     for j0 in range(0, length, BLOCK):
-        j = j0 + cols
-        inside = j < length
-        if RAGGED:
-            idx = tl.load(order_ptr + start + j, mask=inside, other=0)
-        else:
-            idx = start + j
-        v = tl.load(x_ptr + idx, mask=inside, other=0.0).to(tl.float64)
+        idx, v, inside = _load_group_block(x_ptr, order_ptr, start, j0 + cols, length, RAGGED)
         if RLOO:
             if VERL:
                 lone = v
