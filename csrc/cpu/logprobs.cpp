@@ -10,20 +10,11 @@
 
 #include <ATen/ATen.h>
 #include <ATen/Parallel.h>
-#include <ATen/cpu/vec/functional.h>
-#include <ATen/cpu/vec/vec.h>
 #include <torch/library.h>
 
 #include "huge_pages.h"
+#include "softmax_rows.h"
 
-#if defined(CPU_CAPABILITY_AVX512) || defined(CPU_CAPABILITY_AVX2)
-#include <immintrin.h>
-#endif
-
-#include <algorithm>
-#include <cmath>
-#include <cstring>
-#include <limits>
 #include <memory>
 #include <string>
 #include <tuple>
@@ -32,273 +23,7 @@
 namespace fastalign {
 namespace {
 
-using at::vec::Vectorized;
-
-// 2048 floats = 8 KiB: a chunk and its output buffer fit L1 together.
-constexpr int64_t kChunk = 2048;
-
-template <typename T>
-constexpr T neg_inf() {
-  return -std::numeric_limits<T>::infinity();
-}
-
-// max that propagates NaN, so NaN logits give NaN results instead of being skipped.
-template <typename T>
-inline T nan_max(T a, T b) {
-  return (a > b || std::isnan(a)) ? a : b;
-}
-
-template <typename T>
-inline T hsum(const Vectorized<T>& v) {
-  alignas(64) T lanes[Vectorized<T>::size()];
-  v.store(lanes);
-  T total = 0;
-  for (int i = 0; i < Vectorized<T>::size(); ++i) total += lanes[i];
-  return total;
-}
-
-template <typename T>
-inline T hmax(const Vectorized<T>& v) {
-  alignas(64) T lanes[Vectorized<T>::size()];
-  v.store(lanes);
-  T best = neg_inf<T>();
-  for (int i = 0; i < Vectorized<T>::size(); ++i) best = nan_max(best, lanes[i]);
-  return best;
-}
-
-// The logit transform applied to every logit, in TRL's order:
-// z = softcap * tanh(x * logit_scale / softcap) / temperature   (without softcap: x * scale / T).
-template <typename acc_t>
-struct Transform {
-  acc_t scale;
-  acc_t softcap;  // 0 means no softcap
-  acc_t inv_t;
-  // Without softcap the transform is a multiplication by k = scale / T. When k is positive it
-  // commutes with max, so the passes read the logits in place and apply k with FMAs instead of
-  // staging a transformed copy. k is split into hi + lo so that x * k - m keeps the accuracy of a
-  // single rounding (1 / 0.7 rounded to fp32 alone would shift z by ~1e-6 at |z| ~ 20).
-  acc_t factor_hi;
-  acc_t factor_lo;
-
-  bool has_softcap() const { return softcap > 0; }
-  acc_t linear_factor() const { return factor_hi; }
-};
-
-// Copies n logits (element stride `stride`) into `dst` as acc_t.
-template <typename scalar_t, typename acc_t>
-inline void load_as_acc(const scalar_t* src, int64_t stride, int64_t n, acc_t* dst) {
-  if (stride != 1) {
-    for (int64_t i = 0; i < n; ++i) dst[i] = static_cast<acc_t>(src[i * stride]);
-    return;
-  }
-  if constexpr (std::is_same_v<scalar_t, acc_t>) {
-    std::memcpy(dst, src, n * sizeof(acc_t));
-  } else {
-    using bVec = Vectorized<scalar_t>;
-    using fVec = Vectorized<float>;
-    int64_t i = 0;
-    for (; i + bVec::size() <= n; i += bVec::size()) {
-      auto [lo, hi] = at::vec::convert_to_float<scalar_t>(bVec::loadu(src + i));
-      lo.store(dst + i);
-      hi.store(dst + i + fVec::size());
-    }
-    for (; i < n; ++i) dst[i] = static_cast<float>(src[i]);
-  }
-}
-
-// A vector store that bypasses the cache (dst must be vector-aligned). The gradient is written
-// once and not read back by this kernel; a plain store would first read each line from memory
-// (read-for-ownership), a third pass over an [N, V] tensor. Needs a fence before other threads
-// read the data: see `stream_fence`.
-template <typename T>
-inline void stream_store(T* dst, const Vectorized<T>& v) {
-#if defined(CPU_CAPABILITY_AVX512)
-  if constexpr (std::is_same_v<T, float>) {
-    _mm512_stream_ps(dst, v);
-  } else if constexpr (std::is_same_v<T, double>) {
-    _mm512_stream_pd(dst, v);
-  } else {
-    _mm512_stream_si512(reinterpret_cast<__m512i*>(dst), v);
-  }
-#elif defined(CPU_CAPABILITY_AVX2)
-  if constexpr (std::is_same_v<T, float>) {
-    _mm256_stream_ps(dst, v);
-  } else if constexpr (std::is_same_v<T, double>) {
-    _mm256_stream_pd(dst, v);
-  } else {
-    _mm256_stream_si256(reinterpret_cast<__m256i*>(dst), v);
-  }
-#else
-  v.store(dst);
-#endif
-}
-
-inline void stream_fence() {
-#if defined(CPU_CAPABILITY_AVX512) || defined(CPU_CAPABILITY_AVX2)
-  _mm_sfence();
-#endif
-}
-
-template <typename T>
-inline bool vector_aligned(const T* p) {
-  return reinterpret_cast<uintptr_t>(p) % (Vectorized<T>::size() * sizeof(T)) == 0;
-}
-
-template <typename T>
-inline void store_vec(T* dst, const Vectorized<T>& v, bool stream) {
-  if (stream) {
-    stream_store(dst, v);
-  } else {
-    v.store(dst);
-  }
-}
-
-// Writes n acc_t values to a contiguous scalar_t destination (streaming when `stream`: dst aligned).
-template <typename scalar_t, typename acc_t>
-inline void store_from_acc(const acc_t* src, int64_t n, scalar_t* dst, bool stream) {
-  if constexpr (std::is_same_v<scalar_t, acc_t>) {
-    std::memcpy(dst, src, n * sizeof(acc_t));
-  } else {
-    using bVec = Vectorized<scalar_t>;
-    using fVec = Vectorized<float>;
-    int64_t i = 0;
-    for (; i + bVec::size() <= n; i += bVec::size()) {
-      store_vec(dst + i,
-                at::vec::convert_from_float<scalar_t>(fVec::loadu(src + i), fVec::loadu(src + i + fVec::size())),
-                stream);
-    }
-    for (; i < n; ++i) dst[i] = static_cast<scalar_t>(src[i]);
-  }
-}
-
-// Applies the full transform in place to a staged chunk.
-template <typename acc_t>
-inline void transform_in_place(acc_t* z, int64_t n, const Transform<acc_t>& tf) {
-  using Vec = Vectorized<acc_t>;
-  int64_t i = 0;
-  if (tf.has_softcap()) {
-    const Vec scale_over_cap(tf.scale / tf.softcap), cap_over_t(tf.softcap * tf.inv_t);
-    for (; i + Vec::size() <= n; i += Vec::size()) {
-      ((Vec::loadu(z + i) * scale_over_cap).tanh() * cap_over_t).store(z + i);
-    }
-    for (; i < n; ++i) z[i] = std::tanh(z[i] * (tf.scale / tf.softcap)) * (tf.softcap * tf.inv_t);
-  } else {
-    // x * (hi + lo) rounded once; infinities take x * hi (x * lo could be an opposite infinity).
-    const Vec vhi(tf.factor_hi), vlo(tf.factor_lo), vinf(std::numeric_limits<acc_t>::infinity());
-    for (; i + Vec::size() <= n; i += Vec::size()) {
-      const Vec x = Vec::loadu(z + i);
-      Vec::blendv(at::vec::fmadd(x, vhi, x * vlo), x * vhi, x.abs() == vinf).store(z + i);
-    }
-    for (; i < n; ++i) z[i] = std::isinf(z[i]) ? z[i] * tf.factor_hi : std::fma(z[i], tf.factor_hi, z[i] * tf.factor_lo);
-  }
-}
-
-// A chunk of a row, ready for the passes: values x with z = x * (factor + factor_lo).
-template <typename acc_t>
-struct ChunkView {
-  const acc_t* x;
-  acc_t factor;
-  acc_t factor_lo;
-
-  // x * factor - shift, rounded once. x = -inf is clamped first: -inf * factor_lo could meet
-  // +inf and give NaN, while the clamped value still yields exp(...) = 0.
-  acc_t shifted(acc_t value, acc_t shift) const {
-    value = std::max(value, std::numeric_limits<acc_t>::lowest());
-    return std::fma(value, factor, std::fma(value, factor_lo, -shift));
-  }
-};
-
-// With a linear transform (`linear`: unit stride, no softcap, positive scale / T) the passes
-// apply the factor themselves: fp32/fp64 logits are read in place, bf16/fp16 are only widened
-// into `buffer`. Otherwise the fully transformed chunk is staged in `buffer`.
-template <typename scalar_t, typename acc_t>
-inline ChunkView<acc_t> view_chunk(const scalar_t* row, int64_t stride, int64_t start, int64_t n,
-                                   const Transform<acc_t>& tf, bool linear, acc_t* buffer) {
-  if (linear) {
-    if constexpr (std::is_same_v<scalar_t, acc_t>) {
-      return {row + start, tf.factor_hi, tf.factor_lo};
-    } else {
-      load_as_acc<scalar_t, acc_t>(row + start, 1, n, buffer);
-      return {buffer, tf.factor_hi, tf.factor_lo};
-    }
-  }
-  load_as_acc<scalar_t, acc_t>(row + start * stride, stride, n, buffer);
-  transform_in_place(buffer, n, tf);
-  return {buffer, acc_t(1), acc_t(0)};
-}
-
-template <typename acc_t>
-struct SoftmaxState {
-  acc_t m = neg_inf<acc_t>();  // running max of z
-  acc_t s = 0;                 // sum of exp(z - m)
-  acc_t xs = 0;                // sum of exp(z - m) * (z - m): entropy without cancellation at |z| ~ 1e4
-  acc_t sq = 0;                // sum of exp(z - m)^2
-};
-
-// Max (NaN-propagating) and sum of x over a chunk.
-template <typename acc_t, bool SUM>
-inline std::pair<acc_t, acc_t> max_and_sum(const acc_t* x, int64_t n) {
-  using Vec = Vectorized<acc_t>;
-  Vec vmax(neg_inf<acc_t>()), vsum(acc_t(0));
-  int64_t i = 0;
-  for (; i + Vec::size() <= n; i += Vec::size()) {
-    Vec v = Vec::loadu(x + i);
-    vmax = at::vec::maximum(vmax, v);
-    if constexpr (SUM) vsum += v;
-  }
-  acc_t mx = hmax(vmax), total = SUM ? hsum(vsum) : acc_t(0);
-  for (; i < n; ++i) {
-    mx = nan_max(mx, x[i]);
-    if constexpr (SUM) total += x[i];
-  }
-  return {mx, total};
-}
-
-template <typename acc_t>
-inline acc_t prefix_max(const acc_t* x, int64_t n) {
-  acc_t mx = neg_inf<acc_t>();
-  for (int64_t i = 0; i < n; ++i) mx = nan_max(mx, x[i]);
-  return mx;
-}
-
-// Folds one chunk (z = x * factor, chunk max `cmax` already known and not -inf) into the state.
-template <typename acc_t, bool ENTROPY, bool SQ>
-inline void fold_chunk(const ChunkView<acc_t>& c, int64_t n, acc_t cmax, SoftmaxState<acc_t>& st) {
-  using Vec = Vectorized<acc_t>;
-  if (!(cmax <= st.m)) {  // a new maximum, or NaN
-    if (st.s > 0) {
-      const acc_t shift = st.m - cmax;
-      const acc_t r = std::exp(shift);
-      if constexpr (ENTROPY) st.xs = r * (st.xs + shift * st.s);
-      if constexpr (SQ) st.sq *= r * r;
-      st.s *= r;
-    }
-    st.m = cmax;
-  }
-  const Vec vk(c.factor), vk_lo(c.factor_lo), vneg_m(-st.m), vlowest(std::numeric_limits<acc_t>::lowest());
-  Vec vs(acc_t(0)), vxs(acc_t(0)), vsq(acc_t(0));
-  int64_t i = 0;
-  for (; i + Vec::size() <= n; i += Vec::size()) {
-    const Vec x = at::vec::maximum(Vec::loadu(c.x + i), vlowest);
-    const Vec d = at::vec::fmadd(x, vk, at::vec::fmadd(x, vk_lo, vneg_m));
-    const Vec e = d.exp();
-    vs += e;
-    // d = -inf has e = 0; clamping d keeps 0 * -inf from turning into NaN.
-    if constexpr (ENTROPY) vxs = at::vec::fmadd(e, at::vec::maximum(d, vlowest), vxs);
-    if constexpr (SQ) vsq = at::vec::fmadd(e, e, vsq);
-  }
-  acc_t s = hsum(vs), xs = ENTROPY ? hsum(vxs) : acc_t(0), sq = SQ ? hsum(vsq) : acc_t(0);
-  for (; i < n; ++i) {
-    const acc_t d = c.shifted(c.x[i], st.m);
-    const acc_t e = std::exp(d);
-    s += e;
-    if constexpr (ENTROPY) xs += e * std::max(d, std::numeric_limits<acc_t>::lowest());
-    if constexpr (SQ) sq += e * e;
-  }
-  st.s += s;
-  if constexpr (ENTROPY) st.xs += xs;
-  if constexpr (SQ) st.sq += sq;
-}
+using namespace rows;
 
 struct ForwardOutputs {
   at::Tensor logps, entropy, log_sum_sq_probs, mean_logits, is_top1, lse;
@@ -322,9 +47,8 @@ void forward_rows(const at::Tensor& logits, const int64_t* labels, int64_t ignor
   acc_t* log_sum_sq = flags.log_sum_sq ? out.log_sum_sq_probs.mutable_data_ptr<acc_t>() : nullptr;
   acc_t* mean = flags.mean ? out.mean_logits.mutable_data_ptr<acc_t>() : nullptr;
   bool* top1 = flags.top1 ? out.is_top1.mutable_data_ptr<bool>() : nullptr;
-  const int64_t grain = std::max<int64_t>(1, 16384 / std::max<int64_t>(V, 1));
 
-  at::parallel_for(0, N, grain, [&](int64_t begin, int64_t end) {
+  at::parallel_for(0, N, row_grain(V), [&](int64_t begin, int64_t end) {
     std::unique_ptr<acc_t[]> buffer(new acc_t[kChunk]);
     for (int64_t r = begin; r < end; ++r) {
       const int64_t label = labels[r];
@@ -338,67 +62,17 @@ void forward_rows(const at::Tensor& logits, const int64_t* labels, int64_t ignor
         continue;
       }
       const scalar_t* row = base + (r / T) * sb + (r % T) * st_;
-      SoftmaxState<acc_t> state;
-      acc_t z_sum = 0, max_before_label = neg_inf<acc_t>();
-      // The label's logit as read (x) with its chunk's factors, so logp = x * k - lse rounds once.
-      acc_t x_label = 0, k_label = 0, k_label_lo = 0;
-      for (int64_t start = 0; start < V; start += kChunk) {
-        const int64_t n = std::min(kChunk, V - start);
-        const ChunkView<acc_t> c = view_chunk<scalar_t, acc_t>(row, sv, start, n, tf, linear, buffer.get());
-        acc_t cmax, csum;
-        if (mean) {
-          std::tie(cmax, csum) = max_and_sum<acc_t, true>(c.x, n);
-          z_sum += csum * c.factor;
-        } else {
-          cmax = max_and_sum<acc_t, false>(c.x, n).first;
-        }
-        cmax *= c.factor;
-        if (label >= start && label < start + n) {
-          x_label = c.x[label - start];
-          k_label = c.factor;
-          k_label_lo = c.factor_lo;
-          // argmax takes the first maximum: a tie with an earlier token is not a top-1 hit.
-          if (top1) max_before_label = nan_max(state.m, prefix_max(c.x, label - start) * c.factor);
-        }
-        if (cmax == neg_inf<acc_t>()) continue;  // an all -inf chunk adds nothing
-        fold_chunk<acc_t, ENTROPY, SQ>(c, n, cmax, state);
-      }
-      const acc_t log_s = std::log(state.s);
-      const acc_t lse = state.m + log_s;
-      const acc_t z_label = x_label * k_label;
-      logps[r] = std::fma(x_label, k_label, std::fma(x_label, k_label_lo, -lse));
-      lse_out[r] = lse;
-      if (entropy) entropy[r] = log_s - state.xs / state.s;
-      if (log_sum_sq) log_sum_sq[r] = std::log(state.sq) - 2 * log_s;
-      if (mean) mean[r] = z_sum / static_cast<acc_t>(V);
-      if (top1) top1[r] = z_label >= state.m && z_label > max_before_label;
+      const RowStats<acc_t> s = forward_row<scalar_t, acc_t, ENTROPY, SQ>(row, sv, V, label, tf, linear,
+                                                                          mean != nullptr, top1 != nullptr,
+                                                                          buffer.get());
+      logps[r] = s.logp;
+      lse_out[r] = s.lse;
+      if (entropy) entropy[r] = s.entropy;
+      if (log_sum_sq) log_sum_sq[r] = s.log_sum_sq;
+      if (mean) mean[r] = s.mean;
+      if (top1) top1[r] = s.top1;
     }
   });
-}
-
-void check_label_range(const int64_t* labels, int64_t N, int64_t V, int64_t ignore_index) {
-  for (int64_t r = 0; r < N; ++r) {
-    const int64_t label = labels[r];
-    TORCH_CHECK_VALUE(label == ignore_index || (label >= 0 && label < V), "labels: every value must lie in [0, ", V,
-                      ") (the vocabulary size, logits.shape[-1]) or equal ignore_index=", ignore_index, "; found ",
-                      label, " at flattened position ", r);
-  }
-}
-
-void check_inputs(const at::Tensor& logits, const at::Tensor& labels) {
-  TORCH_CHECK(logits.dim() == 3, "logits: expected a [B, T, V] view, got ", logits.dim(), " dims");
-  TORCH_CHECK(logits.device().is_cpu(), "logits: the native kernels take CPU tensors, got ", logits.device());
-  TORCH_CHECK(labels.dim() == 1 && labels.numel() == logits.size(0) * logits.size(1),
-              "labels: expected [B*T] = [", logits.size(0) * logits.size(1), "], got ", labels.sizes());
-  TORCH_CHECK(labels.scalar_type() == at::kLong && labels.is_contiguous(), "labels: expected contiguous int64");
-}
-
-template <typename acc_t>
-Transform<acc_t> make_transform(double temperature, double logit_scale, double softcap) {
-  const double k = logit_scale / temperature;
-  const acc_t hi = static_cast<acc_t>(k);
-  const acc_t lo = std::is_same_v<acc_t, double> ? acc_t(0) : static_cast<acc_t>(k - static_cast<double>(hi));
-  return {static_cast<acc_t>(logit_scale), static_cast<acc_t>(softcap), static_cast<acc_t>(1.0 / temperature), hi, lo};
 }
 
 std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> token_logprobs_forward(
@@ -431,27 +105,20 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tenso
   return {out.logps, out.entropy, out.log_sum_sq_probs, out.mean_logits, out.is_top1, out.lse};
 }
 
-// d/dz of  g * logp_label + gH * H :  g * (1[j = label] - p_j) - gH * p_j * (log p_j + H),
-// then back through the transform: * scale / T, times (1 - tanh^2) under softcap.
 template <typename scalar_t, typename acc_t, bool ENTROPY_GRAD>
 void backward_rows(const at::Tensor& logits, const int64_t* labels, int64_t ignore_index,
                    const Transform<acc_t>& tf, const acc_t* grad_logps, const acc_t* grad_entropy,
                    const acc_t* lse, const acc_t* entropy, at::Tensor& grad) {
-  using Vec = Vectorized<acc_t>;
   const int64_t T = logits.size(1), V = logits.size(2);
   const int64_t N = logits.size(0) * T;
   const int64_t sb = logits.stride(0), st_ = logits.stride(1), sv = logits.stride(2);
   const scalar_t* base = logits.const_data_ptr<scalar_t>();
   scalar_t* grad_base = grad.mutable_data_ptr<scalar_t>();
   const bool linear = sv == 1 && !tf.has_softcap() && tf.linear_factor() > 0;
-  const acc_t chain = tf.linear_factor();
-  const acc_t inv_cap_t = tf.has_softcap() ? acc_t(1) / (tf.softcap * tf.inv_t) : acc_t(0);
-  const int64_t grain = std::max<int64_t>(1, 16384 / std::max<int64_t>(V, 1));
 
-  at::parallel_for(0, N, grain, [&](int64_t begin, int64_t end) {
+  at::parallel_for(0, N, row_grain(V), [&](int64_t begin, int64_t end) {
     std::unique_ptr<acc_t[]> buffer(new acc_t[kChunk]);
     std::unique_ptr<acc_t[]> out_buffer(new acc_t[kChunk]);
-    alignas(64) acc_t lanes[Vec::size()];
     for (int64_t r = begin; r < end; ++r) {
       scalar_t* grad_row = grad_base + r * V;
       const int64_t label = labels[r];
@@ -459,68 +126,12 @@ void backward_rows(const at::Tensor& logits, const int64_t* labels, int64_t igno
         std::fill(grad_row, grad_row + V, scalar_t(0));
         continue;
       }
-      // Chunks start at multiples of kChunk, so an aligned row keeps every vector store aligned.
-      const bool stream = vector_aligned(grad_row);
       const scalar_t* row = base + (r / T) * sb + (r % T) * st_;
       const acc_t g = grad_logps ? grad_logps[r] : acc_t(0);
       const acc_t gh = ENTROPY_GRAD ? grad_entropy[r] : acc_t(0);
       const acc_t h = ENTROPY_GRAD ? entropy[r] : acc_t(0);
-      // The 1[j = label] term, through the transform's chain rule.
-      acc_t label_term = g * chain;
-      if (tf.has_softcap()) {
-        const acc_t t = std::tanh(static_cast<acc_t>(row[label * sv]) * (tf.scale / tf.softcap));
-        label_term *= (1 - t * t);
-      }
-      const Vec vg(g), vgh(gh), vh(h), vneg_lse(-lse[r]), vzero(acc_t(0)), vchain(chain), vone(acc_t(1)),
-          vinv_cap_t(inv_cap_t), vlowest(std::numeric_limits<acc_t>::lowest());
-      for (int64_t start = 0; start < V; start += kChunk) {
-        const int64_t n = std::min(kChunk, V - start);
-        const ChunkView<acc_t> c = view_chunk<scalar_t, acc_t>(row, sv, start, n, tf, linear, buffer.get());
-        acc_t* dz = std::is_same_v<scalar_t, acc_t> ? reinterpret_cast<acc_t*>(grad_row + start) : out_buffer.get();
-        const bool stream_dz = stream && std::is_same_v<scalar_t, acc_t>;
-        const int64_t label_at = label - start;  // the label's offset in this chunk, if it is here
-        const Vec vk(c.factor), vk_lo(c.factor_lo);
-        int64_t i = 0;
-        for (; i + Vec::size() <= n; i += Vec::size()) {
-          const Vec raw = Vec::loadu(c.x + i);
-          const Vec x = at::vec::maximum(raw, vlowest);
-          const Vec logp = at::vec::fmadd(x, vk, at::vec::fmadd(x, vk_lo, vneg_lse));
-          const Vec p = logp.exp();
-          Vec d;
-          if constexpr (ENTROPY_GRAD) {
-            d = p * at::vec::fmadd(vgh, logp + vh, vg);
-            d = Vec::blendv(d, vzero, p == vzero);  // p = 0 where z = -inf: no 0 * inf
-          } else {
-            d = p * vg;
-          }
-          if (tf.has_softcap()) {
-            const Vec t = raw * vk * vinv_cap_t;
-            d = (vzero - d) * vchain * (vone - t * t);
-          } else {
-            d = (vzero - d) * vchain;
-          }
-          if (label_at >= i && label_at < i + Vec::size()) {
-            d.store(lanes);
-            lanes[label_at - i] += label_term;
-            d = Vec::loadu(lanes);
-          }
-          store_vec(dz + i, d, stream_dz);
-        }
-        for (; i < n; ++i) {
-          const acc_t logp = c.shifted(c.x[i], lse[r]);
-          const acc_t p = std::exp(logp);
-          acc_t d = ENTROPY_GRAD ? (p == 0 ? acc_t(0) : p * (g + gh * (logp + h))) : p * g;
-          d = -d * chain;
-          if (tf.has_softcap()) {
-            const acc_t t = c.x[i] * c.factor * inv_cap_t;
-            d *= (1 - t * t);
-          }
-          dz[i] = i == label_at ? d + label_term : d;
-        }
-        if constexpr (!std::is_same_v<scalar_t, acc_t>) {
-          store_from_acc<scalar_t, acc_t>(dz, n, grad_row + start, stream);
-        }
-      }
+      backward_row<scalar_t, acc_t, ENTROPY_GRAD>(row, sv, V, label, tf, linear, g, gh, h, lse[r], grad_row,
+                                                  buffer.get(), out_buffer.get());
     }
     stream_fence();
   });
