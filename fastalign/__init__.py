@@ -10,6 +10,7 @@ from .backend import BACKENDS, available_backends, current_backend, use_backend
 from .cpo import CPOLoss, cpo_loss, cpo_loss_from_logits
 from .dpo import DPOLoss, dpo_loss, dpo_loss_from_logits
 from .gae import GAEOutput, gae
+from .grpo import GRPOLoss, grpo_loss, grpo_options
 from .kto import KTOLoss, kto_loss, kto_loss_from_logits
 from .logprobs import token_logprobs
 from .orpo import ORPOLoss, orpo_loss, orpo_loss_from_logits
@@ -35,6 +36,9 @@ __all__ = [
     "dpo_loss",
     "dpo_loss_from_logits",
     "gae",
+    "GRPOLoss",
+    "grpo_loss",
+    "grpo_options",
     "group_advantages",
     "kto_loss",
     "kto_loss_from_logits",

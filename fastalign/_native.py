@@ -48,3 +48,8 @@ def token_logprobs_forward(*args):
 def token_logprobs_backward(*args):
     require()
     return torch.ops.fastalign_cpu.token_logprobs_backward(*args)
+
+
+def policy_token_forward(*args):
+    require()
+    return torch.ops.fastalign_cpu.policy_token_forward(*args)

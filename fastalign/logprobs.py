@@ -9,6 +9,7 @@ C++ kernels for CPU tensors, the reference PyTorch otherwise or when forced (see
 
 from __future__ import annotations
 
+import importlib
 from collections.abc import Sequence
 
 import torch
@@ -16,23 +17,24 @@ import torch
 from . import _native, _triton
 from ._checks import check_label_range, check_token_logprobs_args
 from .backend import current_backend
-from .reference import logprobs as reference
 from .types import TokenLogprobs
 
 TRITON_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 
 
-def _implementation(backend: str, logits: torch.Tensor):
-    """The module that serves `backend` for these logits; each has the same forward/backward pair."""
+def _implementation(backend: str, logits: torch.Tensor, op: str = "logprobs"):
+    """The module that serves `backend` for these logits: `fastalign.kernels.<op>`, fastalign._C, or
+    `fastalign.reference.<op>`; each holds the same functions under the same names."""
     device = logits.device.type
+    ground_truth = importlib.import_module(f"fastalign.reference.{op}")
     if backend == "auto":
         if device == "cpu" and _native.status()[0]:
             return _native
         if device == "cuda" and logits.dtype in TRITON_DTYPES and _triton.status("cuda")[0]:
-            return _triton.kernels("logprobs")
-        return reference
+            return _triton.kernels(op)
+        return ground_truth
     if backend == "reference":
-        return reference
+        return ground_truth
     if backend == "native":
         if device != "cpu":
             raise RuntimeError(f"fastalign backend 'native' serves CPU tensors; the logits are on {logits.device}")
@@ -43,7 +45,7 @@ def _implementation(backend: str, logits: torch.Tensor):
         raise RuntimeError(f"fastalign backend 'triton' cannot run on {logits.device}: {why}")
     if logits.dtype not in TRITON_DTYPES:
         raise TypeError(f"logits: the triton backend takes float32, bfloat16 or float16, got {logits.dtype}")
-    return _triton.kernels("logprobs")
+    return _triton.kernels(op)
 
 
 def _acc_dtype(logits: torch.Tensor) -> torch.dtype:

@@ -1,0 +1,455 @@
+"""GRPO and its family (Dr.GRPO, DAPO, BNPO, CISPO, SAPO, GSPO, LUSPO) from logits or log-probs.
+
+convention="trl" is TRL 1.16's `GRPOTrainer._compute_loss` (loss types, `delta`, `beta` with the
+k3 KL and `use_bias_correction_kl`, GSPO via `importance_sampling_level="sequence"`, the vLLM
+importance-sampling ratio, `top_entropy_quantile`, the entropy bonus, off-policy sequence
+masking, the per-type normalizers) and its logged metrics. convention="verl" is verl's actor loss:
+`compute_policy_loss_vanilla` (dual-clip), `_gspo`, `_sapo`, `_cispo`, aggregated by `agg_loss`
+(token-mean, token-sum, seq-mean-token-mean, seq-mean-token-sum, seq-mean-token-sum-norm with
+`dp_size` and global counts), plus its KL loss (`kl_penalty`) and entropy loss, with verl's
+metric names.
+
+From logits, a token-level objective runs in one pass over the vocabulary (forward kernel writes
+the logits gradient); GSPO, the entropy-quantile mask and off-policy masking need all log-probs
+first and take two passes (see `fastalign/policy.py`).
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import torch
+
+from .policy import run_objective
+from .policy_inputs import (
+    as_float,
+    check_choice,
+    check_count,
+    check_epsilon,
+    check_nonnegative,
+    check_optional_positive,
+    check_tokens,
+    token_shape,
+)
+from .reference import policy as reference
+from .sequence import metric
+from .token_objective import KL_ESTIMATORS, TokenObjective
+from .types import LossOutput
+
+TRL_LOSS_TYPES = ("grpo", "bnpo", "dr_grpo", "dapo", "cispo", "sapo", "luspo")
+VERL_LOSS_TYPES = ("vanilla", "gspo", "cispo", "sapo")
+AGG_MODES = ("token-mean", "token-sum", "seq-mean-token-mean", "seq-mean-token-sum", "seq-mean-token-sum-norm")
+CLIP_TYPES = ("grpo", "bnpo", "dr_grpo", "dapo", "luspo")
+# TRL divides these by the gradient-accumulation steps after logging `policy_loss`.
+TRL_GA_SCALED = ("grpo", "sapo", "bnpo", "dr_grpo", "luspo")
+
+
+@dataclass(frozen=True)
+class GRPOOptions:
+    loss_type: str
+    convention: str
+    epsilon_low: float
+    epsilon_high: float
+    delta: float | None
+    beta: float
+    kl_estimator: str
+    use_bias_correction_kl: bool
+    importance_sampling_level: str
+    sapo_temperature_pos: float
+    sapo_temperature_neg: float
+    top_entropy_quantile: float
+    entropy_coef: float
+    off_policy_mask_threshold: float | None
+    max_completion_length: int | None
+    gradient_accumulation_steps: int
+    num_processes: int
+    steps_per_generation: int | None
+    loss_agg_mode: str
+    dp_size: int
+    loss_scale_factor: float | None
+    clip_ratio_c: float
+    transform: tuple[float, float, float | None]
+
+    def objective(self) -> TokenObjective:
+        kl = self.kl_estimator if self.beta != 0 else "none"
+        straight = kl.endswith("+")
+        kl = kl.rstrip("+")
+        low, high = 1 - self.epsilon_low, 1 + self.epsilon_high
+        trl = self.convention == "trl"
+        sequence = self.importance_sampling_level == "sequence"
+        if self.loss_type == "cispo":
+            surrogate = "cispo"
+            if trl:  # TRL caps the ratio at epsilon_high itself (ScaleRL's eps_max), with no lower bound
+                low, high = -math.inf, self.epsilon_high
+        elif self.loss_type == "sapo":
+            surrogate = "sapo"
+        else:
+            surrogate = "clip"
+        return TokenObjective(
+            surrogate=surrogate,
+            ratio_low=low,
+            ratio_high=high,
+            delta=self.delta if self.delta is not None else math.inf,
+            dual_clip=self.clip_ratio_c if (not trl and self.loss_type == "vanilla") else math.inf,
+            # verl clamps the token log-ratio to +-20 in every loss but GSPO (which clamps its own).
+            log_ratio_clamp=20.0 if (not trl and not sequence) else math.inf,
+            tau_pos=self.sapo_temperature_pos,
+            tau_neg=self.sapo_temperature_neg,
+            kl=kl,
+            kl_straight_through=straight,
+            kl_bias_correction=trl and self.use_bias_correction_kl and kl != "none",
+        )
+
+
+def grpo_options(
+    loss_type: str = "dapo",
+    *,
+    convention: str = "trl",
+    epsilon: float = 0.2,
+    epsilon_low: float | None = None,
+    epsilon_high: float | None = None,
+    delta: float | None = None,
+    beta: float = 0.0,
+    kl_estimator: str | None = None,
+    use_bias_correction_kl: bool = True,
+    importance_sampling_level: str = "token",
+    sapo_temperature_pos: float = 1.0,
+    sapo_temperature_neg: float = 1.05,
+    top_entropy_quantile: float = 1.0,
+    entropy_coef: float = 0.0,
+    off_policy_mask_threshold: float | None = None,
+    max_completion_length: int | None = None,
+    gradient_accumulation_steps: int = 1,
+    num_processes: int = 1,
+    steps_per_generation: int | None = None,
+    loss_agg_mode: str = "token-mean",
+    dp_size: int = 1,
+    loss_scale_factor: float | None = None,
+    clip_ratio_c: float = 3.0,
+    temperature: float = 1.0,
+    logit_scale: float = 1.0,
+    softcap: float | None = None,
+) -> GRPOOptions:
+    """Checks every option once (at construction for `GRPOLoss`) and names the bad one.
+
+    convention="trl" takes TRL's names (`loss_type`, `epsilon`, `epsilon_high`, `delta`, `beta`,
+    ...); convention="verl" takes verl's loss modes as `loss_type` ("vanilla", "gspo", "cispo",
+    "sapo"), `loss_agg_mode`, `clip_ratio_c` (dual-clip), `dp_size`, and `beta` as `kl_loss_coef`
+    with `kl_estimator` as `kl_loss_type`."""
+    check_choice("convention", convention, ("trl", "verl"))
+    valid = TRL_LOSS_TYPES if convention == "trl" else VERL_LOSS_TYPES
+    if loss_type not in valid:
+        raise ValueError(
+            f"loss_type: expected one of {', '.join(repr(v) for v in valid)} for convention={convention!r}; "
+            f"got {loss_type!r}"
+        )
+    epsilon = check_epsilon("epsilon", epsilon)
+    epsilon_low = epsilon if epsilon_low is None else check_epsilon("epsilon_low", epsilon_low)
+    if epsilon_high is None:
+        epsilon_high = epsilon
+    elif convention == "trl" and loss_type == "cispo":
+        epsilon_high = check_optional_positive("epsilon_high", epsilon_high)  # an absolute cap, e.g. 5.0
+    else:
+        epsilon_high = check_epsilon("epsilon_high", epsilon_high)
+    delta = check_optional_positive("delta", delta)
+    if delta is not None and convention == "verl":
+        raise ValueError("delta: TRL's two-sided clipping; with convention='verl' use loss_type='vanilla' and clip_ratio_c")
+    beta = check_nonnegative("beta", beta)
+    if kl_estimator is None:
+        kl_estimator = "k3" if convention == "trl" else "low_var_kl"
+    estimators = tuple(k for k in KL_ESTIMATORS if k != "none")
+    check_choice("kl_estimator", kl_estimator, estimators + tuple(k + "+" for k in estimators))
+    check_choice("importance_sampling_level", importance_sampling_level, ("token", "sequence"))
+    if convention == "verl":
+        if importance_sampling_level == "sequence" and loss_type != "gspo":
+            raise ValueError("importance_sampling_level: verl's sequence-level ratio is loss_type='gspo'")
+        if loss_type == "gspo":
+            importance_sampling_level = "sequence"
+    if importance_sampling_level == "sequence" and loss_type in ("cispo", "sapo"):
+        raise ValueError(f"importance_sampling_level: 'sequence' is not defined for loss_type={loss_type!r}")
+    sapo_temperature_pos = check_optional_positive("sapo_temperature_pos", sapo_temperature_pos)
+    sapo_temperature_neg = check_optional_positive("sapo_temperature_neg", sapo_temperature_neg)
+    if not isinstance(top_entropy_quantile, (int, float)) or not 0 < top_entropy_quantile <= 1:
+        raise ValueError(f"top_entropy_quantile: expected a value in (0, 1], got {top_entropy_quantile!r}")
+    if convention == "verl" and top_entropy_quantile < 1:
+        raise ValueError("top_entropy_quantile: a TRL option; not part of verl's actor loss")
+    entropy_coef = check_nonnegative("entropy_coef", entropy_coef)
+    off_policy_mask_threshold = check_optional_positive("off_policy_mask_threshold", off_policy_mask_threshold)
+    if convention == "verl" and off_policy_mask_threshold is not None:
+        raise ValueError("off_policy_mask_threshold: a TRL option; not part of verl's actor loss")
+    if loss_type == "dr_grpo":
+        if max_completion_length is None:
+            raise ValueError("max_completion_length: required for loss_type='dr_grpo' (its normalizer is B * L_max)")
+        check_count("max_completion_length", max_completion_length)
+    check_count("gradient_accumulation_steps", gradient_accumulation_steps)
+    check_count("num_processes", num_processes)
+    if steps_per_generation is not None:
+        check_count("steps_per_generation", steps_per_generation)
+    check_choice("loss_agg_mode", loss_agg_mode, AGG_MODES)
+    check_count("dp_size", dp_size)
+    loss_scale_factor = check_optional_positive("loss_scale_factor", loss_scale_factor)
+    if not isinstance(clip_ratio_c, (int, float)) or not clip_ratio_c > 1:
+        raise ValueError(f"clip_ratio_c: the dual-clip bound must be > 1, got {clip_ratio_c!r}")
+    return GRPOOptions(
+        loss_type, convention, epsilon_low, epsilon_high, delta, beta, kl_estimator, bool(use_bias_correction_kl),
+        importance_sampling_level, sapo_temperature_pos, sapo_temperature_neg, float(top_entropy_quantile),
+        entropy_coef, off_policy_mask_threshold, max_completion_length, gradient_accumulation_steps,
+        num_processes, steps_per_generation, loss_agg_mode, dp_size, loss_scale_factor, float(clip_ratio_c),
+        (temperature, logit_scale, softcap),
+    )
+
+
+def _weights(o: GRPOOptions, mask, num_items_in_batch, batch_num_tokens, global_batch_size, pg: bool):
+    if o.convention == "trl":
+        return reference.trl_weights(
+            mask, o.loss_type, max_completion_length=o.max_completion_length,
+            num_items_in_batch=num_items_in_batch, num_processes=o.num_processes,
+            gradient_accumulation_steps=o.gradient_accumulation_steps,
+            steps_per_generation=o.steps_per_generation,
+        )
+    # verl's SAPO aggregates its policy term by seq-mean-token-mean whatever the configured mode.
+    mode = "seq-mean-token-mean" if (pg and o.loss_type == "sapo") else o.loss_agg_mode
+    return reference.verl_weights(
+        mask, mode, dp_size=o.dp_size, batch_num_tokens=batch_num_tokens,
+        global_batch_size=global_batch_size, loss_scale_factor=o.loss_scale_factor,
+    )
+
+
+def _high_entropy_mask(entropies: torch.Tensor, mask: torch.Tensor, quantile: float) -> torch.Tensor:
+    """TRL's get_high_entropy_mask on one process: tokens at or above the (1 - q) entropy quantile."""
+    local = entropies[mask.bool()].float()
+    if local.numel() == 0:
+        return torch.zeros_like(mask, dtype=torch.bool)
+    threshold = torch.quantile(local, 1 - quantile)
+    return ((entropies * mask) >= threshold) & mask.bool()
+
+
+def grpo_loss(
+    logits: torch.Tensor | None = None,
+    labels: torch.Tensor | None = None,
+    *,
+    logps: torch.Tensor | None = None,
+    entropies: torch.Tensor | None = None,
+    completion_mask: torch.Tensor,
+    advantages: torch.Tensor,
+    old_logps: torch.Tensor | None = None,
+    ref_logps: torch.Tensor | None = None,
+    importance_sampling_ratio: torch.Tensor | None = None,
+    sampling_logps: torch.Tensor | None = None,
+    num_items_in_batch: torch.Tensor | float | None = None,
+    batch_num_tokens: torch.Tensor | float | None = None,
+    global_batch_size: torch.Tensor | float | None = None,
+    options: GRPOOptions | None = None,
+    **option_kwargs,
+) -> LossOutput:
+    """The GRPO-family loss and the trainer's metrics.
+
+    Inputs: `logits` [B, T, V] with `labels` [B, T] (the completion ids), or `logps` [B, T]
+    (with `entropies` [B, T] for the entropy metric, bonus or mask). `completion_mask` [B, T];
+    `advantages` [B] or [B, T]; `old_logps` [B, T] (None: on-policy, ratio 1 with its gradient);
+    `ref_logps` [B, T] (required when beta > 0); `importance_sampling_ratio` [B, T] or [B, 1]
+    (TRL's vLLM correction, already truncated or masked); `sampling_logps` (off-policy masking;
+    defaults to old_logps); `num_items_in_batch` (TRL's dapo/cispo normalizer);
+    `batch_num_tokens` / `global_batch_size` (verl's global counts, required when dp_size > 1).
+    """
+    o = options if options is not None else grpo_options(**option_kwargs)
+    if options is not None and option_kwargs:
+        raise ValueError(f"options: pass either options= or keyword options, not both ({sorted(option_kwargs)})")
+    shape, device, transform = token_shape(logits, labels, logps, o.transform)
+    mask = check_tokens("completion_mask", completion_mask, shape, device, floating=False)
+    advantages = check_tokens("advantages", advantages, shape, device, per_sequence=True)
+    like = logps if logps is not None else torch.empty(0)
+    mask_f = as_float(mask, like)
+    adv = as_float(advantages, like)
+    if old_logps is not None:
+        old_logps = as_float(check_tokens("old_logps", old_logps, shape, device), like)
+    if o.beta != 0:
+        if ref_logps is None:
+            raise ValueError(f"ref_logps: required when beta > 0 (beta={o.beta}): the KL term needs the reference log-probs")
+        ref_logps = as_float(check_tokens("ref_logps", ref_logps, shape, device), like)
+    else:
+        ref_logps = None
+    if entropies is not None:
+        if logits is not None:
+            raise ValueError("entropies: only used with logps; from logits the entropy is computed in the same pass")
+        entropies = check_tokens("entropies", entropies, shape, device)
+    needs_entropy = o.top_entropy_quantile < 1 or o.entropy_coef != 0
+    if logps is not None and needs_entropy and entropies is None:
+        raise ValueError("entropies: required with logps when top_entropy_quantile < 1 or entropy_coef != 0")
+    if importance_sampling_ratio is not None:
+        importance_sampling_ratio = as_float(
+            check_tokens("importance_sampling_ratio", importance_sampling_ratio, shape, device, per_sequence=True),
+            like,
+        )
+    if sampling_logps is not None:
+        if o.off_policy_mask_threshold is None:
+            raise ValueError("sampling_logps: only used with off_policy_mask_threshold")
+        sampling_logps = as_float(check_tokens("sampling_logps", sampling_logps, shape, device), like)
+    if o.convention == "trl" and o.loss_type in ("dapo", "cispo") and num_items_in_batch is None:
+        raise ValueError(
+            f"num_items_in_batch: required for loss_type={o.loss_type!r} (the global count of completion tokens "
+            "that normalizes the loss; TRL passes it to compute_loss)"
+        )
+    if o.convention == "verl" and o.dp_size > 1:
+        if o.loss_agg_mode == "token-mean" and batch_num_tokens is None:
+            raise ValueError("batch_num_tokens: required when dp_size > 1 with loss_agg_mode='token-mean'")
+        if o.loss_agg_mode.startswith("seq-mean") and global_batch_size is None:
+            raise ValueError(f"global_batch_size: required when dp_size > 1 with loss_agg_mode={o.loss_agg_mode!r}")
+
+    obj = o.objective()
+    w = _weights(o, mask_f, num_items_in_batch, batch_num_tokens, global_batch_size, pg=True)
+    w_other = w if o.convention == "trl" else _weights(o, mask_f, None, batch_num_tokens, global_batch_size, pg=False)
+    w_pg = w if importance_sampling_ratio is None else w * importance_sampling_ratio
+    w_kl = o.beta * w_other if o.beta != 0 else None
+
+    def entropy_weights(effective_mask):
+        if o.entropy_coef == 0:
+            return None
+        if o.convention == "trl":
+            return o.entropy_coef * effective_mask / effective_mask.sum().clamp(min=1.0) / o.gradient_accumulation_steps
+        return o.entropy_coef * w_other
+
+    state = {"entropy_mask": None}
+
+    def adjust(logps_, entropies_):
+        weights = w_pg
+        effective = mask_f
+        if o.top_entropy_quantile < 1:
+            keep = _high_entropy_mask(entropies_.detach(), mask_f, o.top_entropy_quantile).to(mask_f.dtype)
+            state["entropy_mask"] = keep
+            weights = weights * keep
+            effective = mask_f * keep
+        if o.off_policy_mask_threshold is not None:
+            weights = weights * _off_policy_keep(logps_.detach(), old_logps, sampling_logps, adv, mask_f,
+                                                 o.off_policy_mask_threshold)
+        log_ratio_ = None
+        if o.importance_sampling_level == "sequence":
+            log_ratio_ = _sequence_log_ratio(logps_, old_logps, mask_f, o.convention)
+        return weights, entropy_weights(effective), log_ratio_
+
+    token_local = (
+        o.importance_sampling_level == "token" and o.top_entropy_quantile == 1 and o.off_policy_mask_threshold is None
+    )
+    pieces, token_logps, token_entropies = run_objective(
+        logits=logits, labels=labels, logps=logps, entropies=entropies, mask=mask, old_logps=old_logps,
+        ref_logps=ref_logps, advantages=adv, obj=obj, w_pg=w_pg, w_kl=w_kl,
+        w_entropy=entropy_weights(mask_f), transform=transform,
+        adjust=None if (token_local and logits is not None) else adjust,
+    )
+    metrics = _metrics(o, obj, pieces, token_logps, old_logps, token_entropies, mask_f, adv, w_pg if state["entropy_mask"] is None
+                       else w_pg * state["entropy_mask"], w_kl, entropy_weights(mask_f))
+    return LossOutput(pieces["loss"], metrics)
+
+
+def _off_policy_keep(logps, old_logps, sampling_logps, adv, mask, threshold):
+    """TRL's get_off_policy_mask: drop sequences with A < 0 whose mean KL to the sampler exceeds the threshold."""
+    sampling = sampling_logps if sampling_logps is not None else (old_logps if old_logps is not None else logps)
+    kl = torch.nan_to_num(sampling - logps, nan=0.0)
+    mean_kl = (kl * mask).sum(-1, keepdim=True) / mask.sum(-1, keepdim=True).clamp(min=1.0)
+    return ((adv >= 0) | (mean_kl <= threshold)).to(mask.dtype)
+
+
+def _sequence_log_ratio(logps, old_logps, mask, convention):
+    """GSPO's log-ratio: TRL uses the sequence mean itself ([B, 1]); verl keeps a per-token
+    sg(mean) + logp - sg(logp), clamped at 10 (compute_policy_loss_gspo)."""
+    token = logps - (logps.detach() if old_logps is None else old_logps)
+    mean = (token * mask).sum(-1) / mask.sum(-1).clamp(min=1.0)
+    if convention == "trl":
+        return mean.unsqueeze(-1)
+    return (logps - logps.detach() + mean.detach().unsqueeze(-1)).clamp(max=10.0)
+
+
+def _metrics(o, obj, pieces, token_logps, old_logps, entropies, mask, adv, w_pg, w_kl, w_entropy):
+    ratio = pieces["ratio"].detach()
+    pg = pieces["pg"].detach()
+    pg_loss = reference.masked_total(pg, w_pg).detach()
+    kl_loss = reference.masked_total(pieces["kl"].detach(), w_kl) if w_kl is not None else None
+    out = {}
+    if o.convention == "trl":
+        def global_mean(x):
+            if x.shape[-1] == 1:
+                return x.sum() / x.shape[0]
+            return reference.masked_mean(x, mask)
+
+        def seq_means(x):
+            if x.shape[-1] == 1:
+                return x.squeeze(-1)
+            return (x * mask).sum(-1) / mask.sum(-1)
+
+        if o.beta != 0:
+            out["kl"] = global_mean(pieces["kl"].detach())
+        if entropies is not None:
+            out["entropy"] = reference.masked_mean(entropies.detach(), mask)
+        if o.loss_type in CLIP_TYPES:
+            coef = ratio.clamp(max=o.delta) if o.delta is not None else ratio
+            low = ((coef < 1 - o.epsilon_low) & (adv < 0)).float()
+            high = ((coef > 1 + o.epsilon_high) & (adv > 0)).float()
+            region = ((low + high) > 0).float()
+            out["clip_ratio/low_mean"] = global_mean(low)
+            out["clip_ratio/high_mean"] = global_mean(high)
+            out["clip_ratio/region_mean"] = global_mean(region)
+            low_seq, high_seq = seq_means(low), seq_means(high)
+            out["clip_ratio/low_min"] = _nan_extreme(low_seq, torch.min)
+            out["clip_ratio/high_max"] = _nan_extreme(high_seq, torch.max)
+        elif o.loss_type == "cispo":
+            out["cispo_clip_ratio"] = global_mean(((ratio > o.epsilon_high) & (adv > 0)).float())
+        if o.entropy_coef != 0:
+            policy = pg_loss + (kl_loss if kl_loss is not None else 0.0)
+            if o.loss_type in TRL_GA_SCALED:
+                policy = policy * o.gradient_accumulation_steps
+            out["policy_loss"] = policy
+            out["entropy_coef"] = torch.tensor(o.entropy_coef)
+    else:
+        log_ratio_ = pieces["log_ratio"].detach()
+
+        def verl_mean(x):
+            x, m = torch.broadcast_tensors(x, mask)
+            return torch.where(m != 0, x * m, 0.0).sum() / (m.sum() + 1e-8)
+
+        if o.loss_type == "gspo":
+            # verl's ppo_kl for GSPO is the plain token log-ratio, not the sequence one.
+            log_ratio_ = token_logps.detach() - old_logps if old_logps is not None else torch.zeros_like(token_logps)
+        if o.loss_type in ("vanilla", "gspo"):
+            loss1 = -adv * ratio
+            loss2 = -adv * ratio.clamp(obj.ratio_low, obj.ratio_high)
+            out["actor/pg_clipfrac"] = verl_mean((loss2 > loss1).float())
+        elif o.loss_type == "cispo":
+            out["actor/pg_clipfrac"] = verl_mean((ratio != ratio.clamp(obj.ratio_low, obj.ratio_high)).float())
+        else:
+            out["actor/pg_clipfrac"] = torch.zeros(())
+        if o.loss_type == "vanilla":
+            best = torch.maximum(-adv * ratio, -adv * ratio.clamp(obj.ratio_low, obj.ratio_high))
+            out["actor/pg_clipfrac_lower"] = verl_mean(((best > -adv * obj.dual_clip) & (adv < 0)).float())
+        else:
+            out["actor/pg_clipfrac_lower"] = torch.zeros(())
+        out["actor/ppo_kl"] = verl_mean(-log_ratio_)
+        out["actor/pg_loss"] = pg_loss
+        if entropies is not None and w_entropy is not None:
+            out["actor/entropy_loss"] = reference.masked_total(entropies.detach(), w_entropy / o.entropy_coef)
+        if kl_loss is not None:
+            out["kl_loss"] = kl_loss / o.beta
+            out["kl_coef"] = torch.tensor(o.beta)
+    return {name: metric(value) for name, value in out.items() if value is not None}
+
+
+def _nan_extreme(values: torch.Tensor, reduce) -> torch.Tensor:
+    """TRL's nanmin / nanmax: the extreme over non-NaN values, NaN when there is none."""
+    kept = values[~torch.isnan(values)]
+    return reduce(kept) if kept.numel() else torch.tensor(float("nan"))
+
+
+class GRPOLoss(torch.nn.Module):
+    """`grpo_loss` with its options fixed (and checked) at construction.
+
+    >>> loss_fn = GRPOLoss(loss_type="dapo", epsilon_high=0.28, beta=0.04)
+    >>> out = loss_fn(logits=logits, labels=ids, completion_mask=mask, advantages=adv,
+    ...               ref_logps=ref, num_items_in_batch=n)
+    """
+
+    def __init__(self, loss_type: str = "dapo", **options):
+        super().__init__()
+        self.options = grpo_options(loss_type, **options)
+
+    def forward(self, logits=None, labels=None, **inputs) -> LossOutput:
+        return grpo_loss(logits, labels, options=self.options, **inputs)

@@ -1,0 +1,182 @@
+"""Token-level policy objectives from logits in one pass: the op `fastalign::policy_token_forward`.
+
+The op reads each row of logits once and returns the token's log-prob and entropy together with
+the gradient of the whole loss w.r.t. that row (`fastalign/token_objective.py` describes the
+objective; the weights carry the aggregation). The loss value and every metric are then computed
+from those log-probs by `fastalign.reference.policy` (a few elementwise ops on [B, T]), and the
+gradient is handed to autograd as is: backward never reads the logits again.
+
+Objectives that are not token-local (GSPO's sequence ratio, the top-entropy-quantile mask,
+off-policy sequence masking) need every log-prob before any gradient exists; they take the two
+passes of `token_logprobs` (forward, then backward) with the same math in between.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from .backend import current_backend
+from .logprobs import _acc_dtype, _as_rows, _implementation
+from .reference import policy as reference
+from .token_objective import TokenObjective
+
+
+@torch.library.custom_op("fastalign::policy_token_forward", mutates_args=())
+def policy_token_forward(
+    logits: torch.Tensor,
+    labels: torch.Tensor,
+    old_logps: torch.Tensor,
+    ref_logps: torch.Tensor,
+    advantages: torch.Tensor,
+    w_pg: torch.Tensor,
+    w_kl: torch.Tensor,
+    grad_entropy: torch.Tensor,
+    temperature: float,
+    logit_scale: float,
+    softcap: float,
+    ignore_index: int,
+    surrogate: int,
+    kl: int,
+    params: list[float],
+    with_grad: bool,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """logits [B, T, V] (any strides), labels and the per-token vectors [B*T] (absent ones [0]) ->
+    (logps, entropy, grad w.r.t. logits [B, T, V] contiguous or [0], lse)."""
+    impl = _implementation(current_backend(), logits, "policy")
+    return impl.policy_token_forward(
+        logits, labels, old_logps, ref_logps, advantages, w_pg, w_kl, grad_entropy,
+        temperature, logit_scale, softcap, ignore_index, surrogate, kl, params, with_grad,
+    )
+
+
+@policy_token_forward.register_fake
+def _(logits, labels, old_logps, ref_logps, advantages, w_pg, w_kl, grad_entropy,
+      temperature, logit_scale, softcap, ignore_index, surrogate, kl, params, with_grad):
+    n = labels.shape[0]
+    acc = _acc_dtype(logits)
+    grad = torch.empty(logits.shape if with_grad else (0,), dtype=logits.dtype, device=logits.device)
+    return logits.new_empty(n, dtype=acc), logits.new_empty(n, dtype=acc), grad, logits.new_empty(n, dtype=acc)
+
+
+class _PrecomputedGradient(torch.autograd.Function):
+    """A loss value whose gradient w.r.t. `logits` was produced by the forward kernel."""
+
+    @staticmethod
+    def forward(ctx, loss, logits, grad):
+        ctx.save_for_backward(grad)
+        ctx.shape = logits.shape
+        return loss.clone()
+
+    @staticmethod
+    def backward(ctx, grad_output):
+        (grad,) = ctx.saved_tensors
+        grad = grad.view(ctx.shape)
+        # loss.backward() passes exactly 1: skip a pass over the gradient.
+        if not bool(grad_output == 1):
+            grad = grad * grad_output.to(grad.dtype)
+        return None, grad, None
+
+
+def _flat(value: torch.Tensor | None, shape: torch.Size, dtype: torch.dtype) -> torch.Tensor | None:
+    """A per-token tensor broadcast to `shape`, as a contiguous [N] vector for the kernels."""
+    if value is None:
+        return None
+    return torch.broadcast_to(value.detach().to(dtype), shape).reshape(-1).contiguous()
+
+
+def fused_objective(
+    logits: torch.Tensor,
+    labels: torch.Tensor,
+    *,
+    old_logps: torch.Tensor | None,
+    ref_logps: torch.Tensor | None,
+    advantages: torch.Tensor,
+    obj: TokenObjective,
+    w_pg: torch.Tensor,
+    w_kl: torch.Tensor | None,
+    w_entropy: torch.Tensor | None,
+    temperature: float,
+    logit_scale: float,
+    softcap: float,
+    ignore_index: int,
+) -> tuple[dict[str, torch.Tensor], torch.Tensor, torch.Tensor]:
+    """(pieces of `reference.objective` with a differentiable "loss", logps, entropy) in one pass.
+
+    `labels` already hold `ignore_index` wherever the token does not count; logps and entropy come
+    back shaped like `labels`, detached (the gradient travels with the loss)."""
+    shape = labels.shape
+    # The op sits outside autograd: its gradient output reaches `logits` through _PrecomputedGradient.
+    rows = _as_rows(logits.detach())
+    acc = _acc_dtype(logits)
+    with_grad = torch.is_grad_enabled() and logits.requires_grad
+    empty = logits.new_empty(0, dtype=acc)
+
+    def vector(value):
+        flat = _flat(value, shape, acc)
+        return empty if flat is None else flat
+
+    surrogate, kl, params = obj.kernel_args()
+    grad_entropy = None if w_entropy is None else -w_entropy
+    logps, entropy, grad, _ = policy_token_forward(
+        rows, labels.reshape(-1).to(torch.int64), vector(old_logps), vector(ref_logps), vector(advantages),
+        vector(w_pg), vector(w_kl), vector(grad_entropy), temperature, logit_scale, softcap, ignore_index,
+        surrogate, kl, params, with_grad,
+    )
+    logps, entropy = logps.view(shape), entropy.view(shape)
+    with torch.no_grad():
+        pieces = reference.objective(
+            logps, old_logps, ref_logps, advantages, obj, w_pg, w_kl, entropy, w_entropy
+        )
+    if with_grad:
+        pieces["loss"] = _PrecomputedGradient.apply(pieces["loss"], logits, grad)
+    return pieces, logps, entropy
+
+
+def run_objective(
+    *,
+    logits: torch.Tensor | None,
+    labels: torch.Tensor | None,
+    logps: torch.Tensor | None,
+    entropies: torch.Tensor | None,
+    mask: torch.Tensor,
+    old_logps: torch.Tensor | None,
+    ref_logps: torch.Tensor | None,
+    advantages: torch.Tensor,
+    obj: TokenObjective,
+    w_pg: torch.Tensor,
+    w_kl: torch.Tensor | None,
+    w_entropy: torch.Tensor | None,
+    transform: tuple[float, float, float],
+    adjust=None,
+) -> tuple[dict[str, torch.Tensor], torch.Tensor, torch.Tensor | None]:
+    """The objective at either input level: (pieces with a differentiable "loss", logps, entropies).
+
+    From logits with `adjust=None` (a token-local objective) this is one fused pass. Otherwise the
+    log-probs come first (from `token_logprobs` when given logits), then
+    `adjust(logps, entropies) -> (w_pg, w_entropy, log_ratio or None)` may reweight tokens or set a
+    sequence-level log-ratio from them, and autograd carries the gradient back through the same
+    math (`token_logprobs`' backward reads the logits a second time)."""
+    from .logprobs import token_logprobs
+
+    temperature, logit_scale, softcap = transform
+    if logits is not None and adjust is None:
+        ignore_index = -100
+        masked_labels = labels.masked_fill(mask == 0, ignore_index)
+        return fused_objective(
+            logits, masked_labels, old_logps=old_logps, ref_logps=ref_logps, advantages=advantages, obj=obj,
+            w_pg=w_pg, w_kl=w_kl, w_entropy=w_entropy, temperature=temperature, logit_scale=logit_scale,
+            softcap=softcap, ignore_index=ignore_index,
+        )
+    if logits is not None:
+        fields = token_logprobs(
+            logits, labels, temperature=temperature, logit_scale=logit_scale, softcap=softcap or None,
+            mask=mask, outputs=("entropy",),
+        )
+        logps, entropies = fields.logps, fields.entropy
+    log_ratio_ = None
+    if adjust is not None:
+        w_pg, w_entropy, log_ratio_ = adjust(logps, entropies)
+    pieces = reference.objective(
+        logps, old_logps, ref_logps, advantages, obj, w_pg, w_kl, entropies, w_entropy, log_ratio_
+    )
+    return pieces, logps, entropies

@@ -1,0 +1,104 @@
+"""Input checks and preparation shared by the policy losses (GRPO family, PPO).
+
+Both take either logits [B, T, V] + labels [B, T] or per-token log-probs [B, T], plus a
+completion mask and per-token or per-sequence tensors; every mismatch is named here."""
+
+from __future__ import annotations
+
+import math
+
+import torch
+
+from ._checks import check_positive_finite, check_token_logprobs_args
+
+
+def check_epsilon(name: str, value: object) -> float:
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        raise TypeError(f"{name}: expected a number, got {type(value).__name__}")
+    if not 0 < value < 1:
+        raise ValueError(f"{name}: expected a clipping range in (0, 1), got {value}")
+    return float(value)
+
+
+def check_choice(name: str, value: object, valid: tuple[str, ...]) -> str:
+    if value not in valid:
+        raise ValueError(f"{name}: expected one of {', '.join(repr(v) for v in valid)}; got {value!r}")
+    return value
+
+
+def check_optional_positive(name: str, value: object) -> float | None:
+    return None if value is None else check_positive_finite(name, value)
+
+
+def check_nonnegative(name: str, value: object) -> float:
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        raise TypeError(f"{name}: expected a number, got {type(value).__name__}")
+    if not math.isfinite(value) or value < 0:
+        raise ValueError(f"{name}: expected a finite number >= 0, got {value}")
+    return float(value)
+
+
+def check_count(name: str, value: object) -> int:
+    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+        raise ValueError(f"{name}: expected an integer >= 1, got {value!r}")
+    return value
+
+
+def token_shape(
+    logits: torch.Tensor | None,
+    labels: torch.Tensor | None,
+    logps: torch.Tensor | None,
+    transform: tuple[float, float, float | None],
+) -> tuple[torch.Size, torch.device, tuple[float, float, float]]:
+    """The [B, T] shape and device fixed by the input level, and the checked logit transform."""
+    temperature, logit_scale, softcap = transform
+    if (logits is None) == (logps is None):
+        raise ValueError("logits / logps: pass exactly one input level, logits=[B, T, V] (with labels) or logps=[B, T]")
+    if logits is not None:
+        if labels is None:
+            raise ValueError("labels: required with logits (the completion token ids, [B, T])")
+        if logits.dim() != 3:
+            raise ValueError(f"logits: expected shape [B, T, V], got {tuple(logits.shape)}")
+        temperature, logit_scale, softcap, _ = check_token_logprobs_args(
+            logits, labels, temperature, -100, logit_scale, softcap, None, ()
+        )
+        return labels.shape, logits.device, (temperature, logit_scale, softcap)
+    if labels is not None:
+        raise ValueError("labels: only used with logits; with logps the labels are already gathered")
+    if not isinstance(logps, torch.Tensor) or logps.dim() != 2 or not logps.is_floating_point():
+        raise ValueError("logps: expected a float tensor of per-token log-probs [B, T]")
+    return logps.shape, logps.device, (1.0, 1.0, 0.0)
+
+
+def check_tokens(
+    name: str,
+    value: object,
+    shape: torch.Size,
+    device: torch.device,
+    *,
+    per_sequence: bool = False,
+    floating: bool = True,
+) -> torch.Tensor:
+    """A [B, T] tensor (or [B] / [B, 1] when `per_sequence`), returned as [B, T] or [B, 1]."""
+    if not isinstance(value, torch.Tensor):
+        raise TypeError(f"{name}: expected a torch.Tensor, got {type(value).__name__}")
+    b, t = shape
+    allowed = [(b, t)] + ([(b,), (b, 1)] if per_sequence else [])
+    if tuple(value.shape) not in allowed:
+        expected = " or ".join(str(s) for s in allowed)
+        raise ValueError(f"{name}: expected shape {expected} (B, T from the log-probs), got {tuple(value.shape)}")
+    if value.device != device:
+        raise ValueError(f"{name}: expected a tensor on {device}, got {value.device}")
+    if floating and not value.is_floating_point():
+        raise TypeError(f"{name}: expected a floating-point tensor, got {value.dtype}")
+    if not floating and (value.is_complex() or value.dtype.is_floating_point is None):
+        raise TypeError(f"{name}: expected a bool, integer or float mask, got {value.dtype}")
+    return value.unsqueeze(-1) if value.dim() == 1 else value
+
+
+def as_float(value: torch.Tensor | None, like: torch.Tensor) -> torch.Tensor | None:
+    """Per-token inputs in the computation dtype (fp32; fp64 stays fp64 for gradcheck)."""
+    if value is None:
+        return None
+    dtype = torch.float64 if like.dtype == torch.float64 else torch.float32
+    return value.to(dtype)
