@@ -11,6 +11,7 @@ from .cpo import CPOLoss, cpo_loss, cpo_loss_from_logits
 from .dpo import DPOLoss, dpo_loss, dpo_loss_from_logits
 from .gae import GAEOutput, gae
 from .grpo import GRPOLoss, grpo_loss, grpo_options
+from .ppo import PPOLoss, ppo_loss, ppo_options
 from .kto import KTOLoss, kto_loss, kto_loss_from_logits
 from .logprobs import token_logprobs
 from .orpo import ORPOLoss, orpo_loss, orpo_loss_from_logits
@@ -39,6 +40,9 @@ __all__ = [
     "GRPOLoss",
     "grpo_loss",
     "grpo_options",
+    "PPOLoss",
+    "ppo_loss",
+    "ppo_options",
     "group_advantages",
     "kto_loss",
     "kto_loss_from_logits",

@@ -30,11 +30,12 @@ from .policy_inputs import (
     check_nonnegative,
     check_optional_positive,
     check_tokens,
+    check_transform,
     token_shape,
 )
 from .reference import policy as reference
 from .sequence import metric
-from .token_objective import KL_ESTIMATORS, TokenObjective
+from .token_objective import TokenObjective, kl_estimator_name
 from .types import LossOutput
 
 TRL_LOSS_TYPES = ("grpo", "bnpo", "dr_grpo", "dapo", "cispo", "sapo", "luspo")
@@ -158,8 +159,7 @@ def grpo_options(
     beta = check_nonnegative("beta", beta)
     if kl_estimator is None:
         kl_estimator = "k3" if convention == "trl" else "low_var_kl"
-    estimators = tuple(k for k in KL_ESTIMATORS if k != "none")
-    check_choice("kl_estimator", kl_estimator, estimators + tuple(k + "+" for k in estimators))
+    kl_estimator = kl_estimator_name(kl_estimator, convention)
     check_choice("importance_sampling_level", importance_sampling_level, ("token", "sequence"))
     if convention == "verl":
         if importance_sampling_level == "sequence" and loss_type != "gspo":
@@ -196,7 +196,7 @@ def grpo_options(
         importance_sampling_level, sapo_temperature_pos, sapo_temperature_neg, float(top_entropy_quantile),
         entropy_coef, off_policy_mask_threshold, max_completion_length, gradient_accumulation_steps,
         num_processes, steps_per_generation, loss_agg_mode, dp_size, loss_scale_factor, float(clip_ratio_c),
-        (temperature, logit_scale, softcap),
+        check_transform(temperature, logit_scale, softcap),
     )
 
 

@@ -102,3 +102,13 @@ def as_float(value: torch.Tensor | None, like: torch.Tensor) -> torch.Tensor | N
         return None
     dtype = torch.float64 if like.dtype == torch.float64 else torch.float32
     return value.to(dtype)
+
+
+def check_transform(temperature: object, logit_scale: object, softcap: object) -> tuple[float, float, float | None]:
+    """The logit transform, checked at option time so a module fails at construction."""
+    from ._checks import check_finite
+
+    temperature = check_positive_finite("temperature", temperature)
+    logit_scale = check_finite("logit_scale", logit_scale)
+    softcap = check_optional_positive("softcap", softcap)
+    return temperature, logit_scale, softcap

@@ -53,3 +53,20 @@ class TokenObjective:
             self.tau_pos, self.tau_neg, float(self.kl_straight_through), float(self.kl_bias_correction),
         ]
         return SURROGATES.index(self.surrogate), KL_ESTIMATORS.index(self.kl), params
+
+
+# verl's kl_penalty names ("k3" is its clamped low-variance estimator; "kl", "mse" are k1, k2).
+VERL_KL_ALIASES = {"kl": "k1", "mse": "k2", "k3": "low_var_kl"}
+
+
+def kl_estimator_name(name: object, convention: str) -> str:
+    """The estimator `name` means under `convention`, with a "+" suffix kept (straight-through)."""
+    valid = tuple(k for k in KL_ESTIMATORS if k != "none")
+    aliases = VERL_KL_ALIASES if convention == "verl" else {}
+    choices = valid + tuple(aliases)
+    base = name[:-1] if isinstance(name, str) and name.endswith("+") else name
+    if base not in choices:
+        listed = ", ".join(repr(k) for k in choices)
+        raise ValueError(f"kl_estimator: expected one of {listed} (optionally with a '+' suffix); got {name!r}")
+    suffix = "+" if name.endswith("+") else ""
+    return aliases.get(base, base) + suffix

@@ -278,3 +278,16 @@ def policy_token_forward(
         g, present(grad_entropy), logits, labels, lse, entropy, temperature, logit_scale, softcap, ignore_index
     )
     return logps, entropy, grad, lse
+
+
+def clipped_value_loss(
+    vpreds: torch.Tensor, values: torch.Tensor, returns: torch.Tensor, clip: float | None
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """(per-token max(vf1, vf2), clipped flag): TRL PPOTrainer's and verl's compute_value_loss before
+    the 0.5 * aggregation. Without `clip` the loss is the plain squared error."""
+    loss1 = (vpreds - returns).square()
+    if clip is None:
+        return loss1, torch.zeros_like(loss1, dtype=torch.bool)
+    clipped = torch.max(torch.min(vpreds, values + clip), values - clip)  # verl's clip_by_value
+    loss2 = (clipped - returns).square()
+    return torch.max(loss1, loss2), loss2 > loss1

@@ -1,0 +1,236 @@
+"""PPO: the clipped policy objective (dual-clip, KL penalty, entropy bonus) and the clipped value loss.
+
+The policy term is verl's `compute_policy_loss_vanilla` (TRL's PPOTrainer is the same without
+dual-clip and without the +-20 log-ratio clamp: convention="trl"); the value term is
+`compute_value_loss` (TRL: `0.5 * masked_mean(max(vf1, vf2))`), both aggregated by verl's
+`agg_loss` modes. From logits the policy term takes one pass over the vocabulary (the forward
+kernel writes the logits gradient); the value term is elementwise on the value head's [B, T].
+
+    loss = pg_loss + kl_coef * kl_loss - entropy_coef * entropy_loss + vf_coef * vf_loss
+
+Metrics: pg_loss, vf_loss, approx_kl (masked mean of (log r)^2 / 2, TRL's approxkl),
+ppo_kl (masked mean of -log r, verl's), clipfrac (share of tokens whose clipped term is the
+larger loss), pg_clipfrac_lower (dual-clip active, A < 0), vf_clipfrac, entropy, kl.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import torch
+
+from .grpo import AGG_MODES
+from .policy import run_objective
+from .policy_inputs import (
+    as_float,
+    check_choice,
+    check_count,
+    check_epsilon,
+    check_nonnegative,
+    check_optional_positive,
+    check_tokens,
+    check_transform,
+    token_shape,
+)
+from .reference import policy as reference
+from .sequence import metric
+from .token_objective import TokenObjective, kl_estimator_name
+from .types import LossOutput
+
+
+@dataclass(frozen=True)
+class PPOOptions:
+    convention: str
+    epsilon_low: float
+    epsilon_high: float
+    dual_clip: float | None
+    kl_coef: float
+    kl_estimator: str
+    entropy_coef: float
+    vf_coef: float
+    value_clip: float | None
+    loss_agg_mode: str
+    dp_size: int
+    loss_scale_factor: float | None
+    transform: tuple[float, float, float | None]
+
+    def objective(self) -> TokenObjective:
+        kl = self.kl_estimator if self.kl_coef != 0 else "none"
+        return TokenObjective(
+            surrogate="clip",
+            ratio_low=1 - self.epsilon_low,
+            ratio_high=1 + self.epsilon_high,
+            dual_clip=self.dual_clip if self.dual_clip is not None else math.inf,
+            log_ratio_clamp=20.0 if self.convention == "verl" else math.inf,
+            kl=kl.rstrip("+"),
+            kl_straight_through=kl.endswith("+"),
+        )
+
+
+def ppo_options(
+    *,
+    convention: str = "verl",
+    epsilon: float = 0.2,
+    epsilon_low: float | None = None,
+    epsilon_high: float | None = None,
+    dual_clip: float | None = None,
+    kl_coef: float = 0.0,
+    kl_estimator: str = "low_var_kl",
+    entropy_coef: float = 0.0,
+    vf_coef: float = 0.1,
+    value_clip: float | None = 0.2,
+    loss_agg_mode: str = "token-mean",
+    dp_size: int = 1,
+    loss_scale_factor: float | None = None,
+    temperature: float = 1.0,
+    logit_scale: float = 1.0,
+    softcap: float | None = None,
+) -> PPOOptions:
+    """Checks every option and names the bad one. `dual_clip` is verl's clip_ratio_c (> 1; None = off),
+    `value_clip` TRL's cliprange_value / verl's cliprange_value (None = unclipped)."""
+    check_choice("convention", convention, ("trl", "verl"))
+    epsilon = check_epsilon("epsilon", epsilon)
+    epsilon_low = epsilon if epsilon_low is None else check_epsilon("epsilon_low", epsilon_low)
+    epsilon_high = epsilon if epsilon_high is None else check_epsilon("epsilon_high", epsilon_high)
+    if dual_clip is not None and (not isinstance(dual_clip, (int, float)) or not dual_clip > 1):
+        raise ValueError(f"dual_clip: the dual-clip bound c must be > 1, got {dual_clip!r}")
+    if convention == "trl" and dual_clip is not None:
+        raise ValueError("dual_clip: TRL's PPO has no dual-clip; use convention='verl'")
+    kl_coef = check_nonnegative("kl_coef", kl_coef)
+    kl_estimator = kl_estimator_name(kl_estimator, convention)
+    entropy_coef = check_nonnegative("entropy_coef", entropy_coef)
+    vf_coef = check_nonnegative("vf_coef", vf_coef)
+    value_clip = check_optional_positive("value_clip", value_clip)
+    check_choice("loss_agg_mode", loss_agg_mode, AGG_MODES)
+    check_count("dp_size", dp_size)
+    loss_scale_factor = check_optional_positive("loss_scale_factor", loss_scale_factor)
+    return PPOOptions(
+        convention, epsilon_low, epsilon_high, None if dual_clip is None else float(dual_clip), kl_coef,
+        kl_estimator, entropy_coef, vf_coef, value_clip, loss_agg_mode, dp_size, loss_scale_factor,
+        check_transform(temperature, logit_scale, softcap),
+    )
+
+
+def ppo_loss(
+    logits: torch.Tensor | None = None,
+    labels: torch.Tensor | None = None,
+    *,
+    logps: torch.Tensor | None = None,
+    entropies: torch.Tensor | None = None,
+    completion_mask: torch.Tensor,
+    advantages: torch.Tensor,
+    old_logps: torch.Tensor | None = None,
+    ref_logps: torch.Tensor | None = None,
+    vpreds: torch.Tensor | None = None,
+    values: torch.Tensor | None = None,
+    returns: torch.Tensor | None = None,
+    value_mask: torch.Tensor | None = None,
+    rollout_is_weights: torch.Tensor | None = None,
+    batch_num_tokens: torch.Tensor | float | None = None,
+    global_batch_size: torch.Tensor | float | None = None,
+    options: PPOOptions | None = None,
+    **option_kwargs,
+) -> LossOutput:
+    """PPO policy + value loss. `vpreds` [B, T] (the value head, differentiable), `values` [B, T]
+    (the rollout's values) and `returns` [B, T] come together or not at all; `value_mask`
+    defaults to `completion_mask` (TRL's PPOTrainer masks values one position further)."""
+    if options is not None and option_kwargs:
+        raise ValueError(f"options: pass either options= or keyword options, not both ({sorted(option_kwargs)})")
+    o = options if options is not None else ppo_options(**option_kwargs)
+    shape, device, transform = token_shape(logits, labels, logps, o.transform)
+    mask = check_tokens("completion_mask", completion_mask, shape, device, floating=False)
+    like = logps if logps is not None else torch.empty(0)
+    mask_f = as_float(mask, like)
+    adv = as_float(check_tokens("advantages", advantages, shape, device, per_sequence=True), like)
+    if old_logps is not None:
+        old_logps = as_float(check_tokens("old_logps", old_logps, shape, device), like)
+    if o.kl_coef != 0:
+        if ref_logps is None:
+            raise ValueError(f"ref_logps: required when kl_coef > 0 (kl_coef={o.kl_coef})")
+        ref_logps = as_float(check_tokens("ref_logps", ref_logps, shape, device), like)
+    else:
+        ref_logps = None
+    if entropies is not None:
+        if logits is not None:
+            raise ValueError("entropies: only used with logps; from logits the entropy is computed in the same pass")
+        entropies = check_tokens("entropies", entropies, shape, device)
+    if logps is not None and o.entropy_coef != 0 and entropies is None:
+        raise ValueError("entropies: required with logps when entropy_coef != 0")
+    given = [name for name, t in (("vpreds", vpreds), ("values", values), ("returns", returns)) if t is not None]
+    if given and len(given) != 3:
+        missing = sorted({"vpreds", "values", "returns"} - set(given))
+        raise ValueError(f"{', '.join(missing)}: the value loss needs vpreds, values and returns together")
+    if o.dp_size > 1:
+        if o.loss_agg_mode == "token-mean" and batch_num_tokens is None:
+            raise ValueError("batch_num_tokens: required when dp_size > 1 with loss_agg_mode='token-mean'")
+        if o.loss_agg_mode.startswith("seq-mean") and global_batch_size is None:
+            raise ValueError(f"global_batch_size: required when dp_size > 1 with loss_agg_mode={o.loss_agg_mode!r}")
+
+    def weights(m):
+        return reference.verl_weights(
+            m, o.loss_agg_mode, dp_size=o.dp_size, batch_num_tokens=batch_num_tokens,
+            global_batch_size=global_batch_size, loss_scale_factor=o.loss_scale_factor,
+        )
+
+    w = weights(mask_f)
+    w_pg = w
+    if rollout_is_weights is not None:
+        w_pg = w * as_float(check_tokens("rollout_is_weights", rollout_is_weights, shape, device, per_sequence=True),
+                            like)
+    w_kl = o.kl_coef * w if o.kl_coef != 0 else None
+    w_entropy = o.entropy_coef * w if o.entropy_coef != 0 else None
+    obj = o.objective()
+    pieces, token_logps, token_entropies = run_objective(
+        logits=logits, labels=labels, logps=logps, entropies=entropies, mask=mask, old_logps=old_logps,
+        ref_logps=ref_logps, advantages=adv, obj=obj, w_pg=w_pg, w_kl=w_kl, w_entropy=w_entropy,
+        transform=transform,
+    )
+    loss = pieces["loss"]
+    metrics = _policy_metrics(o, obj, pieces, token_entropies, mask_f, adv, w_pg, w_kl, w)
+    if given:
+        vmask = mask if value_mask is None else value_mask
+        vmask = as_float(check_tokens("value_mask", vmask, shape, device, floating=False), like)
+        vpreds_ = check_tokens("vpreds", vpreds, shape, device)
+        values_ = check_tokens("values", values, shape, device).detach()
+        returns_ = check_tokens("returns", returns, shape, device).detach()
+        per_token, clipped = reference.clipped_value_loss(vpreds_, values_, returns_, o.value_clip)
+        vf_loss = 0.5 * reference.masked_total(per_token, weights(vmask))
+        loss = loss + o.vf_coef * vf_loss
+        metrics["vf_loss"] = metric(vf_loss)
+        metrics["vf_clipfrac"] = metric(reference.masked_mean(clipped.float(), vmask))
+    return LossOutput(loss, metrics)
+
+
+def _policy_metrics(o, obj, pieces, entropies, mask, adv, w_pg, w_kl, w):
+    ratio = pieces["ratio"].detach()
+    log_ratio_ = pieces["log_ratio"].detach()
+    loss1 = -adv * ratio
+    loss2 = -adv * ratio.clamp(obj.ratio_low, obj.ratio_high)
+    out = {
+        "pg_loss": reference.masked_total(pieces["pg"].detach(), w_pg),
+        "approx_kl": reference.masked_mean(0.5 * log_ratio_.square(), mask),
+        "ppo_kl": reference.masked_mean(-log_ratio_, mask),
+        "clipfrac": reference.masked_mean((loss2 > loss1).float(), mask),
+    }
+    if o.dual_clip is not None:
+        best = torch.maximum(loss1, loss2)
+        out["pg_clipfrac_lower"] = reference.masked_mean(((best > -adv * o.dual_clip) & (adv < 0)).float(), mask)
+    else:
+        out["pg_clipfrac_lower"] = torch.zeros(())
+    if entropies is not None:
+        out["entropy"] = reference.masked_mean(entropies.detach(), mask)
+    if w_kl is not None:
+        out["kl"] = reference.masked_total(pieces["kl"].detach(), w)
+    return {name: metric(value) for name, value in out.items()}
+
+
+class PPOLoss(torch.nn.Module):
+    """`ppo_loss` with its options fixed (and checked) at construction."""
+
+    def __init__(self, **options):
+        super().__init__()
+        self.options = ppo_options(**options)
+
+    def forward(self, logits=None, labels=None, **inputs) -> LossOutput:
+        return ppo_loss(logits, labels, options=self.options, **inputs)
