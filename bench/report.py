@@ -56,6 +56,15 @@ TARGETS = [
     ),
     {
         "device": "cpu",
+        "op": "grpo_loss",
+        "pass": "fwd+bwd",
+        "shape": [16, 1024, 32000],
+        "dtype": "bfloat16",
+        "impl": "native",
+        "max": {"compile": 0.4},
+    },
+    {
+        "device": "cpu",
         "op": "gae",
         "pass": "fwd",
         "shape": [256, 4096],
@@ -70,6 +79,7 @@ LEGEND = [
         "eager",
         "`fastalign.reference.token_logprobs` in eager PyTorch (log_softmax + gather + entropy); for dpo_loss, "
         "`fastalign.reference.dpo.dpo_loss_from_logits` (log_softmax + gather + masked sums + the loss, TRL's layout); "
+        "for grpo_loss, TRL's dapo objective from logits as GRPOTrainer computes it (bench/bench_grpo.py); "
         "for gae, verl's `compute_gae_advantage_return` loop (ported); for group_advantages, "
         "`fastalign.reference.advantages` (vectorized PyTorch)",
     ),

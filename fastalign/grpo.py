@@ -31,7 +31,7 @@ from .policy_inputs import (
     check_optional_positive,
     check_tokens,
     check_transform,
-    token_shape,
+    policy_token_inputs,
 )
 from .reference import policy as reference
 from .sequence import metric
@@ -256,27 +256,15 @@ def grpo_loss(
     o = options if options is not None else grpo_options(**option_kwargs)
     if options is not None and option_kwargs:
         raise ValueError(f"options: pass either options= or keyword options, not both ({sorted(option_kwargs)})")
-    shape, device, transform = token_shape(logits, labels, logps, o.transform)
-    mask = check_tokens("completion_mask", completion_mask, shape, device, floating=False)
-    advantages = check_tokens("advantages", advantages, shape, device, per_sequence=True)
-    like = logps if logps is not None else torch.empty(0)
-    mask_f = as_float(mask, like)
-    adv = as_float(advantages, like)
-    if old_logps is not None:
-        old_logps = as_float(check_tokens("old_logps", old_logps, shape, device), like)
-    if o.beta != 0:
-        if ref_logps is None:
-            raise ValueError(f"ref_logps: required when beta > 0 (beta={o.beta}): the KL term needs the reference log-probs")
-        ref_logps = as_float(check_tokens("ref_logps", ref_logps, shape, device), like)
-    else:
-        ref_logps = None
-    if entropies is not None:
-        if logits is not None:
-            raise ValueError("entropies: only used with logps; from logits the entropy is computed in the same pass")
-        entropies = check_tokens("entropies", entropies, shape, device)
-    needs_entropy = o.top_entropy_quantile < 1 or o.entropy_coef != 0
-    if logps is not None and needs_entropy and entropies is None:
-        raise ValueError("entropies: required with logps when top_entropy_quantile < 1 or entropy_coef != 0")
+    needs = [n for n, on in (("top_entropy_quantile < 1", o.top_entropy_quantile < 1),
+                             ("entropy_coef != 0", o.entropy_coef != 0)) if on]
+    x = policy_token_inputs(
+        logits=logits, labels=labels, logps=logps, entropies=entropies, completion_mask=completion_mask,
+        advantages=advantages, old_logps=old_logps, ref_logps=ref_logps, transform=o.transform, kl_name="beta",
+        kl_weight=o.beta, entropy_needed_by=" or ".join(needs) or None,
+    )
+    shape, device, transform, like, mask, mask_f = x.shape, x.device, x.transform, x.like, x.mask, x.mask_f
+    adv, old_logps, ref_logps, entropies = x.advantages, x.old_logps, x.ref_logps, x.entropies
     if importance_sampling_ratio is not None:
         importance_sampling_ratio = as_float(
             check_tokens("importance_sampling_ratio", importance_sampling_ratio, shape, device, per_sequence=True),

@@ -6,6 +6,7 @@ completion mask and per-token or per-sequence tensors; every mismatch is named h
 from __future__ import annotations
 
 import math
+from typing import NamedTuple
 
 import torch
 
@@ -112,3 +113,48 @@ def check_transform(temperature: object, logit_scale: object, softcap: object) -
     logit_scale = check_finite("logit_scale", logit_scale)
     softcap = check_optional_positive("softcap", softcap)
     return temperature, logit_scale, softcap
+
+
+class TokenInputs(NamedTuple):
+    """The checked per-token inputs of a policy loss, in the computation dtype."""
+
+    shape: torch.Size
+    device: torch.device
+    transform: tuple[float, float, float]
+    like: torch.Tensor  # carries the computation dtype for `as_float`
+    mask: torch.Tensor  # as given (bool / int / float)
+    mask_f: torch.Tensor
+    advantages: torch.Tensor
+    old_logps: torch.Tensor | None
+    ref_logps: torch.Tensor | None
+    entropies: torch.Tensor | None
+
+
+def policy_token_inputs(
+    *, logits, labels, logps, entropies, completion_mask, advantages, old_logps, ref_logps, transform,
+    kl_name: str, kl_weight: float, entropy_needed_by: str | None,
+) -> TokenInputs:
+    """Checks the inputs every policy loss shares. `kl_name`/`kl_weight`: the option that asks for
+    ref_logps; `entropy_needed_by`: the options that need entropies at the logps level, if set."""
+    shape, device, transform = token_shape(logits, labels, logps, transform)
+    mask = check_tokens("completion_mask", completion_mask, shape, device, floating=False)
+    like = logps if logps is not None else torch.empty(0)
+    adv = as_float(check_tokens("advantages", advantages, shape, device, per_sequence=True), like)
+    if old_logps is not None:
+        old_logps = as_float(check_tokens("old_logps", old_logps, shape, device), like)
+    if kl_weight != 0:
+        if ref_logps is None:
+            raise ValueError(
+                f"ref_logps: required when {kl_name} > 0 ({kl_name}={kl_weight}): the KL term needs the "
+                "reference log-probs"
+            )
+        ref_logps = as_float(check_tokens("ref_logps", ref_logps, shape, device), like)
+    else:
+        ref_logps = None
+    if entropies is not None:
+        if logits is not None:
+            raise ValueError("entropies: only used with logps; from logits the entropy is computed in the same pass")
+        entropies = check_tokens("entropies", entropies, shape, device)
+    if logps is not None and entropy_needed_by and entropies is None:
+        raise ValueError(f"entropies: required with logps when {entropy_needed_by}")
+    return TokenInputs(shape, device, transform, like, mask, as_float(mask, like), adv, old_logps, ref_logps, entropies)

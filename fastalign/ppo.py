@@ -31,7 +31,7 @@ from .policy_inputs import (
     check_optional_positive,
     check_tokens,
     check_transform,
-    token_shape,
+    policy_token_inputs,
 )
 from .reference import policy as reference
 from .sequence import metric
@@ -138,25 +138,13 @@ def ppo_loss(
     if options is not None and option_kwargs:
         raise ValueError(f"options: pass either options= or keyword options, not both ({sorted(option_kwargs)})")
     o = options if options is not None else ppo_options(**option_kwargs)
-    shape, device, transform = token_shape(logits, labels, logps, o.transform)
-    mask = check_tokens("completion_mask", completion_mask, shape, device, floating=False)
-    like = logps if logps is not None else torch.empty(0)
-    mask_f = as_float(mask, like)
-    adv = as_float(check_tokens("advantages", advantages, shape, device, per_sequence=True), like)
-    if old_logps is not None:
-        old_logps = as_float(check_tokens("old_logps", old_logps, shape, device), like)
-    if o.kl_coef != 0:
-        if ref_logps is None:
-            raise ValueError(f"ref_logps: required when kl_coef > 0 (kl_coef={o.kl_coef})")
-        ref_logps = as_float(check_tokens("ref_logps", ref_logps, shape, device), like)
-    else:
-        ref_logps = None
-    if entropies is not None:
-        if logits is not None:
-            raise ValueError("entropies: only used with logps; from logits the entropy is computed in the same pass")
-        entropies = check_tokens("entropies", entropies, shape, device)
-    if logps is not None and o.entropy_coef != 0 and entropies is None:
-        raise ValueError("entropies: required with logps when entropy_coef != 0")
+    x = policy_token_inputs(
+        logits=logits, labels=labels, logps=logps, entropies=entropies, completion_mask=completion_mask,
+        advantages=advantages, old_logps=old_logps, ref_logps=ref_logps, transform=o.transform, kl_name="kl_coef",
+        kl_weight=o.kl_coef, entropy_needed_by="entropy_coef != 0" if o.entropy_coef != 0 else None,
+    )
+    shape, device, transform, like, mask, mask_f = x.shape, x.device, x.transform, x.like, x.mask, x.mask_f
+    adv, old_logps, ref_logps, entropies = x.advantages, x.old_logps, x.ref_logps, x.entropies
     given = [name for name, t in (("vpreds", vpreds), ("values", values), ("returns", returns)) if t is not None]
     if given and len(given) != 3:
         missing = sorted({"vpreds", "values", "returns"} - set(given))
