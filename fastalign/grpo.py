@@ -423,8 +423,9 @@ def _metrics(o, obj, pieces, token_logps, old_logps, entropies, mask, adv, w_pg,
 
 def _nan_extreme(values: torch.Tensor, reduce) -> torch.Tensor:
     """TRL's nanmin / nanmax: the extreme over non-NaN values, NaN when there is none."""
-    kept = values[~torch.isnan(values)]
-    return reduce(kept) if kept.numel() else torch.tensor(float("nan"))
+    nan = torch.isnan(values)
+    filled = values.masked_fill(nan, math.inf if reduce is torch.min else -math.inf)
+    return torch.where(nan.all(), float("nan"), reduce(filled))
 
 
 class GRPOLoss(torch.nn.Module):

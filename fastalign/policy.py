@@ -71,8 +71,9 @@ class _PrecomputedGradient(torch.autograd.Function):
     def backward(ctx, grad_output):
         (grad,) = ctx.saved_tensors
         grad = grad.view(ctx.shape)
-        # loss.backward() passes exactly 1: skip a pass over the gradient.
-        if not bool(grad_output == 1):
+        # loss.backward() passes exactly 1: skip a pass over the gradient (eager only: reading the
+        # value would break a compiled graph).
+        if torch.compiler.is_compiling() or not bool(grad_output == 1):
             grad = grad * grad_output.to(grad.dtype)
         return None, grad, None
 
