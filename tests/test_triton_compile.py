@@ -17,7 +17,7 @@ if importlib.util.find_spec("triton") is None:
     pytest.skip("triton is not installed", allow_module_level=True)
 
 GATE = Path(__file__).with_name("triton_compile_gate.py")
-KERNELS = Path(__file__).resolve().parents[1] / "kernels" / "logprobs.py"
+KERNELS_DIR = Path(__file__).resolve().parents[1] / "kernels"
 
 
 def _run_gate(*args: str, timeout: float = 600) -> subprocess.CompletedProcess:
@@ -34,6 +34,10 @@ def test_every_kernel_compiles_without_spills():
     proc = _run_gate()
     assert proc.returncode == 0, _report(proc)
     assert "no spills" in proc.stdout, _report(proc)
+    # Each kernels file took part (a launcher table that lost one would pass vacuously).
+    for kernel in ("_token_logprobs_fwd_kernel", "_token_logprobs_bwd_kernel", "_policy_token_kernel",
+                   "_gae_scan_kernel", "_group_advantages_kernel"):
+        assert kernel in proc.stdout, _report(proc)
 
 
 def test_row_offsets_are_64_bit():
@@ -44,18 +48,24 @@ def test_row_offsets_are_64_bit():
 
 
 @pytest.mark.parametrize(
-    "original, mutated, expected",
+    "file, original, mutated, expected",
     [
         # The row index left in 32 bits: b * stride_b and row * V overflow past 2^31 elements.
-        ("row = tl.program_id(0).to(tl.int64)", "row = tl.program_id(0)", "offset of type i32"),
+        ("logprobs.py", "row = tl.program_id(0).to(tl.int64)", "row = tl.program_id(0)", "offset of type i32"),
         # A strided vocabulary indexed in 32 bits: index * stride_v overflows past 2^31 elements.
-        (".to(tl.int64) * stride_v", " * stride_v", "32-bit use of %stride_v"),
+        ("logprobs.py", ".to(tl.int64) * stride_v", " * stride_v", "32-bit use of %stride_v"),
+        # The same two in the fused policy kernel, which also writes the [B, T, V] gradient.
+        ("policy.py", "row = tl.program_id(0).to(tl.int64)", "row = tl.program_id(0)", "offset of type i32"),
+        ("policy.py", ".to(tl.int64) * stride_v", " * stride_v", "32-bit use of %stride_v"),
     ],
 )
-def test_offset_check_catches_32_bit_arithmetic_in_the_kernels(tmp_path, original, mutated, expected):
-    source = KERNELS.read_text()
-    assert original in source, f"{original!r} no longer in {KERNELS.name}; update this test"
-    copy = tmp_path / "logprobs.py"
+def test_offset_check_catches_32_bit_arithmetic_in_the_kernels(tmp_path, file, original, mutated, expected):
+    source = (KERNELS_DIR / file).read_text()
+    assert original in source, f"{original!r} no longer in {file}; update this test"
+    # The kernels files beside it too: policy.py imports its sweep helpers from logprobs.py.
+    for sibling in KERNELS_DIR.glob("*.py"):
+        (tmp_path / sibling.name).write_text(sibling.read_text())
+    copy = tmp_path / file
     copy.write_text(source.replace(original, mutated))
     proc = _run_gate("--offsets-only", "--kernels", str(copy))
     assert proc.returncode == 1, _report(proc)

@@ -1,4 +1,5 @@
-"""Ahead-of-time compile gate for the Triton kernels in kernels/logprobs.py, kernels/gae.py and kernels/advantages.py.
+"""Ahead-of-time compile gate for the Triton kernels in kernels/logprobs.py, kernels/policy.py,
+kernels/gae.py and kernels/advantages.py.
 
 The launchers are called over their whole input space (every logits dtype, softcap on and off,
 contiguous and strided vocabulary, every combination of optional outputs and of gradients) with
@@ -26,6 +27,8 @@ from __future__ import annotations
 import argparse
 import collections
 import concurrent.futures
+import hashlib
+import importlib.machinery
 import importlib.util
 import itertools
 import multiprocessing
@@ -39,6 +42,7 @@ from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
 KERNELS_FILE = REPO / "kernels" / "logprobs.py"
+POLICY_KERNELS_FILE = REPO / "kernels" / "policy.py"
 GAE_KERNELS_FILE = REPO / "kernels" / "gae.py"
 ADVANTAGES_KERNELS_FILE = REPO / "kernels" / "advantages.py"
 DTYPES = ("float32", "bfloat16", "float16")
@@ -53,11 +57,28 @@ GAE_STRIDES = ("stride_rb", "stride_rt", "stride_vb", "stride_vt", "stride_mb", 
 _JOBS: list[dict] = []
 
 
+def _folder_package(folder: Path) -> str:
+    """A package made of ``folder`` alone (its __init__ is not run), one per folder: a kernels file
+    loaded into it resolves its relative imports (kernels/policy.py's ``from .logprobs import``)
+    to the files beside it rather than to an installed fastalign.kernels."""
+    name = f"_gate_kernels_{hashlib.sha1(str(folder).encode()).hexdigest()[:12]}"
+    if name not in sys.modules:
+        spec = importlib.machinery.ModuleSpec(name, None, is_package=True)
+        spec.submodule_search_locations = [str(folder)]
+        sys.modules[name] = importlib.util.module_from_spec(spec)
+    return name
+
+
 def load_kernels_module(path: Path = KERNELS_FILE):
-    """Import kernels/logprobs.py from this checkout (or another copy), whatever is installed."""
+    """Import a kernels file (kernels/logprobs.py, ...) from this checkout or another copy,
+    whatever is installed."""
     if os.environ.get("TRITON_INTERPRET", "0") not in ("", "0"):
         raise RuntimeError("TRITON_INTERPRET is set: triton.compile cannot take interpreted kernels")
-    spec = importlib.util.spec_from_file_location(f"_gate_kernels_{path.stem}", path)
+    path = Path(path).resolve()
+    name = f"{_folder_package(path.parent)}.{path.stem}"
+    if name in sys.modules:  # already imported by a sibling's relative import
+        return sys.modules[name]
+    spec = importlib.util.spec_from_file_location(name, path)
     module = importlib.util.module_from_spec(spec)
     sys.modules[spec.name] = module
     spec.loader.exec_module(module)
@@ -110,6 +131,33 @@ def _launcher_calls(module):
                                            logits, labels, lse, torch.zeros(B * T), **common)
 
 
+def _policy_launcher_calls(module):
+    """kernels/policy.py's launcher with a gradient, over every input kind: each logits dtype,
+    softcap on and off, contiguous and strided vocabulary, every surrogate and KL estimator, old
+    log-probs and an entropy gradient given or not (the surrogate and the estimator are runtime
+    arguments and dedupe to the same compilations; should they become constexprs, each gets its
+    own). Without a gradient the launcher runs the log-prob forward kernel, whose launches
+    _launcher_calls covers (with_entropy=True)."""
+    import torch
+
+    B, T, V = 2, 3, 48
+    N = B * T
+    vector, empty = torch.zeros(N), torch.empty(0)
+    params = [0.8, 1.2, 3.0, 3.0, 5.0, 1.0, 1.05, 0.0, 1.0]
+    for dtype_name, softcap, strided in itertools.product(DTYPES, (0.0, 30.0), (False, True)):
+        dtype = getattr(torch, dtype_name)
+        logits = torch.zeros(B, T, 2 * V, dtype=dtype)[..., ::2] if strided else torch.zeros(B, T, V, dtype=dtype)
+        labels = torch.zeros(N, dtype=torch.int64)
+        for surrogate_id, kl_id, has_old, has_grad_entropy in itertools.product(
+            range(3), range(6), (False, True), (False, True)
+        ):
+            module.policy_token_forward(
+                logits, labels, vector if has_old else empty, vector if kl_id else empty, vector, vector,
+                vector if kl_id else empty, vector if has_grad_entropy else empty,
+                0.7, 0.5 if softcap else 1.0, softcap, -100, surrogate_id, kl_id, params, True,
+            )
+
+
 def _gae_launcher_calls(module):
     """kernels/gae.py's launcher over every input kind: each rewards/values dtype, no mask or a
     bool or int64 mask, both recurrences (verl, trl), with and without whitening, unbiased or not."""
@@ -146,16 +194,22 @@ def _advantages_launcher_calls(module):
 
 
 # Which launcher calls and which offset rules go with a kernels file, by its name.
-LAUNCHERS = {"logprobs": _launcher_calls, "gae": _gae_launcher_calls, "advantages": _advantages_launcher_calls}
+LAUNCHERS = {
+    "logprobs": _launcher_calls,
+    "policy": _policy_launcher_calls,
+    "gae": _gae_launcher_calls,
+    "advantages": _advantages_launcher_calls,
+}
 OFFSET_RULES = {
     "logprobs": (LARGE_POINTERS, STRIDES),
+    "policy": (LARGE_POINTERS, STRIDES),
     "gae": (GAE_LARGE_POINTERS, GAE_STRIDES),
     "advantages": (ADVANTAGES_LARGE_POINTERS, ()),
 }
 
 
 def _stem(module) -> str:
-    return module.__name__.removeprefix("_gate_kernels_")
+    return module.__name__.rsplit(".", 1)[-1]
 
 
 def record_launches(module) -> dict[str, list[tuple[tuple, dict]]]:
@@ -376,8 +430,9 @@ def main(argv=None) -> int:
     parser.add_argument("--offsets-only", action="store_true",
                         help="only check 64-bit address arithmetic (one launch per kernel and the control)")
     parser.add_argument("--verbose", action="store_true", help="one line per compiled variant")
-    parser.add_argument("--kernels", type=Path, nargs="+", default=[KERNELS_FILE, GAE_KERNELS_FILE, ADVANTAGES_KERNELS_FILE],
-                        help="the kernels files to check (named logprobs.py, gae.py or advantages.py)")
+    parser.add_argument("--kernels", type=Path, nargs="+",
+                        default=[KERNELS_FILE, POLICY_KERNELS_FILE, GAE_KERNELS_FILE, ADVANTAGES_KERNELS_FILE],
+                        help="the kernels files to check (named logprobs.py, policy.py, gae.py or advantages.py)")
     args = parser.parse_args(argv)
 
     started = time.perf_counter()
