@@ -335,3 +335,34 @@ def test_torch_compile_fullgraph_matches_eager():
     leaf2 = logits.clone().requires_grad_()
     (grad2,) = torch.autograd.grad(loss_of(leaf2), leaf2)
     torch.testing.assert_close(grad, grad2)
+
+
+@pytest.mark.parametrize("backend", backend_params())
+@pytest.mark.parametrize("softcap", [None, 30.0])
+def test_wide_rows_with_masked_vocabulary_chunks(backend, softcap):
+    """Rows wider than one kernel chunk, a whole chunk of -inf logits (vocabulary masking) and a
+    label in the last, partial chunk: the gradient the forward writes equals the reference's."""
+    rows, width = 3, 4500
+    logits = torch.randn(2, rows, width, device=DEVICE) * 3
+    logits[:, :, :2048] = float("-inf")
+    logits[0, 1, 3000:] = float("-inf")
+    labels = torch.tensor([[4400, 2100, 2500], [2049, 4499, 3000]], device=DEVICE)
+    mask = torch.ones(2, rows, device=DEVICE)
+    advantages = torch.tensor([0.8, -1.1], device=DEVICE)
+    old = torch.full((2, rows), -8.0, device=DEVICE)
+    ref = torch.full((2, rows), -7.5, device=DEVICE)
+    kwargs = dict(completion_mask=mask, advantages=advantages, old_logps=old, ref_logps=ref, beta=0.04,
+                  loss_type="grpo", entropy_coef=0.01, temperature=TEMPERATURE, softcap=softcap)
+
+    def run(which):
+        leaf = logits.clone().requires_grad_()
+        with fastalign.use_backend(which):
+            out = grpo_loss(leaf, labels, **kwargs)
+            (grad,) = torch.autograd.grad(out.loss, leaf)
+        return out.loss, grad
+
+    ref_loss, ref_grad = run("reference")
+    loss, grad = run(backend)
+    torch.testing.assert_close(loss, ref_loss, rtol=1e-5, atol=1e-7)
+    torch.testing.assert_close(grad, ref_grad, rtol=1e-4, atol=1e-7)
+    assert grad[:, :, :2048].abs().max() == 0

@@ -4,8 +4,9 @@
 // coefficient g = d loss / d logp from its old/reference log-probs, advantage and weights (the
 // surrogate and KL of fastalign/token_objective.py), then the row's gradient
 //     g * (1[j = label] - p_j) - gH * p_j * (log p_j + H)
-// written while the row is still in cache. The logits cross the memory bus once and the gradient
-// is written once; a separate backward would read the logits a second time.
+// written right away. The logits cross the memory bus once and the gradient is written once (a
+// separate backward would read the logits a second time); the forward keeps each exp(z - m) in a
+// per-thread row buffer, so p_j costs a multiply, not a second exp — exp is most of the CPU time.
 
 #include <ATen/ATen.h>
 #include <ATen/Parallel.h>
@@ -132,6 +133,10 @@ void policy_rows(const at::Tensor& logits, const int64_t* labels, int64_t ignore
   at::parallel_for(0, N, row_grain(V), [&](int64_t begin, int64_t end) {
     std::unique_ptr<acc_t[]> buffer(new acc_t[kChunk]);
     std::unique_ptr<acc_t[]> out_buffer(new acc_t[kChunk]);
+    // The row's exps, kept from the forward for the gradient (a multiply instead of a second exp).
+    std::unique_ptr<acc_t[]> kept_e(new acc_t[with_grad ? V : 0]);
+    std::unique_ptr<acc_t[]> kept_shift(new acc_t[with_grad ? (V + kChunk - 1) / kChunk : 0]);
+    const KeptExp<acc_t> kept{kept_e.get(), kept_shift.get()};
     for (int64_t r = begin; r < end; ++r) {
       const int64_t label = labels[r];
       scalar_t* grad_row = with_grad ? grad_base + r * V : nullptr;
@@ -141,21 +146,28 @@ void policy_rows(const at::Tensor& logits, const int64_t* labels, int64_t ignore
         continue;
       }
       const scalar_t* row = base + (r / T) * sb + (r % T) * st_;
-      const RowStats<acc_t> s =
-          forward_row<scalar_t, acc_t, true, false>(row, sv, V, label, tf, linear, false, false, buffer.get());
+      if (!grad_row) {
+        const RowStats<acc_t> s =
+            forward_row<scalar_t, acc_t, true, false>(row, sv, V, label, tf, linear, false, false, buffer.get());
+        logps[r] = s.logp;
+        entropy[r] = s.entropy;
+        lse[r] = s.lse;
+        continue;
+      }
+      const RowStats<acc_t> s = forward_row<scalar_t, acc_t, true, false, true>(row, sv, V, label, tf, linear, false,
+                                                                                false, buffer.get(), kept);
       logps[r] = s.logp;
       entropy[r] = s.entropy;
       lse[r] = s.lse;
-      if (!grad_row) continue;
       const acc_t g = objective_grad<acc_t>(s.logp, old ? old + r : nullptr, ref ? ref + r : nullptr, adv[r],
                                             w_pg[r], w_kl ? w_kl[r] : acc_t(0), ob);
       const acc_t gh = g_entropy ? g_entropy[r] : acc_t(0);
       if (gh != 0) {
-        backward_row<scalar_t, acc_t, true>(row, sv, V, label, tf, linear, g, gh, s.entropy, s.lse, grad_row,
-                                            buffer.get(), out_buffer.get());
+        backward_row_kept<scalar_t, acc_t, true>(row, sv, V, label, tf, linear, g, gh, s.entropy, s.lse, kept,
+                                                 grad_row, buffer.get(), out_buffer.get());
       } else {
-        backward_row<scalar_t, acc_t, false>(row, sv, V, label, tf, linear, g, gh, s.entropy, s.lse, grad_row,
-                                             buffer.get(), out_buffer.get());
+        backward_row_kept<scalar_t, acc_t, false>(row, sv, V, label, tf, linear, g, gh, s.entropy, s.lse, kept,
+                                                  grad_row, buffer.get(), out_buffer.get());
       }
     }
     stream_fence();

@@ -254,8 +254,10 @@ inline acc_t prefix_max(const acc_t* x, int64_t n) {
 }
 
 // Folds one chunk (z = x * factor, chunk max `cmax` already known and not -inf) into the state.
-template <typename acc_t, bool ENTROPY, bool SQ>
-inline void fold_chunk(const ChunkView<acc_t>& c, int64_t n, acc_t cmax, SoftmaxState<acc_t>& st) {
+// KEEP: also stores each e = exp(z - m) into `kept`, for a gradient that follows at once.
+template <typename acc_t, bool ENTROPY, bool SQ, bool KEEP = false>
+inline void fold_chunk(const ChunkView<acc_t>& c, int64_t n, acc_t cmax, SoftmaxState<acc_t>& st,
+                       acc_t* kept = nullptr) {
   using Vec = Vectorized<acc_t>;
   if (!(cmax <= st.m)) {  // a new maximum, or NaN
     if (st.s > 0) {
@@ -274,6 +276,7 @@ inline void fold_chunk(const ChunkView<acc_t>& c, int64_t n, acc_t cmax, Softmax
     const Vec x = at::vec::maximum(Vec::loadu(c.x + i), vlowest);
     const Vec d = at::vec::fmadd(x, vk, at::vec::fmadd(x, vk_lo, vneg_m));
     const Vec e = d.exp();
+    if constexpr (KEEP) e.store(kept + i);
     vs += e;
     // d = -inf has e = 0; clamping d keeps 0 * -inf from turning into NaN.
     if constexpr (ENTROPY) vxs = at::vec::fmadd(e, at::vec::maximum(d, vlowest), vxs);
@@ -283,6 +286,7 @@ inline void fold_chunk(const ChunkView<acc_t>& c, int64_t n, acc_t cmax, Softmax
   for (; i < n; ++i) {
     const acc_t d = c.shifted(c.x[i], st.m);
     const acc_t e = std::exp(d);
+    if constexpr (KEEP) kept[i] = e;
     s += e;
     if constexpr (ENTROPY) xs += e * std::max(d, std::numeric_limits<acc_t>::lowest());
     if constexpr (SQ) sq += e * e;
@@ -298,12 +302,21 @@ struct RowStats {
   bool top1 = false;
 };
 
+// What a forward pass keeps for a gradient computed right after it: e_j = exp(z_j - m_c) for every
+// logit (V values) and the shift m_c its chunk used, so that p_j = e_j * exp(m_c - lse) costs a
+// multiply instead of a second exp.
+template <typename acc_t>
+struct KeptExp {
+  acc_t* e;        // V values
+  acc_t* shift;    // one per chunk; -inf for a chunk of -inf logits (its e are 0)
+};
+
 // One pass over a row (V logits, element stride sv): log p(label), logsumexp, and the fields
-// asked for. `buffer` holds kChunk acc_t values.
-template <typename scalar_t, typename acc_t, bool ENTROPY, bool SQ>
+// asked for. `buffer` holds kChunk acc_t values. KEEP fills `kept` (see KeptExp).
+template <typename scalar_t, typename acc_t, bool ENTROPY, bool SQ, bool KEEP = false>
 inline RowStats<acc_t> forward_row(const scalar_t* row, int64_t sv, int64_t V, int64_t label,
                                    const Transform<acc_t>& tf, bool linear, bool want_mean, bool want_top1,
-                                   acc_t* buffer) {
+                                   acc_t* buffer, KeptExp<acc_t> kept = {nullptr, nullptr}) {
   SoftmaxState<acc_t> state;
   acc_t z_sum = 0, max_before_label = neg_inf<acc_t>();
   // The label's logit as read (x) with its chunk's factors, so logp = x * k - lse rounds once.
@@ -326,8 +339,15 @@ inline RowStats<acc_t> forward_row(const scalar_t* row, int64_t sv, int64_t V, i
       // argmax takes the first maximum: a tie with an earlier token is not a top-1 hit.
       if (want_top1) max_before_label = nan_max(state.m, prefix_max(c.x, label - start) * c.factor);
     }
-    if (cmax == neg_inf<acc_t>()) continue;  // an all -inf chunk adds nothing
-    fold_chunk<acc_t, ENTROPY, SQ>(c, n, cmax, state);
+    if (cmax == neg_inf<acc_t>()) {  // an all -inf chunk adds nothing
+      if constexpr (KEEP) {
+        std::fill(kept.e + start, kept.e + start + n, acc_t(0));
+        kept.shift[start / kChunk] = neg_inf<acc_t>();
+      }
+      continue;
+    }
+    fold_chunk<acc_t, ENTROPY, SQ, KEEP>(c, n, cmax, state, KEEP ? kept.e + start : nullptr);
+    if constexpr (KEEP) kept.shift[start / kChunk] = state.m;
   }
   RowStats<acc_t> out;
   const acc_t log_s = std::log(state.s);
@@ -399,6 +419,80 @@ inline void backward_row(const scalar_t* row, int64_t sv, int64_t V, int64_t lab
       const acc_t logp = c.shifted(c.x[i], lse);
       const acc_t p = std::exp(logp);
       acc_t d = ENTROPY_GRAD ? (p == 0 ? acc_t(0) : p * (g + gh * (logp + h))) : p * g;
+      d = -d * chain;
+      if (tf.has_softcap()) {
+        const acc_t t = c.x[i] * c.factor * inv_cap_t;
+        d *= (1 - t * t);
+      }
+      dz[i] = i == label_at ? d + label_term : d;
+    }
+    if constexpr (!std::is_same_v<scalar_t, acc_t>) {
+      store_from_acc<scalar_t, acc_t>(dz, n, grad_row + start, stream);
+    }
+  }
+}
+
+// backward_row's gradient from the exps a KEEP forward stored: p_j = e_j * exp(m_c - lse). The
+// logits are read again only where the formula needs them (entropy gradient, softcap).
+template <typename scalar_t, typename acc_t, bool ENTROPY_GRAD>
+inline void backward_row_kept(const scalar_t* row, int64_t sv, int64_t V, int64_t label, const Transform<acc_t>& tf,
+                              bool linear, acc_t g, acc_t gh, acc_t h, acc_t lse, const KeptExp<acc_t>& kept,
+                              scalar_t* grad_row, acc_t* buffer, acc_t* out_buffer) {
+  using Vec = Vectorized<acc_t>;
+  const acc_t chain = tf.linear_factor();
+  const acc_t inv_cap_t = tf.has_softcap() ? acc_t(1) / (tf.softcap * tf.inv_t) : acc_t(0);
+  const bool need_x = ENTROPY_GRAD || tf.has_softcap();
+  alignas(64) acc_t lanes[Vec::size()];
+  const bool stream = vector_aligned(grad_row);
+  acc_t label_term = g * chain;
+  if (tf.has_softcap()) {
+    const acc_t t = std::tanh(static_cast<acc_t>(row[label * sv]) * (tf.scale / tf.softcap));
+    label_term *= (1 - t * t);
+  }
+  const Vec vg(g), vgh(gh), vh(h), vneg_lse(-lse), vzero(acc_t(0)), vchain(chain), vone(acc_t(1)),
+      vinv_cap_t(inv_cap_t), vlowest(std::numeric_limits<acc_t>::lowest());
+  for (int64_t start = 0; start < V; start += kChunk) {
+    const int64_t n = std::min(kChunk, V - start);
+    ChunkView<acc_t> c{nullptr, acc_t(1), acc_t(0)};
+    if (need_x) c = view_chunk<scalar_t, acc_t>(row, sv, start, n, tf, linear, buffer);
+    acc_t* dz = std::is_same_v<scalar_t, acc_t> ? reinterpret_cast<acc_t*>(grad_row + start) : out_buffer;
+    const bool stream_dz = stream && std::is_same_v<scalar_t, acc_t>;
+    const int64_t label_at = label - start;
+    const acc_t* e = kept.e + start;
+    const acc_t scale = std::exp(kept.shift[start / kChunk] - lse);
+    const Vec vscale(scale), vk(c.factor), vk_lo(c.factor_lo);
+    int64_t i = 0;
+    for (; i + Vec::size() <= n; i += Vec::size()) {
+      const Vec p = Vec::loadu(e + i) * vscale;
+      Vec d;
+      if constexpr (ENTROPY_GRAD) {
+        const Vec x = at::vec::maximum(Vec::loadu(c.x + i), vlowest);
+        const Vec logp = at::vec::fmadd(x, vk, at::vec::fmadd(x, vk_lo, vneg_lse));
+        d = p * at::vec::fmadd(vgh, logp + vh, vg);
+        d = Vec::blendv(d, vzero, p == vzero);  // p = 0 where z = -inf: no 0 * inf
+      } else {
+        d = p * vg;
+      }
+      if (tf.has_softcap()) {
+        const Vec t = Vec::loadu(c.x + i) * vk * vinv_cap_t;
+        d = (vzero - d) * vchain * (vone - t * t);
+      } else {
+        d = (vzero - d) * vchain;
+      }
+      if (label_at >= i && label_at < i + Vec::size()) {
+        d.store(lanes);
+        lanes[label_at - i] += label_term;
+        d = Vec::loadu(lanes);
+      }
+      store_vec(dz + i, d, stream_dz);
+    }
+    for (; i < n; ++i) {
+      const acc_t p = e[i] * scale;
+      acc_t d = p * g;
+      if constexpr (ENTROPY_GRAD) {
+        const acc_t logp = c.shifted(c.x[i], lse);
+        d = p == 0 ? acc_t(0) : p * (g + gh * (logp + h));
+      }
       d = -d * chain;
       if (tf.has_softcap()) {
         const acc_t t = c.x[i] * c.factor * inv_cap_t;
