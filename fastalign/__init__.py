@@ -10,7 +10,7 @@ from .backend import BACKENDS, available_backends, current_backend, use_backend
 from .cpo import CPOLoss, cpo_loss, cpo_loss_from_logits
 from .dpo import DPOLoss, dpo_loss, dpo_loss_from_logits
 from .gae import GAEOutput, gae
-from .grpo import GRPOLoss, grpo_loss, grpo_options
+from .grpo import GRPOLoss, grpo_loss, grpo_options, vllm_importance_sampling_ratio
 from .ppo import PPOLoss, ppo_loss, ppo_options
 from .kto import KTOLoss, kto_loss, kto_loss_from_logits
 from .logprobs import token_logprobs
@@ -40,6 +40,7 @@ __all__ = [
     "GRPOLoss",
     "grpo_loss",
     "grpo_options",
+    "vllm_importance_sampling_ratio",
     "PPOLoss",
     "ppo_loss",
     "ppo_options",

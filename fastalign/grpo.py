@@ -442,3 +442,34 @@ class GRPOLoss(torch.nn.Module):
 
     def forward(self, logits=None, labels=None, **inputs) -> LossOutput:
         return grpo_loss(logits, labels, options=self.options, **inputs)
+
+
+IS_MODES = ("token_truncate", "token_mask", "sequence_truncate", "sequence_mask")
+
+
+def vllm_importance_sampling_ratio(
+    old_logps: torch.Tensor,
+    sampling_logps: torch.Tensor,
+    completion_mask: torch.Tensor,
+    mode: str = "sequence_mask",
+    clip_min: float | None = None,
+    clip_max: float | None = 3.0,
+) -> torch.Tensor:
+    """TRL's vLLM importance-sampling correction (GRPOTrainer._generate_and_score_completions):
+    exp(old - sampling) per token ([B, T]) or per sequence ([B, 1], the sum over the completion),
+    clamped to [clip_min, clip_max] ("*_truncate") or set to 0 outside it ("*_mask"). NaN sampling
+    log-probs (tokens vLLM could not score) count as no correction. Pass the result to
+    `grpo_loss(importance_sampling_ratio=...)`."""
+    check_choice("mode", mode, IS_MODES)
+    shape = old_logps.shape
+    sampling_logps = check_tokens("sampling_logps", sampling_logps, shape, old_logps.device)
+    mask = check_tokens("completion_mask", completion_mask, shape, old_logps.device, floating=False)
+    diff = torch.nan_to_num((old_logps - sampling_logps) * mask, nan=0.0)
+    if mode.startswith("sequence"):
+        diff = diff.sum(dim=-1, keepdim=True)
+    ratio = torch.exp(diff)
+    if mode.endswith("truncate"):
+        return torch.clamp(ratio, min=clip_min, max=clip_max)
+    low = clip_min if clip_min is not None else -math.inf
+    high = clip_max if clip_max is not None else math.inf
+    return ratio.masked_fill((ratio < low) | (ratio > high), 0.0)

@@ -366,3 +366,24 @@ def test_wide_rows_with_masked_vocabulary_chunks(backend, softcap):
     torch.testing.assert_close(loss, ref_loss, rtol=1e-5, atol=1e-7)
     torch.testing.assert_close(grad, ref_grad, rtol=1e-4, atol=1e-7)
     assert grad[:, :, :2048].abs().max() == 0
+
+
+@pytest.mark.parametrize("mode", ["token_truncate", "token_mask", "sequence_truncate", "sequence_mask"])
+def test_vllm_importance_sampling_ratio_matches_trl(mode):
+    """TRL 1.16 GRPOTrainer._generate_and_score_completions, the importance-sampling block."""
+    _, _, mask, _, old, _ = make_batch(torch.float32)
+    sampling = old + 0.4 * torch.randn_like(old)
+    sampling[0, 1] = float("nan")
+    clip_min, clip_max = 0.5, 1.5
+    diff = torch.nan_to_num((old - sampling) * mask, nan=0.0)
+    if mode.startswith("sequence"):
+        diff = diff.sum(dim=-1, keepdim=True)
+    ratio = torch.exp(diff)
+    if mode.endswith("truncate"):
+        expected = torch.clamp(ratio, min=clip_min, max=clip_max)
+    else:
+        expected = ratio.masked_fill((ratio < clip_min) | (ratio > clip_max), value=0.0)
+    got = fastalign.vllm_importance_sampling_ratio(old, sampling, mask, mode, clip_min, clip_max)
+    torch.testing.assert_close(got, expected)
+    with pytest.raises(ValueError, match="mode: expected one of"):
+        fastalign.vllm_importance_sampling_ratio(old, sampling, mask, "token")
