@@ -207,10 +207,19 @@ def test_logps_level_equals_logits_level(config):
     assert out.metrics.keys() == out2.metrics.keys()
 
 
+VERL_CONFIGS = [
+    dict(convention="verl", loss_type="vanilla", beta=0.01, kl_estimator="low_var_kl", entropy_coef=0.01),
+    dict(convention="verl", loss_type="vanilla", loss_agg_mode="seq-mean-token-sum-norm", beta=0.01,
+         kl_estimator="k3+"),
+    dict(convention="verl", loss_type="gspo", loss_agg_mode="seq-mean-token-mean"),
+    dict(convention="verl", loss_type="sapo", beta=0.01, kl_estimator="abs"),
+    dict(convention="verl", loss_type="cispo", epsilon_high=0.28),
+]
+
+
 @pytest.mark.parametrize("backend", backend_params())
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
-@pytest.mark.parametrize("config", [CONFIGS[2], CONFIGS[6], CONFIGS[8], CONFIGS[9], CONFIGS[14]],
-                         ids=["grpo-delta-kl", "dapo-ga", "cispo", "sapo", "entropy-bonus"])
+@pytest.mark.parametrize("config", CONFIGS + VERL_CONFIGS, ids=lambda c: "-".join(f"{k}={v}" for k, v in c.items()))
 def test_gradient_matches_float64_truth(backend, dtype, config):
     from numerics import assert_as_accurate_as_reference
 
@@ -387,3 +396,33 @@ def test_vllm_importance_sampling_ratio_matches_trl(mode):
     torch.testing.assert_close(got, expected)
     with pytest.raises(ValueError, match="mode: expected one of"):
         fastalign.vllm_importance_sampling_ratio(old, sampling, mask, "token")
+
+
+@pytest.mark.parametrize("backend", backend_params())
+@pytest.mark.parametrize("loss_type", ["grpo", "dapo", "cispo", "sapo"])
+def test_ratios_at_the_clip_edges_both_advantage_signs(backend, loss_type):
+    """Ratios just inside and just outside 1 - eps_low and 1 + eps_high (and far outside), each with
+    a positive and a negative advantage: every backend's gradient equals the reference's."""
+    logits, labels, mask, _, _, ref = make_batch(torch.float32)
+    with torch.no_grad():
+        logps = fastalign.token_logprobs(logits, labels, temperature=TEMPERATURE).logps
+    ratios = torch.tensor([0.8 - 1e-3, 0.8 + 1e-3, 1.28 - 1e-3, 1.28 + 1e-3, 1.0, 0.05, 20.0], device=DEVICE)
+    old = logps - torch.log(ratios).repeat(B, 1)[:, :T]
+    advantages = torch.tensor([[1.0], [-1.0], [0.5], [-2.0]], device=DEVICE).expand(B, T).contiguous()
+    options = dict(loss_type=loss_type, epsilon=0.2, epsilon_high=0.28 if loss_type != "cispo" else 1.1,
+                   beta=0.04, num_items_in_batch=mask.sum(), temperature=TEMPERATURE)
+
+    def run(which):
+        leaf = logits.clone().requires_grad_()
+        with fastalign.use_backend(which):
+            out = grpo_loss(leaf, labels, completion_mask=mask, advantages=advantages, old_logps=old,
+                            ref_logps=ref, **options)
+            (grad,) = torch.autograd.grad(out.loss, leaf)
+        return out, grad
+
+    ref_out, ref_grad = run("reference")
+    out, grad = run(backend)
+    torch.testing.assert_close(out.loss, ref_out.loss, rtol=1e-5, atol=1e-7)
+    torch.testing.assert_close(grad, ref_grad, rtol=1e-4, atol=1e-7)
+    for name, value in ref_out.metrics.items():
+        torch.testing.assert_close(out.metrics[name], value, rtol=1e-5, atol=1e-6, equal_nan=True)
