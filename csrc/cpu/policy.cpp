@@ -163,11 +163,11 @@ void policy_rows(const at::Tensor& logits, const int64_t* labels, int64_t ignore
                                             w_pg[r], w_kl ? w_kl[r] : acc_t(0), ob);
       const acc_t gh = g_entropy ? g_entropy[r] : acc_t(0);
       if (gh != 0) {
-        backward_row_kept<scalar_t, acc_t, true>(row, sv, V, label, tf, linear, g, gh, s.entropy, s.lse, kept,
-                                                 grad_row, buffer.get(), out_buffer.get());
+        backward_row<scalar_t, acc_t, true, true>(row, sv, V, label, tf, linear, g, gh, s.entropy, s.lse, grad_row,
+                                                  buffer.get(), out_buffer.get(), kept);
       } else {
-        backward_row_kept<scalar_t, acc_t, false>(row, sv, V, label, tf, linear, g, gh, s.entropy, s.lse, kept,
-                                                  grad_row, buffer.get(), out_buffer.get());
+        backward_row<scalar_t, acc_t, false, true>(row, sv, V, label, tf, linear, g, gh, s.entropy, s.lse,
+                                                   grad_row, buffer.get(), out_buffer.get(), kept);
       }
     }
     stream_fence();

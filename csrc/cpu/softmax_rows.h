@@ -362,15 +362,19 @@ inline RowStats<acc_t> forward_row(const scalar_t* row, int64_t sv, int64_t V, i
 }
 
 // Writes d/dx of  g * logp_label + gh * H  for one row into grad_row (contiguous, V values):
-// dz_j = g * (1[j = label] - p_j) - gh * p_j * (log p_j + H), then back through the transform:
+// dz_j = g * (1[j = label] - p_j) - gH * p_j * (log p_j + H), then back through the transform:
 // * scale / T, times (1 - tanh^2) under softcap. `buffer` and `out_buffer` hold kChunk values.
-template <typename scalar_t, typename acc_t, bool ENTROPY_GRAD>
+// KEPT: p_j = e_j * exp(m_c - lse) from the exps a KEEP forward stored in `kept`, a multiply
+// instead of an exp; the logits are then read only where the formula needs them (entropy
+// gradient, softcap). Otherwise p_j = exp(z_j - lse) from the logits.
+template <typename scalar_t, typename acc_t, bool ENTROPY_GRAD, bool KEPT = false>
 inline void backward_row(const scalar_t* row, int64_t sv, int64_t V, int64_t label, const Transform<acc_t>& tf,
                          bool linear, acc_t g, acc_t gh, acc_t h, acc_t lse, scalar_t* grad_row, acc_t* buffer,
-                         acc_t* out_buffer) {
+                         acc_t* out_buffer, KeptExp<acc_t> kept = {nullptr, nullptr}) {
   using Vec = Vectorized<acc_t>;
   const acc_t chain = tf.linear_factor();
   const acc_t inv_cap_t = tf.has_softcap() ? acc_t(1) / (tf.softcap * tf.inv_t) : acc_t(0);
+  const bool need_x = !KEPT || ENTROPY_GRAD || tf.has_softcap();
   alignas(64) acc_t lanes[Vec::size()];
   // Chunks start at multiples of kChunk, so an aligned row keeps every vector store aligned.
   const bool stream = vector_aligned(grad_row);
@@ -384,17 +388,27 @@ inline void backward_row(const scalar_t* row, int64_t sv, int64_t V, int64_t lab
       vinv_cap_t(inv_cap_t), vlowest(std::numeric_limits<acc_t>::lowest());
   for (int64_t start = 0; start < V; start += kChunk) {
     const int64_t n = std::min(kChunk, V - start);
-    const ChunkView<acc_t> c = view_chunk<scalar_t, acc_t>(row, sv, start, n, tf, linear, buffer);
+    ChunkView<acc_t> c{nullptr, acc_t(1), acc_t(0)};
+    if (need_x) c = view_chunk<scalar_t, acc_t>(row, sv, start, n, tf, linear, buffer);
     acc_t* dz = std::is_same_v<scalar_t, acc_t> ? reinterpret_cast<acc_t*>(grad_row + start) : out_buffer;
     const bool stream_dz = stream && std::is_same_v<scalar_t, acc_t>;
     const int64_t label_at = label - start;  // the label's offset in this chunk, if it is here
-    const Vec vk(c.factor), vk_lo(c.factor_lo);
+    const acc_t* e = KEPT ? kept.e + start : nullptr;
+    const acc_t scale = KEPT ? std::exp(kept.shift[start / kChunk] - lse) : acc_t(0);
+    const Vec vk(c.factor), vk_lo(c.factor_lo), vscale(scale);
     int64_t i = 0;
     for (; i + Vec::size() <= n; i += Vec::size()) {
-      const Vec raw = Vec::loadu(c.x + i);
-      const Vec x = at::vec::maximum(raw, vlowest);
-      const Vec logp = at::vec::fmadd(x, vk, at::vec::fmadd(x, vk_lo, vneg_lse));
-      const Vec p = logp.exp();
+      Vec raw, logp, p;
+      if (need_x) {
+        raw = Vec::loadu(c.x + i);
+        const Vec x = at::vec::maximum(raw, vlowest);
+        logp = at::vec::fmadd(x, vk, at::vec::fmadd(x, vk_lo, vneg_lse));
+      }
+      if constexpr (KEPT) {
+        p = Vec::loadu(e + i) * vscale;
+      } else {
+        p = logp.exp();
+      }
       Vec d;
       if constexpr (ENTROPY_GRAD) {
         d = p * at::vec::fmadd(vgh, logp + vh, vg);
@@ -416,83 +430,9 @@ inline void backward_row(const scalar_t* row, int64_t sv, int64_t V, int64_t lab
       store_vec(dz + i, d, stream_dz);
     }
     for (; i < n; ++i) {
-      const acc_t logp = c.shifted(c.x[i], lse);
-      const acc_t p = std::exp(logp);
+      const acc_t logp = need_x ? c.shifted(c.x[i], lse) : acc_t(0);
+      const acc_t p = KEPT ? e[i] * scale : std::exp(logp);
       acc_t d = ENTROPY_GRAD ? (p == 0 ? acc_t(0) : p * (g + gh * (logp + h))) : p * g;
-      d = -d * chain;
-      if (tf.has_softcap()) {
-        const acc_t t = c.x[i] * c.factor * inv_cap_t;
-        d *= (1 - t * t);
-      }
-      dz[i] = i == label_at ? d + label_term : d;
-    }
-    if constexpr (!std::is_same_v<scalar_t, acc_t>) {
-      store_from_acc<scalar_t, acc_t>(dz, n, grad_row + start, stream);
-    }
-  }
-}
-
-// backward_row's gradient from the exps a KEEP forward stored: p_j = e_j * exp(m_c - lse). The
-// logits are read again only where the formula needs them (entropy gradient, softcap).
-template <typename scalar_t, typename acc_t, bool ENTROPY_GRAD>
-inline void backward_row_kept(const scalar_t* row, int64_t sv, int64_t V, int64_t label, const Transform<acc_t>& tf,
-                              bool linear, acc_t g, acc_t gh, acc_t h, acc_t lse, const KeptExp<acc_t>& kept,
-                              scalar_t* grad_row, acc_t* buffer, acc_t* out_buffer) {
-  using Vec = Vectorized<acc_t>;
-  const acc_t chain = tf.linear_factor();
-  const acc_t inv_cap_t = tf.has_softcap() ? acc_t(1) / (tf.softcap * tf.inv_t) : acc_t(0);
-  const bool need_x = ENTROPY_GRAD || tf.has_softcap();
-  alignas(64) acc_t lanes[Vec::size()];
-  const bool stream = vector_aligned(grad_row);
-  acc_t label_term = g * chain;
-  if (tf.has_softcap()) {
-    const acc_t t = std::tanh(static_cast<acc_t>(row[label * sv]) * (tf.scale / tf.softcap));
-    label_term *= (1 - t * t);
-  }
-  const Vec vg(g), vgh(gh), vh(h), vneg_lse(-lse), vzero(acc_t(0)), vchain(chain), vone(acc_t(1)),
-      vinv_cap_t(inv_cap_t), vlowest(std::numeric_limits<acc_t>::lowest());
-  for (int64_t start = 0; start < V; start += kChunk) {
-    const int64_t n = std::min(kChunk, V - start);
-    ChunkView<acc_t> c{nullptr, acc_t(1), acc_t(0)};
-    if (need_x) c = view_chunk<scalar_t, acc_t>(row, sv, start, n, tf, linear, buffer);
-    acc_t* dz = std::is_same_v<scalar_t, acc_t> ? reinterpret_cast<acc_t*>(grad_row + start) : out_buffer;
-    const bool stream_dz = stream && std::is_same_v<scalar_t, acc_t>;
-    const int64_t label_at = label - start;
-    const acc_t* e = kept.e + start;
-    const acc_t scale = std::exp(kept.shift[start / kChunk] - lse);
-    const Vec vscale(scale), vk(c.factor), vk_lo(c.factor_lo);
-    int64_t i = 0;
-    for (; i + Vec::size() <= n; i += Vec::size()) {
-      const Vec p = Vec::loadu(e + i) * vscale;
-      Vec d;
-      if constexpr (ENTROPY_GRAD) {
-        const Vec x = at::vec::maximum(Vec::loadu(c.x + i), vlowest);
-        const Vec logp = at::vec::fmadd(x, vk, at::vec::fmadd(x, vk_lo, vneg_lse));
-        d = p * at::vec::fmadd(vgh, logp + vh, vg);
-        d = Vec::blendv(d, vzero, p == vzero);  // p = 0 where z = -inf: no 0 * inf
-      } else {
-        d = p * vg;
-      }
-      if (tf.has_softcap()) {
-        const Vec t = Vec::loadu(c.x + i) * vk * vinv_cap_t;
-        d = (vzero - d) * vchain * (vone - t * t);
-      } else {
-        d = (vzero - d) * vchain;
-      }
-      if (label_at >= i && label_at < i + Vec::size()) {
-        d.store(lanes);
-        lanes[label_at - i] += label_term;
-        d = Vec::loadu(lanes);
-      }
-      store_vec(dz + i, d, stream_dz);
-    }
-    for (; i < n; ++i) {
-      const acc_t p = e[i] * scale;
-      acc_t d = p * g;
-      if constexpr (ENTROPY_GRAD) {
-        const acc_t logp = c.shifted(c.x[i], lse);
-        d = p == 0 ? acc_t(0) : p * (g + gh * (logp + h));
-      }
       d = -d * chain;
       if (tf.has_softcap()) {
         const acc_t t = c.x[i] * c.factor * inv_cap_t;
