@@ -128,39 +128,16 @@ def _fwd_chunk(
     return m, max_before, s_acc, h_acc, q_acc, z_acc
 
 
-@triton.jit(do_not_specialize=["T", "stride_v", "ignore_index"])
-def _token_logprobs_fwd_kernel(
-    logits_ptr, labels_ptr,
-    logps_ptr, lse_ptr, entropy_ptr, log_sum_sq_probs_ptr, mean_logits_ptr, is_top1_ptr,
-    T, V, stride_b, stride_t, stride_v,
-    in_scale, out_scale, ignore_index,
+@triton.jit
+def _fwd_full_chunks(
+    row_ptr, V, stride_v, label, in_scale, out_scale,
     with_log_sum_sq_probs, with_mean_logits, with_is_top1,
-    SOFTCAP: tl.constexpr, VOCAB_CONTIGUOUS: tl.constexpr, WITH_ENTROPY: tl.constexpr,
-    BLOCK: tl.constexpr,
+    SOFTCAP: tl.constexpr, VOCAB_CONTIGUOUS: tl.constexpr, WITH_ENTROPY: tl.constexpr, BLOCK: tl.constexpr,
 ):
-    # 64-bit from the start: rows * strides passes 2^31 at real sizes.
-    row = tl.program_id(0).to(tl.int64)
-    label = tl.load(labels_ptr + row)
-    if label == ignore_index:
-        tl.store(logps_ptr + row, 0.0)
-        tl.store(lse_ptr + row, 0.0)
-        if WITH_ENTROPY:
-            tl.store(entropy_ptr + row, 0.0)
-        if with_log_sum_sq_probs:
-            tl.store(log_sum_sq_probs_ptr + row, 0.0)
-        if with_mean_logits:
-            tl.store(mean_logits_ptr + row, 0.0)
-        if with_is_top1:
-            tl.store(is_top1_ptr + row, 0)
-        return
-
-    # Traced callers may pass Python floats as fp64; the math stays in fp32.
-    in_scale = tl.cast(in_scale, tl.float32)
-    out_scale = tl.cast(out_scale, tl.float32)
-    b = row // T
-    row_ptr = logits_ptr + b * stride_b + (row - b * T) * stride_t
-
-    VEC: tl.constexpr = 128 // logits_ptr.dtype.element_ty.primitive_bitwidth
+    """The forward sweep over a row's full BLOCK-sized chunks.
+    Returns the running statistics, the chunk layout and the tail chunk's pointers; the caller
+    folds the tail in (the policy kernel loads its per-token inputs in between)."""
+    VEC: tl.constexpr = 128 // row_ptr.dtype.element_ty.primitive_bitwidth
     m = -float("inf")
     max_before = -float("inf")
     s_acc = tl.zeros([BLOCK // VEC], dtype=tl.float32)
@@ -206,6 +183,46 @@ def _token_logprobs_fwd_kernel(
                 SOFTCAP, WITH_ENTROPY, BLOCK, False,
             )
         tail_ptrs = row_ptr + (n_full + cols0).to(tl.int64) * stride_v
+    return m, max_before, s_acc, h_acc, q_acc, z_acc, cols0, n_full, tail_ptrs
+
+
+@triton.jit(do_not_specialize=["T", "stride_v", "ignore_index"])
+def _token_logprobs_fwd_kernel(
+    logits_ptr, labels_ptr,
+    logps_ptr, lse_ptr, entropy_ptr, log_sum_sq_probs_ptr, mean_logits_ptr, is_top1_ptr,
+    T, V, stride_b, stride_t, stride_v,
+    in_scale, out_scale, ignore_index,
+    with_log_sum_sq_probs, with_mean_logits, with_is_top1,
+    SOFTCAP: tl.constexpr, VOCAB_CONTIGUOUS: tl.constexpr, WITH_ENTROPY: tl.constexpr,
+    BLOCK: tl.constexpr,
+):
+    # 64-bit from the start: rows * strides passes 2^31 at real sizes.
+    row = tl.program_id(0).to(tl.int64)
+    label = tl.load(labels_ptr + row)
+    if label == ignore_index:
+        tl.store(logps_ptr + row, 0.0)
+        tl.store(lse_ptr + row, 0.0)
+        if WITH_ENTROPY:
+            tl.store(entropy_ptr + row, 0.0)
+        if with_log_sum_sq_probs:
+            tl.store(log_sum_sq_probs_ptr + row, 0.0)
+        if with_mean_logits:
+            tl.store(mean_logits_ptr + row, 0.0)
+        if with_is_top1:
+            tl.store(is_top1_ptr + row, 0)
+        return
+
+    # Traced callers may pass Python floats as fp64; the math stays in fp32.
+    in_scale = tl.cast(in_scale, tl.float32)
+    out_scale = tl.cast(out_scale, tl.float32)
+    b = row // T
+    row_ptr = logits_ptr + b * stride_b + (row - b * T) * stride_t
+
+    m, max_before, s_acc, h_acc, q_acc, z_acc, cols0, n_full, tail_ptrs = _fwd_full_chunks(
+        row_ptr, V, stride_v, label, in_scale, out_scale,
+        with_log_sum_sq_probs, with_mean_logits, with_is_top1,
+        SOFTCAP, VOCAB_CONTIGUOUS, WITH_ENTROPY, BLOCK,
+    )
     if n_full < V:
         x = tl.load(tail_ptrs, mask=n_full + cols0 < V, other=0.0)
         m, max_before, s_acc, h_acc, q_acc, z_acc = _fwd_chunk(

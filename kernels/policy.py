@@ -22,7 +22,15 @@ import torch
 import triton
 import triton.language as tl
 
-from .logprobs import FWD_BLOCK, FWD_NUM_WARPS, _check_inputs, _fwd_chunk, _transform, _transform_constants
+from .logprobs import (
+    FWD_BLOCK,
+    FWD_NUM_WARPS,
+    _check_inputs,
+    _fwd_chunk,
+    _fwd_full_chunks,
+    _transform,
+    _transform_constants,
+)
 from .logprobs import token_logprobs_forward
 
 # tests/triton_compile_gate.py compiles the kernel exactly as the launcher below calls it.
@@ -168,42 +176,12 @@ def _policy_token_kernel(
     b = row // T
     row_ptr = logits_ptr + b * stride_b + (row - b * T) * stride_t
 
-    # Sweep 1: the forward loop of _token_logprobs_fwd_kernel (see there) with entropy and no
-    # metrics; [BLOCK // VEC, VEC] tiles keep the partial sums per thread.
-    VEC: tl.constexpr = 128 // logits_ptr.dtype.element_ty.primitive_bitwidth
-    m = -float("inf")
-    max_before = -float("inf")
-    s_acc = tl.zeros([BLOCK // VEC], dtype=tl.float32)
-    h_acc = tl.zeros([BLOCK // VEC], dtype=tl.float32)
-    q_acc = tl.zeros([BLOCK // VEC], dtype=tl.float32)
-    z_acc = tl.zeros([BLOCK // VEC], dtype=tl.float32)
-    cols0 = tl.arange(0, BLOCK // VEC)[:, None] * VEC + tl.arange(0, VEC)[None, :]
-    n_full = (V // BLOCK) * BLOCK
-    if VOCAB_CONTIGUOUS:
-        x_next = tl.load(row_ptr + cols0, mask=cols0 < n_full)
-        x_after = tl.load(row_ptr + BLOCK + cols0, mask=BLOCK + cols0 < n_full)
-        for start in range(0, n_full, BLOCK):
-            x = x_next
-            x_next = x_after
-            x_after = tl.load(row_ptr + (start + 2 * BLOCK) + cols0, mask=start + 2 * BLOCK + cols0 < n_full)
-            m, max_before, s_acc, h_acc, q_acc, z_acc = _fwd_chunk(
-                x, start, cols0, V, label, in_scale, out_scale,
-                m, max_before, s_acc, h_acc, q_acc, z_acc,
-                False, False, False,
-                SOFTCAP, True, BLOCK, False,
-            )
-        tail_ptrs = row_ptr + n_full + cols0
-    else:
-        # The stride can be as large as B * T: index * stride_v in 64 bits.
-        for start in range(0, n_full, BLOCK):
-            x = tl.load(row_ptr + (start + cols0).to(tl.int64) * stride_v)
-            m, max_before, s_acc, h_acc, q_acc, z_acc = _fwd_chunk(
-                x, start, cols0, V, label, in_scale, out_scale,
-                m, max_before, s_acc, h_acc, q_acc, z_acc,
-                False, False, False,
-                SOFTCAP, True, BLOCK, False,
-            )
-        tail_ptrs = row_ptr + (n_full + cols0).to(tl.int64) * stride_v
+    # Sweep 1: the forward loop of _token_logprobs_fwd_kernel, with entropy and no metrics.
+    m, max_before, s_acc, h_acc, q_acc, z_acc, cols0, n_full, tail_ptrs = _fwd_full_chunks(
+        row_ptr, V, stride_v, label, in_scale, out_scale,
+        False, False, False,
+        SOFTCAP, VOCAB_CONTIGUOUS, True, BLOCK,
+    )
     # The per-token inputs, loaded here so that their latency hides behind the tail chunk and the
     # reductions. Loaded before the sweep they would be live across its loop, where ptxas (13.x,
     # --regAllocOptLevel=2) has been seen to spill one of them rather than take a register.
