@@ -10,6 +10,7 @@ from .backend import BACKENDS, available_backends, current_backend, use_backend
 from .cpo import CPOLoss, cpo_loss, cpo_loss_from_logits
 from .dpo import DPOLoss, dpo_loss, dpo_loss_from_logits
 from .gae import GAEOutput, gae
+from .linear_logprobs import linear_token_logprobs
 from .grpo import GRPOLoss, grpo_loss, grpo_options, vllm_importance_sampling_ratio
 from .ppo import PPOLoss, ppo_loss, ppo_options
 from .kto import KTOLoss, kto_loss, kto_loss_from_logits
@@ -37,6 +38,7 @@ __all__ = [
     "dpo_loss",
     "dpo_loss_from_logits",
     "gae",
+    "linear_token_logprobs",
     "GRPOLoss",
     "grpo_loss",
     "grpo_options",

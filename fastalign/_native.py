@@ -53,3 +53,17 @@ def token_logprobs_backward(*args):
 def policy_token_forward(*args):
     require()
     return torch.ops.fastalign_cpu.policy_token_forward(*args)
+
+
+def linear_token_logprobs_forward(*args):
+    require()
+    from . import linear_blocked
+
+    return linear_blocked.linear_token_logprobs_forward(*args)
+
+
+def linear_token_logprobs_backward(*args):
+    require()
+    from . import linear_blocked
+
+    return linear_blocked.linear_token_logprobs_backward(*args)

@@ -1,0 +1,199 @@
+"""`linear_token_logprobs`: per-token log-probs (and entropy, TRL's extra fields) straight from
+hidden states and the lm_head weight; the [N, V] logits never exist.
+
+Ops `fastalign::linear_token_logprobs_forward` / `_backward` (fake implementations, autograd via
+`register_autograd`), served like every op: Triton for CUDA tensors (`kernels/linear_logprobs.py`:
+tiled matmul with an online logsumexp over vocabulary tiles), blocks of tokens through ATen
+matmuls and the C++ row kernels on CPU (`linear_blocked.py`), the unfused reference otherwise.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import torch
+
+from ._checks import FLOAT_DTYPES, check_token_logprobs_args
+from .backend import current_backend
+from .logprobs import _implementation
+from .types import TokenLogprobs
+
+
+def _acc(hidden: torch.Tensor) -> torch.dtype:
+    return torch.float64 if hidden.dtype == torch.float64 else torch.float32
+
+
+@torch.library.custom_op("fastalign::linear_token_logprobs_forward", mutates_args=())
+def linear_token_logprobs_forward(
+    hidden: torch.Tensor,
+    weight: torch.Tensor,
+    bias: torch.Tensor,
+    labels: torch.Tensor,
+    temperature: float,
+    logit_scale: float,
+    softcap: float,
+    ignore_index: int,
+    with_entropy: bool,
+    with_log_sum_sq_probs: bool,
+    with_mean_logits: bool,
+    with_is_top1: bool,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """hidden [N, H], weight [V, H], bias [V] or [0], labels [N] -> token_logprobs_forward's outputs."""
+    impl = _implementation(current_backend(), hidden, "linear_logprobs")
+    return impl.linear_token_logprobs_forward(
+        hidden, weight, bias, labels, temperature, logit_scale, softcap, ignore_index,
+        with_entropy, with_log_sum_sq_probs, with_mean_logits, with_is_top1,
+    )
+
+
+@linear_token_logprobs_forward.register_fake
+def _(hidden, weight, bias, labels, temperature, logit_scale, softcap, ignore_index,
+      with_entropy, with_log_sum_sq_probs, with_mean_logits, with_is_top1):
+    n = labels.shape[0]
+    acc = _acc(hidden)
+
+    def sized(wanted, dtype=acc):
+        return hidden.new_empty(n if wanted else 0, dtype=dtype)
+
+    return (sized(True), sized(with_entropy), sized(with_log_sum_sq_probs), sized(with_mean_logits),
+            sized(with_is_top1, torch.bool), sized(True))
+
+
+@torch.library.custom_op("fastalign::linear_token_logprobs_backward", mutates_args=())
+def linear_token_logprobs_backward(
+    grad_logps: torch.Tensor | None,
+    grad_entropy: torch.Tensor | None,
+    hidden: torch.Tensor,
+    weight: torch.Tensor,
+    bias: torch.Tensor,
+    labels: torch.Tensor,
+    lse: torch.Tensor,
+    entropy: torch.Tensor,
+    temperature: float,
+    logit_scale: float,
+    softcap: float,
+    ignore_index: int,
+    backend: str,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(grad_hidden [N, H], grad_weight [V, H], grad_bias [V] or [0]) on the forward's backend."""
+    impl = _implementation(backend, hidden, "linear_logprobs")
+    return impl.linear_token_logprobs_backward(
+        grad_logps, grad_entropy, hidden, weight, bias, labels, lse, entropy,
+        temperature, logit_scale, softcap, ignore_index,
+    )
+
+
+@linear_token_logprobs_backward.register_fake
+def _(grad_logps, grad_entropy, hidden, weight, bias, labels, lse, entropy, temperature, logit_scale, softcap,
+      ignore_index, backend):
+    return torch.empty_like(hidden), torch.empty_like(weight), torch.empty_like(bias)
+
+
+def _setup_context(ctx, inputs, output):
+    hidden, weight, bias, labels, temperature, logit_scale, softcap, ignore_index, with_entropy, *_ = inputs
+    logps, entropy, _, _, _, lse = output
+    ctx.save_for_backward(hidden, weight, bias, labels, lse, entropy)
+    ctx.params = (temperature, logit_scale, softcap, ignore_index)
+    ctx.with_entropy = with_entropy
+    ctx.backend = current_backend()
+    ctx.mark_non_differentiable(*output[2:])
+
+
+def _backward(ctx, grad_logps, grad_entropy, *_unused):
+    hidden, weight, bias, labels, lse, entropy = ctx.saved_tensors
+    if not ctx.with_entropy:
+        grad_entropy = None
+    acc = _acc(hidden)
+    grad_logps = None if grad_logps is None else grad_logps.to(acc)
+    grad_entropy = None if grad_entropy is None else grad_entropy.to(acc)
+    if grad_logps is None and grad_entropy is None:
+        return (None,) * 12
+    grad_hidden, grad_weight, grad_bias = linear_token_logprobs_backward(
+        grad_logps, grad_entropy, hidden, weight, bias, labels, lse, entropy, *ctx.params, ctx.backend
+    )
+    return (
+        grad_hidden if ctx.needs_input_grad[0] else None,
+        grad_weight if ctx.needs_input_grad[1] else None,
+        grad_bias if ctx.needs_input_grad[2] and bias.numel() else None,
+        *(None,) * 9,
+    )
+
+
+linear_token_logprobs_forward.register_autograd(_backward, setup_context=_setup_context)
+
+
+def _check_linear_args(hidden, weight, bias, labels):
+    if not isinstance(hidden, torch.Tensor) or hidden.dim() < 1:
+        raise TypeError("hidden: expected a tensor of hidden states [..., H]")
+    if hidden.dtype not in FLOAT_DTYPES:
+        raise TypeError(f"hidden: expected a float32, bfloat16, float16 or float64 tensor, got {hidden.dtype}")
+    if not isinstance(weight, torch.Tensor) or weight.dim() != 2:
+        raise ValueError(f"weight: expected the lm_head weight [V, H], got {getattr(weight, 'shape', weight)}")
+    if weight.shape[1] != hidden.shape[-1]:
+        raise ValueError(
+            f"weight: expected shape [V, {hidden.shape[-1]}] (H = hidden.shape[-1]), got {tuple(weight.shape)}"
+        )
+    if weight.dtype != hidden.dtype:
+        raise TypeError(f"weight: expected dtype {hidden.dtype} (the hidden states'), got {weight.dtype}")
+    if weight.device != hidden.device:
+        raise ValueError(f"weight: expected a tensor on {hidden.device} (the hidden states'), got {weight.device}")
+    if bias is not None:
+        if not isinstance(bias, torch.Tensor) or tuple(bias.shape) != (weight.shape[0],):
+            raise ValueError(f"bias: expected shape ({weight.shape[0]},) (V), got {getattr(bias, 'shape', bias)}")
+        if bias.dtype != hidden.dtype or bias.device != hidden.device:
+            raise TypeError(f"bias: expected {hidden.dtype} on {hidden.device}, got {bias.dtype} on {bias.device}")
+
+
+def linear_token_logprobs(
+    hidden: torch.Tensor,
+    weight: torch.Tensor,
+    labels: torch.Tensor,
+    *,
+    bias: torch.Tensor | None = None,
+    temperature: float = 1.0,
+    ignore_index: int = -100,
+    logit_scale: float = 1.0,
+    softcap: float | None = None,
+    mask: torch.Tensor | None = None,
+    outputs: Sequence[str] = (),
+) -> TokenLogprobs:
+    """`token_logprobs(hidden @ weight.T + bias, labels, ...)` without the logits.
+
+    Args:
+        hidden: `[..., H]` hidden states (the last layer's output, after the final norm).
+        weight: `[V, H]` lm_head weight (a view is fine: tied embeddings pass the embedding matrix).
+        labels: `[...]` int64/int32 in `[0, V)` or `ignore_index`; ignored positions cost no matmul.
+        bias, temperature, ignore_index, logit_scale, softcap, mask, outputs: as `token_logprobs`.
+
+    Returns:
+        TokenLogprobs shaped like `labels`; log-probs and entropy are differentiable w.r.t.
+        hidden, weight and bias (gradients accumulate into existing `.grad` as usual).
+    """
+    _check_linear_args(hidden, weight, bias, labels)
+    # A stand-in for the logits that never exist (a broadcast view, no memory), so the shared
+    # checks name labels, mask and options exactly as token_logprobs does.
+    probe = hidden.new_empty((1,) * hidden.dim()).expand(*hidden.shape[:-1], weight.shape[0])
+    temperature, logit_scale, softcap_value, wanted = check_token_logprobs_args(
+        probe, labels, temperature, ignore_index, logit_scale, softcap, mask, outputs
+    )
+    leading = labels.shape
+    if mask is not None:
+        labels = labels.masked_fill(mask == 0, ignore_index)
+    flat_hidden = hidden.reshape(-1, hidden.shape[-1])
+    flat_labels = labels.reshape(-1).to(torch.int64)
+    bias_t = bias if bias is not None else hidden.new_empty(0)
+    logps, entropy, log_sum_sq, mean, top1, _ = linear_token_logprobs_forward(
+        flat_hidden, weight, bias_t, flat_labels, temperature, logit_scale, softcap_value, ignore_index,
+        "entropy" in wanted, "log_sum_sq_probs" in wanted, "mean_logits" in wanted, "is_top1" in wanted,
+    )
+
+    def field(name, value):
+        return value.view(leading) if name in wanted else None
+
+    return TokenLogprobs(
+        logps=logps.view(leading),
+        entropy=field("entropy", entropy),
+        log_sum_sq_probs=field("log_sum_sq_probs", log_sum_sq),
+        mean_logits=field("mean_logits", mean),
+        is_top1=field("is_top1", top1),
+    )

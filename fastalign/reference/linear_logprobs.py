@@ -1,0 +1,48 @@
+"""Token log-probs from hidden states and the lm_head weight, unfused: logits = hidden @ weight.T
++ bias in the input dtype (what the model's lm_head computes), then the token log-prob math of
+`fastalign.reference.logprobs` on them. The ground truth of the fused op, and its op contract:
+
+    linear_token_logprobs_forward(hidden [N, H], weight [V, H], bias [V] or [0], labels [N], ...)
+        -> the six outputs of token_logprobs_forward
+    linear_token_logprobs_backward(grad_logps, grad_entropy, hidden, weight, bias, labels, lse, entropy, ...)
+        -> (grad_hidden [N, H], grad_weight [V, H], grad_bias [V] or [0])
+"""
+
+from __future__ import annotations
+
+import torch
+
+from . import logprobs as token_reference
+
+
+def lm_head_logits(hidden: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor) -> torch.Tensor:
+    """[N, V] logits as the model's nn.Linear forms them, in the input dtype."""
+    logits = hidden @ weight.t()
+    return logits + bias if bias.numel() else logits
+
+
+def linear_token_logprobs_forward(
+    hidden, weight, bias, labels, temperature, logit_scale, softcap, ignore_index,
+    with_entropy, with_log_sum_sq_probs, with_mean_logits, with_is_top1,
+):
+    logits = lm_head_logits(hidden, weight, bias).unsqueeze(0)
+    return token_reference.token_logprobs_forward(
+        logits, labels, temperature, logit_scale, softcap, ignore_index,
+        with_entropy, with_log_sum_sq_probs, with_mean_logits, with_is_top1,
+    )
+
+
+def linear_token_logprobs_backward(
+    grad_logps, grad_entropy, hidden, weight, bias, labels, lse, entropy, temperature, logit_scale, softcap,
+    ignore_index,
+):
+    logits = lm_head_logits(hidden, weight, bias).unsqueeze(0)
+    grad_logits = token_reference.token_logprobs_backward(
+        grad_logps, grad_entropy, logits, labels, lse, entropy, temperature, logit_scale, softcap, ignore_index
+    )[0]
+    acc = torch.float64 if hidden.dtype == torch.float64 else torch.float32
+    g = grad_logits.to(acc)
+    grad_hidden = (g @ weight.to(acc)).to(hidden.dtype)
+    grad_weight = (g.t() @ hidden.to(acc)).to(weight.dtype)
+    grad_bias = g.sum(0).to(bias.dtype) if bias.numel() else bias.new_empty(0)
+    return grad_hidden, grad_weight, grad_bias
