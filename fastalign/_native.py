@@ -67,3 +67,10 @@ def linear_token_logprobs_backward(*args):
     from . import linear_blocked
 
     return linear_blocked.linear_token_logprobs_backward(*args)
+
+
+def linear_policy_token_forward(*args):
+    require()
+    from . import linear_blocked
+
+    return linear_blocked.linear_policy_token_forward(*args)

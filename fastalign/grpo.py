@@ -229,6 +229,9 @@ def grpo_loss(
     logits: torch.Tensor | None = None,
     labels: torch.Tensor | None = None,
     *,
+    hidden: torch.Tensor | None = None,
+    weight: torch.Tensor | None = None,
+    bias: torch.Tensor | None = None,
     logps: torch.Tensor | None = None,
     entropies: torch.Tensor | None = None,
     completion_mask: torch.Tensor,
@@ -245,8 +248,9 @@ def grpo_loss(
 ) -> LossOutput:
     """The GRPO-family loss and the trainer's metrics.
 
-    Inputs: `logits` [B, T, V] with `labels` [B, T] (the completion ids), or `logps` [B, T]
-    (with `entropies` [B, T] for the entropy metric, bonus or mask). `completion_mask` [B, T];
+    Inputs: `logits` [B, T, V] with `labels` [B, T] (the completion ids); or `hidden` [B, T, H]
+    with the lm_head `weight` [V, H] (and `bias`) and `labels`, the logits never materialized; or
+    `logps` [B, T] (with `entropies` [B, T] for the entropy metric, bonus or mask). `completion_mask` [B, T];
     `advantages` [B] or [B, T]; `old_logps` [B, T] (None: on-policy, ratio 1 with its gradient);
     `ref_logps` [B, T] (required when beta > 0); `importance_sampling_ratio` [B, T] or [B, 1]
     (TRL's vLLM correction, already truncated or masked); `sampling_logps` (off-policy masking;
@@ -258,9 +262,11 @@ def grpo_loss(
         raise ValueError(f"options: pass either options= or keyword options, not both ({sorted(option_kwargs)})")
     needs = [n for n, on in (("top_entropy_quantile < 1", o.top_entropy_quantile < 1),
                              ("entropy_coef != 0", o.entropy_coef != 0)) if on]
+    lm_head = (hidden, weight, bias) if (hidden is not None or weight is not None or bias is not None) else None
     x = policy_token_inputs(
         logits=logits, labels=labels, logps=logps, entropies=entropies, completion_mask=completion_mask,
-        advantages=advantages, old_logps=old_logps, ref_logps=ref_logps, transform=o.transform, kl_name="beta",
+        advantages=advantages, old_logps=old_logps, ref_logps=ref_logps, transform=o.transform,
+        lm_head=lm_head, kl_name="beta",
         kl_weight=o.beta, entropy_needed_by=" or ".join(needs) or None,
     )
     shape, device, transform, like, mask, mask_f = x.shape, x.device, x.transform, x.like, x.mask, x.mask_f
@@ -320,10 +326,10 @@ def grpo_loss(
         o.importance_sampling_level == "token" and o.top_entropy_quantile == 1 and o.off_policy_mask_threshold is None
     )
     pieces, token_logps, token_entropies = run_objective(
-        logits=logits, labels=labels, logps=logps, entropies=entropies, mask=mask, old_logps=old_logps,
+        logits=logits, labels=labels, lm_head=lm_head, logps=logps, entropies=entropies, mask=mask, old_logps=old_logps,
         ref_logps=ref_logps, advantages=adv, obj=obj, w_pg=w_pg, w_kl=w_kl,
         w_entropy=entropy_weights(mask_f), transform=transform,
-        adjust=None if (token_local and logits is not None) else adjust,
+        adjust=None if (token_local and logps is None) else adjust,
     )
     metrics = _metrics(o, obj, pieces, token_logps, old_logps, token_entropies, mask_f, adv, w_pg if state["entropy_mask"] is None
                        else w_pg * state["entropy_mask"], w_kl, entropy_weights(mask_f))

@@ -87,3 +87,48 @@ def linear_token_logprobs_backward(
         if bias.numel():
             grad_bias += dz.sum(0, dtype=acc)
     return grad_hidden, grad_weight.to(weight.dtype), grad_bias.to(bias.dtype)
+
+
+def linear_policy_token_forward(
+    hidden, weight, bias, labels, old_logps, ref_logps, advantages, w_pg, w_kl, grad_entropy,
+    temperature, logit_scale, softcap, ignore_index, surrogate_id, kl_id, params, with_grad,
+):
+    """A token-level policy objective from hidden states in three matmul-equivalents: per block,
+    logits = h @ W.T, then the C++ policy pass (log-probs and the logits gradient in one read),
+    then grad_h = dz @ W and grad_W += dz.T @ h right away. Nothing is recomputed in backward."""
+    n, vocab = labels.shape[0], weight.shape[0]
+    acc = torch.float64 if hidden.dtype == torch.float64 else torch.float32
+    logps, entropy, lse = (torch.zeros(n, dtype=acc) for _ in range(3))
+    grad_hidden = torch.zeros_like(hidden, memory_format=torch.contiguous_format) if with_grad else hidden.new_empty(0)
+    grad_weight = torch.zeros(weight.shape if with_grad else (0,), dtype=acc)
+    grad_bias = torch.zeros(vocab if with_grad and bias.numel() else 0, dtype=acc)
+    rows = _valid_rows(labels, ignore_index)
+    step = _rows_per_block(vocab)
+
+    def part(t, idx):
+        return t if not t.numel() else t.index_select(0, idx)
+
+    for start in range(0, rows.numel(), step):
+        idx = rows[start:start + step]
+        h = hidden.index_select(0, idx)
+        logits = _block_logits(h, weight, bias)
+        lp, ent, dz, ls = torch.ops.fastalign_cpu.policy_token_forward(
+            logits, labels.index_select(0, idx), part(old_logps, idx), part(ref_logps, idx),
+            part(advantages, idx), part(w_pg, idx), part(w_kl, idx), part(grad_entropy, idx),
+            temperature, logit_scale, softcap, ignore_index, surrogate_id, kl_id, params, with_grad,
+        )
+        del logits
+        logps.index_copy_(0, idx, lp)
+        entropy.index_copy_(0, idx, ent)
+        lse.index_copy_(0, idx, ls)
+        if not with_grad:
+            continue
+        dz = dz[0]
+        grad_hidden.index_copy_(0, idx, torch.mm(dz, weight).to(hidden.dtype))
+        if dz.dtype == acc:
+            grad_weight.addmm_(dz.t(), h)
+        else:
+            grad_weight.addmm_(dz.t().to(acc), h.to(acc))
+        if grad_bias.numel():
+            grad_bias += dz.sum(0, dtype=acc)
+    return logps, entropy, grad_hidden, grad_weight.to(weight.dtype), grad_bias.to(bias.dtype), lse

@@ -122,7 +122,7 @@ def _backward(ctx, grad_logps, grad_entropy, *_unused):
 linear_token_logprobs_forward.register_autograd(_backward, setup_context=_setup_context)
 
 
-def _check_linear_args(hidden, weight, bias, labels):
+def check_linear_args(hidden, weight, bias, labels):
     if not isinstance(hidden, torch.Tensor) or hidden.dim() < 1:
         raise TypeError("hidden: expected a tensor of hidden states [..., H]")
     if hidden.dtype not in FLOAT_DTYPES:
@@ -169,7 +169,7 @@ def linear_token_logprobs(
         TokenLogprobs shaped like `labels`; log-probs and entropy are differentiable w.r.t.
         hidden, weight and bias (gradients accumulate into existing `.grad` as usual).
     """
-    _check_linear_args(hidden, weight, bias, labels)
+    check_linear_args(hidden, weight, bias, labels)
     # A stand-in for the logits that never exist (a broadcast view, no memory), so the shared
     # checks name labels, mask and options exactly as token_logprobs does.
     probe = hidden.new_empty((1,) * hidden.dim()).expand(*hidden.shape[:-1], weight.shape[0])

@@ -133,10 +133,115 @@ def fused_objective(
     return pieces, logps, entropy
 
 
+@torch.library.custom_op("fastalign::linear_policy_token_forward", mutates_args=())
+def linear_policy_token_forward(
+    hidden: torch.Tensor,
+    weight: torch.Tensor,
+    bias: torch.Tensor,
+    labels: torch.Tensor,
+    old_logps: torch.Tensor,
+    ref_logps: torch.Tensor,
+    advantages: torch.Tensor,
+    w_pg: torch.Tensor,
+    w_kl: torch.Tensor,
+    grad_entropy: torch.Tensor,
+    temperature: float,
+    logit_scale: float,
+    softcap: float,
+    ignore_index: int,
+    surrogate: int,
+    kl: int,
+    params: list[float],
+    with_grad: bool,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """`policy_token_forward` from hidden [N, H] and weight [V, H]: (logps, entropy, grad_hidden,
+    grad_weight, grad_bias, lse); the gradients are [0] without `with_grad`."""
+    impl = _implementation(current_backend(), hidden, "linear_logprobs")
+    return impl.linear_policy_token_forward(
+        hidden, weight, bias, labels, old_logps, ref_logps, advantages, w_pg, w_kl, grad_entropy,
+        temperature, logit_scale, softcap, ignore_index, surrogate, kl, params, with_grad,
+    )
+
+
+@linear_policy_token_forward.register_fake
+def _(hidden, weight, bias, labels, old_logps, ref_logps, advantages, w_pg, w_kl, grad_entropy,
+      temperature, logit_scale, softcap, ignore_index, surrogate, kl, params, with_grad):
+    n = labels.shape[0]
+    acc = _acc_dtype(hidden)
+
+    def like(t):
+        return torch.empty_like(t) if with_grad else t.new_empty(0)
+
+    vec = [hidden.new_empty(n, dtype=acc) for _ in range(3)]
+    return vec[0], vec[1], like(hidden), like(weight), like(bias), vec[2]
+
+
+class _PrecomputedGradients(torch.autograd.Function):
+    """A loss value whose gradients w.r.t. hidden, weight and bias the forward already produced."""
+
+    @staticmethod
+    def forward(ctx, loss, hidden, weight, bias, grad_hidden, grad_weight, grad_bias):
+        ctx.save_for_backward(grad_hidden, grad_weight, grad_bias)
+        ctx.hidden_shape = hidden.shape
+        return loss.clone()
+
+    @staticmethod
+    def backward(ctx, grad_output):
+        grads = list(ctx.saved_tensors)
+        grads[0] = grads[0].view(ctx.hidden_shape)
+        if torch.compiler.is_compiling() or not bool(grad_output == 1):
+            grads = [g * grad_output.to(g.dtype) for g in grads]
+        grad_bias = grads[2] if grads[2].numel() else None
+        return None, grads[0], grads[1], grad_bias, None, None, None
+
+
+def fused_linear_supported(hidden: torch.Tensor) -> bool:
+    """Whether the backend serving `hidden` has the three-matmul policy pass (else: two passes)."""
+    impl = _implementation(current_backend(), hidden, "linear_logprobs")
+    return hasattr(impl, "linear_policy_token_forward")
+
+
+def fused_linear_objective(
+    hidden, weight, bias, labels, *, old_logps, ref_logps, advantages, obj, w_pg, w_kl, w_entropy,
+    temperature, logit_scale, softcap, ignore_index,
+):
+    """`fused_objective` from hidden states: the gradients w.r.t. hidden, weight and bias come out
+    of the forward (three matmul-equivalents, no recomputation in backward)."""
+    shape = labels.shape
+    acc = _acc_dtype(hidden)
+    with_grad = torch.is_grad_enabled() and any(
+        t is not None and t.requires_grad for t in (hidden, weight, bias)
+    )
+    empty = hidden.new_empty(0, dtype=acc)
+
+    def vector(value):
+        flat = _flat(value, shape, acc)
+        return empty if flat is None else flat
+
+    surrogate, kl, params = obj.kernel_args()
+    grad_entropy = None if w_entropy is None else -w_entropy
+    bias_t = bias.detach() if bias is not None else hidden.new_empty(0)
+    logps, entropy, grad_hidden, grad_weight, grad_bias, _ = linear_policy_token_forward(
+        hidden.detach().reshape(-1, hidden.shape[-1]), weight.detach(), bias_t, labels.reshape(-1).to(torch.int64),
+        vector(old_logps), vector(ref_logps), vector(advantages), vector(w_pg), vector(w_kl), vector(grad_entropy),
+        temperature, logit_scale, softcap, ignore_index, surrogate, kl, params, with_grad,
+    )
+    logps, entropy = logps.view(shape), entropy.view(shape)
+    with torch.no_grad():
+        pieces = reference.objective(logps, old_logps, ref_logps, advantages, obj, w_pg, w_kl, entropy, w_entropy)
+    if with_grad:
+        bias_leaf = bias if bias is not None else hidden.new_empty(0)
+        pieces["loss"] = _PrecomputedGradients.apply(
+            pieces["loss"], hidden, weight, bias_leaf, grad_hidden, grad_weight, grad_bias
+        )
+    return pieces, logps, entropy
+
+
 def run_objective(
     *,
     logits: torch.Tensor | None,
     labels: torch.Tensor | None,
+    lm_head: tuple | None = None,
     logps: torch.Tensor | None,
     entropies: torch.Tensor | None,
     mask: torch.Tensor,
@@ -160,6 +265,22 @@ def run_objective(
     from .logprobs import token_logprobs
 
     temperature, logit_scale, softcap = transform
+    if lm_head is not None:
+        hidden, weight, bias = lm_head
+        if adjust is None and fused_linear_supported(hidden):
+            masked_labels = labels.masked_fill(mask == 0, -100)
+            return fused_linear_objective(
+                hidden, weight, bias, masked_labels, old_logps=old_logps, ref_logps=ref_logps, advantages=advantages,
+                obj=obj, w_pg=w_pg, w_kl=w_kl, w_entropy=w_entropy, temperature=temperature,
+                logit_scale=logit_scale, softcap=softcap, ignore_index=-100,
+            )
+        from .linear_logprobs import linear_token_logprobs
+
+        fields = linear_token_logprobs(
+            hidden, weight, labels, bias=bias, temperature=temperature, logit_scale=logit_scale,
+            softcap=softcap or None, mask=mask, outputs=("entropy",),
+        )
+        logps, entropies = fields.logps, fields.entropy
     if logits is not None and adjust is None:
         ignore_index = -100
         masked_labels = labels.masked_fill(mask == 0, ignore_index)

@@ -50,11 +50,32 @@ def token_shape(
     labels: torch.Tensor | None,
     logps: torch.Tensor | None,
     transform: tuple[float, float, float | None],
+    lm_head: tuple | None = None,
 ) -> tuple[torch.Size, torch.device, tuple[float, float, float]]:
-    """The [B, T] shape and device fixed by the input level, and the checked logit transform."""
+    """The [B, T] shape and device fixed by the input level, and the checked logit transform.
+    `lm_head`: (hidden, weight, bias) for the hidden-states level."""
     temperature, logit_scale, softcap = transform
-    if (logits is None) == (logps is None):
-        raise ValueError("logits / logps: pass exactly one input level, logits=[B, T, V] (with labels) or logps=[B, T]")
+    hidden, weight, bias = lm_head if lm_head is not None else (None, None, None)
+    if sum(x is not None for x in (logits, logps, hidden)) != 1:
+        raise ValueError(
+            "logits / hidden / logps: pass exactly one input level: logits=[B, T, V] with labels, "
+            "hidden=[B, T, H] with weight=[V, H] and labels, or logps=[B, T]"
+        )
+    if hidden is None and (weight is not None or bias is not None):
+        raise ValueError("weight / bias: the lm_head's weight and bias go with hidden=")
+    if hidden is not None:
+        from .linear_logprobs import check_linear_args
+
+        if labels is None:
+            raise ValueError("labels: required with hidden (the completion token ids, [B, T])")
+        if not isinstance(hidden, torch.Tensor) or hidden.dim() != 3:
+            raise ValueError(f"hidden: expected shape [B, T, H], got {getattr(hidden, 'shape', hidden)}")
+        check_linear_args(hidden, weight, bias, labels)
+        probe = hidden.new_empty((1, 1, 1)).expand(*hidden.shape[:-1], weight.shape[0])
+        temperature, logit_scale, softcap, _ = check_token_logprobs_args(
+            probe, labels, temperature, -100, logit_scale, softcap, None, ()
+        )
+        return labels.shape, hidden.device, (temperature, logit_scale, softcap)
     if logits is not None:
         if labels is None:
             raise ValueError("labels: required with logits (the completion token ids, [B, T])")
@@ -132,11 +153,11 @@ class TokenInputs(NamedTuple):
 
 def policy_token_inputs(
     *, logits, labels, logps, entropies, completion_mask, advantages, old_logps, ref_logps, transform,
-    kl_name: str, kl_weight: float, entropy_needed_by: str | None,
+    kl_name: str, kl_weight: float, entropy_needed_by: str | None, lm_head: tuple | None = None,
 ) -> TokenInputs:
     """Checks the inputs every policy loss shares. `kl_name`/`kl_weight`: the option that asks for
     ref_logps; `entropy_needed_by`: the options that need entropies at the logps level, if set."""
-    shape, device, transform = token_shape(logits, labels, logps, transform)
+    shape, device, transform = token_shape(logits, labels, logps, transform, lm_head)
     mask = check_tokens("completion_mask", completion_mask, shape, device, floating=False)
     like = logps if logps is not None else torch.empty(0)
     adv = as_float(check_tokens("advantages", advantages, shape, device, per_sequence=True), like)
@@ -152,7 +173,7 @@ def policy_token_inputs(
     else:
         ref_logps = None
     if entropies is not None:
-        if logits is not None:
+        if logps is None:
             raise ValueError("entropies: only used with logps; from logits the entropy is computed in the same pass")
         entropies = check_tokens("entropies", entropies, shape, device)
     if logps is not None and entropy_needed_by and entropies is None:

@@ -116,6 +116,9 @@ def ppo_loss(
     logits: torch.Tensor | None = None,
     labels: torch.Tensor | None = None,
     *,
+    hidden: torch.Tensor | None = None,
+    weight: torch.Tensor | None = None,
+    bias: torch.Tensor | None = None,
     logps: torch.Tensor | None = None,
     entropies: torch.Tensor | None = None,
     completion_mask: torch.Tensor,
@@ -138,9 +141,11 @@ def ppo_loss(
     if options is not None and option_kwargs:
         raise ValueError(f"options: pass either options= or keyword options, not both ({sorted(option_kwargs)})")
     o = options if options is not None else ppo_options(**option_kwargs)
+    lm_head = (hidden, weight, bias) if (hidden is not None or weight is not None or bias is not None) else None
     x = policy_token_inputs(
         logits=logits, labels=labels, logps=logps, entropies=entropies, completion_mask=completion_mask,
-        advantages=advantages, old_logps=old_logps, ref_logps=ref_logps, transform=o.transform, kl_name="kl_coef",
+        advantages=advantages, old_logps=old_logps, ref_logps=ref_logps, transform=o.transform,
+        lm_head=lm_head, kl_name="kl_coef",
         kl_weight=o.kl_coef, entropy_needed_by="entropy_coef != 0" if o.entropy_coef != 0 else None,
     )
     shape, device, transform, like, mask, mask_f = x.shape, x.device, x.transform, x.like, x.mask, x.mask_f
@@ -170,7 +175,7 @@ def ppo_loss(
     w_entropy = o.entropy_coef * w if o.entropy_coef != 0 else None
     obj = o.objective()
     pieces, token_logps, token_entropies = run_objective(
-        logits=logits, labels=labels, logps=logps, entropies=entropies, mask=mask, old_logps=old_logps,
+        logits=logits, labels=labels, lm_head=lm_head, logps=logps, entropies=entropies, mask=mask, old_logps=old_logps,
         ref_logps=ref_logps, advantages=adv, obj=obj, w_pg=w_pg, w_kl=w_kl, w_entropy=w_entropy,
         transform=transform,
     )

@@ -72,7 +72,7 @@ def test_bad_grpo_options(options, match):
         (dict(beta=0.1), dict(ref_logps=torch.randn(B)), r"ref_logps: expected shape \(2, 5\)"),
         (dict(), dict(importance_sampling_ratio=torch.rand(B, 2)), r"importance_sampling_ratio: expected shape"),
         (dict(), dict(sampling_logps=torch.randn(B, T)), r"sampling_logps: only used with off_policy_mask_threshold"),
-        (dict(), dict(logps=torch.randn(B, T)), r"logits / logps: pass exactly one input level"),
+        (dict(), dict(logps=torch.randn(B, T)), r"logits / hidden / logps: pass exactly one input level"),
         (dict(entropy_coef=0.1), dict(logits=None, labels=None, logps=torch.randn(B, T)),
          r"entropies: required with logps"),
         (dict(), dict(labels=None), r"labels: required with logits"),

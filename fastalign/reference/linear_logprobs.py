@@ -46,3 +46,26 @@ def linear_token_logprobs_backward(
     grad_weight = (g.t() @ hidden.to(acc)).to(weight.dtype)
     grad_bias = g.sum(0).to(bias.dtype) if bias.numel() else bias.new_empty(0)
     return grad_hidden, grad_weight, grad_bias
+
+
+def linear_policy_token_forward(
+    hidden, weight, bias, labels, old_logps, ref_logps, advantages, w_pg, w_kl, grad_entropy,
+    temperature, logit_scale, softcap, ignore_index, surrogate_id, kl_id, params, with_grad,
+):
+    """`policy_token_forward` on hidden @ weight.T + bias: (logps, entropy, grad_hidden,
+    grad_weight, grad_bias, lse), the gradients of the policy objective ([0] without with_grad)."""
+    from .policy import policy_token_forward
+
+    logits = lm_head_logits(hidden, weight, bias).unsqueeze(0)
+    logps, entropy, grad_logits, lse = policy_token_forward(
+        logits, labels, old_logps, ref_logps, advantages, w_pg, w_kl, grad_entropy,
+        temperature, logit_scale, softcap, ignore_index, surrogate_id, kl_id, params, with_grad,
+    )
+    if not with_grad:
+        empty = hidden.new_empty(0)
+        return logps, entropy, empty, empty, empty, lse
+    acc = torch.float64 if hidden.dtype == torch.float64 else torch.float32
+    g = grad_logits[0].to(acc)
+    grad_bias = g.sum(0).to(bias.dtype) if bias.numel() else bias.new_empty(0)
+    return (logps, entropy, (g @ weight.to(acc)).to(hidden.dtype), (g.t() @ hidden.to(acc)).to(weight.dtype),
+            grad_bias, lse)

@@ -1,0 +1,98 @@
+"""GRPOLoss / PPOLoss at the hidden-states level (hidden=, weight=, bias=): equal to the same loss
+from the materialized logits, for token-local objectives (three matmul-equivalents, gradients
+from the forward) and for the two-pass ones (GSPO, entropy mask)."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from conftest import DEVICE, backend_params
+from numerics import assert_as_accurate_as_reference
+
+import fastalign
+
+B, T, H, V = 3, 6, 16, 90
+
+
+def make(dtype=torch.float64):
+    hidden = torch.randn(B, T, H, device=DEVICE).to(dtype)
+    weight = (torch.randn(V, H, device=DEVICE) * 0.3).to(dtype)
+    bias = (torch.randn(V, device=DEVICE) * 0.1).to(dtype)
+    labels = torch.randint(0, V, (B, T), device=DEVICE)
+    mask = torch.ones(B, T, device=DEVICE)
+    mask[1, 4:] = 0
+    advantages = torch.tensor([0.9, -0.6, 0.3], device=DEVICE)
+    with torch.no_grad():
+        logps = fastalign.reference.token_logprobs((hidden @ weight.t() + bias).double(), labels).logps.float()
+    old = logps + 0.3 * torch.randn(B, T, device=DEVICE)
+    ref = logps + 0.3 * torch.randn(B, T, device=DEVICE)
+    return hidden, weight, bias, labels, mask, advantages, old, ref
+
+
+CONFIGS = [
+    dict(loss_type="dapo", beta=0.04, epsilon_high=0.28),
+    dict(loss_type="grpo", entropy_coef=0.01, beta=0.04),
+    dict(loss_type="grpo", importance_sampling_level="sequence"),
+    dict(loss_type="dapo", top_entropy_quantile=0.5),
+    dict(convention="verl", loss_type="vanilla", beta=0.01, loss_agg_mode="seq-mean-token-mean"),
+]
+
+
+def grads_of(level, dtype, backend, config, hidden, weight, bias, labels, mask, advantages, old, ref):
+    leaves = [t.to(dtype).clone().requires_grad_() for t in (hidden, weight, bias)]
+    kwargs = dict(completion_mask=mask, advantages=advantages, old_logps=old, ref_logps=ref,
+                  num_items_in_batch=mask.sum(), temperature=0.9, **config)
+    with fastalign.use_backend(backend):
+        if level == "hidden":
+            out = fastalign.grpo_loss(hidden=leaves[0], weight=leaves[1], bias=leaves[2], labels=labels, **kwargs)
+        else:
+            out = fastalign.grpo_loss(leaves[0] @ leaves[1].t() + leaves[2], labels, **kwargs)
+        grads = torch.autograd.grad(out.loss, leaves)
+    return out, grads
+
+
+@pytest.mark.parametrize("backend", backend_params())
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("config", CONFIGS, ids=lambda c: "-".join(f"{k}={v}" for k, v in c.items()))
+def test_hidden_level_equals_logits_level(backend, dtype, config):
+    inputs = make()
+    truth, truth_grads = grads_of("logits", torch.float64, "reference", config, *inputs)
+    ref, ref_grads = grads_of("logits", dtype, "reference", config, *inputs)
+    out, out_grads = grads_of("hidden", dtype, backend, config, *inputs)
+    assert_as_accurate_as_reference(out.loss, ref.loss, truth.loss, "loss")
+    for name, g, r, t in zip(("hidden", "weight", "bias"), out_grads, ref_grads, truth_grads):
+        assert g.dtype == dtype
+        assert_as_accurate_as_reference(g, r, t, f"grad {name}", slack_eps=8.0)
+    assert out.metrics.keys() == truth.metrics.keys()
+
+
+def test_ppo_from_hidden_states():
+    hidden, weight, bias, labels, mask, advantages, old, ref = make(torch.float32)
+    leaves = [t.clone().requires_grad_() for t in (hidden, weight)]
+    out = fastalign.ppo_loss(hidden=leaves[0], weight=leaves[1], labels=labels, completion_mask=mask,
+                             advantages=advantages, old_logps=old, ref_logps=ref, kl_coef=0.01, dual_clip=3.0)
+    grads = torch.autograd.grad(out.loss, leaves)
+    leaves2 = [t.clone().requires_grad_() for t in (hidden, weight)]
+    out2 = fastalign.ppo_loss(leaves2[0] @ leaves2[1].t(), labels, completion_mask=mask, advantages=advantages,
+                              old_logps=old, ref_logps=ref, kl_coef=0.01, dual_clip=3.0)
+    grads2 = torch.autograd.grad(out2.loss, leaves2)
+    torch.testing.assert_close(out.loss, out2.loss)
+    for a, b in zip(grads, grads2):
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-7)
+
+
+def test_hidden_level_errors():
+    hidden, weight, bias, labels, mask, advantages, old, _ = make(torch.float32)
+    base = dict(completion_mask=mask, advantages=advantages, old_logps=old, num_items_in_batch=mask.sum())
+    with pytest.raises(ValueError, match=r"weight: expected the lm_head weight \[V, H\]"):
+        fastalign.grpo_loss(hidden=hidden, labels=labels, **base)
+    with pytest.raises(ValueError, match=r"weight: expected shape \[V, 16\]"):
+        fastalign.grpo_loss(hidden=hidden, weight=weight[:, :8], labels=labels, **base)
+    with pytest.raises(ValueError, match=r"weight / bias: the lm_head's weight and bias go with hidden="):
+        fastalign.grpo_loss(hidden @ weight.t(), labels, weight=weight, **base)
+    with pytest.raises(ValueError, match=r"logits / hidden / logps: pass exactly one input level"):
+        fastalign.grpo_loss(hidden @ weight.t(), labels, hidden=hidden, weight=weight, **base)
+    with pytest.raises(ValueError, match=r"labels: required with hidden"):
+        fastalign.grpo_loss(hidden=hidden, weight=weight, **base)
+    with pytest.raises(ValueError, match=r"hidden: expected shape \[B, T, H\]"):
+        fastalign.grpo_loss(hidden=hidden[0], weight=weight, labels=labels, **base)
