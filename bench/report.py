@@ -19,8 +19,8 @@ from pathlib import Path
 
 import naming
 
-BASELINES = {"eager": "vs eager", "compile": "vs compile", "trl": "vs TRL"}
-IMPL_ORDER = ["eager", "compile", "plain", "plain-compile", "trl", "verl", "native", "native-trl", "triton"]
+BASELINES = {"eager": "vs eager", "compile": "vs compile", "trl": "vs TRL", "liger": "vs Liger"}
+IMPL_ORDER = ["eager", "compile", "plain", "plain-compile", "trl", "verl", "liger", "native", "native-trl", "triton"]
 PASS_ORDER = ["fwd+bwd", "fwd"]
 DTYPE_SHORT = {"float32": "fp32", "bfloat16": "bf16", "float16": "fp16", "float64": "fp64"}
 # Sanity bounds on |impl - eager reference| of the forward outputs: far above rounding noise,
@@ -63,6 +63,18 @@ TARGETS = [
         "impl": "native",
         "max": {"compile": 0.4},
     },
+    *(
+        {
+            "device": "cpu",
+            "op": op,
+            "pass": "fwd+bwd",
+            "shape": [4096, 1024, 32000],
+            "dtype": "float32",
+            "impl": "native",
+            "max": {"eager": 1.2, peer: 1.0},
+        }
+        for op, peer in (("linear_token_logprobs", "trl"), ("linear_grpo_loss", "liger"))
+    ),
     {
         "device": "cpu",
         "op": "gae",
@@ -80,6 +92,7 @@ LEGEND = [
         "`fastalign.reference.token_logprobs` in eager PyTorch (log_softmax + gather + entropy); for dpo_loss, "
         "`fastalign.reference.dpo.dpo_loss_from_logits` (log_softmax + gather + masked sums + the loss, TRL's layout); "
         "for grpo_loss, TRL's dapo objective from logits as GRPOTrainer computes it (bench/bench_grpo.py); "
+        "for linear_*, the unfused path: logits = hidden @ weight.T, then that eager math; "
         "for gae, verl's `compute_gae_advantage_return` loop (ported); for group_advantages, "
         "`fastalign.reference.advantages` (vectorized PyTorch)",
     ),
@@ -93,8 +106,10 @@ LEGEND = [
         "TRL",
         "TRL `selective_log_softmax_and_entropy` (torch path on CPU, Triton kernel on CUDA); "
         "Liger-Kernel has no selective log-softmax op, so it has no row; for gae, TRL's PPOTrainer loop "
-        "(ported from TRL 0.x); for group_advantages, TRL 1.16 GRPO's vectorized advantage code",
+        "(ported from TRL 0.x); for group_advantages, TRL 1.16 GRPO's vectorized advantage code; "
+        "for linear_token_logprobs, TRL's `ChunkedLogProbFunction` (what `add_fused_lm_head` runs)",
     ),
+    ("Liger", "Liger-Kernel's `LigerFusedLinearGRPOLoss` (linear_grpo_loss: the same dapo objective from hidden states)"),
 ]
 
 
