@@ -122,6 +122,22 @@ def _backward(ctx, grad_logps, grad_entropy, *_unused):
 linear_token_logprobs_forward.register_autograd(_backward, setup_context=_setup_context)
 
 
+def gather_sharded(t: torch.Tensor | None) -> torch.Tensor | None:
+    """A DTensor (an FSDP2 parameter read outside its module's forward) as the full tensor,
+    gathered differentiably; anything else as is.
+
+    Each rank's gradient of the gathered weight comes from its own tokens, so it is marked a
+    partial average: backward reduce-scatters it like FSDP's own gradient reduction (a plain
+    full_tensor() would keep each rank's local part unreduced)."""
+    try:
+        from torch.distributed.tensor import DTensor, Partial
+    except ImportError:  # pragma: no cover - torch built without distributed
+        return t
+    if not isinstance(t, DTensor):
+        return t
+    return t.full_tensor(grad_placements=[Partial("avg")] * t.device_mesh.ndim)
+
+
 def check_linear_args(hidden, weight, bias, labels):
     if not isinstance(hidden, torch.Tensor) or hidden.dim() < 1:
         raise TypeError("hidden: expected a tensor of hidden states [..., H]")
@@ -169,6 +185,7 @@ def linear_token_logprobs(
         TokenLogprobs shaped like `labels`; log-probs and entropy are differentiable w.r.t.
         hidden, weight and bias (gradients accumulate into existing `.grad` as usual).
     """
+    weight, bias = gather_sharded(weight), gather_sharded(bias)
     check_linear_args(hidden, weight, bias, labels)
     # A stand-in for the logits that never exist (a broadcast view, no memory), so the shared
     # checks name labels, mask and options exactly as token_logprobs does.

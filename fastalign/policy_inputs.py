@@ -56,6 +56,10 @@ def token_shape(
     `lm_head`: (hidden, weight, bias) for the hidden-states level."""
     temperature, logit_scale, softcap = transform
     hidden, weight, bias = lm_head if lm_head is not None else (None, None, None)
+    if hidden is not None:
+        from .linear_logprobs import gather_sharded
+
+        weight, bias = gather_sharded(weight), gather_sharded(bias)
     if sum(x is not None for x in (logits, logps, hidden)) != 1:
         raise ValueError(
             "logits / hidden / logps: pass exactly one input level: logits=[B, T, V] with labels, "
