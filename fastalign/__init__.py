@@ -17,7 +17,7 @@ from .kto import KTOLoss, kto_loss, kto_loss_from_logits
 from .logprobs import token_logprobs
 from .orpo import ORPOLoss, orpo_loss, orpo_loss_from_logits
 from .reward import RewardLoss, bradley_terry_loss, reward_loss
-from .types import TokenLogprobs
+from .types import HiddenStates, TokenLogprobs
 
 __version__ = "0.1.0"
 
@@ -38,6 +38,7 @@ __all__ = [
     "dpo_loss",
     "dpo_loss_from_logits",
     "gae",
+    "HiddenStates",
     "linear_token_logprobs",
     "GRPOLoss",
     "grpo_loss",

@@ -27,7 +27,7 @@ from torch import nn
 
 from ._checks import check_finite, check_positive_finite, check_sequence_values
 from .sequence import completion_logits_metrics, masked_mean, sequence_logprobs
-from .types import LossOutput, TokenLogprobs
+from .types import HiddenStates, LossOutput, TokenLogprobs
 
 LOSS_TYPES = (
     "sigmoid", "hinge", "ipo", "exo_pair", "nca_pair", "robust", "bco_pair", "sppo_hard", "aot",
@@ -453,7 +453,7 @@ def _dpo_from_logits(
     ref_logits: torch.Tensor | None,
     ignore_index: int,
 ) -> LossOutput:
-    if not isinstance(logits, torch.Tensor) or logits.dim() != 3:
+    if not isinstance(logits, (torch.Tensor, HiddenStates)) or logits.dim() != 3:
         shape = tuple(logits.shape) if isinstance(logits, torch.Tensor) else type(logits).__name__
         raise ValueError(f"logits: expected [2B, T, V] (B chosen rows, then B rejected rows), got {shape}")
     rows = logits.shape[0]
@@ -486,7 +486,7 @@ def _dpo_from_logits(
             if not value.is_floating_point():
                 raise TypeError(f"{name}: expected a floating-point tensor, got {value.dtype}")
     if ref_logits is not None:
-        if not isinstance(ref_logits, torch.Tensor):
+        if not isinstance(ref_logits, (torch.Tensor, HiddenStates)):
             raise TypeError(f"ref_logits: expected a torch.Tensor, got {type(ref_logits).__name__}")
         if ref_logits.shape != logits.shape:
             raise ValueError(
@@ -716,14 +716,29 @@ class DPOLoss(nn.Module):
 
     def forward(
         self,
-        logits: torch.Tensor,
-        labels: torch.Tensor,
+        logits: torch.Tensor | None = None,
+        labels: torch.Tensor | None = None,
         completion_mask: torch.Tensor | None = None,
         ref_chosen_logps: torch.Tensor | None = None,
         ref_rejected_logps: torch.Tensor | None = None,
         *,
         ref_logits: torch.Tensor | None = None,
+        hidden: torch.Tensor | None = None,
+        weight: torch.Tensor | None = None,
+        bias: torch.Tensor | None = None,
     ) -> LossOutput:
+        """`hidden=` [2B, T, H] with `weight=` [V, H] (and `bias=`) in place of `logits=`: the
+        policy's log-probs straight from the hidden states, the logits never materialized."""
+        if hidden is not None or weight is not None or bias is not None:
+            if logits is not None:
+                raise ValueError("logits / hidden: pass either logits= or hidden= (with weight=), not both")
+            if hidden is None or weight is None:
+                raise ValueError("hidden / weight: the hidden-states level needs both hidden= and weight=")
+            from .linear_logprobs import check_linear_args, gather_sharded
+
+            weight, bias = gather_sharded(weight), gather_sharded(bias)
+            check_linear_args(hidden, weight, bias, labels)
+            logits = HiddenStates(hidden, weight, bias)
         return _dpo_from_logits(
             self.options, logits, labels, completion_mask, ref_chosen_logps, ref_rejected_logps, ref_logits,
             self.ignore_index,

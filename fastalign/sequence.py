@@ -13,7 +13,7 @@ from typing import NamedTuple
 import torch
 
 from .logprobs import token_logprobs
-from .types import TokenLogprobs
+from .types import HiddenStates, TokenLogprobs
 
 
 class SequenceLogprobs(NamedTuple):
@@ -44,13 +44,17 @@ def sequence_logprobs(
     view is read in place). A position counts when its label is not `ignore_index` and
     `completion_mask` (if given) is nonzero there.
     """
-    if not isinstance(logits, torch.Tensor) or logits.dim() != 3:
+    if not isinstance(logits, (torch.Tensor, HiddenStates)) or logits.dim() != 3:
         shape = tuple(logits.shape) if isinstance(logits, torch.Tensor) else type(logits).__name__
         raise ValueError(f"logits: expected [B, T, V], got {shape}")
-    token = token_logprobs(
-        logits, labels, temperature=temperature, ignore_index=ignore_index, logit_scale=logit_scale,
-        softcap=softcap, mask=completion_mask, outputs=outputs,
-    )
+    options = dict(temperature=temperature, ignore_index=ignore_index, logit_scale=logit_scale, softcap=softcap,
+                   mask=completion_mask, outputs=outputs)
+    if isinstance(logits, HiddenStates):
+        from .linear_logprobs import linear_token_logprobs
+
+        token = linear_token_logprobs(logits.hidden, logits.weight, labels, bias=logits.bias, **options)
+    else:
+        token = token_logprobs(logits, labels, **options)
     mask = labels != ignore_index
     if completion_mask is not None:
         mask = mask & (completion_mask != 0)

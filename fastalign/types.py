@@ -33,3 +33,27 @@ class LossOutput(NamedTuple):
 
     loss: torch.Tensor
     metrics: dict[str, torch.Tensor]
+
+
+class HiddenStates(NamedTuple):
+    """Logits given as hidden states and the lm_head (`hidden @ weight.T + bias`), for the losses
+    that take `logits`: they are never materialized. Quacks like the [..., V] logits it stands for
+    where the losses check shapes and devices."""
+
+    hidden: torch.Tensor
+    weight: torch.Tensor
+    bias: torch.Tensor | None = None
+
+    @property
+    def shape(self) -> torch.Size:
+        return torch.Size((*self.hidden.shape[:-1], self.weight.shape[0]))
+
+    @property
+    def device(self) -> torch.device:
+        return self.hidden.device
+
+    def dim(self) -> int:
+        return self.hidden.dim()
+
+    def is_floating_point(self) -> bool:
+        return self.hidden.is_floating_point()

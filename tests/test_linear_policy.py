@@ -96,3 +96,32 @@ def test_hidden_level_errors():
         fastalign.grpo_loss(hidden=hidden, weight=weight, **base)
     with pytest.raises(ValueError, match=r"hidden: expected shape \[B, T, H\]"):
         fastalign.grpo_loss(hidden=hidden[0], weight=weight, labels=labels, **base)
+
+
+@pytest.mark.parametrize("backend", backend_params())
+def test_dpo_from_hidden_states(backend):
+    pairs, length, width, vocab = 2, 7, 16, 80
+    hidden = torch.randn(2 * pairs, length, width, device=DEVICE)
+    weight = torch.randn(vocab, width, device=DEVICE) * 0.3
+    bias = torch.randn(vocab, device=DEVICE) * 0.1
+    labels = torch.randint(0, vocab, (2 * pairs, length), device=DEVICE)
+    mask = torch.ones(2 * pairs, length, device=DEVICE)
+    mask[:, :2] = 0
+    ref_chosen, ref_rejected = torch.randn(pairs) - 30, torch.randn(pairs) - 30
+    loss_fn = fastalign.DPOLoss(beta=0.1, loss_type=["sigmoid", "sft"], use_weighting=True)
+    leaves = [t.clone().requires_grad_() for t in (hidden, weight, bias)]
+    with fastalign.use_backend(backend):
+        out = loss_fn(hidden=leaves[0], weight=leaves[1], bias=leaves[2], labels=labels, completion_mask=mask,
+                      ref_chosen_logps=ref_chosen, ref_rejected_logps=ref_rejected)
+        grads = torch.autograd.grad(out.loss, leaves)
+    leaves2 = [t.clone().requires_grad_() for t in (hidden, weight, bias)]
+    out2 = loss_fn(leaves2[0] @ leaves2[1].t() + leaves2[2], labels, mask, ref_chosen, ref_rejected)
+    grads2 = torch.autograd.grad(out2.loss, leaves2)
+    torch.testing.assert_close(out.loss, out2.loss, rtol=1e-5, atol=1e-6)
+    for a, b in zip(grads, grads2):
+        torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-6)
+    assert out.metrics.keys() == out2.metrics.keys()
+    with pytest.raises(ValueError, match="logits / hidden: pass either logits= or hidden="):
+        loss_fn(hidden @ weight.t(), labels, hidden=hidden, weight=weight)
+    with pytest.raises(ValueError, match="hidden / weight: the hidden-states level needs both"):
+        loss_fn(hidden=hidden, labels=labels)
