@@ -36,7 +36,8 @@ def test_every_kernel_compiles_without_spills():
     assert "no spills" in proc.stdout, _report(proc)
     # Each kernels file took part (a launcher table that lost one would pass vacuously).
     for kernel in ("_token_logprobs_fwd_kernel", "_token_logprobs_bwd_kernel", "_policy_token_kernel",
-                   "_gae_scan_kernel", "_group_advantages_kernel"):
+                   "_gae_scan_kernel", "_group_advantages_kernel", "_linear_logprobs_fwd_kernel",
+                   "_linear_logprobs_bwd_hidden_kernel", "_linear_logprobs_bwd_weight_kernel"):
         assert kernel in proc.stdout, _report(proc)
 
 
@@ -57,6 +58,12 @@ def test_row_offsets_are_64_bit():
         # The same two in the fused policy kernel, which also writes the [B, T, V] gradient.
         ("policy.py", "row = tl.program_id(0).to(tl.int64)", "row = tl.program_id(0)", "offset of type i32"),
         ("policy.py", ".to(tl.int64) * stride_v", " * stride_v", "32-bit use of %stride_v"),
+        # Hidden-state log-probs: a vocabulary index in 32 bits times the weight's row stride
+        # (V * H passes 2^31 for large heads), and grad_weight's row offset in 32 bits.
+        ("linear_logprobs.py", "cols = v0 + tl.arange(0, BLOCK_V).to(tl.int64)", "cols = v0 + tl.arange(0, BLOCK_V)",
+         "32-bit use of %stride_wv"),
+        ("linear_logprobs.py", "tl.program_id(0).to(tl.int64) * BLOCK_V", "tl.program_id(0) * BLOCK_V",
+         "%grad_weight_ptr + offset of type tensor<"),
     ],
 )
 def test_offset_check_catches_32_bit_arithmetic_in_the_kernels(tmp_path, file, original, mutated, expected):

@@ -1,5 +1,5 @@
 """Ahead-of-time compile gate for the Triton kernels in kernels/logprobs.py, kernels/policy.py,
-kernels/gae.py and kernels/advantages.py.
+kernels/gae.py, kernels/advantages.py and kernels/linear_logprobs.py.
 
 The launchers are called over their whole input space (every logits dtype, softcap on and off,
 contiguous and strided vocabulary, every combination of optional outputs and of gradients) with
@@ -45,6 +45,7 @@ KERNELS_FILE = REPO / "kernels" / "logprobs.py"
 POLICY_KERNELS_FILE = REPO / "kernels" / "policy.py"
 GAE_KERNELS_FILE = REPO / "kernels" / "gae.py"
 ADVANTAGES_KERNELS_FILE = REPO / "kernels" / "advantages.py"
+LINEAR_KERNELS_FILE = REPO / "kernels" / "linear_logprobs.py"
 DTYPES = ("float32", "bfloat16", "float16")
 # Pointer arguments that address [B, T, V]-sized tensors: their offsets must be 64-bit.
 LARGE_POINTERS = ("logits_ptr", "grad_logits_ptr")
@@ -193,18 +194,57 @@ def _advantages_launcher_calls(module):
     module.discounted_returns(torch.zeros(4, 48), torch.ones(4, 48), 0.99)
 
 
+# kernels/linear_logprobs.py: hidden [N, H] and weight [V, H] (V * H passes 2^31 for a 150k x 16k
+# head) and the fp32 gradient buffers of the same shapes.
+LINEAR_LARGE_POINTERS = ("hidden_ptr", "weight_ptr", "grad_hidden_ptr", "grad_weight_ptr")
+LINEAR_STRIDES = ("stride_hn", "stride_hk", "stride_wv", "stride_wk")
+
+
+def _linear_launcher_calls(module):
+    """kernels/linear_logprobs.py's launchers over every input kind: each dtype, softcap on and off,
+    bias (in the weight's dtype) or none, a contiguous weight and a transposed view of a [H, V]
+    tensor (stride(0) == 1), every combination of optional outputs and of gradients (the bias,
+    the optional outputs and the gradients are runtime flags and dedupe to the same compilations;
+    should they become constexprs, each gets its own). H = 48 (not a multiple of the K block) and
+    V = 64 keep the pointers and strides 16-aligned, as real shapes are."""
+    import torch
+
+    N, H, V = 6, 48, 64
+    labels = torch.zeros(N, dtype=torch.int64)
+    for dtype_name, softcap, has_bias, transposed in itertools.product(
+        DTYPES, (0.0, 30.0), (False, True), (False, True)
+    ):
+        dtype = getattr(torch, dtype_name)
+        hidden = torch.zeros(N, H, dtype=dtype)
+        weight = torch.zeros(H, V, dtype=dtype).t() if transposed else torch.zeros(V, H, dtype=dtype)
+        bias = torch.zeros(V, dtype=dtype) if has_bias else torch.empty(0, dtype=dtype)
+        common = dict(temperature=0.7, logit_scale=0.5 if softcap else 1.0, softcap=softcap, ignore_index=-100)
+        for flags in itertools.product((False, True), repeat=4):
+            module.linear_token_logprobs_forward(hidden, weight, bias, labels, **common, with_entropy=flags[0],
+                                                 with_log_sum_sq_probs=flags[1], with_mean_logits=flags[2],
+                                                 with_is_top1=flags[3])
+        lse = torch.zeros(N)
+        for with_logps, with_entropy in itertools.product((False, True), repeat=2):
+            if with_logps or with_entropy:
+                module.linear_token_logprobs_backward(torch.ones(N) if with_logps else None,
+                                                      torch.ones(N) if with_entropy else None,
+                                                      hidden, weight, bias, labels, lse, torch.zeros(N), **common)
+
+
 # Which launcher calls and which offset rules go with a kernels file, by its name.
 LAUNCHERS = {
     "logprobs": _launcher_calls,
     "policy": _policy_launcher_calls,
     "gae": _gae_launcher_calls,
     "advantages": _advantages_launcher_calls,
+    "linear_logprobs": _linear_launcher_calls,
 }
 OFFSET_RULES = {
     "logprobs": (LARGE_POINTERS, STRIDES),
     "policy": (LARGE_POINTERS, STRIDES),
     "gae": (GAE_LARGE_POINTERS, GAE_STRIDES),
     "advantages": (ADVANTAGES_LARGE_POINTERS, ()),
+    "linear_logprobs": (LINEAR_LARGE_POINTERS, LINEAR_STRIDES),
 }
 
 
@@ -431,8 +471,10 @@ def main(argv=None) -> int:
                         help="only check 64-bit address arithmetic (one launch per kernel and the control)")
     parser.add_argument("--verbose", action="store_true", help="one line per compiled variant")
     parser.add_argument("--kernels", type=Path, nargs="+",
-                        default=[KERNELS_FILE, POLICY_KERNELS_FILE, GAE_KERNELS_FILE, ADVANTAGES_KERNELS_FILE],
-                        help="the kernels files to check (named logprobs.py, policy.py, gae.py or advantages.py)")
+                        default=[KERNELS_FILE, POLICY_KERNELS_FILE, GAE_KERNELS_FILE, ADVANTAGES_KERNELS_FILE,
+                                 LINEAR_KERNELS_FILE],
+                        help="the kernels files to check (named logprobs.py, policy.py, gae.py, advantages.py "
+                             "or linear_logprobs.py)")
     args = parser.parse_args(argv)
 
     started = time.perf_counter()
