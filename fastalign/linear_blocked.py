@@ -2,18 +2,24 @@
 kernels, so the peak extra memory is one block of logits, never [N, V].
 
 Only the tokens that count are projected (rows whose label is ignore_index cost no matmul: TRL's
-"compact" mode). Forward: per block, logits = h @ W.T (+ b) in the input dtype, then the row
-kernel's one pass. Backward: per block, the logits again, the row kernel's gradient, then
-grad_h = dz @ W and grad_W += dz.T @ h (fp32 accumulation): four matmul-equivalents in all.
+"compact" mode). Forward: per block of tokens, logits = h @ W.T (+ b) in the input dtype, then the
+row kernel's one pass. Backward: per tile of tokens x vocabulary columns, the logits again, the row
+kernel's gradient, then grad_h += dz @ W_c and grad_W_c += dz.T @ h (fp32 accumulation): four
+matmul-equivalents in all.
 """
 
 from __future__ import annotations
 
 import torch
 
-# Logits per block: 8M values (32 MiB in fp32) bound the extra memory whatever N and V are, and
-# keep a block's rows in the tens even at V = 152K so the matmuls stay efficient.
+# Logits per forward block: 8M values (32 MiB in fp32) bound the extra memory whatever N and V are,
+# and keep a block's rows in the tens even at V = 152K so the matmuls stay efficient.
 BLOCK_ELEMENTS = 8 * 1024 * 1024
+# The backward's tiles: up to 2048 tokens by as many vocabulary columns as make 2M values (8 MiB
+# in fp32, at least 256 columns). Many tokens per tile keep grad_W's read-modify-writes rare.
+TILE_TOKENS = 2048
+TILE_ELEMENTS = 2 * 1024 * 1024
+MIN_COLUMNS = 256
 
 
 def _rows_per_block(vocab: int) -> int:
@@ -59,33 +65,50 @@ def linear_token_logprobs_backward(
     grad_logps, grad_entropy, hidden, weight, bias, labels, lse, entropy, temperature, logit_scale, softcap,
     ignore_index,
 ):
-    vocab = weight.shape[0]
+    """Tiles of (tokens x vocabulary columns): each tile's logits are recomputed, turned into its
+    gradient by the C++ row kernel (the forward's logsumexp makes a column block enough), then
+    folded into grad_h and into that column block of grad_W. A tile spans TILE_TOKENS rows, so
+    grad_W is read and written once per TILE_TOKENS tokens rather than once per small block."""
+    vocab, width = weight.shape
     acc = torch.float64 if hidden.dtype == torch.float64 else torch.float32
+    rows = _valid_rows(labels, ignore_index)
+    n = rows.numel()
     grad_hidden = torch.zeros_like(hidden, memory_format=torch.contiguous_format)
     grad_weight = torch.zeros(weight.shape, dtype=acc)
     grad_bias = torch.zeros(vocab if bias.numel() else 0, dtype=acc)
-    rows = _valid_rows(labels, ignore_index)
-    step = _rows_per_block(vocab)
+    if n == 0:
+        return grad_hidden, grad_weight.to(weight.dtype), grad_bias.to(bias.dtype)
 
-    def part(t, idx):
-        return None if t is None or not t.numel() else t.index_select(0, idx)
+    def part(t):
+        return None if t is None or not t.numel() else t.index_select(0, rows)
 
-    for start in range(0, rows.numel(), step):
-        idx = rows[start:start + step]
-        h = hidden.index_select(0, idx)
-        logits = _block_logits(h, weight, bias)
-        dz = torch.ops.fastalign_cpu.token_logprobs_backward(
-            part(grad_logps, idx), part(grad_entropy, idx), logits, labels.index_select(0, idx),
-            lse.index_select(0, idx), part(entropy, idx), temperature, logit_scale, softcap, ignore_index,
-        )[0]
-        del logits
-        grad_hidden.index_copy_(0, idx, torch.mm(dz, weight).to(hidden.dtype))
-        if dz.dtype == acc:
-            grad_weight.addmm_(dz.t(), h)
-        else:
-            grad_weight.addmm_(dz.t().to(acc), h.to(acc))
-        if bias.numel():
-            grad_bias += dz.sum(0, dtype=acc)
+    h_all = hidden.index_select(0, rows)
+    labels_v, lse_v, g_v, gh_v, ent_v = (part(t) for t in (labels, lse, grad_logps, grad_entropy, entropy))
+    grad_h = torch.zeros(n, width, dtype=acc)
+    tokens = min(n, TILE_TOKENS)
+    columns = max(MIN_COLUMNS, TILE_ELEMENTS // tokens)
+    for t0 in range(0, n, tokens):
+        t1 = min(t0 + tokens, n)
+        h = h_all[t0:t1]
+        h_acc = h if h.dtype == acc else h.to(acc)
+        for c0 in range(0, vocab, columns):
+            c1 = min(c0 + columns, vocab)
+            w = weight[c0:c1]
+            logits = torch.mm(h, w.t())
+            if bias.numel():
+                logits += bias[c0:c1]
+            dz = torch.ops.fastalign_cpu.token_logprobs_backward_columns(
+                None if g_v is None else g_v[t0:t1], None if gh_v is None else gh_v[t0:t1], logits.unsqueeze(0),
+                labels_v[t0:t1], lse_v[t0:t1], None if ent_v is None else ent_v[t0:t1],
+                temperature, logit_scale, softcap, ignore_index, c0,
+            )[0]
+            del logits
+            dz_acc = dz if dz.dtype == acc else dz.to(acc)
+            grad_h[t0:t1].addmm_(dz_acc, w if w.dtype == acc else w.to(acc))
+            grad_weight[c0:c1].addmm_(dz_acc.t(), h_acc)
+            if bias.numel():
+                grad_bias[c0:c1] += dz_acc.sum(0)
+    grad_hidden.index_copy_(0, rows, grad_h.to(hidden.dtype))
     return grad_hidden, grad_weight.to(weight.dtype), grad_bias.to(bias.dtype)
 
 

@@ -130,17 +130,26 @@ def test_tied_embeddings_view_weight_and_grad_accumulation():
     assert big.grad[:, 1::2].abs().max() == 0
 
 
-def test_blocks_smaller_than_the_batch(monkeypatch):
-    """Several token blocks (the peak-memory bound) give the same result as one."""
+@pytest.mark.parametrize("softcap", [None, 10.0])
+def test_blocks_and_tiles_smaller_than_the_batch(monkeypatch, softcap):
+    """Several token blocks in the forward and (tokens x vocabulary columns) tiles in the backward
+    (the peak-memory bound; labels in every column block) give the same result as one block."""
     from fastalign import linear_blocked
 
-    hidden, weight, bias, labels = make(n=50, v=64)
-    whole, whole_grads = run(fused, hidden, weight, bias, labels, outputs=("entropy",))
+    hidden, weight, bias, labels = make(n=50, v=64, dtype=torch.float64)
+    kwargs = dict(outputs=("entropy",), softcap=softcap, temperature=0.8)
+    whole, whole_grads = run(fused, hidden, weight, bias, labels, **kwargs)
     monkeypatch.setattr(linear_blocked, "BLOCK_ELEMENTS", 64 * 7)
-    parts, part_grads = run(fused, hidden, weight, bias, labels, outputs=("entropy",))
+    monkeypatch.setattr(linear_blocked, "TILE_TOKENS", 16)
+    monkeypatch.setattr(linear_blocked, "TILE_ELEMENTS", 16 * 24)
+    monkeypatch.setattr(linear_blocked, "MIN_COLUMNS", 8)
+    parts, part_grads = run(fused, hidden, weight, bias, labels, **kwargs)
     torch.testing.assert_close(parts.logps, whole.logps)
     for a, b in zip(part_grads, whole_grads):
-        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6)
+        torch.testing.assert_close(a, b, rtol=1e-10, atol=1e-12)
+    truth, truth_grads = run(unfused, hidden, weight, bias, labels, **kwargs)
+    for a, b in zip(part_grads, truth_grads):
+        torch.testing.assert_close(a, b, rtol=1e-10, atol=1e-12)
 
 
 @pytest.mark.parametrize(

@@ -108,7 +108,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tenso
 template <typename scalar_t, typename acc_t, bool ENTROPY_GRAD>
 void backward_rows(const at::Tensor& logits, const int64_t* labels, int64_t ignore_index,
                    const Transform<acc_t>& tf, const acc_t* grad_logps, const acc_t* grad_entropy,
-                   const acc_t* lse, const acc_t* entropy, at::Tensor& grad) {
+                   const acc_t* lse, const acc_t* entropy, at::Tensor& grad, int64_t vocab_offset) {
   const int64_t T = logits.size(1), V = logits.size(2);
   const int64_t N = logits.size(0) * T;
   const int64_t sb = logits.stride(0), st_ = logits.stride(1), sv = logits.stride(2);
@@ -130,20 +130,22 @@ void backward_rows(const at::Tensor& logits, const int64_t* labels, int64_t igno
       const acc_t g = grad_logps ? grad_logps[r] : acc_t(0);
       const acc_t gh = ENTROPY_GRAD ? grad_entropy[r] : acc_t(0);
       const acc_t h = ENTROPY_GRAD ? entropy[r] : acc_t(0);
-      backward_row<scalar_t, acc_t, ENTROPY_GRAD>(row, sv, V, label, tf, linear, g, gh, h, lse[r], grad_row,
+      backward_row<scalar_t, acc_t, ENTROPY_GRAD>(row, sv, V, label - vocab_offset, tf, linear, g, gh, h, lse[r], grad_row,
                                                   buffer.get(), out_buffer.get());
     }
     stream_fence();
   });
 }
 
-at::Tensor token_logprobs_backward(const std::optional<at::Tensor>& grad_logps,
-                                   const std::optional<at::Tensor>& grad_entropy, const at::Tensor& logits,
-                                   const at::Tensor& labels, const at::Tensor& lse,
-                                   const std::optional<at::Tensor>& entropy, double temperature, double logit_scale,
-                                   double softcap, int64_t ignore_index) {
+// The gradient for logits [B, T, Vc] that are the columns [vocab_offset, vocab_offset + Vc) of the
+// full rows (lse and entropy are the full rows'); labels are ids in the full vocabulary.
+at::Tensor token_logprobs_backward_columns(const std::optional<at::Tensor>& grad_logps,
+                                           const std::optional<at::Tensor>& grad_entropy, const at::Tensor& logits,
+                                           const at::Tensor& labels, const at::Tensor& lse,
+                                           const std::optional<at::Tensor>& entropy, double temperature,
+                                           double logit_scale, double softcap, int64_t ignore_index,
+                                           int64_t vocab_offset) {
   check_inputs(logits, labels);
-  check_label_range(labels.const_data_ptr<int64_t>(), labels.numel(), logits.size(2), ignore_index);
   const bool entropy_grad = grad_entropy.has_value() && grad_entropy->defined();
   TORCH_CHECK(!entropy_grad || (entropy.has_value() && entropy->defined()),
               "token_logprobs_backward: an entropy gradient needs the forward entropy");
@@ -161,13 +163,25 @@ at::Tensor token_logprobs_backward(const std::optional<at::Tensor>& grad_logps,
     const int64_t* lab = labels.const_data_ptr<int64_t>();
     if (entropy_grad) {
       backward_rows<scalar_t, acc_t, true>(logits, lab, ignore_index, tf, gl, g_entropy.const_data_ptr<acc_t>(),
-                                           lse_c.const_data_ptr<acc_t>(), entropy_c.const_data_ptr<acc_t>(), grad);
+                                           lse_c.const_data_ptr<acc_t>(), entropy_c.const_data_ptr<acc_t>(), grad,
+                                           vocab_offset);
     } else {
       backward_rows<scalar_t, acc_t, false>(logits, lab, ignore_index, tf, gl, nullptr,
-                                            lse_c.const_data_ptr<acc_t>(), nullptr, grad);
+                                            lse_c.const_data_ptr<acc_t>(), nullptr, grad, vocab_offset);
     }
   });
   return grad;
+}
+
+at::Tensor token_logprobs_backward(const std::optional<at::Tensor>& grad_logps,
+                                   const std::optional<at::Tensor>& grad_entropy, const at::Tensor& logits,
+                                   const at::Tensor& labels, const at::Tensor& lse,
+                                   const std::optional<at::Tensor>& entropy, double temperature, double logit_scale,
+                                   double softcap, int64_t ignore_index) {
+  check_inputs(logits, labels);
+  check_label_range(labels.const_data_ptr<int64_t>(), labels.numel(), logits.size(2), ignore_index);
+  return token_logprobs_backward_columns(grad_logps, grad_entropy, logits, labels, lse, entropy, temperature,
+                                         logit_scale, softcap, ignore_index, 0);
 }
 
 #define FASTALIGN_STR2(x) #x
@@ -188,9 +202,14 @@ TORCH_LIBRARY(fastalign_cpu, m) {
   m.def(
       "token_logprobs_backward(Tensor? grad_logps, Tensor? grad_entropy, Tensor logits, Tensor labels, Tensor lse, "
       "Tensor? entropy, float temperature, float logit_scale, float softcap, int ignore_index) -> Tensor");
+  m.def(
+      "token_logprobs_backward_columns(Tensor? grad_logps, Tensor? grad_entropy, Tensor logits, Tensor labels, "
+      "Tensor lse, Tensor? entropy, float temperature, float logit_scale, float softcap, int ignore_index, "
+      "int vocab_offset) -> Tensor");
 }
 
 TORCH_LIBRARY_IMPL(fastalign_cpu, CPU, m) {
   m.impl("token_logprobs_forward", &fastalign::token_logprobs_forward);
   m.impl("token_logprobs_backward", &fastalign::token_logprobs_backward);
+  m.impl("token_logprobs_backward_columns", &fastalign::token_logprobs_backward_columns);
 }

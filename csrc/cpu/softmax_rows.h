@@ -380,7 +380,8 @@ inline void backward_row(const scalar_t* row, int64_t sv, int64_t V, int64_t lab
   const bool stream = vector_aligned(grad_row);
   // The 1[j = label] term, through the transform's chain rule.
   acc_t label_term = g * chain;
-  if (tf.has_softcap()) {
+  // A label outside [0, V) is a row of a column block that holds no label: no one-hot term.
+  if (tf.has_softcap() && label >= 0 && label < V) {
     const acc_t t = std::tanh(static_cast<acc_t>(row[label * sv]) * (tf.scale / tf.softcap));
     label_term *= (1 - t * t);
   }
