@@ -140,6 +140,7 @@ def test_blocks_and_tiles_smaller_than_the_batch(monkeypatch, softcap):
     kwargs = dict(outputs=("entropy",), softcap=softcap, temperature=0.8)
     whole, whole_grads = run(fused, hidden, weight, bias, labels, **kwargs)
     monkeypatch.setattr(linear_blocked, "BLOCK_ELEMENTS", 64 * 7)
+    monkeypatch.setattr(linear_blocked, "MIN_BLOCK_ROWS", 1)
     monkeypatch.setattr(linear_blocked, "TILE_TOKENS", 16)
     monkeypatch.setattr(linear_blocked, "TILE_ELEMENTS", 16 * 24)
     monkeypatch.setattr(linear_blocked, "MIN_COLUMNS", 8)

@@ -61,11 +61,35 @@ def test_hidden_level_equals_logits_level(backend, dtype, config):
     truth, truth_grads = grads_of("logits", torch.float64, "reference", config, *inputs)
     ref, ref_grads = grads_of("logits", dtype, "reference", config, *inputs)
     out, out_grads = grads_of("hidden", dtype, backend, config, *inputs)
-    assert_as_accurate_as_reference(out.loss, ref.loss, truth.loss, "loss")
+    # The loss is one fp32 number whose error comes from bf16 logits: the reference's own error is
+    # a single random draw, so the slack is half a bf16 ulp rather than a few fp32 ones.
+    loss_slack = 4.0 if dtype == torch.float32 else 0.5 * torch.finfo(dtype).eps / torch.finfo(torch.float32).eps
+    assert_as_accurate_as_reference(out.loss, ref.loss, truth.loss, "loss", slack_eps=loss_slack)
     for name, g, r, t in zip(("hidden", "weight", "bias"), out_grads, ref_grads, truth_grads):
         assert g.dtype == dtype
         assert_as_accurate_as_reference(g, r, t, f"grad {name}", slack_eps=8.0)
     assert out.metrics.keys() == truth.metrics.keys()
+
+
+@pytest.mark.parametrize("softcap", [None, 5.0])
+@pytest.mark.parametrize("dtype", [torch.float64, torch.bfloat16])
+def test_policy_pass_over_several_token_blocks(monkeypatch, dtype, softcap):
+    """The C++ path's token blocks (each block's gradient written over its logits buffer, the buffer
+    reused by the next block, masked tokens skipped) equal one block holding every token."""
+    if DEVICE != "cpu":
+        pytest.skip("token blocks are the CPU path's")
+    from fastalign import linear_blocked
+
+    hidden, weight, bias, *rest = make()
+    inputs = (hidden.to(dtype), weight.to(dtype), bias.to(dtype), *rest)
+    config = dict(loss_type="dapo", beta=0.04, entropy_coef=0.01, softcap=softcap)
+    whole, whole_grads = grads_of("hidden", dtype, "native", config, *inputs)
+    monkeypatch.setattr(linear_blocked, "BLOCK_ELEMENTS", V * 4)
+    monkeypatch.setattr(linear_blocked, "MIN_BLOCK_ROWS", 1)
+    parts, part_grads = grads_of("hidden", dtype, "native", config, *inputs)
+    torch.testing.assert_close(parts.loss, whole.loss, rtol=0, atol=0)
+    for a, b in zip(part_grads, whole_grads):
+        torch.testing.assert_close(a, b, rtol=1e-12 if dtype == torch.float64 else 1e-2, atol=1e-12)
 
 
 def test_ppo_from_hidden_states():

@@ -174,11 +174,13 @@ void policy_rows(const at::Tensor& logits, const int64_t* labels, int64_t ignore
   });
 }
 
-std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> policy_token_forward(
+// `grad_into`: where the gradient goes when with_grad: a fresh tensor, or the logits themselves
+// (the policy_token_forward_ variant), since each element of a row is read before its gradient is written.
+std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> policy_pass(
     const at::Tensor& logits, const at::Tensor& labels, const at::Tensor& old_logps, const at::Tensor& ref_logps,
     const at::Tensor& advantages, const at::Tensor& w_pg, const at::Tensor& w_kl, const at::Tensor& grad_entropy,
     double temperature, double logit_scale, double softcap, int64_t ignore_index, int64_t surrogate, int64_t kl,
-    std::vector<double> params, bool with_grad) {
+    const std::vector<double>& params, bool with_grad, bool in_place) {
   check_inputs(logits, labels);
   const int64_t N = labels.numel(), V = logits.size(2);
   check_label_range(labels.const_data_ptr<int64_t>(), N, V, ignore_index);
@@ -198,7 +200,9 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> policy_token_forward(
               "policy_token_forward: a KL term needs ref_logps and w_kl");
   const auto opts = logits.options().dtype(acc_type);
   at::Tensor logps = at::empty({N}, opts), entropy = at::empty({N}, opts), lse = at::empty({N}, opts);
-  at::Tensor grad = with_grad ? empty_huge_pages(logits.sizes(), logits.options()) : at::empty({0}, logits.options());
+  at::Tensor grad = !with_grad ? at::empty({0}, logits.options())
+                   : in_place    ? logits
+                                 : empty_huge_pages(logits.sizes(), logits.options());
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, logits.scalar_type(), "policy_token_forward", [&] {
     using acc_t = std::conditional_t<std::is_same_v<scalar_t, double>, double, float>;
     const auto tf = make_transform<acc_t>(temperature, logit_scale, softcap);
@@ -211,6 +215,28 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> policy_token_forward(
   return {logps, entropy, grad, lse};
 }
 
+std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> policy_token_forward(
+    const at::Tensor& logits, const at::Tensor& labels, const at::Tensor& old_logps, const at::Tensor& ref_logps,
+    const at::Tensor& advantages, const at::Tensor& w_pg, const at::Tensor& w_kl, const at::Tensor& grad_entropy,
+    double temperature, double logit_scale, double softcap, int64_t ignore_index, int64_t surrogate, int64_t kl,
+    std::vector<double> params, bool with_grad) {
+  return policy_pass(logits, labels, old_logps, ref_logps, advantages, w_pg, w_kl, grad_entropy, temperature,
+                     logit_scale, softcap, ignore_index, surrogate, kl, params, with_grad, false);
+}
+
+// The gradient overwrites the logits: the blocked hidden-states path needs only one [rows, V] buffer.
+std::tuple<at::Tensor, at::Tensor, at::Tensor> policy_token_forward_(
+    at::Tensor& logits, const at::Tensor& labels, const at::Tensor& old_logps, const at::Tensor& ref_logps,
+    const at::Tensor& advantages, const at::Tensor& w_pg, const at::Tensor& w_kl, const at::Tensor& grad_entropy,
+    double temperature, double logit_scale, double softcap, int64_t ignore_index, int64_t surrogate, int64_t kl,
+    std::vector<double> params) {
+  TORCH_CHECK(logits.is_contiguous(), "policy_token_forward_: logits must be contiguous to take the gradient in place");
+  auto [logps, entropy, grad, lse] = policy_pass(logits, labels, old_logps, ref_logps, advantages, w_pg, w_kl,
+                                                 grad_entropy, temperature, logit_scale, softcap, ignore_index,
+                                                 surrogate, kl, params, true, true);
+  return {logps, entropy, lse};
+}
+
 }  // namespace
 }  // namespace fastalign
 
@@ -219,6 +245,13 @@ TORCH_LIBRARY_FRAGMENT(fastalign_cpu, m) {
       "policy_token_forward(Tensor logits, Tensor labels, Tensor old_logps, Tensor ref_logps, Tensor advantages, "
       "Tensor w_pg, Tensor w_kl, Tensor grad_entropy, float temperature, float logit_scale, float softcap, "
       "int ignore_index, int surrogate, int kl, float[] params, bool with_grad) -> (Tensor, Tensor, Tensor, Tensor)");
+  m.def(
+      "policy_token_forward_(Tensor(a!) logits, Tensor labels, Tensor old_logps, Tensor ref_logps, "
+      "Tensor advantages, Tensor w_pg, Tensor w_kl, Tensor grad_entropy, float temperature, float logit_scale, "
+      "float softcap, int ignore_index, int surrogate, int kl, float[] params) -> (Tensor, Tensor, Tensor)");
 }
 
-TORCH_LIBRARY_IMPL(fastalign_cpu, CPU, m) { m.impl("policy_token_forward", &fastalign::policy_token_forward); }
+TORCH_LIBRARY_IMPL(fastalign_cpu, CPU, m) {
+  m.impl("policy_token_forward", &fastalign::policy_token_forward);
+  m.impl("policy_token_forward_", &fastalign::policy_token_forward_);
+}
