@@ -11,7 +11,14 @@ linear_grpo_loss (TRL's default dapo objective, beta 0.04, from hidden states, [
              chunk_size 1, its default; compiled=False)
   native     fastalign.grpo_loss(hidden=, weight=): the policy pass writes the gradient in the forward,
              three matmul-equivalents
+  triton     (CUDA) linear_token_logprobs: the tiled Triton kernels; linear_grpo_loss: the "blocked"
+             pass (cuBLAS blocks + the Triton policy kernel, three matmul-equivalents)
+  triton-tiled  (CUDA) linear_grpo_loss through the tiled kernels' forward and backward (four
+             matmul-equivalents, no [rows, V] buffer): kernels/linear_logprobs.py keeps the faster
+             of the two as LINEAR_POLICY_PASS
 """
+
+import contextlib
 
 from __future__ import annotations
 
@@ -40,7 +47,10 @@ def _cases() -> list[dict]:
     return cases
 
 
-IMPLS = {"linear_token_logprobs": ["eager", "trl", "native"], "linear_grpo_loss": ["eager", "liger", "native"]}
+IMPLS = {
+    "linear_token_logprobs": ["eager", "trl", "native", "triton"],
+    "linear_grpo_loss": ["eager", "liger", "native", "triton", "triton-tiled"],
+}
 CASES = _cases()
 PARAMS = [
     pytest.param(case, impl, id=f"{case['op']}-{'x'.join(map(str, case['shape']))}-{impl}")
@@ -92,7 +102,7 @@ def _logprobs_step(impl, x):
     else:
         import fastalign
 
-        with fastalign.use_backend(impl):
+        with fastalign.use_backend(_backend(impl)):
             out = fastalign.linear_token_logprobs(hidden, weight, labels, outputs=("entropy",))
         logps, entropy = out.logps, out.entropy
     return logps.sum() + entropy.sum()
@@ -124,12 +134,32 @@ def _grpo_step(impl, x):
         return out[0] if isinstance(out, tuple) else out
     import fastalign
 
-    with fastalign.use_backend(impl):
+    with fastalign.use_backend(_backend(impl)), _policy_pass(impl):
         return fastalign.grpo_loss(
             hidden=hidden.view(rows, length, -1), weight=weight, labels=labels.view(rows, length),
             completion_mask=mask, advantages=adv, old_logps=old, ref_logps=ref, num_items_in_batch=mask.sum(),
             loss_type="dapo", epsilon=EPS_LOW, epsilon_high=EPS_HIGH, beta=BETA, temperature=0.9,
         ).loss
+
+
+def _backend(impl: str) -> str:
+    return impl.split("-")[0]
+
+
+@contextlib.contextmanager
+def _policy_pass(impl: str):
+    """triton-tiled: the Triton backend's four-matmul way to a token-local objective."""
+    if impl != "triton-tiled":
+        yield
+        return
+    from fastalign import _triton
+
+    kernels = _triton.kernels("linear_logprobs")
+    saved, kernels.LINEAR_POLICY_PASS = kernels.LINEAR_POLICY_PASS, "tiled"
+    try:
+        yield
+    finally:
+        kernels.LINEAR_POLICY_PASS = saved
 
 
 def _check_available(case, impl):
@@ -149,9 +179,11 @@ def _check_available(case, impl):
         return "Liger LigerFusedLinearGRPOLoss"
     import fastalign
 
-    available, reason = fastalign.available_backends(DEVICE).get(impl, (False, "no such backend"))
+    available, reason = fastalign.available_backends(DEVICE).get(_backend(impl), (False, "no such backend"))
     if not available:
         not_run(case, impl, reason)
+    if impl.startswith("triton") and DEVICE != "cuda":
+        not_run(case, impl, "CPU runs Triton only under the interpreter; not a performance path")
     return f"fastalign {impl}"
 
 

@@ -20,7 +20,9 @@ from pathlib import Path
 import naming
 
 BASELINES = {"eager": "vs eager", "compile": "vs compile", "trl": "vs TRL", "liger": "vs Liger"}
-IMPL_ORDER = ["eager", "compile", "plain", "plain-compile", "trl", "verl", "liger", "native", "native-trl", "triton"]
+IMPL_ORDER = [
+    "eager", "compile", "plain", "plain-compile", "trl", "verl", "liger", "native", "native-trl", "triton", "triton-tiled",
+]
 PASS_ORDER = ["fwd+bwd", "fwd"]
 DTYPE_SHORT = {"float32": "fp32", "bfloat16": "bf16", "float16": "fp16", "float64": "fp64"}
 # Sanity bounds on |impl - eager reference| of the forward outputs: far above rounding noise,
@@ -68,12 +70,14 @@ TARGETS = [
             "device": "cpu",
             "op": op,
             "pass": "fwd+bwd",
-            "shape": [4096, 1024, 32000],
+            "shape": shape,
             "dtype": "float32",
             "impl": "native",
             "max": {"eager": 1.2, peer: 1.0},
+            "max_memory": {"eager": 0.1, peer: 1.0},
         }
         for op, peer in (("linear_token_logprobs", "trl"), ("linear_grpo_loss", "liger"))
+        for shape in ([4096, 1024, 32000], [2048, 512, 151936])
     ),
     {
         "device": "cpu",
@@ -167,15 +171,19 @@ def _sort_key(r: dict):
 
 
 def add_ratios(rows: list[dict]) -> None:
-    """r["vs_<impl>"]: this row's median over <impl>'s median for the same case, for every impl."""
-    medians = defaultdict(dict)
+    """r["vs_<impl>"]: this row's median over <impl>'s median for the same case, for every impl;
+    r["mem_vs_<impl>"]: the same for peak memory, where both were measured."""
+    medians, peaks = defaultdict(dict), defaultdict(dict)
     for r in rows:
         medians[_case_key(r)][r["impl"]] = r["median_ms"]
+        peaks[_case_key(r)][r["impl"]] = r.get("peak_mib")
     impls = set(BASELINES) | {r["impl"] for r in rows}
     for r in rows:
         for impl in impls:
             b = medians[_case_key(r)].get(impl)
             r["vs_" + impl] = r["median_ms"] / b if b else None
+            m = peaks[_case_key(r)].get(impl)
+            r["mem_vs_" + impl] = r["peak_mib"] / m if m and r.get("peak_mib") is not None else None
 
 
 def _ms(v: float) -> str:
@@ -207,7 +215,7 @@ def table(rows: list[dict]) -> str:
     lines = ["| " + " | ".join(head) + " |", "|" + "|".join(["---"] * 5 + ["---:"] * (len(head) - 5)) + "|"]
     for r in sorted(rows, key=_sort_key):
         impl = r["label"] + (" †" if _flagged(r) else "") + (" ‡" if _contended(r) else "")
-        if r["impl"] in ("native", "triton"):
+        if r["impl"] in ("native", "triton", "triton-tiled"):
             impl = f"**{impl}**"
         cells = [
             r["op"],
@@ -238,6 +246,12 @@ def target_lines(rows: list[dict], device_type: str) -> list[str]:
                 got = r["vs_" + base]
                 verdict = "no baseline" if got is None else ("met" if got <= limit else "MISSED")
                 parts.append(f"{_ratio(got)} {BASELINES[base].removeprefix('vs ')} (target ≤ {limit}×, {verdict})")
+            for base, limit in t.get("max_memory", {}).items():
+                got = r.get("mem_vs_" + base)
+                verdict = "not measured" if got is None else ("met" if got <= limit else "MISSED")
+                parts.append(
+                    f"peak memory {_ratio(got)} {BASELINES[base].removeprefix('vs ')} (target ≤ {limit}×, {verdict})"
+                )
             for base, name in t.get("also", {}).items():
                 if r.get("vs_" + base) is not None:
                     parts.append(f"{_ratio(r['vs_' + base])} {name}")

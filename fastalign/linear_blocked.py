@@ -1,5 +1,6 @@
 """The CPU path of `linear_token_logprobs`: blocks of tokens through ATen matmuls and the C++ row
-kernels, so the peak extra memory is one block of logits, never [N, V].
+kernels, so the peak extra memory is one block of logits, never [N, V]. The token-blocked policy
+pass here also serves the Triton backend, with cuBLAS matmuls and its Triton row kernel.
 
 Only the tokens that count are projected (rows whose label is ignore_index cost no matmul: TRL's
 "compact" mode). Forward: per block of tokens, logits = h @ W.T (+ b) in the input dtype, then the
@@ -40,7 +41,7 @@ class _BlockLogits:
 
     def __init__(self, rows: int, weight: torch.Tensor, bias: torch.Tensor):
         self.weight_t, self.bias = weight.t(), bias
-        self.buffer = torch.empty(rows * weight.shape[0], dtype=weight.dtype)
+        self.buffer = torch.empty(rows * weight.shape[0], dtype=weight.dtype, device=weight.device)
 
     def __call__(self, hidden_block: torch.Tensor) -> torch.Tensor:
         out = self.buffer[: hidden_block.shape[0] * self.weight_t.shape[1]].view(hidden_block.shape[0], -1)
@@ -126,21 +127,33 @@ def linear_token_logprobs_backward(
     return grad_hidden, grad_weight.to(weight.dtype), grad_bias.to(bias.dtype)
 
 
+def _cpu_policy_pass(logits, inputs, with_grad):
+    """The C++ policy pass over a block: (logps, entropy, lse); with_grad, the gradient overwrites the logits."""
+    if with_grad:
+        return torch.ops.fastalign_cpu.policy_token_forward_(logits, *inputs)
+    lp, ent, _, ls = torch.ops.fastalign_cpu.policy_token_forward(logits, *inputs, False)
+    return lp, ent, ls
+
+
 def linear_policy_token_forward(
     hidden, weight, bias, labels, old_logps, ref_logps, advantages, w_pg, w_kl, grad_entropy,
     temperature, logit_scale, softcap, ignore_index, surrogate_id, kl_id, params, with_grad,
+    policy_pass=_cpu_policy_pass, rows_per_block=None,
 ):
     """A token-level policy objective from hidden states in three matmul-equivalents: per block,
-    logits = h @ W.T, then the C++ policy pass (log-probs and the logits gradient in one read),
-    then grad_h = dz @ W and grad_W += dz.T @ h right away. Nothing is recomputed in backward."""
+    logits = h @ W.T, then the policy pass (log-probs, and the logits gradient written over the
+    block's logits in the same read), then grad_h = dz @ W and grad_W += dz.T @ h right away.
+    Nothing is recomputed in backward. `policy_pass` is the backend's row kernel (C++ here; the
+    Triton backend passes its own, with the matmuls on cuBLAS)."""
     n, vocab = labels.shape[0], weight.shape[0]
+    device = hidden.device
     acc = torch.float64 if hidden.dtype == torch.float64 else torch.float32
-    logps, entropy, lse = (torch.zeros(n, dtype=acc) for _ in range(3))
+    logps, entropy, lse = (torch.zeros(n, dtype=acc, device=device) for _ in range(3))
     grad_hidden = torch.zeros_like(hidden, memory_format=torch.contiguous_format) if with_grad else hidden.new_empty(0)
-    grad_weight = torch.zeros(weight.shape if with_grad else (0,), dtype=acc)
-    grad_bias = torch.zeros(vocab if with_grad and bias.numel() else 0, dtype=acc)
+    grad_weight = torch.zeros(weight.shape if with_grad else (0,), dtype=acc, device=device)
+    grad_bias = torch.zeros(vocab if with_grad and bias.numel() else 0, dtype=acc, device=device)
     rows = _valid_rows(labels, ignore_index)
-    step = max(1, min(_rows_per_block(vocab), rows.numel()))
+    step = max(1, min(rows_per_block or _rows_per_block(vocab), rows.numel()))
     block_logits = _BlockLogits(step, weight, bias)
 
     def part(t, idx):
@@ -155,13 +168,10 @@ def linear_policy_token_forward(
             part(w_pg, idx), part(w_kl, idx), part(grad_entropy, idx), temperature, logit_scale, softcap,
             ignore_index, surrogate_id, kl_id, params,
         )
-        if with_grad:  # the block's gradient overwrites its logits
-            lp, ent, ls = torch.ops.fastalign_cpu.policy_token_forward_(logits, *inputs)
-        else:
-            lp, ent, _, ls = torch.ops.fastalign_cpu.policy_token_forward(logits, *inputs, False)
-        logps.index_copy_(0, idx, lp)
-        entropy.index_copy_(0, idx, ent)
-        lse.index_copy_(0, idx, ls)
+        lp, ent, ls = policy_pass(logits, inputs, with_grad)
+        logps.index_copy_(0, idx, lp.to(acc))
+        entropy.index_copy_(0, idx, ent.to(acc))
+        lse.index_copy_(0, idx, ls.to(acc))
         if not with_grad:
             continue
         dz = logits[0]

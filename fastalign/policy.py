@@ -196,9 +196,14 @@ class _PrecomputedGradients(torch.autograd.Function):
 
 
 def fused_linear_supported(hidden: torch.Tensor) -> bool:
-    """Whether the backend serving `hidden` has the three-matmul policy pass (else: two passes)."""
+    """Whether the backend serving `hidden` runs the three-matmul policy pass (else: two passes)."""
     impl = _implementation(current_backend(), hidden, "linear_logprobs")
-    return hasattr(impl, "linear_policy_token_forward")
+    if not hasattr(impl, "linear_policy_token_forward"):
+        return False
+    mode = getattr(impl, "LINEAR_POLICY_PASS", "blocked")
+    if mode not in ("blocked", "tiled"):
+        raise ValueError(f"FASTALIGN_LINEAR_POLICY: expected 'blocked' or 'tiled', got {mode!r}")
+    return mode == "blocked"
 
 
 def fused_linear_objective(

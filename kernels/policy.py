@@ -297,6 +297,7 @@ def policy_token_forward(
     kl_id: int,
     params: list[float],
     with_grad: bool,
+    grad_out: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
     """``(logps, entropy, grad, lse)`` for logits [B, T, V] (any strides, read in place) and labels [B * T].
 
@@ -305,6 +306,9 @@ def policy_token_forward(
     for the objective described by ``surrogate_id``, ``kl_id`` and ``params``
     (``TokenObjective.kernel_args``). ``old_logps``, ``ref_logps``, ``w_kl`` and ``grad_entropy``
     are [B * T] or [0] when absent; ``ref_logps`` and ``w_kl`` are needed with a KL estimator.
+    ``grad_out`` (contiguous [B, T, V], ``logits.dtype``) receives the gradient instead of a new
+    tensor; it may be ``logits`` itself, since each program reads a chunk of its row before
+    writing that chunk's gradient.
     """
     if not with_grad:
         logps, entropy, _, _, _, lse = token_logprobs_forward(
@@ -336,7 +340,15 @@ def policy_token_forward(
     logps = torch.empty(N, dtype=torch.float32, device=device)
     entropy = torch.empty(N, dtype=torch.float32, device=device)
     lse = torch.empty(N, dtype=torch.float32, device=device)
-    grad = torch.empty((B, T, V), dtype=logits.dtype, device=device)
+    if grad_out is None:
+        grad = torch.empty((B, T, V), dtype=logits.dtype, device=device)
+    elif grad_out.shape != (B, T, V) or grad_out.dtype != logits.dtype or not grad_out.is_contiguous():
+        raise ValueError(
+            f"grad_out must be a contiguous {logits.dtype} tensor of shape {(B, T, V)}, got "
+            f"{grad_out.dtype} {tuple(grad_out.shape)}"
+        )
+    else:
+        grad = grad_out
     if N == 0:
         return logps, entropy, grad, lse
 

@@ -92,6 +92,53 @@ def test_policy_pass_over_several_token_blocks(monkeypatch, dtype, softcap):
         torch.testing.assert_close(a, b, rtol=1e-12 if dtype == torch.float64 else 1e-2, atol=1e-12)
 
 
+@pytest.mark.parametrize("mode", ["blocked", "tiled"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_triton_policy_passes(monkeypatch, mode, dtype):
+    """The Triton backend's two ways to a token-local objective from hidden states, each checked to
+    run: "blocked" (cuBLAS blocks + the policy kernel writing the gradient over each block's
+    logits, three matmul-equivalents) and "tiled" (the tiled kernels' forward and backward)."""
+    ok, why = fastalign.available_backends(DEVICE)["triton"]
+    if not ok:
+        pytest.skip(f"triton not live on {DEVICE}: {why}")
+    from fastalign import _triton, linear_blocked
+
+    kernels = _triton.kernels("linear_logprobs")
+    monkeypatch.setattr(kernels, "LINEAR_POLICY_PASS", mode)
+    monkeypatch.setattr(kernels, "POLICY_BLOCK_ELEMENTS", V * 4)
+    monkeypatch.setattr(kernels, "POLICY_MIN_BLOCK_ROWS", 1)
+    calls = []
+    blocked = linear_blocked.linear_policy_token_forward
+    monkeypatch.setattr(linear_blocked, "linear_policy_token_forward", lambda *a, **k: calls.append(k) or blocked(*a, **k))
+    hidden, weight, bias, *rest = make()
+    inputs = (hidden.to(dtype).double(), weight.to(dtype).double(), bias.to(dtype).double(), *rest)
+    config = dict(loss_type="dapo", beta=0.04, entropy_coef=0.01, epsilon_high=0.28)
+    truth, truth_grads = grads_of("logits", torch.float64, "reference", config, *inputs)
+    ref, ref_grads = grads_of("logits", dtype, "reference", config, *inputs)
+    out, out_grads = grads_of("hidden", dtype, "triton", config, *inputs)
+    assert len(calls) == (1 if mode == "blocked" else 0)
+    if calls:
+        assert calls[0]["rows_per_block"] == 4  # several blocks: 18 tokens, 4 per block
+    loss_slack = 4.0 if dtype == torch.float32 else 0.5 * torch.finfo(dtype).eps / torch.finfo(torch.float32).eps
+    assert_as_accurate_as_reference(out.loss, ref.loss, truth.loss, "loss", slack_eps=loss_slack)
+    for name, g, r, t in zip(("hidden", "weight", "bias"), out_grads, ref_grads, truth_grads):
+        assert_as_accurate_as_reference(g, r, t, f"grad {name}", slack_eps=8.0)
+
+
+def test_unknown_linear_policy_pass(monkeypatch):
+    ok, why = fastalign.available_backends(DEVICE)["triton"]
+    if not ok:
+        pytest.skip(f"triton not live on {DEVICE}: {why}")
+    from fastalign import _triton
+
+    monkeypatch.setattr(_triton.kernels("linear_logprobs"), "LINEAR_POLICY_PASS", "fused")
+    hidden, weight, bias, labels, mask, advantages, old, _ = make(torch.float32)
+    with pytest.raises(ValueError, match=r"FASTALIGN_LINEAR_POLICY: expected 'blocked' or 'tiled', got 'fused'"):
+        with fastalign.use_backend("triton"):
+            fastalign.grpo_loss(hidden=hidden, weight=weight, labels=labels, completion_mask=mask,
+                                advantages=advantages, old_logps=old, num_items_in_batch=mask.sum())
+
+
 def test_ppo_from_hidden_states():
     hidden, weight, bias, labels, mask, advantages, old, ref = make(torch.float32)
     leaves = [t.clone().requires_grad_() for t in (hidden, weight)]
