@@ -9,19 +9,18 @@ linear_grpo_loss (TRL's default dapo objective, beta 0.04, from hidden states, [
   eager      unfused: logits = hidden @ weight.T, then the TRL-style eager objective of bench_grpo.py
   liger      Liger-Kernel `LigerFusedLinearGRPOLoss` (dapo, beta 0.04, use_bias_correction_kl=True as TRL;
              chunk_size 1, its default; compiled=False)
-  native     fastalign.grpo_loss(hidden=, weight=): the policy pass writes the gradient in the forward,
-             three matmul-equivalents
-  triton     (CUDA) linear_token_logprobs: the tiled Triton kernels; linear_grpo_loss: the "blocked"
-             pass (cuBLAS blocks + the Triton policy kernel, three matmul-equivalents)
-  triton-tiled  (CUDA) linear_grpo_loss through the tiled kernels' forward and backward (four
-             matmul-equivalents, no [rows, V] buffer): kernels/linear_logprobs.py keeps the faster
-             of the two as LINEAR_POLICY_PASS
+  native     fastalign.grpo_loss(hidden=, weight=), the "blocked" pass: token blocks, the policy pass
+             writes the gradient in the forward, three matmul-equivalents
+  native-tiled  the same loss through linear_token_logprobs' forward and backward (four
+             matmul-equivalents, no [rows, V] buffer); fastalign.policy.LINEAR_POLICY_PASS keeps
+             the faster of the two
+  triton, triton-tiled  (CUDA) the same two on the Triton backend ("blocked": cuBLAS blocks + the
+             Triton policy kernel); linear_token_logprobs' triton row is the tiled Triton kernels
 """
-
-import contextlib
 
 from __future__ import annotations
 
+import contextlib
 import gc
 import os
 
@@ -49,7 +48,7 @@ def _cases() -> list[dict]:
 
 IMPLS = {
     "linear_token_logprobs": ["eager", "trl", "native", "triton"],
-    "linear_grpo_loss": ["eager", "liger", "native", "triton", "triton-tiled"],
+    "linear_grpo_loss": ["eager", "liger", "native", "native-tiled", "triton", "triton-tiled"],
 }
 CASES = _cases()
 PARAMS = [
@@ -148,18 +147,15 @@ def _backend(impl: str) -> str:
 
 @contextlib.contextmanager
 def _policy_pass(impl: str):
-    """triton-tiled: the Triton backend's four-matmul way to a token-local objective."""
-    if impl != "triton-tiled":
-        yield
-        return
-    from fastalign import _triton
+    """*-tiled: the four-matmul way to a token-local objective (fastalign.policy.LINEAR_POLICY_PASS)."""
+    import fastalign.policy
 
-    kernels = _triton.kernels("linear_logprobs")
-    saved, kernels.LINEAR_POLICY_PASS = kernels.LINEAR_POLICY_PASS, "tiled"
+    saved = fastalign.policy.LINEAR_POLICY_PASS
+    fastalign.policy.LINEAR_POLICY_PASS = "tiled" if impl.endswith("-tiled") else "blocked"
     try:
         yield
     finally:
-        kernels.LINEAR_POLICY_PASS = saved
+        fastalign.policy.LINEAR_POLICY_PASS = saved
 
 
 def _check_available(case, impl):

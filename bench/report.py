@@ -21,7 +21,8 @@ import naming
 
 BASELINES = {"eager": "vs eager", "compile": "vs compile", "trl": "vs TRL", "liger": "vs Liger"}
 IMPL_ORDER = [
-    "eager", "compile", "plain", "plain-compile", "trl", "verl", "liger", "native", "native-trl", "triton", "triton-tiled",
+    "eager", "compile", "plain", "plain-compile", "trl", "verl", "liger",
+    "native", "native-tiled", "native-trl", "triton", "triton-tiled",
 ]
 PASS_ORDER = ["fwd+bwd", "fwd"]
 DTYPE_SHORT = {"float32": "fp32", "bfloat16": "bf16", "float16": "fp16", "float64": "fp64"}
@@ -215,7 +216,7 @@ def table(rows: list[dict]) -> str:
     lines = ["| " + " | ".join(head) + " |", "|" + "|".join(["---"] * 5 + ["---:"] * (len(head) - 5)) + "|"]
     for r in sorted(rows, key=_sort_key):
         impl = r["label"] + (" †" if _flagged(r) else "") + (" ‡" if _contended(r) else "")
-        if r["impl"] in ("native", "triton", "triton-tiled"):
+        if r["impl"] in ("native", "native-tiled", "triton", "triton-tiled"):
             impl = f"**{impl}**"
         cells = [
             r["op"],

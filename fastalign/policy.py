@@ -13,6 +13,8 @@ passes of `token_logprobs` (forward, then backward) with the same math in betwee
 
 from __future__ import annotations
 
+import os
+
 import torch
 
 from .backend import current_backend
@@ -195,15 +197,25 @@ class _PrecomputedGradients(torch.autograd.Function):
         return None, grads[0], grads[1], grad_bias, None, None, None
 
 
+# A token-local objective from hidden states (GRPO / PPO at token level) runs one of two ways:
+#   "blocked": blocks of tokens, logits = h @ W.T per block, then the policy pass writes the
+#              block's logits gradient over its logits, and grad_h / grad_W are formed at once:
+#              three matmul-equivalents, one [rows, V] buffer (C++ with ATen matmuls; Triton with
+#              cuBLAS);
+#   "tiled":   linear_token_logprobs' forward, then its backward through autograd: four
+#              matmul-equivalents, no [rows, V] buffer.
+# Read at each call; FASTALIGN_LINEAR_POLICY sets it. bench_linear_logprobs times both (impls
+# native / native-tiled, triton / triton-tiled). "blocked" measured faster on CPU at both
+# benchmark shapes; on CUDA the choice awaits a GPU run of that benchmark.
+LINEAR_POLICY_PASS = os.environ.get("FASTALIGN_LINEAR_POLICY", "blocked")
+
+
 def fused_linear_supported(hidden: torch.Tensor) -> bool:
     """Whether the backend serving `hidden` runs the three-matmul policy pass (else: two passes)."""
+    if LINEAR_POLICY_PASS not in ("blocked", "tiled"):
+        raise ValueError(f"FASTALIGN_LINEAR_POLICY: expected 'blocked' or 'tiled', got {LINEAR_POLICY_PASS!r}")
     impl = _implementation(current_backend(), hidden, "linear_logprobs")
-    if not hasattr(impl, "linear_policy_token_forward"):
-        return False
-    mode = getattr(impl, "LINEAR_POLICY_PASS", "blocked")
-    if mode not in ("blocked", "tiled"):
-        raise ValueError(f"FASTALIGN_LINEAR_POLICY: expected 'blocked' or 'tiled', got {mode!r}")
-    return mode == "blocked"
+    return LINEAR_POLICY_PASS == "blocked" and hasattr(impl, "linear_policy_token_forward")
 
 
 def fused_linear_objective(

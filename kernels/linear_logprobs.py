@@ -487,14 +487,6 @@ def linear_token_logprobs_backward(
     return result()
 
 
-# Token-local policy objectives from hidden states (GRPO / PPO at token level) run in one of two ways:
-#   "blocked": blocks of tokens through cuBLAS and the Triton policy pass, which writes each block's
-#              logits gradient over its logits: three matmul-equivalents, one [rows, V] buffer;
-#   "tiled":   this module's forward, then its backward through autograd: four matmul-equivalents
-#              and no [rows, V] buffer.
-# Read at each call; FASTALIGN_LINEAR_POLICY sets it. bench_linear_logprobs times both on a GPU
-# (impls "triton" and "triton-tiled"): the default is whichever measured faster there.
-LINEAR_POLICY_PASS = os.environ.get("FASTALIGN_LINEAR_POLICY", "blocked")
 # Logits per block of the "blocked" pass (64 MiB in fp32), and at least 256 tokens per block.
 POLICY_BLOCK_ELEMENTS = 16 * 1024 * 1024
 POLICY_MIN_BLOCK_ROWS = 256
@@ -504,7 +496,9 @@ def linear_policy_token_forward(
     hidden, weight, bias, labels, old_logps, ref_logps, advantages, w_pg, w_kl, grad_entropy,
     temperature, logit_scale, softcap, ignore_index, surrogate_id, kl_id, params, with_grad,
 ):
-    """The "blocked" pass: ``(logps, entropy, grad_hidden, grad_weight, grad_bias, lse)`` as
+    """The "blocked" policy pass (see ``fastalign.policy.LINEAR_POLICY_PASS``) on CUDA: blocks of
+    tokens through cuBLAS and the Triton policy kernel, which writes each block's gradient over
+    its logits. ``(logps, entropy, grad_hidden, grad_weight, grad_bias, lse)`` as
     ``fastalign.policy.linear_policy_token_forward`` documents."""
     from ..linear_blocked import linear_policy_token_forward as blocked
     from .policy import policy_token_forward

@@ -104,7 +104,7 @@ def test_triton_policy_passes(monkeypatch, mode, dtype):
     from fastalign import _triton, linear_blocked
 
     kernels = _triton.kernels("linear_logprobs")
-    monkeypatch.setattr(kernels, "LINEAR_POLICY_PASS", mode)
+    monkeypatch.setattr(fastalign.policy, "LINEAR_POLICY_PASS", mode)
     monkeypatch.setattr(kernels, "POLICY_BLOCK_ELEMENTS", V * 4)
     monkeypatch.setattr(kernels, "POLICY_MIN_BLOCK_ROWS", 1)
     calls = []
@@ -131,7 +131,7 @@ def test_unknown_linear_policy_pass(monkeypatch):
         pytest.skip(f"triton not live on {DEVICE}: {why}")
     from fastalign import _triton
 
-    monkeypatch.setattr(_triton.kernels("linear_logprobs"), "LINEAR_POLICY_PASS", "fused")
+    monkeypatch.setattr(fastalign.policy, "LINEAR_POLICY_PASS", "fused")
     hidden, weight, bias, labels, mask, advantages, old, _ = make(torch.float32)
     with pytest.raises(ValueError, match=r"FASTALIGN_LINEAR_POLICY: expected 'blocked' or 'tiled', got 'fused'"):
         with fastalign.use_backend("triton"):
