@@ -17,6 +17,7 @@ first and take two passes (see `fastalign/policy.py`).
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
@@ -216,12 +217,15 @@ def _weights(o: GRPOOptions, mask, num_items_in_batch, batch_num_tokens, global_
     )
 
 
-def _high_entropy_mask(entropies: torch.Tensor, mask: torch.Tensor, quantile: float) -> torch.Tensor:
-    """TRL's get_high_entropy_mask on one process: tokens at or above the (1 - q) entropy quantile."""
-    local = entropies[mask.bool()].float()
-    if local.numel() == 0:
+def _high_entropy_mask(entropies: torch.Tensor, mask: torch.Tensor, quantile: float, gather=None) -> torch.Tensor:
+    """TRL's get_high_entropy_mask: tokens at or above the (1 - q) quantile of the counted tokens'
+    entropies, pooled over every process when `gather` is given."""
+    pool = entropies[mask.bool()].float()
+    if gather is not None:
+        pool = gather(pool)
+    if pool.numel() == 0:
         return torch.zeros_like(mask, dtype=torch.bool)
-    threshold = torch.quantile(local, 1 - quantile)
+    threshold = torch.quantile(pool, 1 - quantile)
     return ((entropies * mask) >= threshold) & mask.bool()
 
 
@@ -244,6 +248,7 @@ def grpo_loss(
     batch_num_tokens: torch.Tensor | float | None = None,
     global_batch_size: torch.Tensor | float | None = None,
     options: GRPOOptions | None = None,
+    gather: Callable[[torch.Tensor], torch.Tensor] | None = None,
     **option_kwargs,
 ) -> LossOutput:
     """The GRPO-family loss and the trainer's metrics.
@@ -256,6 +261,10 @@ def grpo_loss(
     (TRL's vLLM correction, already truncated or masked); `sampling_logps` (off-policy masking;
     defaults to old_logps); `num_items_in_batch` (TRL's dapo/cispo normalizer);
     `batch_num_tokens` / `global_batch_size` (verl's global counts, required when dp_size > 1).
+    `gather` (convention="trl", several processes): a function returning every process's tensor
+    concatenated along dim 0 (lengths may differ), e.g. `fastalign.integrations.trl.gather_for(accelerator)`;
+    the entropy quantile and the metrics are then global, as TRL's trainer computes them. Without
+    it they are this process's.
     """
     o = options if options is not None else grpo_options(**option_kwargs)
     if options is not None and option_kwargs:
@@ -310,7 +319,7 @@ def grpo_loss(
         weights = w_pg
         effective = mask_f
         if o.top_entropy_quantile < 1:
-            keep = _high_entropy_mask(entropies_.detach(), mask_f, o.top_entropy_quantile).to(mask_f.dtype)
+            keep = _high_entropy_mask(entropies_.detach(), mask_f, o.top_entropy_quantile, gather).to(mask_f.dtype)
             state["entropy_mask"] = keep
             weights = weights * keep
             effective = mask_f * keep
@@ -331,8 +340,9 @@ def grpo_loss(
         w_entropy=entropy_weights(mask_f), transform=transform,
         adjust=None if (token_local and logps is None) else adjust,
     )
-    metrics = _metrics(o, obj, pieces, token_logps, old_logps, token_entropies, mask_f, adv, w_pg if state["entropy_mask"] is None
-                       else w_pg * state["entropy_mask"], w_kl, entropy_weights(mask_f))
+    w_pg_kept = w_pg if state["entropy_mask"] is None else w_pg * state["entropy_mask"]
+    metrics = _metrics(o, obj, pieces, token_logps, old_logps, token_entropies, mask_f, adv, w_pg_kept, w_kl,
+                       entropy_weights(mask_f), gather)
     return LossOutput(pieces["loss"], metrics)
 
 
@@ -354,7 +364,7 @@ def _sequence_log_ratio(logps, old_logps, mask, convention):
     return (logps - logps.detach() + mean.detach().unsqueeze(-1)).clamp(max=10.0)
 
 
-def _metrics(o, obj, pieces, token_logps, old_logps, entropies, mask, adv, w_pg, w_kl, w_entropy):
+def _metrics(o, obj, pieces, token_logps, old_logps, entropies, mask, adv, w_pg, w_kl, w_entropy, gather=None):
     ratio = pieces["ratio"].detach()
     pg = pieces["pg"].detach()
     pg_loss = reference.masked_total(pg, w_pg).detach()
@@ -362,19 +372,28 @@ def _metrics(o, obj, pieces, token_logps, old_logps, entropies, mask, adv, w_pg,
     out = {}
     if o.convention == "trl":
         def global_mean(x):
+            # TRL's global_masked_mean: summed and counted over every process, then divided.
             if x.shape[-1] == 1:
-                return x.sum() / x.shape[0]
-            return reference.masked_mean(x, mask)
+                total, count = x.sum(), torch.tensor(float(x.shape[0]), device=x.device)
+            else:
+                x, m = torch.broadcast_tensors(x, mask)
+                total, count = torch.where(m != 0, x * m, 0.0).sum(), m.sum().float()
+            totals = torch.stack([total, count.to(total.dtype)])
+            if gather is not None:
+                totals = gather(totals.view(1, 2)).sum(0)
+            return totals[0] / totals[1].clamp(min=1.0)
 
         def seq_means(x):
             if x.shape[-1] == 1:
-                return x.squeeze(-1)
-            return (x * mask).sum(-1) / mask.sum(-1)
+                seq = x.squeeze(-1)
+            else:
+                seq = (x * mask).sum(-1) / mask.sum(-1)
+            return seq if gather is None else gather(seq)
 
         if o.beta != 0:
             out["kl"] = global_mean(pieces["kl"].detach())
         if entropies is not None:
-            out["entropy"] = reference.masked_mean(entropies.detach(), mask)
+            out["entropy"] = global_mean(entropies.detach())
         if o.loss_type in CLIP_TYPES:
             coef = ratio.clamp(max=o.delta) if o.delta is not None else ratio
             low = ((coef < 1 - o.epsilon_low) & (adv < 0)).float()
@@ -392,7 +411,7 @@ def _metrics(o, obj, pieces, token_logps, old_logps, entropies, mask, adv, w_pg,
             policy = pg_loss + (kl_loss if kl_loss is not None else 0.0)
             if o.loss_type in TRL_GA_SCALED:
                 policy = policy * o.gradient_accumulation_steps
-            out["policy_loss"] = policy
+            out["policy_loss"] = policy if gather is None else gather(policy.view(1)).nanmean()
             out["entropy_coef"] = torch.tensor(o.entropy_coef)
     else:
         log_ratio_ = pieces["log_ratio"].detach()

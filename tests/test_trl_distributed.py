@@ -1,0 +1,53 @@
+"""GRPO (dapo, beta > 0, with its global token-count normalization) and DPO trained by 2 processes
+(torchrun, gloo, CPU): fastalign-patched TRL logs the same loss and metrics as stock TRL at every
+step."""
+
+from __future__ import annotations
+
+import json
+import os
+import socket
+import subprocess
+import sys
+
+import pytest
+import tiny_trl
+
+pytest.importorskip("trl")
+
+WORKER = os.path.join(os.path.dirname(__file__), "trl_distributed_worker.py")
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _run(trainer, fastalign, model_dir, out):
+    env = dict(os.environ, OMP_NUM_THREADS="1", HF_HUB_OFFLINE="1", HF_HUB_DISABLE_TELEMETRY="1")
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", f"--master_port={_free_port()}",
+           WORKER, "--trainer", trainer, "--model-dir", model_dir, "--out", str(out)]
+    if fastalign:
+        cmd.append("--fastalign")
+    done = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-6000:]
+    with open(out) as f:
+        result = json.load(f)
+    assert result["world_size"] == 2
+    return result["logs"]
+
+
+@pytest.fixture(scope="module")
+def model_dir(tmp_path_factory):
+    path = tmp_path_factory.mktemp("tiny-llama")
+    tiny_trl.causal_lm().save_pretrained(path)
+    tiny_trl.tokenizer().save_pretrained(path)
+    return str(path)
+
+
+@pytest.mark.parametrize("trainer", ["grpo", "dpo"])
+def test_two_processes_match_stock_trl(trainer, model_dir, tmp_path):
+    stock = _run(trainer, False, model_dir, tmp_path / "stock.json")
+    ours = _run(trainer, True, model_dir, tmp_path / "fastalign.json")
+    tiny_trl.assert_logs_match(stock, ours)

@@ -1,0 +1,80 @@
+"""GRPOTrainer end to end: a tiny Llama trained a few steps by stock TRL 1.16 and by TRL patched
+with fastalign.integrations.trl, from the same seed, logs the same loss and metrics at every step."""
+
+from __future__ import annotations
+
+import pytest
+import tiny_trl
+import torch
+
+trl = pytest.importorskip("trl")
+
+from fastalign.integrations import trl as fa_trl  # noqa: E402
+
+CONFIGS = [
+    dict(loss_type="grpo"),
+    dict(loss_type="grpo", beta=0.04, gradient_accumulation_steps=2, num_iterations=2),
+    dict(loss_type="dr_grpo", beta=0.04),
+    dict(loss_type="dapo", epsilon_high=0.28, gradient_accumulation_steps=2, num_iterations=2),
+    dict(loss_type="dapo", importance_sampling_level="sequence", num_iterations=2),  # GSPO
+    dict(loss_type="dapo", top_entropy_quantile=0.5, entropy_coef=0.01, num_iterations=2),
+]
+
+
+@pytest.fixture(scope="module")
+def model_dir(tmp_path_factory):
+    # Saved, because GRPO loads its reference model (beta > 0) from the policy's path.
+    path = tmp_path_factory.mktemp("tiny-llama")
+    tiny_trl.causal_lm().save_pretrained(path)
+    tiny_trl.tokenizer().save_pretrained(path)
+    return str(path)
+
+
+def _trainer(model_dir, output_dir, config):
+    from datasets import Dataset
+    from trl import GRPOConfig, GRPOTrainer
+
+    args = GRPOConfig(**tiny_trl.common_args(output_dir, **config), num_generations=4, max_completion_length=8,
+                      temperature=1.0)
+    torch.manual_seed(0)
+    return GRPOTrainer(model=model_dir, reward_funcs=tiny_trl.length_reward, args=args,
+                       train_dataset=Dataset.from_list(tiny_trl.prompt_rows(16)),
+                       processing_class=tiny_trl.tokenizer())
+
+
+@pytest.mark.parametrize("config", CONFIGS, ids=lambda c: "-".join(f"{k}={v}" for k, v in c.items()))
+def test_grpo_training_matches_stock_trl(model_dir, tmp_path, config):
+    stock = tiny_trl.train_logs(lambda: _trainer(model_dir, tmp_path / "stock", config))
+    from fastalign.integrations.trl import grpo
+
+    with fa_trl.patched(trainers=("grpo",)), tiny_trl.lm_head_calls() as heads, tiny_trl.Calls(grpo, "grpo_loss") as losses:
+        ours = tiny_trl.train_logs(lambda: _trainer(model_dir, tmp_path / "fastalign", config))
+    assert not fa_trl.is_patched()
+    assert heads.count > 0 and losses.count > 0
+    tiny_trl.assert_logs_match(stock, ours)
+    assert "entropy" in ours[0] and ("clip_ratio/region_mean" in ours[0]) == (config["loss_type"] != "cispo")
+
+
+def test_unserved_option_fails_at_construction(model_dir, tmp_path):
+    with fa_trl.patched(trainers=("grpo",)), pytest.raises(ValueError, match=r"GRPOConfig.loss_type='vespo'"):
+        _trainer(model_dir, tmp_path, dict(loss_type="vespo"))
+
+
+def test_unpatch_restores_stock_trl():
+    import trl.trainer.utils as trl_utils
+    from trl.kernels import ChunkedLogProbFunction
+    from trl.trainer.grpo_trainer import GRPOTrainer
+
+    compute_loss, init = GRPOTrainer.__dict__["_compute_loss"], GRPOTrainer.__dict__["__init__"]
+    use_triton = trl_utils._use_triton
+    fa_trl.patch(trainers=("grpo",))
+    try:
+        assert trl_utils._ChunkedLogProbFunction is not ChunkedLogProbFunction
+        assert GRPOTrainer.__dict__["_compute_loss"] is not compute_loss
+        with pytest.raises(RuntimeError, match="already patched"):
+            fa_trl.patch()
+    finally:
+        fa_trl.unpatch()
+    assert trl_utils._ChunkedLogProbFunction is ChunkedLogProbFunction
+    assert trl_utils._use_triton is use_triton
+    assert GRPOTrainer.__dict__["_compute_loss"] is compute_loss and GRPOTrainer.__dict__["__init__"] is init

@@ -1,0 +1,60 @@
+"""One process of a 2-process (torchrun, gloo, CPU) training run for tests/test_trl_distributed.py:
+trains stock TRL or fastalign-patched TRL a few steps and, on rank 0, writes the logged math."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+
+sys.path.insert(0, os.path.dirname(__file__))
+
+import tiny_trl  # noqa: E402
+import torch  # noqa: E402
+
+
+def grpo_trainer(model_dir, output_dir):
+    from datasets import Dataset
+    from trl import GRPOConfig, GRPOTrainer
+
+    args = GRPOConfig(**tiny_trl.common_args(output_dir, max_steps=2, gradient_accumulation_steps=2,
+                                             num_iterations=2, per_device_train_batch_size=4),
+                      loss_type="dapo", beta=0.04, num_generations=4, max_completion_length=8)
+    return GRPOTrainer(model=model_dir, reward_funcs=tiny_trl.length_reward, args=args,
+                       train_dataset=Dataset.from_list(tiny_trl.prompt_rows(32)),
+                       processing_class=tiny_trl.tokenizer())
+
+
+def dpo_trainer(model_dir, output_dir):
+    from datasets import Dataset
+    from trl import DPOConfig, DPOTrainer
+
+    args = DPOConfig(**tiny_trl.common_args(output_dir, max_steps=2, per_device_train_batch_size=2),
+                     loss_type=["sigmoid", "sft"], loss_weights=[1.0, 0.5])
+    return DPOTrainer(model=tiny_trl.causal_lm(), ref_model=tiny_trl.causal_lm(), args=args,
+                      train_dataset=Dataset.from_list(tiny_trl.preference_rows(32)),
+                      processing_class=tiny_trl.tokenizer())
+
+
+def main():
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--trainer", choices=("grpo", "dpo"), required=True)
+    parser.add_argument("--fastalign", action="store_true")
+    parser.add_argument("--model-dir", required=True)
+    parser.add_argument("--out", required=True)
+    opts = parser.parse_args()
+    if opts.fastalign:
+        from fastalign.integrations import trl as fa_trl
+
+        fa_trl.patch(trainers=(opts.trainer,))
+    make = grpo_trainer if opts.trainer == "grpo" else dpo_trainer
+    torch.manual_seed(0)
+    logs = tiny_trl.train_logs(lambda: make(opts.model_dir, os.path.dirname(opts.out)))
+    if int(os.environ.get("RANK", "0")) == 0:
+        with open(opts.out, "w") as f:
+            json.dump({"world_size": int(os.environ.get("WORLD_SIZE", "1")), "logs": logs}, f)
+
+
+if __name__ == "__main__":
+    main()
