@@ -18,16 +18,31 @@ CONFIGS = [
     dict(loss_type="dapo", epsilon_high=0.28, gradient_accumulation_steps=2, num_iterations=2),
     dict(loss_type="dapo", importance_sampling_level="sequence", num_iterations=2),  # GSPO
     dict(loss_type="dapo", top_entropy_quantile=0.5, entropy_coef=0.01, num_iterations=2),
+    # The fused LM head reads softcapping and the logit scale from the model's config.
+    dict(loss_type="dapo", beta=0.04, num_iterations=2, model=dict(final_logit_softcapping=3.0, logit_scale=0.7)),
 ]
 
 
 @pytest.fixture(scope="module")
-def model_dir(tmp_path_factory):
-    # Saved, because GRPO loads its reference model (beta > 0) from the policy's path.
-    path = tmp_path_factory.mktemp("tiny-llama")
-    tiny_trl.causal_lm().save_pretrained(path)
-    tiny_trl.tokenizer().save_pretrained(path)
-    return str(path)
+def saved_models(tmp_path_factory):
+    """Saved tiny models by config overrides: GRPO loads its reference model (beta > 0) from the policy's path."""
+    cache = {}
+
+    def saved(**overrides):
+        key = tuple(sorted(overrides.items()))
+        if key not in cache:
+            path = tmp_path_factory.mktemp("tiny-llama")
+            tiny_trl.causal_lm(**overrides).save_pretrained(path)
+            tiny_trl.tokenizer().save_pretrained(path)
+            cache[key] = str(path)
+        return cache[key]
+
+    return saved
+
+
+@pytest.fixture(scope="module")
+def model_dir(saved_models):
+    return saved_models()
 
 
 def _trainer(model_dir, output_dir, config):
@@ -43,7 +58,9 @@ def _trainer(model_dir, output_dir, config):
 
 
 @pytest.mark.parametrize("config", CONFIGS, ids=lambda c: "-".join(f"{k}={v}" for k, v in c.items()))
-def test_grpo_training_matches_stock_trl(model_dir, tmp_path, config):
+def test_grpo_training_matches_stock_trl(saved_models, tmp_path, config):
+    config = dict(config)
+    model_dir = saved_models(**config.pop("model", {}))
     stock = tiny_trl.train_logs(lambda: _trainer(model_dir, tmp_path / "stock", config))
     from fastalign.integrations.trl import grpo
 
