@@ -95,3 +95,48 @@ def test_unpatch_restores_stock_trl():
     assert trl_utils._ChunkedLogProbFunction is ChunkedLogProbFunction
     assert trl_utils._use_triton is use_triton
     assert GRPOTrainer.__dict__["_compute_loss"] is compute_loss and GRPOTrainer.__dict__["__init__"] is init
+
+
+def test_lm_head_under_zero3_is_refused(monkeypatch):
+    import transformers.integrations.deepspeed as hf_deepspeed
+
+    from fastalign.integrations.trl.lm_head import FastalignChunkedLogProb
+
+    monkeypatch.setattr(hf_deepspeed, "is_deepspeed_zero3_enabled", lambda: True)
+    hidden, weight, labels = torch.randn(3, 8), torch.randn(11, 8), torch.tensor([1, 2, 3])
+    with pytest.raises(NotImplementedError, match=r"ZeRO-3.*patch\(lm_head=False\)"):
+        FastalignChunkedLogProb.apply(hidden, weight, None, labels, 1.0, 4096, None, 1.0, ("log_probs",))
+
+
+def test_lm_head_only_patch_leaves_losses_stock():
+    import trl.trainer.utils as trl_utils
+    from trl.trainer.grpo_trainer import GRPOTrainer
+
+    compute_loss = GRPOTrainer.__dict__["_compute_loss"]
+    with fa_trl.patched(losses=False):
+        assert GRPOTrainer.__dict__["_compute_loss"] is compute_loss
+        assert trl_utils._ChunkedLogProbFunction.__name__ == "FastalignChunkedLogProb"
+    with fa_trl.patched(lm_head=False, trainers=("grpo",)):
+        assert trl_utils._ChunkedLogProbFunction.__name__ == "ChunkedLogProbFunction"
+        assert GRPOTrainer.__dict__["_compute_loss"] is not compute_loss
+
+
+def test_fused_lm_head_fields_equal_trl_function():
+    """The stand-in answers TRL's call with TRL's five outputs (values, dtypes, None for fields not asked)."""
+    from trl.kernels import ChunkedLogProbFunction
+
+    from fastalign.integrations.trl.lm_head import FastalignChunkedLogProb
+
+    torch.manual_seed(0)
+    hidden, weight, bias = torch.randn(9, 8), torch.randn(37, 8), torch.randn(37)
+    labels = torch.randint(0, 37, (9,))
+    for outputs in (("log_probs",), ("log_probs", "entropy", "is_top1"),
+                    ("entropy", "log_sum_sq_probs", "mean_logits", "is_top1")):
+        args = (hidden, weight, bias, labels, 0.8, 4096, 4.0, 0.5, outputs)
+        theirs, ours = ChunkedLogProbFunction.apply(*args), FastalignChunkedLogProb.apply(*args)
+        for name, a, b in zip(("log_probs", "entropy", "log_sum_sq_probs", "mean_logits", "is_top1"), theirs, ours):
+            if a is None:
+                assert b is None, name
+            else:
+                assert b.dtype == a.dtype, name
+                torch.testing.assert_close(b, a, rtol=1e-5, atol=1e-5)

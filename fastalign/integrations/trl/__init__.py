@@ -42,9 +42,9 @@ def is_patched() -> bool:
     return bool(_SWAPS)
 
 
-def patch(*, losses: bool = True, trainers: tuple[str, ...] | None = None) -> None:
-    """Routes TRL's fused LM head through fastalign and, with `losses`, the loss methods of
-    `trainers` (default: every trainer in LOSSES). Calling it twice is an error: undo first."""
+def patch(*, lm_head: bool = True, losses: bool = True, trainers: tuple[str, ...] | None = None) -> None:
+    """Routes TRL's fused LM head (`lm_head`) and the loss methods (`losses`) of `trainers`
+    (default: every trainer in LOSSES) through fastalign. Calling it twice is an error: undo first."""
     if _SWAPS:
         raise RuntimeError("fastalign.integrations.trl is already patched; call unpatch() first")
     import trl.trainer.utils as trl_utils
@@ -61,10 +61,11 @@ def patch(*, losses: bool = True, trainers: tuple[str, ...] | None = None) -> No
     if unknown:
         raise ValueError(f"trainers: unknown {unknown}; expected names from {sorted(LOSSES)}")
     try:
-        _SWAPS.swap(trl_utils, "_ChunkedLogProbFunction", FastalignChunkedLogProb)
-        # Compact mode everywhere: TRL then hands over only the counted tokens, so ignored positions
-        # cost no matmul (TRL itself does this only on Triton devices).
-        _SWAPS.swap(trl_utils, "_use_triton", lambda device: True)
+        if lm_head:
+            _SWAPS.swap(trl_utils, "_ChunkedLogProbFunction", FastalignChunkedLogProb)
+            # Compact mode everywhere: TRL then hands over only the counted tokens, so ignored
+            # positions cost no matmul (TRL itself does this only on Triton devices).
+            _SWAPS.swap(trl_utils, "_use_triton", lambda device: True)
         if losses:
             for trainer in chosen:
                 module_name, class_name, method, ours = LOSSES[trainer]

@@ -26,12 +26,29 @@ def _compute_dtype(hidden: torch.Tensor) -> torch.dtype:
     return hidden.dtype
 
 
+def _check_not_zero3() -> None:
+    # TRL gathers a ZeRO-3 lm_head only around the forward call; fastalign's backward reads the
+    # weight it saved, which ZeRO-3 has partitioned again by then (FSDP2 is fine: TRL hands over
+    # the full tensor).
+    try:
+        from transformers.integrations.deepspeed import is_deepspeed_zero3_enabled
+    except ImportError:
+        return
+    if is_deepspeed_zero3_enabled():
+        raise NotImplementedError(
+            "DeepSpeed ZeRO-3: fastalign's fused LM head is not served under ZeRO-3 (its backward needs the gathered "
+            "lm_head weight); keep TRL's own LM head with fastalign.integrations.trl.patch(lm_head=False), or use "
+            "FSDP2 or ZeRO-1/2"
+        )
+
+
 class FastalignChunkedLogProb:
     """Stands in for `trl.kernels.ChunkedLogProbFunction` (only `.apply` is called)."""
 
     @staticmethod
     def apply(hidden, weight, bias, targets, temperature, chunk_size=None, final_logit_softcapping=None,
               logit_scale=1.0, outputs=FIELDS):
+        _check_not_zero3()
         if final_logit_softcapping is not None and final_logit_softcapping <= 0:
             raise ValueError(
                 f"final_logit_softcapping: expected None or a positive cap, got {final_logit_softcapping} "

@@ -1,0 +1,58 @@
+"""`RLOOTrainer._compute_loss` through `fastalign.rloo_loss`.
+
+TRL's forward stays (`_get_per_token_logps_and_entropies`, whose fused LM head fastalign serves
+once patched); the sequence-level clipped loss over its per-token log-probs, and every metric TRL
+logs in `_compute_loss`, come from fastalign with TRL's reductions across processes. RLOOConfig
+has a single loss; its options here are `epsilon` and `epsilon_high`. The KL penalty (`beta`),
+reward clipping and the leave-one-out advantages act at generation, which stays TRL's."""
+
+from __future__ import annotations
+
+import torch
+
+from ...rloo import clip_range, rloo_loss
+
+# The multimodal inputs TRL's forward takes, passed through as it passes them.
+FORWARD_EXTRAS = ("pixel_values", "image_grid_thw", "num_images", "pixel_attention_mask", "spatial_shapes",
+                  "num_tiles", "image_sizes", "token_type_ids", "mm_token_type_ids", "image_position_ids")
+
+
+def check(trainer) -> None:
+    """The options fastalign's RLOO loss cannot serve, named."""
+    try:
+        clip_range(trainer.epsilon_low, trainer.epsilon_high, prefix="RLOOConfig.")
+    except (TypeError, ValueError) as error:
+        raise ValueError(f"{error}; unpatch fastalign.integrations.trl to train with TRL's own loss") from None
+
+
+def compute_loss(self, model, inputs):
+    from . import gather_for
+
+    check(self)
+    prompt_ids, prompt_mask = inputs["prompt_ids"], inputs["prompt_mask"]
+    completion_ids, completion_mask = inputs["completion_ids"], inputs["completion_mask"]
+    input_ids = torch.cat([prompt_ids, completion_ids], dim=1)
+    attention_mask = torch.cat([prompt_mask, completion_mask], dim=1)
+    per_token_logps, entropies, aux_loss = self._get_per_token_logps_and_entropies(
+        model, input_ids, attention_mask, completion_ids.size(1), compute_entropy=True,
+        compute_aux_loss=self.aux_loss_enabled, **{key: inputs.get(key) for key in FORWARD_EXTRAS},
+    )
+    out = rloo_loss(
+        logps=per_token_logps,
+        entropies=entropies,
+        completion_mask=completion_mask,
+        advantages=inputs["advantages"],
+        old_logps=inputs["old_logps"],
+        epsilon=self.epsilon_low,
+        epsilon_high=self.epsilon_high,
+        gather=gather_for(self.accelerator),
+    )
+    loss = out.loss
+    metrics = self._metrics["train" if self.model.training else "eval"]
+    # RLOO's loss is unscaled (the Trainer divides it by the accumulation steps), and so is its aux term.
+    if self.aux_loss_enabled:
+        loss = loss + self.router_aux_loss_coef * aux_loss
+        metrics["aux_loss"].append(self.accelerator.gather_for_metrics(aux_loss).mean().item())
+    for name, value in out.metrics.items():
+        metrics[name].append(float(value))
+    return loss

@@ -1,0 +1,234 @@
+"""fastalign's policy losses and advantage estimators in verl's registries (verl 0.9.1).
+
+Importing this module registers, in `verl.trainer.ppo.core_algos`:
+
+| verl setting | name | same result as verl's |
+|---|---|---|
+| `actor_rollout_ref.actor.policy_loss.loss_mode` | `fastalign_vanilla` | `vanilla` (dual-clip PPO) |
+| | `fastalign_gspo` | `gspo` |
+| | `fastalign_cispo` | `cispo` |
+| | `fastalign_sapo` | `sapo` |
+| `algorithm.adv_estimator` | `fastalign_grpo` | `grpo` (`norm_adv_by_std_in_grpo=False`: Dr.GRPO) |
+| | `fastalign_rloo` | `rloo` |
+| | `fastalign_reinforce_plus_plus` | `reinforce_plus_plus` |
+| | `fastalign_reinforce_plus_plus_baseline` | `reinforce_plus_plus_baseline` |
+
+verl imports every module listed in `VERL_USE_EXTERNAL_MODULES` when `verl` itself is imported, in
+the driver and in every Ray worker, so `VERL_USE_EXTERNAL_MODULES=fastalign.integrations.verl`
+makes the names selectable. The policy losses read verl's actor config as verl's do
+(`clip_ratio`, `clip_ratio_low`, `clip_ratio_high`, `clip_ratio_c`, `tau_pos`, `tau_neg`,
+`global_batch_info`) and return verl's `(pg_loss, {"actor/pg_clipfrac", "actor/ppo_kl",
+"actor/pg_clipfrac_lower"})`; verl adds the KL and entropy terms itself.
+
+GAE is not registered: verl's trainer hands the critic's values only to its own "gae" and starts a
+critic only for that name, so a registered GAE would never receive them.
+"""
+
+from __future__ import annotations
+
+import contextlib
+
+import torch
+
+from .. import grpo_loss, grpo_options, group_advantages, reinforce_plus_plus_advantages
+
+try:
+    from verl.trainer.ppo import core_algos
+except ImportError as exc:
+    raise ImportError(
+        "fastalign.integrations.verl requires verl (pip install verl): it registers fastalign's losses and "
+        f"advantage estimators in verl.trainer.ppo.core_algos, which could not be imported ({exc})"
+    ) from exc
+
+__all__ = ["ADV_ESTIMATORS", "POLICY_LOSSES"]
+
+# verl's default loss_agg_mode for each loss (the trainer always passes the configured one).
+_DEFAULT_AGG = {"vanilla": "token-mean", "gspo": "seq-mean-token-mean", "cispo": "token-mean",
+                "sapo": "seq-mean-token-mean"}
+_METRICS = ("actor/pg_clipfrac", "actor/ppo_kl", "actor/pg_clipfrac_lower")
+
+# fastalign's argument name -> the name verl's caller set, so an error names what the user wrote.
+_VERL_NAMES = {
+    "epsilon": "config.clip_ratio",
+    "epsilon_low": "config.clip_ratio_low",
+    "epsilon_high": "config.clip_ratio_high",
+    "clip_ratio_c": "config.clip_ratio_c",
+    "sapo_temperature_pos": "config.tau_pos",
+    "sapo_temperature_neg": "config.tau_neg",
+    "dp_size": "config.global_batch_info['dp_size']",
+    "loss_scale_factor": "config.global_batch_info['loss_scale_factor']",
+    "batch_num_tokens": "config.global_batch_info['batch_num_tokens']",
+    "global_batch_size": "config.global_batch_info['global_batch_size']",
+    "logps": "log_prob",
+    "old_logps": "old_log_prob",
+    "completion_mask": "response_mask",
+    "importance_sampling_ratio": "rollout_is_weights",
+    "rewards": "token_level_rewards",
+    "eps": "epsilon",
+    "gamma": "config.gamma",
+}
+
+
+@contextlib.contextmanager
+def _verl_names():
+    """Re-raises fastalign's argument errors ("name: why") under the name verl's caller used."""
+    try:
+        yield
+    except (TypeError, ValueError) as exc:
+        name, sep, why = str(exc).partition(": ")
+        if not sep or name not in _VERL_NAMES:
+            raise
+        raise type(exc)(f"{_VERL_NAMES[name]}: {why}") from exc
+
+
+# --- policy losses ----------------------------------------------------------------------------
+
+
+def _require(config, what: str):
+    if config is None:
+        raise ValueError(f"config: {what} reads its settings from verl's config, got None")
+    return config
+
+
+def _loss_options(loss_type: str, loss_agg_mode: str, config):
+    """grpo_options from verl's actor config, read as verl's own loss of that name reads it."""
+    info = config.get("global_batch_info") or {}
+    dp_size = info.get("dp_size", 1)
+    options = dict(loss_agg_mode=loss_agg_mode, dp_size=1 if dp_size is None else int(dp_size),
+                   loss_scale_factor=info.get("loss_scale_factor"))
+    if loss_type == "sapo":
+        # verl's SAPO reads only the temperatures; the clip ratios do not enter it.
+        options.update(sapo_temperature_pos=config.get("tau_pos", 1.0),
+                       sapo_temperature_neg=config.get("tau_neg", 1.05))
+    else:
+        # clip_ratio_low / clip_ratio_high fall back to clip_ratio when None, as in verl.
+        options.update(epsilon=config.get("clip_ratio"), epsilon_low=config.get("clip_ratio_low"),
+                       epsilon_high=config.get("clip_ratio_high"))
+    if loss_type == "vanilla":
+        options["clip_ratio_c"] = config.get("clip_ratio_c", 3.0)
+    return grpo_options(loss_type, convention="verl", **options), info
+
+
+def _policy_loss(loss_type, old_log_prob, log_prob, advantages, response_mask, loss_agg_mode, config,
+                 rollout_is_weights):
+    config = _require(config, f"fastalign_{loss_type}")
+    with _verl_names():
+        options, info = _loss_options(loss_type, loss_agg_mode, config)
+        out = grpo_loss(
+            logps=log_prob, completion_mask=response_mask, advantages=advantages, old_logps=old_log_prob,
+            importance_sampling_ratio=rollout_is_weights, batch_num_tokens=info.get("batch_num_tokens"),
+            global_batch_size=info.get("global_batch_size"), options=options,
+        )
+    # verl's losses log python floats; verl adds actor/pg_loss itself.
+    return out.loss, {name: float(out.metrics[name]) for name in _METRICS}
+
+
+def _make_policy_loss(loss_type: str):
+    def policy_loss(
+        old_log_prob: torch.Tensor,
+        log_prob: torch.Tensor,
+        advantages: torch.Tensor,
+        response_mask: torch.Tensor,
+        loss_agg_mode: str = _DEFAULT_AGG[loss_type],
+        config=None,
+        rollout_is_weights: torch.Tensor | None = None,
+    ) -> tuple[torch.Tensor, dict[str, float]]:
+        return _policy_loss(loss_type, old_log_prob, log_prob, advantages, response_mask, loss_agg_mode, config,
+                            rollout_is_weights)
+
+    policy_loss.__name__ = policy_loss.__qualname__ = f"compute_policy_loss_fastalign_{loss_type}"
+    policy_loss.__doc__ = (
+        f"verl's policy loss {loss_type!r} computed by fastalign.grpo_loss(convention='verl'), with verl's "
+        "PolicyLossFn signature and return value."
+    )
+    return policy_loss
+
+
+POLICY_LOSSES = {
+    f"fastalign_{loss_type}": core_algos.register_policy_loss(f"fastalign_{loss_type}")(_make_policy_loss(loss_type))
+    for loss_type in _DEFAULT_AGG
+}
+
+
+# --- advantage estimators ---------------------------------------------------------------------
+
+
+def _group_ids(index, batch: int, device: torch.device, name: str) -> torch.Tensor:
+    """verl's `uid` array (any hashable ids, one per row) as int64 group ids for group_advantages."""
+    if index is None:
+        raise ValueError(f"index: {name} groups responses by prompt and needs verl's per-row `uid` array, got None")
+    uids = index.tolist() if hasattr(index, "tolist") else list(index)
+    if len(uids) != batch:
+        raise ValueError(f"index: expected {batch} ids (one per row of token_level_rewards), got {len(uids)}")
+    ids: dict = {}
+    return torch.tensor([ids.setdefault(uid, len(ids)) for uid in uids], dtype=torch.int64, device=device)
+
+
+def _group_estimator(name: str, token_level_rewards, response_mask, index, **options):
+    with _verl_names():
+        group_index = _group_ids(index, token_level_rewards.shape[0], token_level_rewards.device, name)
+        advantages = group_advantages(token_level_rewards.sum(dim=-1), group_index=group_index, convention="verl",
+                                      response_mask=response_mask, **options)
+    # verl's outcome estimators return the advantages as the returns too.
+    return advantages, advantages
+
+
+@core_algos.register_adv_est("fastalign_grpo")
+def compute_fastalign_grpo_advantage(token_level_rewards, response_mask, index=None, epsilon: float = 1e-6,
+                                     norm_adv_by_std_in_grpo: bool | None = None, config=None, **kwargs):
+    """verl's "grpo": group mean removed, divided by the group std + epsilon unless
+    `algorithm.norm_adv_by_std_in_grpo` is False (Dr.GRPO); a group of one keeps its reward."""
+    if norm_adv_by_std_in_grpo is None:
+        norm_adv_by_std_in_grpo = True if config is None else config.get("norm_adv_by_std_in_grpo", True)
+    return _group_estimator("fastalign_grpo", token_level_rewards, response_mask, index, estimator="grpo",
+                            scale="group" if norm_adv_by_std_in_grpo else "none", eps=epsilon)
+
+
+@core_algos.register_adv_est("fastalign_rloo")
+def compute_fastalign_rloo_advantage(token_level_rewards, response_mask, index=None, epsilon: float = 1e-6,
+                                     config=None, **kwargs):
+    """verl's "rloo": n / (n - 1) * (r - group mean); a group of one keeps its reward."""
+    return _group_estimator("fastalign_rloo", token_level_rewards, response_mask, index, estimator="grpo", scale="none")
+
+
+@core_algos.register_adv_est("fastalign_reinforce_plus_plus_baseline")
+def compute_fastalign_reinforce_plus_plus_baseline_advantage(token_level_rewards, response_mask, index=None,
+                                                             epsilon: float = 1e-6, config=None, **kwargs):
+    """verl's "reinforce_plus_plus_baseline": group mean removed, then whitened over the batch's
+    response tokens."""
+    return _group_estimator("fastalign_reinforce_plus_plus_baseline", token_level_rewards, response_mask, index,
+                            estimator="reinforce++-baseline")
+
+
+@core_algos.register_adv_est("fastalign_reinforce_plus_plus")
+def compute_fastalign_reinforce_plus_plus_advantage(token_level_rewards, response_mask, config=None, **kwargs):
+    """verl's "reinforce_plus_plus": discounted returns over the response tokens (`algorithm.gamma`),
+    whitened over the batch's response tokens."""
+    gamma = _require(config, "fastalign_reinforce_plus_plus").get("gamma")
+    for name, value in (("token_level_rewards", token_level_rewards), ("response_mask", response_mask)):
+        if not isinstance(value, torch.Tensor):
+            raise TypeError(f"{name}: expected a torch.Tensor, got {type(value).__name__}")
+    if response_mask.shape != token_level_rewards.shape or response_mask.dim() != 2:
+        raise ValueError(f"response_mask: expected shape {tuple(token_level_rewards.shape)} [B, T] (that of "
+                         f"token_level_rewards), got {tuple(response_mask.shape)}")
+    # verl 0.9.1 skips masked tokens (tool observations inside a multi-turn response): their reward
+    # is dropped and the running return crosses them undiscounted, while fastalign's scan restarts
+    # at a masked token. Moving each row's response tokens to its front, in order, makes the two
+    # scans the same; whitening is over the batch's tokens, so the permutation leaves it unchanged.
+    order = torch.sort((response_mask == 0).to(torch.int8), dim=-1, stable=True).indices
+    with _verl_names():
+        advantages, returns = reinforce_plus_plus_advantages(
+            token_level_rewards.gather(-1, order), response_mask.gather(-1, order), gamma=gamma
+        )
+    advantages = torch.empty_like(advantages).scatter_(-1, order, advantages)
+    # verl's returns are 0 on masked tokens.
+    returns = torch.empty_like(returns).scatter_(-1, order, returns) * response_mask.to(returns.dtype)
+    return advantages, returns
+
+
+ADV_ESTIMATORS = {
+    "fastalign_grpo": compute_fastalign_grpo_advantage,
+    "fastalign_rloo": compute_fastalign_rloo_advantage,
+    "fastalign_reinforce_plus_plus": compute_fastalign_reinforce_plus_plus_advantage,
+    "fastalign_reinforce_plus_plus_baseline": compute_fastalign_reinforce_plus_plus_baseline_advantage,
+}
