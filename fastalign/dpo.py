@@ -17,7 +17,7 @@ numbers below are that file's), except DPOP (Pal et al. 2024, arXiv:2402.13228),
 from __future__ import annotations
 
 import math
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import NamedTuple
 
@@ -173,6 +173,10 @@ class DPOPairs(NamedTuple):
         past the length of the shorter completion of the pair (LD-DPO).
     chosen_log_sum_sq_probs / rejected_log_sum_sq_probs: sum over the completion of log sum_v p_v^2
         (WPO).
+    chosen_length / rejected_length: what ipo and sigmoid_norm divide by, if not the token counts.
+        TRL 1.16 counts the unshifted completion mask there: one more than the scored tokens when
+        a completion starts at the first position (no prompt token before it). The TRL
+        integration passes that count, to match it.
     """
 
     chosen_logps: torch.Tensor
@@ -185,6 +189,8 @@ class DPOPairs(NamedTuple):
     rejected_tail_logps: torch.Tensor | None = None
     chosen_log_sum_sq_probs: torch.Tensor | None = None
     rejected_log_sum_sq_probs: torch.Tensor | None = None
+    chosen_length: torch.Tensor | None = None
+    rejected_length: torch.Tensor | None = None
 
 
 # --- the per-sequence math -------------------------------------------------------------------------
@@ -222,7 +228,7 @@ def _per_sequence_loss(loss_type: str, options: DPOOptions, s: dict) -> torch.Te
     if loss_type == "hinge":  # TRL line 1390
         return torch.relu(1 - beta * s["delta_score"])
     if loss_type == "ipo":  # TRL line 1393: scores averaged per token (TRL's length normalization), Eq. 17
-        delta = s["chosen_scores"] / s["chosen_len"] - s["rejected_scores"] / s["rejected_len"]
+        delta = s["chosen_scores"] / s["chosen_norm_len"] - s["rejected_scores"] / s["rejected_norm_len"]
         return (delta - 1 / (2 * beta)) ** 2
     if loss_type == "exo_pair":  # TRL line 1406 (EXO, Eq. 16): KL(softmax(beta * scores) || [1 - eps, eps])
         logit = beta * s["delta_score"]
@@ -261,16 +267,22 @@ def _per_sequence_loss(loss_type: str, options: DPOOptions, s: dict) -> torch.Te
         total = s["chosen_full_logps"].sum() / s["chosen_num_tokens"].sum().clamp(min=1)
         return (-total).expand(s["chosen_full_logps"].shape[0])
     if loss_type == "sigmoid_norm":  # TRL line 1504
-        delta = s["chosen_scores"] / s["chosen_len"] - s["rejected_scores"] / s["rejected_len"]
+        delta = s["chosen_scores"] / s["chosen_norm_len"] - s["rejected_scores"] / s["rejected_norm_len"]
         return -F.logsigmoid(beta * delta)
     raise ValueError(f"loss_type: unknown {loss_type!r}; expected any of {', '.join(LOSS_TYPES)}")
 
 
-def dpo_from_sequences(pairs: DPOPairs, options: DPOOptions) -> LossOutput:
+def dpo_from_sequences(
+    pairs: DPOPairs, options: DPOOptions, gather: Callable[[torch.Tensor], torch.Tensor] | None = None
+) -> LossOutput:
     """The DPO-family loss and TRL's metrics from per-sequence quantities: the math every input level shares.
 
     `pairs` must carry what `options` needs (`check_pairs` says what is missing); the loss is the sum
     over `options.loss_types` of weight * mean over pairs, in fp32 (fp64 for fp64 inputs).
+    `gather` (several processes): a function returning every process's tensor concatenated along
+    dim 0, e.g. `fastalign.integrations.trl.gather_for(accelerator)`; the metrics are then means
+    over every process's pairs, as TRL's trainer logs them. Without it they are this process's.
+    The loss stays this process's either way.
     """
     acc = torch.float64 if pairs.chosen_logps.dtype == torch.float64 else torch.float32
 
@@ -295,10 +307,13 @@ def dpo_from_sequences(pairs: DPOPairs, options: DPOOptions) -> LossOutput:
     if options.needs_num_tokens:
         s["chosen_num_tokens"] = up(pairs.chosen_num_tokens)
         # An empty completion counts as one token, as TRL's clamp(min=1): its sums are 0, so 0 / 1 = 0.
-        # (TRL counts the unshifted completion_mask for ipo/sigmoid_norm: the same number unless the
-        # completion starts at the first position, which no causal LM can score.)
+        # ipo and sigmoid_norm divide by `chosen_length` where given (TRL's unshifted count, see DPOPairs).
         s["chosen_len"] = s["chosen_num_tokens"].clamp(min=1)
         s["rejected_len"] = up(pairs.rejected_num_tokens).clamp(min=1)
+        s["chosen_norm_len"], s["rejected_norm_len"] = s["chosen_len"], s["rejected_len"]
+        if pairs.chosen_length is not None:
+            s["chosen_norm_len"] = up(pairs.chosen_length).clamp(min=1)
+            s["rejected_norm_len"] = up(pairs.rejected_length).clamp(min=1)
     has_reference = ref_chosen is not None
     if has_reference:
         s["chosen_logratios"] = chosen_logps - ref_chosen
@@ -323,17 +338,23 @@ def dpo_from_sequences(pairs: DPOPairs, options: DPOOptions) -> LossOutput:
             per_sequence = per_sequence * weights
         loss = loss + per_sequence.mean() * loss_weight
 
-    # Metrics (TRL lines 1581-1601): rewards are beta * log-ratio (not the f-divergence score).
+    # Metrics (TRL lines 1581-1601): rewards are beta * log-ratio (not the f-divergence score); means
+    # over the pairs of every process when `gather` is given (TRL gathers each per-pair value).
+    per_pair = [chosen_logps.detach(), rejected_logps.detach()]
+    if has_reference:
+        per_pair += [options.beta * s["chosen_logratios"].detach(), options.beta * s["rejected_logratios"].detach()]
+    per_pair = torch.stack(per_pair, dim=1)
+    if gather is not None:
+        per_pair = gather(per_pair)  # one collective for all of them
     metrics = {}
     if has_reference:
-        chosen_rewards = options.beta * s["chosen_logratios"].detach()
-        rejected_rewards = options.beta * s["rejected_logratios"].detach()
+        chosen_rewards, rejected_rewards = per_pair[:, 2], per_pair[:, 3]
         metrics["rewards/chosen"] = chosen_rewards.mean()
         metrics["rewards/rejected"] = rejected_rewards.mean()
         metrics["rewards/accuracies"] = (chosen_rewards > rejected_rewards).to(acc).mean()
         metrics["rewards/margins"] = (chosen_rewards - rejected_rewards).mean()
-    metrics["logps/chosen"] = chosen_logps.detach().mean()
-    metrics["logps/rejected"] = rejected_logps.detach().mean()
+    metrics["logps/chosen"] = per_pair[:, 0].mean()
+    metrics["logps/rejected"] = per_pair[:, 1].mean()
     return LossOutput(loss=loss, metrics={k: v.float() for k, v in metrics.items()})
 
 
@@ -405,12 +426,15 @@ def pairs_from_tokens(
     mask: torch.Tensor,
     options: DPOOptions,
     ref_token_logps: torch.Tensor | None = None,
+    gather: Callable[[torch.Tensor], torch.Tensor] | None = None,
 ) -> tuple[DPOPairs, dict[str, torch.Tensor]]:
-    """Per-sequence sums from per-token fields [2B, T] (0 off `mask`), and the logits/* metrics.
+    """Per-sequence sums from per-token fields [2B, T] (0 off `mask`, a bool [2B, T]), and the
+    logits/* metrics.
 
     `token` needs `mean_logits`, and `log_sum_sq_probs` under WPO. `ref_token_logps` [2B, T], if
     given, are the reference's per-token log-probs (no gradient); they are reduced the same way,
-    LD weighting included, as TRL does for a reference model it runs itself.
+    LD weighting included, as TRL does for a reference model it runs itself. `gather`: as in
+    `dpo_from_sequences`; the logits/* metrics are then averaged over every process's tokens.
     """
     logps = token.logps.sum(-1)
     num_tokens = mask.sum(-1, dtype=logps.dtype)
@@ -433,7 +457,7 @@ def pairs_from_tokens(
         chosen_logps, rejected_logps, *halves(ref_logps), *halves(num_tokens), *halves(tail_logps), *halves(lssp)
     )
     # TRL lines 1554-1568: the mean over all chosen (rejected) completion tokens of the per-token mean logit.
-    return pairs, completion_logits_metrics(token.mean_logits, mask)
+    return pairs, completion_logits_metrics(token.mean_logits, mask, gather)
 
 
 def _ordered(metrics: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:

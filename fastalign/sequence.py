@@ -7,7 +7,7 @@ everything here reduces [B, T] per-token values, never [B, T, V].
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from typing import NamedTuple
 
 import torch
@@ -96,15 +96,27 @@ def metric(value: torch.Tensor) -> torch.Tensor:
     return (value.mean() if value.dim() else value).float()
 
 
-def completion_logits_metrics(mean_logits: torch.Tensor, mask: torch.Tensor) -> dict[str, torch.Tensor]:
+def completion_logits_metrics(
+    mean_logits: torch.Tensor, mask: torch.Tensor, gather: Callable[[torch.Tensor], torch.Tensor] | None = None
+) -> dict[str, torch.Tensor]:
     """logits/chosen and logits/rejected: the vocabulary-mean logit averaged over the counted completion
     tokens of each half, as TRL's DPOTrainer logs them (0 for a half with no token).
 
+    `gather` (several processes): a function returning every process's tensor concatenated along
+    dim 0; the averages are then over every process's tokens (TRL sums and counts across ranks).
+
     TRL's CPO and ORPO trainers average the full logits tensor instead, prompt and padding positions
     included, so their value shifts with the padding; the completion-token average does not."""
+
+    def average(values: torch.Tensor, half_mask: torch.Tensor) -> torch.Tensor:
+        # masked_mean, with the sum and the count reduced over processes before the division.
+        half_mask = half_mask.to(values.dtype)
+        totals = torch.stack([(values.detach() * half_mask).sum(), half_mask.sum()])
+        if gather is not None:
+            totals = gather(totals.view(1, 2)).sum(0)
+        return metric(totals[0] / totals[1].clamp(min=1))
+
     chosen_logits, rejected_logits = mean_logits.chunk(2, dim=0)
     chosen_mask, rejected_mask = mask.chunk(2, dim=0)
-    return {
-        "logits/chosen": metric(masked_mean(chosen_logits.detach(), chosen_mask)),
-        "logits/rejected": metric(masked_mean(rejected_logits.detach(), rejected_mask)),
-    }
+    return {"logits/chosen": average(chosen_logits, chosen_mask),
+            "logits/rejected": average(rejected_logits, rejected_mask)}

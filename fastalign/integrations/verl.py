@@ -56,7 +56,7 @@ _VERL_NAMES = {
     "sapo_temperature_pos": "config.tau_pos",
     "sapo_temperature_neg": "config.tau_neg",
     "dp_size": "config.global_batch_info['dp_size']",
-    "loss_scale_factor": "config.global_batch_info['loss_scale_factor']",
+    "loss_scale_factor": "config.loss_scale_factor",
     "batch_num_tokens": "config.global_batch_info['batch_num_tokens']",
     "global_batch_size": "config.global_batch_info['global_batch_size']",
     "logps": "log_prob",
@@ -188,7 +188,7 @@ def compute_fastalign_grpo_advantage(token_level_rewards, response_mask, index=N
 def compute_fastalign_rloo_advantage(token_level_rewards, response_mask, index=None, epsilon: float = 1e-6,
                                      config=None, **kwargs):
     """verl's "rloo": n / (n - 1) * (r - group mean); a group of one keeps its reward."""
-    return _group_estimator("fastalign_rloo", token_level_rewards, response_mask, index, estimator="grpo", scale="none")
+    return _group_estimator("fastalign_rloo", token_level_rewards, response_mask, index, estimator="rloo")
 
 
 @core_algos.register_adv_est("fastalign_reinforce_plus_plus_baseline")

@@ -88,7 +88,8 @@ def compute_loss(self, model, inputs, return_outputs=False):
     gather = gather_for(self.accelerator)
     pairs, logits_metrics = pairs_from_tokens(token, counted, options, ref_token_logps, gather)
     if self.precompute_ref_logps:
-        pairs = pairs._replace(ref_chosen_logps=inputs["ref_chosen_logps"], ref_rejected_logps=inputs["ref_rejected_logps"])
+        pairs = pairs._replace(ref_chosen_logps=inputs["ref_chosen_logps"],
+                               ref_rejected_logps=inputs["ref_rejected_logps"])
     # TRL's ipo and sigmoid_norm divide by the unshifted completion mask's count (see DPOPairs.chosen_length).
     chosen_length, rejected_length = completion_mask.sum(dim=1).chunk(2)
     pairs = pairs._replace(chosen_length=chosen_length, rejected_length=rejected_length)
