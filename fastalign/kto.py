@@ -16,7 +16,14 @@ What the caller passes for the baseline: TRL builds the mismatched pairs by rota
 completions by one, (x_1, y_n), (x_2, y_1), ..., (x_n, y_{n-1}), and sums the policy's (under
 no_grad) and the reference's log-probs over each mismatched completion: those are `kl_logps` and
 `ref_kl_logps` (`fastalign.sequence.sequence_logprobs` computes them from logits). With data
-parallelism TRL averages the per-rank means before clamping; pass that average as `kl` instead.
+parallelism TRL averages the per-rank means before clamping: pass `gather` (below) with the
+log-prob sums, or that average as `kl`.
+
+Metrics are this process's unless `gather` is given: a function returning every process's tensor
+concatenated along dim 0 (e.g. `fastalign.integrations.trl.gather_for(accelerator)`). Then, as TRL's
+trainer reduces them, the KL estimate is the mean of the processes' estimates, and each group's
+`rewards/*` and `logps/*` (and `kto_token_metrics`' token means) are sums over every process divided
+by counts over every process.
 
 `kto_from_sequences` is the math on per-sequence tensors; `kto_loss` takes them,
 `kto_loss_from_logits` computes the policy's log-probs (and the entropy and logits metrics) in one
@@ -30,16 +37,18 @@ a log-prob sum of 0.
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from typing import NamedTuple
 
 import torch
 from torch import nn
 
 from ._checks import check_finite, check_loss_type, check_positive_finite, check_sequence_values, check_token_mask
-from .sequence import masked_mean, metric, sequence_logprobs
+from .sequence import metric, sequence_logprobs
 from .types import LossOutput
 
 LOSS_TYPES = ("kto", "apo_zero_unpaired")
+Gather = Callable[[torch.Tensor], torch.Tensor]
 
 
 class KTOOptions(NamedTuple):
@@ -65,9 +74,18 @@ def kto_options(
     return KTOOptions(beta, loss_type, *weights)
 
 
-def kl_baseline(kl_logps: torch.Tensor, ref_kl_logps: torch.Tensor) -> torch.Tensor:
-    """KTO's reference point z on one rank: mean(kl_logps - ref_kl_logps), detached, clamped at 0."""
-    return (kl_logps - ref_kl_logps).mean().detach().clamp(min=0)
+def kl_baseline(kl_logps: torch.Tensor, ref_kl_logps: torch.Tensor, gather: Gather | None = None) -> torch.Tensor:
+    """KTO's reference point z: mean(kl_logps - ref_kl_logps), detached, clamped at 0. With `gather`,
+    the mean of every process's mean, clamped after averaging (as TRL does)."""
+    estimate = (kl_logps - ref_kl_logps).mean().detach()
+    if gather is not None:
+        estimate = gather(estimate.reshape(1)).mean()
+    return estimate.clamp(min=0)
+
+
+def _pooled(totals: torch.Tensor, gather: Gather | None) -> torch.Tensor:
+    """This process's [K] totals, summed over every process when `gather` is given."""
+    return totals if gather is None else gather(totals.unsqueeze(0)).sum(0)
 
 
 def _resolve_kl(
@@ -76,8 +94,10 @@ def _resolve_kl(
     ref_kl_logps: torch.Tensor | None,
     kl: torch.Tensor | float | None,
     like: torch.Tensor,
+    gather: Gather | None = None,
 ) -> torch.Tensor:
-    """The checked baseline z as a 0-d tensor (0 for apo_zero_unpaired, which has none)."""
+    """The checked baseline z as a 0-d tensor (0 for apo_zero_unpaired, which has none). A given
+    `kl` is the caller's final estimate: `gather` pools only the one computed from kl_logps."""
     candidates = (("kl_logps", kl_logps), ("ref_kl_logps", ref_kl_logps), ("kl", kl))
     given = [name for name, value in candidates if value is not None]
     if options.loss_type == "apo_zero_unpaired":
@@ -112,7 +132,7 @@ def _resolve_kl(
             "kl_logps: the KL baseline needs at least 2 mismatched pairs; with 1 the 'mismatched' completion "
             "is the matched one"
         )
-    return kl_baseline(policy, reference)
+    return kl_baseline(policy, reference, gather)
 
 
 def kto_from_sequences(
@@ -121,8 +141,10 @@ def kto_from_sequences(
     desirable: torch.Tensor,
     kl: torch.Tensor,
     options: KTOOptions,
+    gather: Gather | None = None,
 ) -> LossOutput:
-    """The KTO math on checked [B] tensors (log-prob sums, bool labels) and the clamped baseline `kl`."""
+    """The KTO math on checked [B] tensors (log-prob sums, bool labels) and the clamped baseline `kl`;
+    the group metrics over every process with `gather`."""
     beta = options.beta
     logratios = policy_logps - ref_logps
     if options.loss_type == "kto":
@@ -138,29 +160,76 @@ def kto_from_sequences(
     loss = losses.mean()
 
     rewards = beta * logratios.detach()
-    undesirable = ~desirable
-    chosen_rewards = _group_mean(rewards, desirable)
-    rejected_rewards = _group_mean(rewards, undesirable)
-    metrics = {
-        "kl": metric(kl),
-        "rewards/chosen": chosen_rewards,
-        "logps/chosen": _group_mean(policy_logps, desirable),
-        "rewards/rejected": rejected_rewards,
-        "logps/rejected": _group_mean(policy_logps, undesirable),
-        "rewards/margins": chosen_rewards - rejected_rewards,
-    }
+    metrics = {"kl": metric(kl), **_group_metrics(rewards, policy_logps.detach(), desirable, gather)}
     return LossOutput(loss, metrics)
+
+
+def _group_metrics(rewards: torch.Tensor, logps: torch.Tensor, desirable: torch.Tensor,
+                   gather: Gather | None) -> dict[str, torch.Tensor]:
+    """rewards/* and logps/*: a group's sum over its completions divided by its size (both over every
+    process with `gather`); NaN for a group with no completion, which TRL leaves out of its log."""
+    totals = []
+    for members in (desirable, ~desirable):
+        totals += [torch.where(members, rewards, 0.0).sum(), torch.where(members, logps, 0.0).sum(),
+                   members.sum().to(rewards.dtype)]
+    chosen_rewards, chosen_logps, chosen, rejected_rewards, rejected_logps, rejected = _pooled(
+        torch.stack(totals), gather)
+    return {
+        "rewards/chosen": metric(chosen_rewards / chosen),
+        "logps/chosen": metric(chosen_logps / chosen),
+        "rewards/rejected": metric(rejected_rewards / rejected),
+        "logps/rejected": metric(rejected_logps / rejected),
+        "rewards/margins": metric(chosen_rewards / chosen - rejected_rewards / rejected),
+    }
+
+
+def kto_token_metrics(
+    entropy: torch.Tensor,
+    mean_logits: torch.Tensor,
+    mask: torch.Tensor,
+    desirable: torch.Tensor,
+    *,
+    gather: Gather | None = None,
+) -> dict[str, torch.Tensor]:
+    """TRL's token-level KTO metrics from per-token fields (a fused LM head's `entropy` and `mean_logits`).
+
+    Args:
+        entropy, mean_logits: `[B, T]` per-token values.
+        mask: `[B, T]` the counted completion tokens (nonzero).
+        desirable: `[B]` bool labels.
+        gather: see the module docstring; sums and counts then span every process.
+
+    Returns:
+        `entropy` (mean over all counted tokens, 0 if none), `logits/chosen` and `logits/rejected`
+        (mean of the per-token vocabulary-mean logit over each group's counted tokens, NaN if none).
+    """
+    if not isinstance(mask, torch.Tensor) or mask.dim() != 2:
+        shape = tuple(mask.shape) if isinstance(mask, torch.Tensor) else type(mask).__name__
+        raise ValueError(f"mask: expected [B, T] per-token flags, got {shape}")
+    for name, value in (("entropy", entropy), ("mean_logits", mean_logits)):
+        if not isinstance(value, torch.Tensor) or not value.is_floating_point() or value.shape != mask.shape:
+            got = f"{value.dtype} {tuple(value.shape)}" if isinstance(value, torch.Tensor) else type(value).__name__
+            raise ValueError(f"{name}: expected a floating-point tensor of shape {tuple(mask.shape)} (that of mask), "
+                             f"got {got}")
+    counted = mask != 0
+    good = _check_desirable(desirable, counted.new_empty(counted.shape[:1])).unsqueeze(-1)
+    dtype = torch.promote_types(entropy.dtype, mean_logits.dtype)
+    entropy, mean_logits = entropy.detach().to(dtype), mean_logits.detach().to(dtype)
+    totals = [torch.where(counted, entropy, 0.0).sum(), counted.sum().to(dtype)]
+    for members in (counted & good, counted & ~good):
+        totals += [torch.where(members, mean_logits, 0.0).sum(), members.sum().to(dtype)]
+    entropy_sum, tokens, chosen_logits, chosen, rejected_logits, rejected = _pooled(torch.stack(totals), gather)
+    return {
+        "entropy": metric(entropy_sum / tokens.clamp(min=1)),
+        "logits/chosen": metric(chosen_logits / chosen),
+        "logits/rejected": metric(rejected_logits / rejected),
+    }
 
 
 def _like(value: torch.Tensor, policy: torch.Tensor) -> torch.Tensor:
     """Reference-side values, detached, in the policy's precision: fp64 reference log-probs (say,
     precomputed and stored) must not silently turn an fp32 loss into an fp64 one."""
     return value.detach().to(policy.dtype)
-
-
-def _group_mean(values: torch.Tensor, members: torch.Tensor) -> torch.Tensor:
-    """Mean over a group as a metric; NaN for an empty group, which TRL leaves out of its log."""
-    return metric(torch.where(members, values.detach(), 0.0).sum() / members.sum())
 
 
 def _check_desirable(desirable: object, like: torch.Tensor) -> torch.Tensor:
@@ -188,6 +257,7 @@ def kto_loss(
     loss_type: str = "kto",
     desirable_weight: float = 1.0,
     undesirable_weight: float = 1.0,
+    gather: Gather | None = None,
 ) -> LossOutput:
     """KTO / unpaired APO-zero loss from per-sequence log-probs.
 
@@ -197,11 +267,13 @@ def kto_loss(
         desirable: `[B]` bool, True for a desirable completion (TRL's `label`).
         kl_logps, ref_kl_logps: `[B_kl]` policy and reference log-prob sums over the mismatched KL
             completions ("kto" only; B_kl >= 2). Detached here.
-        kl: instead of those, the baseline estimate itself (e.g. averaged across ranks); detached and
-            clamped at 0 here.
+        kl: instead of those, the baseline estimate itself (e.g. already averaged across ranks);
+            detached and clamped at 0 here.
         beta: > 0.
         loss_type: "kto" or "apo_zero_unpaired".
         desirable_weight, undesirable_weight: >= 0, not both 0.
+        gather: every process's tensor concatenated along dim 0, for metrics (and a KL baseline from
+            kl_logps) over every process; see the module docstring. None: this process's.
 
     Returns:
         LossOutput: the weighted per-completion losses averaged over B, and TRL's metrics `kl`,
@@ -212,8 +284,8 @@ def kto_loss(
     policy = check_sequence_values("policy_logps", policy_logps)
     reference = check_sequence_values("ref_logps", ref_logps, policy_logps, "policy_logps")
     labels = _check_desirable(desirable, policy_logps)
-    z = _resolve_kl(options, kl_logps, ref_kl_logps, kl, policy)
-    return kto_from_sequences(policy, _like(reference, policy), labels, _like(z, policy), options)
+    z = _resolve_kl(options, kl_logps, ref_kl_logps, kl, policy, gather)
+    return kto_from_sequences(policy, _like(reference, policy), labels, _like(z, policy), options, gather)
 
 
 def kto_loss_from_logits(
@@ -231,22 +303,22 @@ def kto_loss_from_logits(
     loss_type: str = "kto",
     desirable_weight: float = 1.0,
     undesirable_weight: float = 1.0,
+    gather: Gather | None = None,
 ) -> LossOutput:
     """KTO / unpaired APO-zero loss from the policy's logits, reading the vocabulary once.
 
     `logits` `[B, T, V]` and `labels` `[B, T]` are aligned (pass `logits[:, :-1]`, `input_ids[:, 1:]`;
     the view is read in place); a position counts when its label is not `ignore_index` and
     `completion_mask` (if given, `completion_mask[:, 1:]`) is nonzero. The rest is as in
-    `kto_loss`; the metrics add `entropy` (mean over all counted tokens, 0 if none), `logits/chosen` and
-    `logits/rejected` (vocabulary-mean logit over each group's counted tokens, NaN if none).
+    `kto_loss`; the metrics add `kto_token_metrics`' `entropy`, `logits/chosen` and `logits/rejected`.
     """
     options = kto_options(beta, loss_type, desirable_weight, undesirable_weight)
     return _kto_from_logits(logits, labels, ref_logps, desirable, completion_mask, ignore_index,
-                            kl_logps, ref_kl_logps, kl, options)
+                            kl_logps, ref_kl_logps, kl, options, gather)
 
 
 def _kto_from_logits(logits, labels, ref_logps, desirable, completion_mask, ignore_index,
-                     kl_logps, ref_kl_logps, kl, options: KTOOptions) -> LossOutput:
+                     kl_logps, ref_kl_logps, kl, options: KTOOptions, gather: Gather | None) -> LossOutput:
     if not isinstance(logits, torch.Tensor) or logits.dim() != 3:
         shape = tuple(logits.shape) if isinstance(logits, torch.Tensor) else type(logits).__name__
         raise ValueError(f"logits: expected [B, T, V], got {shape}")
@@ -257,18 +329,11 @@ def _kto_from_logits(logits, labels, ref_logps, desirable, completion_mask, igno
     good = _check_desirable(desirable, rows)
     if completion_mask is not None:
         check_token_mask("completion_mask", completion_mask, labels)
-    z = _resolve_kl(options, kl_logps, ref_kl_logps, kl, reference)
+    z = _resolve_kl(options, kl_logps, ref_kl_logps, kl, reference, gather)
     seq = sequence_logprobs(logits, labels, completion_mask=completion_mask, ignore_index=ignore_index,
                             outputs=("entropy", "mean_logits"))
-    out = kto_from_sequences(seq.logps, _like(reference, seq.logps), good, _like(z, seq.logps), options)
-    token_mask = seq.mask
-    logits_sum = torch.where(token_mask, seq.token.mean_logits, 0.0).sum(-1)
-    per_row = token_mask.sum(-1)
-    out.metrics.update({
-        "entropy": metric(masked_mean(seq.token.entropy.detach(), token_mask)),
-        "logits/chosen": metric(torch.where(good, logits_sum, 0.0).sum() / torch.where(good, per_row, 0).sum()),
-        "logits/rejected": metric(torch.where(good, 0.0, logits_sum).sum() / torch.where(good, 0, per_row).sum()),
-    })
+    out = kto_from_sequences(seq.logps, _like(reference, seq.logps), good, _like(z, seq.logps), options, gather)
+    out.metrics.update(kto_token_metrics(seq.token.entropy, seq.token.mean_logits, seq.mask, good, gather=gather))
     return out
 
 
@@ -297,9 +362,10 @@ class KTOLoss(nn.Module):
         kl_logps: torch.Tensor | None = None,
         ref_kl_logps: torch.Tensor | None = None,
         kl: torch.Tensor | float | None = None,
+        gather: Gather | None = None,
     ) -> LossOutput:
         return _kto_from_logits(logits, labels, ref_logps, desirable, completion_mask, self.ignore_index,
-                                kl_logps, ref_kl_logps, kl, self.options)
+                                kl_logps, ref_kl_logps, kl, self.options, gather)
 
     def extra_repr(self) -> str:
         return ", ".join(f"{k}={v!r}" for k, v in self.options._asdict().items())

@@ -26,7 +26,8 @@ from .sequence import metric, split_pairs
 from .types import LossOutput
 
 
-def _check_center(center_rewards_coefficient: float | None) -> float | None:
+def check_center_rewards_coefficient(center_rewards_coefficient: float | None) -> float | None:
+    """The checked coefficient: None, or a finite number >= 0."""
     if center_rewards_coefficient is None:
         return None
     value = check_finite("center_rewards_coefficient", center_rewards_coefficient)
@@ -84,7 +85,7 @@ def bradley_terry_loss(
     Returns:
         LossOutput: the loss and TRL's metrics `min_reward`, `mean_reward`, `max_reward`, `accuracy`, `margin`.
     """
-    center = _check_center(center_rewards_coefficient)
+    center = check_center_rewards_coefficient(center_rewards_coefficient)
     chosen = check_sequence_values("chosen_rewards", chosen_rewards)
     rejected = check_sequence_values("rejected_rewards", rejected_rewards, chosen_rewards, "chosen_rewards")
     margin = _check_margin(margin, chosen_rewards, "chosen_rewards")
@@ -116,7 +117,7 @@ def reward_loss(
 
     See `bradley_terry_loss` for `margin` (`[B]` or a number), `center_rewards_coefficient` and the metrics.
     """
-    center = _check_center(center_rewards_coefficient)
+    center = check_center_rewards_coefficient(center_rewards_coefficient)
     chosen, rejected = _split_rewards(rewards)
     if not rewards.is_floating_point():
         raise TypeError(f"rewards: expected a floating-point tensor, got {rewards.dtype}")
@@ -131,7 +132,7 @@ class RewardLoss(nn.Module):
 
     def __init__(self, center_rewards_coefficient: float | None = None) -> None:
         super().__init__()
-        self.center_rewards_coefficient = _check_center(center_rewards_coefficient)
+        self.center_rewards_coefficient = check_center_rewards_coefficient(center_rewards_coefficient)
 
     def forward(self, rewards: torch.Tensor, margin: torch.Tensor | float | None = None) -> LossOutput:
         return reward_loss(rewards, margin=margin, center_rewards_coefficient=self.center_rewards_coefficient)
