@@ -17,6 +17,7 @@ from .kto import KTOLoss, kto_loss, kto_loss_from_logits
 from .logprobs import token_logprobs
 from .orpo import ORPOLoss, orpo_loss, orpo_loss_from_logits
 from .reward import RewardLoss, bradley_terry_loss, reward_loss
+from .rloo import RLOOLoss, rloo_loss
 from .types import HiddenStates, TokenLogprobs
 
 __version__ = "0.1.0"
@@ -29,6 +30,7 @@ __all__ = [
     "KTOLoss",
     "ORPOLoss",
     "RewardLoss",
+    "RLOOLoss",
     "TokenLogprobs",
     "available_backends",
     "bradley_terry_loss",
@@ -55,6 +57,7 @@ __all__ = [
     "reference",
     "reinforce_plus_plus_advantages",
     "reward_loss",
+    "rloo_loss",
     "token_logprobs",
     "use_backend",
 ]
