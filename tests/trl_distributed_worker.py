@@ -26,6 +26,19 @@ def grpo_trainer(model_dir, output_dir):
                        processing_class=tiny_trl.tokenizer())
 
 
+def rloo_trainer(model_dir, output_dir):
+    from datasets import Dataset
+    from trl import RLOOConfig, RLOOTrainer
+
+    # A learning rate at which the second iteration clips some sequences but not all.
+    args = RLOOConfig(**tiny_trl.common_args(output_dir, max_steps=2, gradient_accumulation_steps=2,
+                                             num_iterations=2, per_device_train_batch_size=4, learning_rate=1e-4),
+                      num_generations=4, max_completion_length=8, epsilon_high=0.28)
+    return RLOOTrainer(model=model_dir, reward_funcs=tiny_trl.length_reward, args=args,
+                       train_dataset=Dataset.from_list(tiny_trl.prompt_rows(32)),
+                       processing_class=tiny_trl.tokenizer())
+
+
 def dpo_trainer(model_dir, output_dir):
     from datasets import Dataset
     from trl import DPOConfig, DPOTrainer
@@ -39,7 +52,7 @@ def dpo_trainer(model_dir, output_dir):
 
 def main():
     parser = argparse.ArgumentParser()
-    parser.add_argument("--trainer", choices=("grpo", "dpo"), required=True)
+    parser.add_argument("--trainer", choices=("grpo", "dpo", "rloo"), required=True)
     parser.add_argument("--fastalign", action="store_true")
     parser.add_argument("--model-dir", required=True)
     parser.add_argument("--out", required=True)
@@ -48,7 +61,7 @@ def main():
         from fastalign.integrations import trl as fa_trl
 
         fa_trl.patch(trainers=(opts.trainer,))
-    make = grpo_trainer if opts.trainer == "grpo" else dpo_trainer
+    make = {"grpo": grpo_trainer, "dpo": dpo_trainer, "rloo": rloo_trainer}[opts.trainer]
     torch.manual_seed(0)
     logs = tiny_trl.train_logs(lambda: make(opts.model_dir, os.path.dirname(opts.out)))
     if int(os.environ.get("RANK", "0")) == 0:
