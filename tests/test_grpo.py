@@ -40,8 +40,9 @@ class _Accelerator:
         return x
 
 
-def trl_compute_loss(config: dict, logps, entropies, inputs):
-    """TRL's `_compute_loss` on a stand-in holding exactly the attributes it reads."""
+def trl_compute_loss(config: dict, logps, entropies, inputs, compute_loss=None):
+    """TRL's `_compute_loss` (or `compute_loss`, a replacement with its signature) on a stand-in
+    holding exactly the attributes it reads."""
     ga = config.get("gradient_accumulation_steps", 1)
     epsilon = config.get("epsilon", 0.2)
     trainer = types.SimpleNamespace(
@@ -74,7 +75,7 @@ def trl_compute_loss(config: dict, logps, entropies, inputs):
     trainer._get_per_token_logps_and_entropies = lambda *args, **kwargs: (logps, entropies, None)
     trainer.get_high_entropy_mask = types.MethodType(GRPOTrainer.get_high_entropy_mask, trainer)
     trainer.get_off_policy_mask = GRPOTrainer.get_off_policy_mask
-    loss = GRPOTrainer._compute_loss(trainer, None, inputs)
+    loss = (compute_loss or GRPOTrainer._compute_loss)(trainer, None, inputs)
     return loss, {name: values[-1] for name, values in trainer._metrics["train"].items()}
 
 

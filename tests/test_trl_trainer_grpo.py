@@ -7,6 +7,8 @@ import pytest
 import tiny_trl
 import torch
 
+from fastalign import reference as fastalign_reference
+
 trl = pytest.importorskip("trl")
 
 from fastalign.integrations import trl as fa_trl  # noqa: E402
@@ -140,3 +142,31 @@ def test_fused_lm_head_fields_equal_trl_function():
             else:
                 assert b.dtype == a.dtype, name
                 torch.testing.assert_close(b, a, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("index", range(18), ids=lambda i: f"config{i}")
+def test_compute_loss_equals_trl_for_every_option(index):
+    """The replacement `_compute_loss` against TRL's on the same stand-in trainer, for every option
+    the trainer passes on (delta, off-policy masking, the vLLM importance-sampling ratio, every
+    loss type, GSPO, the entropy mask and bonus, accumulation): loss, gradient and metrics."""
+    import test_grpo
+
+    from fastalign.integrations.trl import grpo
+
+    config = test_grpo.CONFIGS[index]
+    options, extras = test_grpo._split(config)
+    logits, labels, mask, advantages, old, ref = test_grpo.make_batch()
+    inputs, _ = test_grpo._inputs(options, extras, labels, mask, advantages, old, ref, mask.sum())
+    inputs = {k: (v.double() if v.is_floating_point() else v) for k, v in inputs.items()}
+    results = []
+    for compute_loss in (None, grpo.compute_loss):
+        leaf = logits.clone().requires_grad_()
+        fields = fastalign_reference.token_logprobs(leaf, labels, temperature=test_grpo.TEMPERATURE,
+                                                    outputs=("entropy",))
+        loss, metrics = test_grpo.trl_compute_loss(options, fields.logps, fields.entropy, inputs, compute_loss)
+        (grad,) = torch.autograd.grad(loss, leaf)
+        results.append((loss.detach(), grad, metrics))
+    (theirs, their_grad, their_metrics), (ours, our_grad, our_metrics) = results
+    torch.testing.assert_close(ours.to(theirs.dtype), theirs, rtol=1e-5, atol=1e-7)
+    torch.testing.assert_close(our_grad, their_grad, rtol=1e-5, atol=1e-7)
+    test_grpo._assert_metrics_equal(our_metrics, their_metrics, atol=1e-6)
