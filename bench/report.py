@@ -115,6 +115,13 @@ LEGEND = [
         "for linear_token_logprobs, TRL's `ChunkedLogProbFunction` (what `add_fused_lm_head` runs)",
     ),
     ("Liger", "Liger-Kernel's `LigerFusedLinearGRPOLoss` (linear_grpo_loss: the same dapo objective from hidden states)"),
+    (
+        "*_train_step",
+        "one optimizer step of TRL 1.16's DPOTrainer / GRPOTrainer on a Llama with vocab 32,000 (hidden 256, "
+        "2 layers, fp32) on a fixed batch (GRPO's generated once, generation not timed): `compute_loss`, "
+        "backward, AdamW; TRL = stock TRL, fastalign = the same trainer under "
+        "`fastalign.integrations.trl.patched()` (bench/bench_trainer_step.py); shape is rows × tokens × vocab",
+    ),
 ]
 
 

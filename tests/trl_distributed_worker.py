@@ -67,6 +67,13 @@ def main():
     if int(os.environ.get("RANK", "0")) == 0:
         with open(opts.out, "w") as f:
             json.dump({"world_size": int(os.environ.get("WORLD_SIZE", "1")), "logs": logs}, f)
+    # Leaving with gloo's threads still up can abort the process at exit ("terminate called
+    # without an active exception"): close the group on every rank first.
+    import torch.distributed as dist
+
+    if dist.is_initialized():
+        dist.barrier()
+        dist.destroy_process_group()
 
 
 if __name__ == "__main__":
