@@ -7,9 +7,8 @@ one onto `fastalign.grpo_options(convention="trl")`."""
 
 from __future__ import annotations
 
-import torch
-
 from ...grpo import TRL_LOSS_TYPES, grpo_loss
+from ._forward import completion_logps_and_entropies
 
 
 def check(trainer) -> None:
@@ -30,20 +29,9 @@ def compute_loss(self, model, inputs):
     from . import gather_for
 
     check(self)
-    prompt_ids, prompt_mask = inputs["prompt_ids"], inputs["prompt_mask"]
-    completion_ids, completion_mask = inputs["completion_ids"], inputs["completion_mask"]
-    input_ids = torch.cat([prompt_ids, completion_ids], dim=1)
-    attention_mask = torch.cat([prompt_mask, completion_mask], dim=1)
+    completion_mask = inputs["completion_mask"]
     mask = completion_mask if "tool_mask" not in inputs else completion_mask * inputs["tool_mask"]
-    extra = {
-        key: inputs.get(key)
-        for key in ("pixel_values", "image_grid_thw", "num_images", "pixel_attention_mask", "spatial_shapes",
-                    "num_tiles", "image_sizes", "token_type_ids", "mm_token_type_ids", "image_position_ids")
-    }
-    per_token_logps, entropies, aux_loss = self._get_per_token_logps_and_entropies(
-        model, input_ids, attention_mask, completion_ids.size(1), compute_entropy=True,
-        compute_aux_loss=self.aux_loss_enabled, **extra,
-    )
+    per_token_logps, entropies, aux_loss = completion_logps_and_entropies(self, model, inputs)
     mode = "train" if self.model.training else "eval"
     train = mode == "train"
     # Evaluation neither accumulates nor splits the generation batch across steps.

@@ -8,14 +8,8 @@ reward clipping and the leave-one-out advantages act at generation, which stays 
 
 from __future__ import annotations
 
-import torch
-
 from ...rloo import clip_range, rloo_loss
-
-# The multimodal inputs TRL's forward takes, passed through as it passes them.
-FORWARD_EXTRAS = ("pixel_values", "image_grid_thw", "num_images", "pixel_attention_mask", "spatial_shapes",
-                  "num_tiles", "image_sizes", "token_type_ids", "mm_token_type_ids", "image_position_ids")
-
+from ._forward import completion_logps_and_entropies
 
 def check(trainer) -> None:
     """The options fastalign's RLOO loss cannot serve, named."""
@@ -29,14 +23,8 @@ def compute_loss(self, model, inputs):
     from . import gather_for
 
     check(self)
-    prompt_ids, prompt_mask = inputs["prompt_ids"], inputs["prompt_mask"]
-    completion_ids, completion_mask = inputs["completion_ids"], inputs["completion_mask"]
-    input_ids = torch.cat([prompt_ids, completion_ids], dim=1)
-    attention_mask = torch.cat([prompt_mask, completion_mask], dim=1)
-    per_token_logps, entropies, aux_loss = self._get_per_token_logps_and_entropies(
-        model, input_ids, attention_mask, completion_ids.size(1), compute_entropy=True,
-        compute_aux_loss=self.aux_loss_enabled, **{key: inputs.get(key) for key in FORWARD_EXTRAS},
-    )
+    completion_mask = inputs["completion_mask"]
+    per_token_logps, entropies, aux_loss = completion_logps_and_entropies(self, model, inputs)
     out = rloo_loss(
         logps=per_token_logps,
         entropies=entropies,
