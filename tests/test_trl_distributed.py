@@ -1,4 +1,4 @@
-"""GRPO (dapo, beta > 0, with its global token-count normalization), DPO and RLOO trained by 2 processes
+"""GRPO (dapo, beta > 0, with its global token-count normalization), DPO, RLOO, KTO and Reward trained by 2 processes
 (torchrun, gloo, CPU): fastalign-patched TRL logs the same loss and metrics as stock TRL at every
 step."""
 
@@ -46,7 +46,7 @@ def model_dir(tmp_path_factory):
     return str(path)
 
 
-@pytest.mark.parametrize("trainer", ["grpo", "dpo", "rloo"])
+@pytest.mark.parametrize("trainer", ["grpo", "dpo", "rloo", "kto", "reward"])
 def test_two_processes_match_stock_trl(trainer, model_dir, tmp_path):
     stock = _run(trainer, False, model_dir, tmp_path / "stock.json")
     ours = _run(trainer, True, model_dir, tmp_path / "fastalign.json")

@@ -39,6 +39,28 @@ def rloo_trainer(model_dir, output_dir):
                        processing_class=tiny_trl.tokenizer())
 
 
+def kto_trainer(model_dir, output_dir):
+    from datasets import Dataset
+    from test_trl_trainer_kto import kto_rows
+    from trl import KTOConfig, KTOTrainer
+
+    args = KTOConfig(**tiny_trl.common_args(output_dir, max_steps=2, per_device_train_batch_size=3))
+    return KTOTrainer(model=tiny_trl.causal_lm(seed=0), ref_model=tiny_trl.causal_lm(seed=1), args=args,
+                      train_dataset=Dataset.from_list(kto_rows(24)), processing_class=tiny_trl.tokenizer())
+
+
+def reward_trainer(model_dir, output_dir):
+    from datasets import Dataset
+    from test_trl_trainer_reward import reward_rows
+    from trl import RewardConfig, RewardTrainer
+
+    args = RewardConfig(**tiny_trl.common_args(output_dir, max_steps=2, per_device_train_batch_size=2),
+                        center_rewards_coefficient=0.01)
+    return RewardTrainer(model=tiny_trl.sequence_classifier(seed=0), args=args,
+                         train_dataset=Dataset.from_list(reward_rows(16, margin=True)),
+                         processing_class=tiny_trl.tokenizer())
+
+
 def dpo_trainer(model_dir, output_dir):
     from datasets import Dataset
     from trl import DPOConfig, DPOTrainer
@@ -52,7 +74,7 @@ def dpo_trainer(model_dir, output_dir):
 
 def main():
     parser = argparse.ArgumentParser()
-    parser.add_argument("--trainer", choices=("grpo", "dpo", "rloo"), required=True)
+    parser.add_argument("--trainer", choices=("grpo", "dpo", "rloo", "kto", "reward"), required=True)
     parser.add_argument("--fastalign", action="store_true")
     parser.add_argument("--model-dir", required=True)
     parser.add_argument("--out", required=True)
@@ -61,7 +83,8 @@ def main():
         from fastalign.integrations import trl as fa_trl
 
         fa_trl.patch(trainers=(opts.trainer,))
-    make = {"grpo": grpo_trainer, "dpo": dpo_trainer, "rloo": rloo_trainer}[opts.trainer]
+    make = {"grpo": grpo_trainer, "dpo": dpo_trainer, "rloo": rloo_trainer, "kto": kto_trainer,
+            "reward": reward_trainer}[opts.trainer]
     torch.manual_seed(0)
     logs = tiny_trl.train_logs(lambda: make(opts.model_dir, os.path.dirname(opts.out)))
     if int(os.environ.get("RANK", "0")) == 0:
