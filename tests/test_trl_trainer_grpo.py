@@ -170,3 +170,16 @@ def test_compute_loss_equals_trl_for_every_option(index):
     torch.testing.assert_close(ours.to(theirs.dtype), theirs, rtol=1e-5, atol=1e-7)
     torch.testing.assert_close(our_grad, their_grad, rtol=1e-5, atol=1e-7)
     test_grpo._assert_metrics_equal(our_metrics, their_metrics, atol=1e-6)
+
+
+def test_trainer_built_before_patch_switches_too(model_dir, tmp_path):
+    """TRL looks the LM head and the loss method up at call time: patching after construction counts."""
+    from fastalign.integrations.trl import grpo
+
+    config = dict(loss_type="dapo", beta=0.04, num_iterations=2, max_steps=2)
+    stock = tiny_trl.train_logs(lambda: _trainer(model_dir, tmp_path / "stock", config))
+    trainer = _trainer(model_dir, tmp_path / "fastalign", config)
+    with fa_trl.patched(), tiny_trl.lm_head_calls() as heads, tiny_trl.Calls(grpo, "grpo_loss") as losses:
+        ours = tiny_trl.train_logs(lambda: trainer)
+    assert heads.count > 0 and losses.count > 0
+    tiny_trl.assert_logs_match(stock, ours)
