@@ -35,7 +35,7 @@ def _check_not_zero3() -> None:
     except ImportError:
         return
     if is_deepspeed_zero3_enabled():
-        raise NotImplementedError(
+        raise RuntimeError(
             "DeepSpeed ZeRO-3: fastalign's fused LM head is not served under ZeRO-3 (its backward needs the gathered "
             "lm_head weight); keep TRL's own LM head with fastalign.integrations.trl.patch(lm_head=False), or use "
             "FSDP2 or ZeRO-1/2"
