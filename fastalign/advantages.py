@@ -19,7 +19,7 @@ Which trainer each option reproduces (the tests port each trainer's code and com
 | `estimator="rloo", convention="verl"` | verl `compute_rloo_outcome_advantage`: `n / (n - 1) * (r - mean_g)` |
 | `estimator="reinforce++-baseline"` | verl `compute_reinforce_plus_plus_baseline_outcome_advantage` |
 | `aggregation="normalize_then_sum"` | TRL `multi_objective_aggregation="normalize_then_sum"` (GDPO) |
-| `reinforce_plus_plus_advantages` | verl `compute_reinforce_plus_plus_outcome_advantage` |
+| `reinforce_plus_plus_advantages` | verl 0.9.1 `compute_reinforce_plus_plus_outcome_advantage` (masked tokens skipped) |
 """
 
 from __future__ import annotations
@@ -336,9 +336,13 @@ def _weighted_nansum(rewards: torch.Tensor, weights: torch.Tensor | None, unscor
 def reinforce_plus_plus_advantages(
     token_level_rewards: torch.Tensor, response_mask: torch.Tensor, *, gamma: float = 1.0
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """verl's REINFORCE++ (`compute_reinforce_plus_plus_outcome_advantage`): discounted returns
-    `G_t = r_t + gamma * G_{t+1}`, restarted after each response's last unmasked token, then
-    whitened over every unmasked token of the batch and masked.
+    """verl 0.9.1's REINFORCE++ (`compute_reinforce_plus_plus_outcome_advantage`,
+    verl/trainer/ppo/core_algos.py:694-731): discounted returns `G_t = r_t + gamma * G_{t+1}` over
+    the unmasked tokens, scanned from the right, then whitened over every unmasked token of the
+    batch and masked. Masked tokens (tool observations inside a multi-turn response, padding) are
+    skipped as verl skips them: their reward is dropped, their return is 0, and the running return
+    is carried across them undiscounted. A fractional mask `m` blends the two, as in verl:
+    `G_t = m * (r_t + gamma * running)`, `running <- G_t + (1 - m) * running`.
 
     Args:
         token_level_rewards: `[B, T]`.
@@ -346,7 +350,8 @@ def reinforce_plus_plus_advantages(
         gamma: discount, finite and in [0, 1].
 
     Returns:
-        `(advantages, returns)`, both `[B, T]` float32 (float64 for float64 rewards).
+        `(advantages, returns)`, both `[B, T]` float32 (float64 for float64 rewards); the returns
+        are 0 on masked tokens.
     """
     rewards = _float_tensor("token_level_rewards", token_level_rewards)
     if rewards.dim() != 2:

@@ -10,7 +10,8 @@ runs once. Statistics are in float64: a group of equal rewards centres to exactl
 ``0 / (0 + eps)`` stays 0 instead of a rounding residue amplified by 1/eps.
 
 ``_discounted_returns_kernel``: one program per block of rows, scanning the time axis from the
-right one column at a time (the recurrence is sequential in t, parallel across rows).
+right one column at a time (the recurrence is sequential in t, parallel across rows). It follows
+verl 0.9.1: masked tokens are skipped, the running return carried across them.
 
 The per-element formula is documented in fastalign/reference/advantages.py.
 """
@@ -125,9 +126,11 @@ def _discounted_returns_kernel(r_ptr, m_ptr, out_ptr, B, T, gamma, BLOCK_ROWS: t
         t = T - 1 - k
         r = tl.load(r_ptr + base + t, mask=live, other=0.0).to(tl.float32)
         m = tl.load(m_ptr + base + t, mask=live, other=0.0).to(tl.float32)
-        running = r + gamma * running
-        tl.store(out_ptr + base + t, running, mask=live)
-        running = running * m
+        # verl 0.9.1's scan (core_algos.py:720-726): a masked token returns 0 and passes the
+        # running return on unchanged; written as verl writes it so fractional masks match too.
+        new = r + gamma * running
+        tl.store(out_ptr + base + t, new * m, mask=live)
+        running = new * m + running * (1.0 - m)
 
 
 def _check_float(name: str, t: torch.Tensor) -> None:
@@ -187,5 +190,8 @@ def discounted_returns(rewards: torch.Tensor, mask: torch.Tensor, gamma: float) 
         return out
     _discounted_returns_kernel[(triton.cdiv(B, RETURNS_BLOCK_ROWS),)](
         rewards, mask, out, B, T, float(gamma), BLOCK_ROWS=RETURNS_BLOCK_ROWS, num_warps=RETURNS_NUM_WARPS,
+        # Pinned off: each product and sum rounded on its own, as verl's eager PyTorch rounds them,
+        # so the scan does not drift from verl's returns by an FMA's rounding per step.
+        enable_fp_fusion=False,
     )
     return out

@@ -121,14 +121,21 @@ def verl_reinforce_pp_baseline(token_level_rewards, response_mask, index):
 
 
 def verl_reinforce_pp(token_level_rewards, response_mask, gamma):
-    """verl compute_reinforce_plus_plus_outcome_advantage."""
-    returns = torch.zeros_like(token_level_rewards)
-    running = 0
-    for t in reversed(range(token_level_rewards.shape[1])):
-        running = token_level_rewards[:, t] + gamma * running
-        returns[:, t] = running
-        running = running * response_mask[:, t]
-    return verl_masked_whiten(returns, response_mask) * response_mask, returns
+    """verl 0.9.1 compute_reinforce_plus_plus_outcome_advantage (verl/trainer/ppo/core_algos.py:694-731),
+    line for line: masked (observation) tokens are skipped, the running return carried across them."""
+    with torch.no_grad():
+        returns = torch.zeros_like(token_level_rewards)
+        running_return = 0
+
+        for t in reversed(range(token_level_rewards.shape[1])):
+            new_running_return = token_level_rewards[:, t] + gamma * running_return
+            returns[:, t] = new_running_return * response_mask[:, t]
+            running_return = new_running_return * response_mask[:, t] + running_return * (1 - response_mask[:, t])
+
+        advantages = verl_masked_whiten(returns, response_mask)
+        advantages = advantages * response_mask
+
+    return advantages, returns
 
 
 # --- inputs ---------------------------------------------------------------------------------------
@@ -276,18 +283,71 @@ def test_reinforce_pp_baseline_matches_verl(backend):
     close(got, want, tol=1e-5)
 
 
+def multi_turn_batch(dtype=torch.float32):
+    """Rewards on every token, masked ones included (verl must drop those), and masks with the
+    spans of multi-turn rollouts: interior zero spans (tool observations), right padding, a row
+    starting with an observation, a fully masked row."""
+    B, T = 6, 12
+    rewards = torch.randn(B, T, dtype=dtype)
+    mask = torch.ones(B, T, dtype=dtype)
+    mask[1, 7:] = 0  # right padding after EOS
+    mask[2, 3:6] = 0  # one tool observation
+    mask[2, 10:] = 0
+    mask[3, 1:3] = 0  # two observations in one response
+    mask[3, 5:9] = 0
+    mask[4, :4] = 0  # an observation first
+    mask[5] = 0  # all masked
+    return rewards, mask
+
+
 @pytest.mark.parametrize("backend", BACKENDS)
 @pytest.mark.parametrize("gamma", [1.0, 0.9])
 def test_reinforce_pp_matches_verl(backend, gamma):
-    B, T = 5, 9
-    rewards = torch.randn(B, T)
-    mask = torch.ones(B, T)
-    for b, length in enumerate([9, 3, 1, 6, 0]):
-        mask[b, length:] = 0  # right padding after EOS; the last row fully masked
+    rewards, mask = multi_turn_batch()
     want_adv, want_ret = verl_reinforce_pp(rewards, mask, gamma)
     adv, ret = run(backend, fastalign.reinforce_plus_plus_advantages, rewards, mask, gamma=gamma)
+    assert torch.equal(ret[mask == 0], torch.zeros(int((mask == 0).sum())))
     close(ret, want_ret, tol=1e-5)
     close(adv, want_adv, tol=1e-5)
+    if backend != "triton":
+        r64, m64 = rewards.double(), mask.double()
+        want_adv, want_ret = verl_reinforce_pp(r64, m64, gamma)
+        adv, ret = run(backend, fastalign.reinforce_plus_plus_advantages, r64, m64, gamma=gamma)
+        assert ret.dtype == adv.dtype == torch.float64
+        close(ret, want_ret, tol=1e-12)
+        close(adv, want_adv, tol=1e-12)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_reinforce_pp_fractional_mask_matches_verl(backend):
+    # verl's scan is linear in the mask: a fractional weight blends "keep" and "skip".
+    rewards, mask = multi_turn_batch()
+    mask = mask * torch.tensor([1.0, 0.25, 0.5, 0.75]).repeat(3).unsqueeze(0)
+    want_adv, want_ret = verl_reinforce_pp(rewards, mask, 0.9)
+    adv, ret = run(backend, fastalign.reinforce_plus_plus_advantages, rewards, mask, gamma=0.9)
+    close(ret, want_ret, tol=1e-5)
+    close(adv, want_adv, tol=1e-5)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_reinforce_pp_carries_the_return_across_an_observation(backend):
+    # By hand, gamma = 0.5: the observation's reward of 5 is dropped and its return is 0; the
+    # return 0.5 from after it reaches the tokens before it (0.25, 0.125) undiscounted by it.
+    rewards = torch.tensor([[0.0, 0.0, 5.0, 0.0, 1.0], [1.0, 0.0, 0.0, 0.0, 0.0]])
+    mask = torch.tensor([[1.0, 1.0, 0.0, 1.0, 1.0], [1.0, 1.0, 0.0, 0.0, 0.0]])
+    _, ret = run(backend, fastalign.reinforce_plus_plus_advantages, rewards, mask, gamma=0.5)
+    want = torch.tensor([[0.125, 0.25, 0.0, 0.5, 1.0], [1.0, 0.0, 0.0, 0.0, 0.0]])
+    assert torch.equal(ret, want), ret
+
+
+@pytest.mark.parametrize("backend", [p for p in backend_params("cpu") if p.values[0] != "triton"])
+def test_reinforce_pp_returns_are_verls_bit_for_bit_on_cpu(backend):
+    # The same float ops in the same order as verl's eager loop (no FMA contraction in the C++).
+    rewards, mask = multi_turn_batch()
+    mask[0] = torch.rand(mask.shape[1])
+    _, want = verl_reinforce_pp(rewards, mask, 0.9)
+    _, got = run(backend, fastalign.reinforce_plus_plus_advantages, rewards, mask, gamma=0.9)
+    assert torch.equal(got, want)
 
 
 @pytest.mark.parametrize("backend", BACKENDS)

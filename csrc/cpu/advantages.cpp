@@ -119,7 +119,36 @@ at::Tensor group_advantages_forward(const at::Tensor& values, const at::Tensor& 
   return out;
 }
 
-// REINFORCE++ returns, one row per task: G_t = r_t + gamma * G_{t+1} * mask[t + 1].
+// REINFORCE++ returns as verl 0.9.1 computes them (compute_reinforce_plus_plus_outcome_advantage,
+// verl/trainer/ppo/core_algos.py:720-726), one row scanned from the right:
+//   new = r_t + gamma * running;  G_t = new * m_t;  running = new * m_t + running * (1 - m_t).
+// A masked token (a tool observation inside a multi-turn response, or padding) returns 0 and the
+// running return is carried across it unchanged. The expression is kept as verl writes it (no
+// branch on the mask) so fractional masks and non-finite rewards give verl's values too.
+//
+// Contraction is off here: with -march=native the compiler would fuse `a * b + c` into one FMA,
+// which rounds once where verl's eager PyTorch rounds twice, and the scan would drift from verl's
+// returns by an ulp or so per step. Rounded separately the result is verl's, bit for bit.
+#if defined(__GNUC__) && !defined(__clang__)
+#define FASTALIGN_NO_FP_CONTRACT __attribute__((optimize("fp-contract=off")))
+#else
+#define FASTALIGN_NO_FP_CONTRACT
+#endif
+
+template <typename scalar_t>
+FASTALIGN_NO_FP_CONTRACT void reinforce_returns_row(const scalar_t* r, const scalar_t* m, scalar_t* out, int64_t T,
+                                                    scalar_t gamma) {
+#if defined(__clang__)
+#pragma clang fp contract(off)
+#endif
+  scalar_t running = 0;
+  for (int64_t t = T - 1; t >= 0; --t) {
+    const scalar_t next = r[t] + gamma * running;
+    out[t] = next * m[t];
+    running = next * m[t] + running * (scalar_t(1) - m[t]);
+  }
+}
+
 at::Tensor discounted_returns(const at::Tensor& rewards, const at::Tensor& mask, double gamma) {
   TORCH_CHECK(rewards.dim() == 2 && mask.sizes() == rewards.sizes(), "rewards and mask must both be [B, T]");
   TORCH_CHECK(rewards.scalar_type() == at::kFloat || rewards.scalar_type() == at::kDouble,
@@ -134,15 +163,7 @@ at::Tensor discounted_returns(const at::Tensor& rewards, const at::Tensor& mask,
     scalar_t* op = out.data_ptr<scalar_t>();
     const scalar_t g = static_cast<scalar_t>(gamma);
     at::parallel_for(0, B, std::max<int64_t>(1, 65536 / std::max<int64_t>(T, 1)), [&](int64_t begin, int64_t end) {
-      for (int64_t b = begin; b < end; ++b) {
-        const int64_t row = b * T;
-        scalar_t running = 0;
-        for (int64_t t = T - 1; t >= 0; --t) {
-          running = rp[row + t] + g * running;
-          op[row + t] = running;
-          running = running * mp[row + t];
-        }
-      }
+      for (int64_t b = begin; b < end; ++b) reinforce_returns_row(rp + b * T, mp + b * T, op + b * T, T, g);
     });
   });
   return out;

@@ -205,25 +205,10 @@ def compute_fastalign_reinforce_plus_plus_advantage(token_level_rewards, respons
     """verl's "reinforce_plus_plus": discounted returns over the response tokens (`algorithm.gamma`),
     whitened over the batch's response tokens."""
     gamma = _require(config, "fastalign_reinforce_plus_plus").get("gamma")
-    for name, value in (("token_level_rewards", token_level_rewards), ("response_mask", response_mask)):
-        if not isinstance(value, torch.Tensor):
-            raise TypeError(f"{name}: expected a torch.Tensor, got {type(value).__name__}")
-    if response_mask.shape != token_level_rewards.shape or response_mask.dim() != 2:
-        raise ValueError(f"response_mask: expected shape {tuple(token_level_rewards.shape)} [B, T] (that of "
-                         f"token_level_rewards), got {tuple(response_mask.shape)}")
-    # verl 0.9.1 skips masked tokens (tool observations inside a multi-turn response): their reward
-    # is dropped and the running return crosses them undiscounted, while fastalign's scan restarts
-    # at a masked token. Moving each row's response tokens to its front, in order, makes the two
-    # scans the same; whitening is over the batch's tokens, so the permutation leaves it unchanged.
-    order = torch.sort((response_mask == 0).to(torch.int8), dim=-1, stable=True).indices
+    # fastalign's scan is verl 0.9.1's (core_algos.py:694-731): masked tokens (tool observations
+    # inside a multi-turn response) are skipped and their returns are 0, so the call is direct.
     with _verl_names():
-        advantages, returns = reinforce_plus_plus_advantages(
-            token_level_rewards.gather(-1, order), response_mask.gather(-1, order), gamma=gamma
-        )
-    advantages = torch.empty_like(advantages).scatter_(-1, order, advantages)
-    # verl's returns are 0 on masked tokens.
-    returns = torch.empty_like(returns).scatter_(-1, order, returns) * response_mask.to(returns.dtype)
-    return advantages, returns
+        return reinforce_plus_plus_advantages(token_level_rewards, response_mask, gamma=gamma)
 
 
 ADV_ESTIMATORS = {

@@ -3,9 +3,10 @@
 `group_advantages_forward` takes a flat vector and its group layout (contiguous runs of
 `group_size`, or a permutation `order` that sorts the elements by group plus the segment
 `offsets` into it) and returns one advantage per element; `discounted_returns` is REINFORCE++'s
-reverse scan. The statistics are accumulated in float64 whatever the input dtype: a group of equal
-rewards then centres to exactly 0, so `0 / (0 + eps)` stays 0 instead of amplifying a rounding
-residue by 1/eps.
+reverse scan (verl 0.9.1's: masked tokens skipped, the running return carried across them). The
+group statistics are accumulated in float64 whatever the input dtype: a group of equal rewards
+then centres to exactly 0, so `0 / (0 + eps)` stays 0 instead of amplifying a rounding residue
+by 1/eps.
 
 The per-element formula (shared by every backend; `fastalign/advantages.py` documents which
 trainer each flag combination reproduces):
@@ -89,15 +90,25 @@ def group_advantages_forward(
 
 
 def discounted_returns(rewards: torch.Tensor, mask: torch.Tensor, gamma: float) -> torch.Tensor:
-    """verl's REINFORCE++ return: G_t = r_t + gamma * G_{t+1}, with G_{t+1} dropped where
-    mask[t + 1] is 0, so the sum restarts after each response's end (scanned from the right)."""
+    """verl 0.9.1's REINFORCE++ return (`compute_reinforce_plus_plus_outcome_advantage`,
+    verl/trainer/ppo/core_algos.py:694-731; the scan is lines 720-726), from the right:
+
+        new      = r_t + gamma * running
+        G_t      = new * mask[t]
+        running  = new * mask[t] + running * (1 - mask[t])
+
+    A masked token (a tool observation inside a multi-turn response, or padding) is skipped: its
+    reward is dropped, its return is 0, and the running return crosses it unchanged, so a reward
+    after the observation still reaches the response tokens before it. The formula is applied as
+    written, with verl's ops in the output dtype, so that fractional masks and NaN/inf rewards
+    give verl's numbers too (a shortcut such as `where(mask, new, running)` would not)."""
     out_dtype = torch.float64 if rewards.dtype == torch.float64 else torch.float32
     r = rewards.to(out_dtype)
     m = mask.to(out_dtype)
     out = torch.empty_like(r)
     running = torch.zeros(r.shape[0], dtype=out_dtype, device=r.device)
     for t in range(r.shape[1] - 1, -1, -1):
-        running = r[:, t] + gamma * running
-        out[:, t] = running
-        running = running * m[:, t]
+        new = r[:, t] + gamma * running
+        out[:, t] = new * m[:, t]
+        running = new * m[:, t] + running * (1 - m[:, t])
     return out
