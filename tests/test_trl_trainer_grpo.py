@@ -27,16 +27,13 @@ CONFIGS = [
 
 @pytest.fixture(scope="module")
 def saved_models(tmp_path_factory):
-    """Saved tiny models by config overrides: GRPO loads its reference model (beta > 0) from the policy's path."""
+    """Saved tiny models by config overrides, each saved once."""
     cache = {}
 
     def saved(**overrides):
         key = tuple(sorted(overrides.items()))
         if key not in cache:
-            path = tmp_path_factory.mktemp("tiny-llama")
-            tiny_trl.causal_lm(**overrides).save_pretrained(path)
-            tiny_trl.tokenizer().save_pretrained(path)
-            cache[key] = str(path)
+            cache[key] = tiny_trl.saved_causal_lm(tmp_path_factory.mktemp("tiny-llama"), **overrides)
         return cache[key]
 
     return saved

@@ -27,10 +27,7 @@ CONFIGS = [
 
 @pytest.fixture(scope="module")
 def model_dir(tmp_path_factory):
-    path = tmp_path_factory.mktemp("tiny-llama")
-    tiny_trl.causal_lm().save_pretrained(path)
-    tiny_trl.tokenizer().save_pretrained(path)
-    return str(path)
+    return tiny_trl.saved_causal_lm(tmp_path_factory.mktemp("tiny-llama"))
 
 
 def _trainer(model_dir, output_dir, config):

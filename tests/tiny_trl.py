@@ -47,6 +47,14 @@ def causal_lm(seed: int = 0, **overrides):
     return LlamaForCausalLM(_config(**overrides))
 
 
+def saved_causal_lm(path, **overrides) -> str:
+    """The tiny model and its tokenizer saved under `path`: GRPO and RLOO load their reference model
+    (beta > 0) from the policy's path."""
+    causal_lm(**overrides).save_pretrained(path)
+    tokenizer().save_pretrained(path)
+    return str(path)
+
+
 def sequence_classifier(seed: int = 0):
     from transformers import LlamaForSequenceClassification
 
