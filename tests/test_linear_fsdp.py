@@ -75,6 +75,9 @@ def _worker(rank, world, init_file, mode, out_dir):
         dist.all_reduce(total)
         if rank == 0:
             torch.save({"loss": total, "grads": grads}, os.path.join(out_dir, "result.pt"))
+        # Both ranks leave together: a rank tearing gloo down while the other still works on it
+        # can abort at exit ("terminate called without an active exception").
+        dist.barrier()
     finally:
         dist.destroy_process_group()
 
