@@ -124,18 +124,10 @@ def verl_reinforce_pp_baseline(token_level_rewards, response_mask, index, epsilo
 
 
 def verl_reinforce_pp(token_level_rewards, response_mask, config=None, **kwargs):
-    """core_algos.py:693-731 compute_reinforce_plus_plus_outcome_advantage: masked (observation)
-    tokens are skipped, the running return carried across them."""
-    gamma = config.gamma
-    with torch.no_grad():
-        returns = torch.zeros_like(token_level_rewards)
-        running_return = 0
-        for t in reversed(range(token_level_rewards.shape[1])):
-            new_running_return = token_level_rewards[:, t] + gamma * running_return
-            returns[:, t] = new_running_return * response_mask[:, t]
-            running_return = new_running_return * response_mask[:, t] + running_return * (1 - response_mask[:, t])
-        advantages = verl_masked_whiten(returns, response_mask) * response_mask
-    return advantages, returns
+    """verl's registry signature around the one port of core_algos.py:694-731 (tests/test_advantages.py)."""
+    import test_advantages
+
+    return test_advantages.verl_reinforce_pp(token_level_rewards, response_mask, config.gamma)
 
 
 # --- the stand-in -----------------------------------------------------------------------------
