@@ -6,6 +6,15 @@
 #   make bench     the benchmark suite; prints a markdown table, writes bench/results/<device>.*
 #                  (BENCH_ARGS="-k fwd" narrows it and FASTALIGN_BENCH_QUICK=1 shrinks the shapes;
 #                  both write to build/bench/ instead)
+#   make gpu-check the first thing to run on a new GPU: one script (about 8 minutes) that checks
+#                  every op on the device against float64, runs the tests there, times the anchor
+#                  workloads and writes bench/results/cuda-<gpu>.md. Needs only torch, triton and
+#                  pytest (no venv, no install, no C++ build). DRY_RUN=1: on CPU, tiny shapes.
+#   make gate      compile every Triton kernel variant for sm_80/90/100/120 and AMD gfx942/gfx90a,
+#                  under this Triton and Triton 3.6; fails on spills (make test runs a fast subset)
+#   make gpu-report the static performance model (no GPU): registers, spills, occupancy, load
+#                  widths and instructions per element of every kernel and of TRL's and Liger's,
+#                  bandwidth and issue floors on H100/H200 -> bench/results/static-<target>.md
 #   make clean     build outputs (keeps .venv); `make distclean` drops .venv too
 
 SHELL := /bin/bash
@@ -43,7 +52,15 @@ else
 BENCH_OUT ?= bench/results
 endif
 
-.PHONY: venv install test bench clean distclean
+# The Triton a lent GPU machine has: the compile gate also runs under it (pip install --target, so
+# it never replaces the venv's own triton).
+OLD_TRITON_VERSION := 3.6.0
+OLD_TRITON_DIR := build/triton-3.6
+OLD_TRITON_STAMP := $(OLD_TRITON_DIR)/.stamp-$(OLD_TRITON_VERSION)
+# gpu-check runs where nothing is installed: the venv's python when there is one, else the system's.
+GPU_PY ?= $(if $(wildcard $(PY)),$(PY),$(PYTHON))
+
+.PHONY: venv install test bench gate gpu-check gpu-report clean distclean
 
 venv: $(DEPS_STAMP)
 
@@ -62,8 +79,23 @@ $(INSTALL_STAMP): $(BUILD_INPUTS) | $(DEPS_STAMP)
 	$(PIP) install --no-build-isolation -e .
 	@touch $@
 
-test: install
-	$(PY) -m pytest tests -q
+$(OLD_TRITON_STAMP): | $(DEPS_STAMP)
+	rm -rf $(OLD_TRITON_DIR)
+	$(PIP) install -q --no-deps --target $(OLD_TRITON_DIR) triton==$(OLD_TRITON_VERSION)
+	@touch $@
+
+test: install $(OLD_TRITON_STAMP)
+	FASTALIGN_REQUIRE_OLD_TRITON=1 $(PY) -m pytest tests -q
+
+gate: install $(OLD_TRITON_STAMP)
+	$(PY) tests/triton_compile_gate.py
+	PYTHONPATH=$(OLD_TRITON_DIR) $(PY) tests/triton_compile_gate.py
+
+gpu-report: install
+	$(PY) bench/static_report.py
+
+gpu-check:
+	FASTALIGN_DISABLE_NATIVE=1 $(GPU_PY) bench/gpu_check.py $(if $(filter 1,$(DRY_RUN)),--dry-run) $(GPU_CHECK_ARGS)
 
 # The report runs even when a benchmark fails, so the rows that did run are not lost; the exit
 # status still says something failed.

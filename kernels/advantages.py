@@ -20,11 +20,13 @@ import torch
 import triton
 import triton.language as tl
 
+from .target import warps
+
 # Launch configurations; tests/triton_compile_gate.py compiles every kernel as the launchers call it.
 MAX_BLOCK = 1024
-GROUP_NUM_WARPS = 4
+GROUP_THREADS = 128
 RETURNS_BLOCK_ROWS = 128
-RETURNS_NUM_WARPS = 4
+RETURNS_THREADS = 128
 
 
 @triton.jit
@@ -174,7 +176,10 @@ def group_advantages_forward(
     _group_advantages_kernel[(n_groups,)](
         values, order, offsets, denom, out, group_size, float(eps),
         RAGGED=ragged, RLOO=bool(rloo), SCALE=int(scale), VERL=bool(verl), NAN_TO_ZERO=bool(nan_to_zero),
-        BLOCK=max(block, 16), num_warps=GROUP_NUM_WARPS,
+        BLOCK=max(block, 16), num_warps=warps(GROUP_THREADS),
+        # Pinned off (Triton 3.10 changes the default): (r - mean) / (std + eps) rounded step by
+        # step, as the trainers' eager PyTorch computes it.
+        enable_fp_fusion=False,
     )
     return out
 
@@ -189,7 +194,7 @@ def discounted_returns(rewards: torch.Tensor, mask: torch.Tensor, gamma: float) 
     if B == 0 or T == 0:
         return out
     _discounted_returns_kernel[(triton.cdiv(B, RETURNS_BLOCK_ROWS),)](
-        rewards, mask, out, B, T, float(gamma), BLOCK_ROWS=RETURNS_BLOCK_ROWS, num_warps=RETURNS_NUM_WARPS,
+        rewards, mask, out, B, T, float(gamma), BLOCK_ROWS=RETURNS_BLOCK_ROWS, num_warps=warps(RETURNS_THREADS),
         # Pinned off: each product and sum rounded on its own, as verl's eager PyTorch rounds them,
         # so the scan does not drift from verl's returns by an FMA's rounding per step.
         enable_fp_fusion=False,

@@ -21,14 +21,16 @@ import torch
 import triton
 import triton.language as tl
 
+from .target import warps
+
 # tests/triton_compile_gate.py compiles both kernels exactly as the launcher calls them.
 # 8 warps over 1024 positions is 4 per thread: with 4 warps the two scans of verl's masking spill
 # 8 bytes of stack on sm_80.
 SCAN_BLOCK = 1024
-SCAN_NUM_WARPS = 8
+SCAN_THREADS = 256
 WHITEN_BLOCK = 1024
 WHITEN_BLOCK_B = 256
-WHITEN_NUM_WARPS = 4
+WHITEN_THREADS = 128
 # TRL's and verl's masked_whiten: (x - mean) * rsqrt(var + 1e-8).
 WHITEN_EPS = tl.constexpr(1e-8)
 MASK_DTYPES = (torch.bool, torch.int64)
@@ -174,13 +176,17 @@ def gae_forward(rewards, values, mask, gamma, lam, trl, whiten, shift_mean, unbi
         T, rewards.stride(0), rewards.stride(1), values.stride(0), values.stride(1), stride_mb, stride_mt,
         float(gamma), float(gamma * lam),
         HAS_MASK=has_mask, MASK_IN_SCAN=has_mask and not trl, WITH_STATS=whiten, BLOCK=SCAN_BLOCK,
-        num_warps=SCAN_NUM_WARPS,
+        num_warps=warps(SCAN_THREADS),
+        # Pinned off (Triton 3.10 changes the default): each product and sum rounded on its own,
+        # as the trainers' eager PyTorch recurrence rounds them.
+        enable_fp_fusion=False,
     )
     if whiten:
         _gae_whiten_kernel[(B,)](
             adv, mask_arg, stats,
             B, T, stride_mb, stride_mt,
             1.0 if unbiased else 0.0, 0.0 if shift_mean else 1.0, 1 if trl else 0,
-            HAS_MASK=has_mask, BLOCK=WHITEN_BLOCK, BLOCK_B=WHITEN_BLOCK_B, num_warps=WHITEN_NUM_WARPS,
+            HAS_MASK=has_mask, BLOCK=WHITEN_BLOCK, BLOCK_B=WHITEN_BLOCK_B, num_warps=warps(WHITEN_THREADS),
+            enable_fp_fusion=False,
         )
     return adv, ret

@@ -37,7 +37,8 @@ import torch
 import triton
 import triton.language as tl
 
-from .logprobs import _transform, _transform_constants
+from .logprobs import LN2, LOG2E, _exp2_shifted, _log2e_split, _transform, _transform_constants
+from .target import is_amd, nvidia_options
 
 # The interpreter multiplies the raw bits of bf16 operands in tl.dot; fp32 operands are exact.
 _INTERPRET = tl.constexpr(os.environ.get("TRITON_INTERPRET", "0") == "1")
@@ -46,6 +47,7 @@ _INTERPRET = tl.constexpr(os.environ.get("TRITON_INTERPRET", "0") == "1")
 # launchers below call it, so a change here is re-checked for registers and spills there.
 # (BLOCK_N, BLOCK_V, BLOCK_K, num_warps) per input dtype. fp32 runs its tl.dot in full precision
 # (no tensor cores, the operands staged through registers), hence smaller tiles than 2-byte inputs.
+# (A K step of 8 would keep fp32 under 100 registers, but Triton 3.6's tl.dot needs K >= 16.)
 FWD_CONFIGS = {
     torch.bfloat16: (64, 128, 32, 8),
     torch.float16: (64, 128, 32, 8),
@@ -56,6 +58,13 @@ BWD_CONFIGS = {
     torch.float16: (64, 64, 32, 8),
     torch.float32: (32, 32, 16, 8),
 }
+# AMD (wavefronts of 64): the grad_weight kernel's 2-byte tile spills VGPRs at 64 x 64 under
+# Triton 3.6; half the vocabulary tile fits.
+AMD_BWD_CONFIGS = {**BWD_CONFIGS, torch.bfloat16: (64, 32, 32, 8), torch.float16: (64, 32, 32, 8)}
+# fp32 tiles hold their operands in registers: ptxas, left to itself, caps some variants at 128
+# registers and spills (sm_80 to sm_120); allowed 255 they stay in registers (one program of 256
+# threads per SM, which the FMA-bound fp32 path keeps busy).
+FP32_MAXNREG = 255
 
 _FLT_MAX = tl.constexpr(3.4028234663852886e38)
 
@@ -101,16 +110,18 @@ def _tile_dz(
     x, cols, v_ok, n_ok, label, lse, g_logp, g_h, entropy, in_scale, out_scale, grad_scale,
     has_grad_logps, has_grad_entropy, SOFTCAP: tl.constexpr,
 ):
-    """d loss / d x for a logits tile, 0 outside the valid rows and the vocabulary."""
+    """d loss / d x for a logits tile, 0 outside the valid rows and the vocabulary. Exponentials
+    in base 2 as in kernels/logprobs.py's backward (log_p below is log2 p)."""
     z, t = _transform(x, in_scale, out_scale, SOFTCAP)
-    log_p = z - lse[:, None]
-    p = tl.exp(log_p)
+    hi, lo = _log2e_split(lse)
+    p, log_p = _exp2_shifted(z, hi[:, None], lo[:, None])
     dz = tl.zeros(x.shape, dtype=tl.float32)
     if has_grad_logps:
         dz += g_logp[:, None] * (tl.where(cols[None, :] == label[:, None], 1.0, 0.0) - p)
     if has_grad_entropy:
+        # p (log p + H) = ln 2 * p (log2 p + H log2 e).
         # p = 0 where log_p = -inf; the clamp keeps 0 * -inf at 0 (NaN logits stay NaN through p).
-        dz -= g_h[:, None] * p * (tl.maximum(log_p, -_FLT_MAX) + entropy[:, None])
+        dz -= (g_h * LN2)[:, None] * p * (tl.maximum(log_p, -_FLT_MAX) + (entropy * LOG2E)[:, None])
     if SOFTCAP:
         dz = dz * (1.0 - t * t)
     dz = dz * grad_scale
@@ -189,15 +200,16 @@ def _linear_logprobs_fwd_kernel(
         m_shift = tl.where(m_new > -float("inf"), m_new, 0.0)
         r = tl.exp(m - m_shift)
         if with_entropy:
-            # sum e'(z - m') = r * (sum e (z - m) + (m - m') * sum e)
-            h_acc = r * (h_acc + tl.where(m > -float("inf"), m - m_shift, 0.0) * s_acc)
+            # sum e'(z - m') = r * (sum e (z - m) + (m - m') * sum e), in units of log2(e)
+            h_acc = r * (h_acc + tl.where(m > -float("inf"), (m - m_shift) * LOG2E, 0.0) * s_acc)
         if with_log_sum_sq_probs:
             q_acc = q_acc * (r * r)
         s_acc = s_acc * r
         m = m_new
 
-        d = z - m_shift[:, None]
-        e = tl.exp(d)
+        # exp(z - m) in base 2, m split exactly (kernels/logprobs.py).
+        hi, lo = _log2e_split(m_shift)
+        e, d = _exp2_shifted(z, hi[:, None], lo[:, None])
         s_acc += tl.sum(e, axis=1)
         if with_entropy:
             # e = 0 where d = -inf; the clamp keeps 0 * -inf from turning into NaN.
@@ -213,7 +225,8 @@ def _linear_logprobs_fwd_kernel(
     # (z - m) - log s rather than z - lse: exact when z is the max, whatever the logits' magnitude.
     tl.store(logps_ptr + rows, tl.where(in_range, (z_label - m) - log_s, float("nan")), mask=n_ok)
     if with_entropy:
-        tl.store(entropy_ptr + rows, log_s - h_acc / s_acc, mask=n_ok)
+        # The entropy sum is in units of log2(e).
+        tl.store(entropy_ptr + rows, log_s - (h_acc / s_acc) * LN2, mask=n_ok)
     if with_log_sum_sq_probs:
         tl.store(log_sum_sq_probs_ptr + rows, tl.log(q_acc) - 2.0 * log_s, mask=n_ok)
     if with_mean_logits:
@@ -268,6 +281,10 @@ def _linear_logprobs_bwd_hidden_kernel(
             out_mask = n_ok[:, None] & (k[None, :] < H)
             acc = tl.load(out_ptrs, mask=out_mask, other=0.0)
             tl.store(out_ptrs, _dot(dz, w, acc), mask=out_mask)
+        # The accumulator tile is loaded in one register layout and stored from another, so the
+        # next vocabulary tile's threads read elements other threads wrote: the stores must be
+        # visible to the whole program first (a barrier orders them; nothing else guarantees it).
+        tl.debug_barrier()
 
 
 @triton.jit
@@ -314,6 +331,8 @@ def _linear_logprobs_bwd_weight_kernel(
             out_mask = v_ok[:, None] & (k[None, :] < H)
             acc = tl.load(out_ptrs, mask=out_mask, other=0.0)
             tl.store(out_ptrs, _dot(dz_t, h, acc), mask=out_mask)
+        # As in the grad_hidden kernel: the next row block reads what other threads stored.
+        tl.debug_barrier()
     if has_bias:
         tl.store(grad_bias_ptr + cols, grad_bias, mask=v_ok)
 
@@ -360,6 +379,7 @@ def _common(hidden, weight, bias, config):
         stride_hn=hidden.stride(0), stride_hk=hidden.stride(1),
         stride_wv=weight.stride(0), stride_wk=weight.stride(1),
         BLOCK_N=block_n, BLOCK_V=block_v, BLOCK_K=block_k, num_warps=num_warps,
+        **nvidia_options(maxnreg=FP32_MAXNREG if hidden.dtype == torch.float32 else None),
         # Pinned: Triton 3.10 turns FMA contraction off by default.
         enable_fp_fusion=True,
     )
@@ -466,7 +486,7 @@ def linear_token_logprobs_backward(
     labels = labels.contiguous()
     order, count = _valid_rows(labels, ignore_index)
     in_scale, out_scale = _transform_constants(temperature, logit_scale, softcap)
-    config = BWD_CONFIGS[hidden.dtype]
+    config = (AMD_BWD_CONFIGS if is_amd() else BWD_CONFIGS)[hidden.dtype]
     common = dict(
         **_common(hidden, weight, bias, config),
         in_scale=in_scale, out_scale=out_scale, grad_scale=logit_scale / temperature,

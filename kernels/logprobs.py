@@ -16,6 +16,13 @@ Transform, as TRL applies it: ``y = x * logit_scale``; ``y = softcap * tanh(y / 
 at most two multiplies, and both passes use the same folded constants, so the z the backward sees
 is bit for bit the z the forward reduced.
 
+Exponentials in base 2: ``exp(z - m)`` is ``exp2(fma(z, log2 e, -hi) - lo)`` with the row's
+shift ``m * log2 e`` split into ``hi + lo`` once per chunk (_log2e_split): an FMA, an add and one
+MUFU.EX2 per element, where ``tl.exp`` costs a subtraction, a multiply, a range fix-up and the
+MUFU. The split keeps it exact where it matters: at z = m the argument is exactly 0, whatever the
+magnitude of the logits. The entropy's weighted sum runs over those base-2 exponents and turns
+natural (times ln 2) once per row.
+
 Rows whose label equals ``ignore_index`` give 0 for every output (``is_top1`` False, ``lse`` 0)
 and a zero gradient row; their logits are not read. A label outside ``[0, V)`` that is not
 ``ignore_index`` is never dereferenced: its log-prob is NaN (the other statistics are still the
@@ -27,18 +34,40 @@ import torch
 import triton
 import triton.language as tl
 
+from .target import warps
+
 # Launch configurations. tests/triton_compile_gate.py compiles every kernel exactly as the
 # launchers below call it, so a change here is re-checked for registers and spills there.
-# Forward: 16 warps over a 4096-wide chunk is 8 entries (one 16-byte load for 2-byte dtypes) per
-# thread, and few enough registers for two programs per SM.
+# Programs are sized in threads (kernels/target.py turns them into warps or wavefronts).
+# Forward: 512 threads over a 4096-wide chunk is 8 entries (one 16-byte load for 2-byte dtypes)
+# per thread, and few enough registers for two programs per SM.
 FWD_BLOCK = 4096
-FWD_NUM_WARPS = 16
+FWD_THREADS = 512
 # Backward: no cross-lane work at all, so a smaller block gives more programs to hide latency.
 BWD_BLOCK = 2048
-BWD_NUM_WARPS = 8
+BWD_THREADS = 256
 
 # The largest grid a launch may use along axis 1 (CUDA's gridDim.y limit).
 _MAX_GRID_Y = 65535
+
+LOG2E = tl.constexpr(1.4426950408889634)
+LN2 = tl.constexpr(0.6931471805599453)
+# log(0) in the entropy sums, clamped so that 0 * log(0) stays 0 (NaN still propagates).
+_FLT_MAX = tl.constexpr(3.4028234663852886e38)
+
+
+@triton.jit
+def _log2e_split(m):
+    """m * log2(e) as hi + lo, hi its fp32 rounding and lo the exact rest (an FMA gives it)."""
+    hi = m * LOG2E
+    return hi, tl.fma(m, LOG2E, -hi)
+
+
+@triton.jit
+def _exp2_shifted(z, hi, lo):
+    """(exp(z - m), its base-2 exponent) for the split of m: at z = m the exponent is exactly 0."""
+    d2 = tl.fma(z, LOG2E, -hi) - lo
+    return tl.exp2(d2), d2
 
 
 @triton.jit
@@ -55,7 +84,7 @@ def _tanh(a):
     p = p * s + 0.13332522
     p = p * s - 0.3333332
     small = m + m * s * p
-    large = 1.0 - 2.0 / (tl.exp(2.0 * m) + 1.0)
+    large = 1.0 - 2.0 / (tl.exp2(m * 2.8853900817779268) + 1.0)  # e^{2m}
     t = tl.where(m < 0.6, small, large)
     return tl.where(a < 0.0, -t, t)
 
@@ -73,28 +102,28 @@ def _transform(x, in_scale, out_scale, SOFTCAP: tl.constexpr):
 
 @triton.jit
 def _fwd_chunk(
-    x, start, cols0, V, label, in_scale, out_scale,
+    x, cols, first, last, in_vocab, label, in_scale, out_scale,
     m, max_before, s_acc, h_acc, q_acc, z_acc,
     with_log_sum_sq_probs, with_mean_logits, with_is_top1,
-    SOFTCAP: tl.constexpr, WITH_ENTROPY: tl.constexpr, BLOCK: tl.constexpr, MASKED: tl.constexpr,
+    SOFTCAP: tl.constexpr, WITH_ENTROPY: tl.constexpr, MASKED: tl.constexpr,
 ):
-    # Folds one chunk of raw logits x, vocabulary entries start + cols0, into the running statistics.
-    # The metrics that only feed logging (log_sum_sq_probs, mean_logits, is_top1) are runtime
-    # flags: a uniform branch per chunk costs next to nothing, their accumulators one register
-    # each, and the forward then compiles to 4 variants per dtype instead of 64.
+    # Folds one chunk of raw logits x, vocabulary entries cols (all within [first, last)), into the
+    # running statistics; with MASKED only where in_vocab. The metrics that only feed logging
+    # (log_sum_sq_probs, mean_logits, is_top1) are runtime flags: a uniform branch per chunk costs
+    # next to nothing, their accumulators one register each, and the forward then compiles to 4
+    # variants per dtype instead of 64.
     z, _t = _transform(x.to(tl.float32), in_scale, out_scale, SOFTCAP)
     if MASKED:
-        in_vocab = start + cols0 < V
         # After the transform: softcap maps the padding to a finite number.
         z = tl.where(in_vocab, z, -float("inf"))
 
     chunk_max = tl.max(tl.max(z, axis=1), axis=0)
     if with_is_top1:
         # Only the chunk that straddles the label needs an elementwise mask.
-        if start + BLOCK <= label:
+        if last <= label:
             max_before = tl.maximum(max_before, chunk_max)
-        elif start < label:
-            before = tl.where(start + cols0 < label, z, -float("inf"))
+        elif first < label:
+            before = tl.where(cols < label, z, -float("inf"))
             max_before = tl.maximum(max_before, tl.max(tl.max(before, axis=1), axis=0))
 
     if chunk_max > m:
@@ -103,21 +132,22 @@ def _fwd_chunk(
         if m > -float("inf"):
             r = tl.exp(m - chunk_max)
             if WITH_ENTROPY:
-                # sum e'(z - m') = r * (sum e (z - m) + (m - m') * sum e)
-                h_acc = r * (h_acc + (m - chunk_max) * s_acc)
+                # sum e'(z - m') = r * (sum e (z - m) + (m - m') * sum e), in units of log2(e)
+                h_acc = r * (h_acc + ((m - chunk_max) * LOG2E) * s_acc)
             if with_log_sum_sq_probs:
                 q_acc = q_acc * (r * r)
             s_acc = s_acc * r
         m = chunk_max
 
     # A chunk that is all -inf while m is still -inf must give e = 0, not exp(-inf + inf) = NaN.
-    d = z - tl.where(m > -float("inf"), m, 0.0)
-    e = tl.exp(d)
+    hi, lo = _log2e_split(tl.where(m > -float("inf"), m, 0.0))
+    e, d2 = _exp2_shifted(z, hi, lo)
     s_acc += tl.sum(e, axis=1)
     if WITH_ENTROPY:
-        # e = 0 where d = -inf; clamping d keeps 0 * -inf from turning into NaN. NaN logits still
-        # reach the sums through e (and s) itself.
-        h_acc += tl.sum(e * tl.maximum(d, -3.4028234663852886e38), axis=1)
+        # Accumulated as sum e * (z - m) * log2(e) (ln 2 comes back once per row). e = 0 where
+        # d2 = -inf; clamping d2 keeps 0 * -inf from turning into NaN. NaN logits still reach the
+        # sums through e (and s) itself.
+        h_acc += tl.sum(e * tl.maximum(d2, -_FLT_MAX), axis=1)
     if with_log_sum_sq_probs:
         q_acc += tl.sum(e * e, axis=1)
     if with_mean_logits:
@@ -130,14 +160,19 @@ def _fwd_chunk(
 
 @triton.jit
 def _fwd_full_chunks(
-    row_ptr, V, stride_v, label, in_scale, out_scale,
+    logits_ptr, row_off, V, stride_v, label, in_scale, out_scale,
     with_log_sum_sq_probs, with_mean_logits, with_is_top1,
     SOFTCAP: tl.constexpr, VOCAB_CONTIGUOUS: tl.constexpr, WITH_ENTROPY: tl.constexpr, BLOCK: tl.constexpr,
 ):
-    """The forward sweep over a row's full BLOCK-sized chunks.
-    Returns the running statistics, the chunk layout and the tail chunk's pointers; the caller
-    folds the tail in (the policy kernel loads its per-token inputs in between)."""
-    VEC: tl.constexpr = 128 // row_ptr.dtype.element_ty.primitive_bitwidth
+    """The forward sweep over the full BLOCK-sized chunks of the row that starts at element
+    ``row_off`` of ``logits_ptr``. Returns the running statistics, the chunk layout and where the
+    chunks began and ended (``head``, ``head + body``); the caller folds the rest of the row in
+    with _fwd_remainder (the policy kernel loads its per-token inputs in between).
+
+    With a contiguous vocabulary the chunks start at the row's first 16-byte boundary (``head``
+    entries in), so every load is a 16-byte vector load whatever V and the row stride are: an
+    odd vocabulary (GPT-2's 50257) or a slice of a padded one costs what an aligned one does."""
+    VEC: tl.constexpr = 128 // logits_ptr.dtype.element_ty.primitive_bitwidth
     m = -float("inf")
     max_before = -float("inf")
     s_acc = tl.zeros([BLOCK // VEC], dtype=tl.float32)
@@ -149,41 +184,97 @@ def _fwd_full_chunks(
     # whole tile rows, so the per-thread accumulators above are [BLOCK // VEC] and the
     # sum(axis=1) of a chunk needs no communication between threads.
     cols0 = tl.arange(0, BLOCK // VEC)[:, None] * VEC + tl.arange(0, VEC)[None, :]
-    n_full = (V // BLOCK) * BLOCK
     if VOCAB_CONTIGUOUS:
+        # The tensor starts 16-byte aligned (Triton specializes on it); the row may not.
+        head = tl.minimum((VEC - row_off % VEC) % VEC, V)
+        body = ((V - head) // BLOCK) * BLOCK
+        body_ptr = logits_ptr + tl.multiple_of(row_off + head, VEC)
         # Full chunks are loaded two chunks ahead of the math. ptxas issues a prefetch only once
         # the registers it overwrites have been read, i.e. after the chunk about to be reduced
         # has arrived; with a distance of 2 the next chunk's load is still outstanding then, so
-        # a program keeps two chunks in flight (with a distance of 1 it would be one). n_full is
+        # a program keeps two chunks in flight (with a distance of 1 it would be one). body is
         # a multiple of BLOCK, so each prefetch's mask is all-or-nothing per 16-byte group and
         # the loads stay vectorized.
-        x_next = tl.load(row_ptr + cols0, mask=cols0 < n_full)
-        x_after = tl.load(row_ptr + BLOCK + cols0, mask=BLOCK + cols0 < n_full)
-        for start in range(0, n_full, BLOCK):
+        x_next = tl.load(body_ptr + cols0, mask=cols0 < body)
+        x_after = tl.load(body_ptr + BLOCK + cols0, mask=BLOCK + cols0 < body)
+        for start in range(0, body, BLOCK):
             x = x_next
             x_next = x_after
-            x_after = tl.load(row_ptr + (start + 2 * BLOCK) + cols0, mask=start + 2 * BLOCK + cols0 < n_full)
+            x_after = tl.load(body_ptr + (start + 2 * BLOCK) + cols0, mask=start + 2 * BLOCK + cols0 < body)
+            first = head + start
             m, max_before, s_acc, h_acc, q_acc, z_acc = _fwd_chunk(
-                x, start, cols0, V, label, in_scale, out_scale,
+                x, first + cols0, first, first + BLOCK, cols0 < BLOCK, label, in_scale, out_scale,
                 m, max_before, s_acc, h_acc, q_acc, z_acc,
                 with_log_sum_sq_probs, with_mean_logits, with_is_top1,
-                SOFTCAP, WITH_ENTROPY, BLOCK, False,
+                SOFTCAP, WITH_ENTROPY, False,
             )
-        tail_ptrs = row_ptr + n_full + cols0
     else:
         # A strided vocabulary is read entry by entry (no vector loads) with a 64-bit address
         # per entry; without the prefetch the registers stay clear of spilling. The stride can
         # be as large as B * T, so index * stride_v is computed in 64 bits.
-        for start in range(0, n_full, BLOCK):
+        head = 0
+        body = (V // BLOCK) * BLOCK
+        row_ptr = logits_ptr + row_off
+        for start in range(0, body, BLOCK):
             x = tl.load(row_ptr + (start + cols0).to(tl.int64) * stride_v)
             m, max_before, s_acc, h_acc, q_acc, z_acc = _fwd_chunk(
-                x, start, cols0, V, label, in_scale, out_scale,
+                x, start + cols0, start, start + BLOCK, cols0 < BLOCK, label, in_scale, out_scale,
                 m, max_before, s_acc, h_acc, q_acc, z_acc,
                 with_log_sum_sq_probs, with_mean_logits, with_is_top1,
-                SOFTCAP, WITH_ENTROPY, BLOCK, False,
+                SOFTCAP, WITH_ENTROPY, False,
             )
-        tail_ptrs = row_ptr + (n_full + cols0).to(tl.int64) * stride_v
-    return m, max_before, s_acc, h_acc, q_acc, z_acc, cols0, n_full, tail_ptrs
+    return m, max_before, s_acc, h_acc, q_acc, z_acc, cols0, head, body
+
+
+@triton.jit
+def _fwd_remainder_chunk(
+    logits_ptr, row_off, V, stride_v, label, in_scale, out_scale,
+    m, max_before, s_acc, h_acc, q_acc, z_acc, j, head, body,
+    with_log_sum_sq_probs, with_mean_logits, with_is_top1,
+    SOFTCAP: tl.constexpr, VOCAB_CONTIGUOUS: tl.constexpr, WITH_ENTROPY: tl.constexpr,
+):
+    # Entries j of what _fwd_full_chunks left: the tail after its chunks, then the head before.
+    tail = V - head - body
+    cols = tl.where(j < tail, head + body + j, j - tail)
+    in_vocab = j < V - body
+    row_ptr = logits_ptr + row_off
+    if VOCAB_CONTIGUOUS:
+        x = tl.load(row_ptr + cols, mask=in_vocab, other=0.0)
+    else:
+        x = tl.load(row_ptr + cols.to(tl.int64) * stride_v, mask=in_vocab, other=0.0)
+    return _fwd_chunk(
+        x, cols, 0, V, in_vocab, label, in_scale, out_scale,
+        m, max_before, s_acc, h_acc, q_acc, z_acc,
+        with_log_sum_sq_probs, with_mean_logits, with_is_top1,
+        SOFTCAP, WITH_ENTROPY, True,
+    )
+
+
+@triton.jit
+def _fwd_remainder(
+    logits_ptr, row_off, V, stride_v, label, in_scale, out_scale,
+    m, max_before, s_acc, h_acc, q_acc, z_acc, cols0, head, body,
+    with_log_sum_sq_probs, with_mean_logits, with_is_top1,
+    SOFTCAP: tl.constexpr, VOCAB_CONTIGUOUS: tl.constexpr, WITH_ENTROPY: tl.constexpr, BLOCK: tl.constexpr,
+):
+    """Folds in the entries _fwd_full_chunks left (the tail, and the head of fewer than 16 bytes)
+    in one masked chunk; in two when together they pass BLOCK (a head of a few entries and a tail
+    of almost a chunk, rarely)."""
+    if body < V:
+        m, max_before, s_acc, h_acc, q_acc, z_acc = _fwd_remainder_chunk(
+            logits_ptr, row_off, V, stride_v, label, in_scale, out_scale,
+            m, max_before, s_acc, h_acc, q_acc, z_acc, cols0, head, body,
+            with_log_sum_sq_probs, with_mean_logits, with_is_top1,
+            SOFTCAP, VOCAB_CONTIGUOUS, WITH_ENTROPY,
+        )
+    if body + BLOCK < V:
+        m, max_before, s_acc, h_acc, q_acc, z_acc = _fwd_remainder_chunk(
+            logits_ptr, row_off, V, stride_v, label, in_scale, out_scale,
+            m, max_before, s_acc, h_acc, q_acc, z_acc, BLOCK + cols0, head, body,
+            with_log_sum_sq_probs, with_mean_logits, with_is_top1,
+            SOFTCAP, VOCAB_CONTIGUOUS, WITH_ENTROPY,
+        )
+    return m, max_before, s_acc, h_acc, q_acc, z_acc
 
 
 @triton.jit(do_not_specialize=["T", "stride_v", "ignore_index"])
@@ -216,21 +307,20 @@ def _token_logprobs_fwd_kernel(
     in_scale = tl.cast(in_scale, tl.float32)
     out_scale = tl.cast(out_scale, tl.float32)
     b = row // T
-    row_ptr = logits_ptr + b * stride_b + (row - b * T) * stride_t
+    row_off = b * stride_b + (row - b * T) * stride_t
+    row_ptr = logits_ptr + row_off
 
-    m, max_before, s_acc, h_acc, q_acc, z_acc, cols0, n_full, tail_ptrs = _fwd_full_chunks(
-        row_ptr, V, stride_v, label, in_scale, out_scale,
+    m, max_before, s_acc, h_acc, q_acc, z_acc, cols0, head, body = _fwd_full_chunks(
+        logits_ptr, row_off, V, stride_v, label, in_scale, out_scale,
         with_log_sum_sq_probs, with_mean_logits, with_is_top1,
         SOFTCAP, VOCAB_CONTIGUOUS, WITH_ENTROPY, BLOCK,
     )
-    if n_full < V:
-        x = tl.load(tail_ptrs, mask=n_full + cols0 < V, other=0.0)
-        m, max_before, s_acc, h_acc, q_acc, z_acc = _fwd_chunk(
-            x, n_full, cols0, V, label, in_scale, out_scale,
-            m, max_before, s_acc, h_acc, q_acc, z_acc,
-            with_log_sum_sq_probs, with_mean_logits, with_is_top1,
-            SOFTCAP, WITH_ENTROPY, BLOCK, True,
-        )
+    m, max_before, s_acc, h_acc, q_acc, z_acc = _fwd_remainder(
+        logits_ptr, row_off, V, stride_v, label, in_scale, out_scale,
+        m, max_before, s_acc, h_acc, q_acc, z_acc, cols0, head, body,
+        with_log_sum_sq_probs, with_mean_logits, with_is_top1,
+        SOFTCAP, VOCAB_CONTIGUOUS, WITH_ENTROPY, BLOCK,
+    )
 
     s = tl.sum(s_acc, axis=0)
     log_s = tl.log(s)
@@ -248,7 +338,7 @@ def _token_logprobs_fwd_kernel(
     tl.store(logps_ptr + row, tl.where(in_range, (z_label - m) - log_s, float("nan")))
 
     if WITH_ENTROPY:
-        tl.store(entropy_ptr + row, log_s - tl.sum(h_acc, axis=0) / s)
+        tl.store(entropy_ptr + row, log_s - (tl.sum(h_acc, axis=0) / s) * LN2)
     if with_log_sum_sq_probs:
         tl.store(log_sum_sq_probs_ptr + row, tl.log(tl.sum(q_acc, axis=0)) - 2.0 * log_s)
     if with_mean_logits:
@@ -290,8 +380,8 @@ def _token_logprobs_bwd_kernel(
         ptrs = row_ptr + cols.to(tl.int64) * stride_v
     x = tl.load(ptrs, mask=in_vocab, other=0.0).to(tl.float32)
     z, t = _transform(x, in_scale, out_scale, SOFTCAP)
-    log_p = z - tl.load(lse_ptr + row)
-    p = tl.exp(log_p)
+    hi, lo = _log2e_split(tl.load(lse_ptr + row))
+    p, log_p2 = _exp2_shifted(z, hi, lo)
 
     dz = tl.zeros([BLOCK], dtype=tl.float32)
     if HAS_GRAD_LOGPS:
@@ -300,10 +390,11 @@ def _token_logprobs_bwd_kernel(
         g_logp = tl.where((label >= 0) & (label < V), g_logp, float("nan"))
         dz += g_logp * (tl.where(cols == label, 1.0, 0.0) - p)
     if HAS_GRAD_ENTROPY:
-        g_h = tl.load(grad_entropy_ptr + row)
-        entropy = tl.load(entropy_ptr + row)
+        # p (log p + H) = ln 2 * p (log2 p + H log2 e): the base change rides on the row's scalars.
+        g_h = tl.load(grad_entropy_ptr + row) * LN2
+        entropy2 = tl.load(entropy_ptr + row) * LOG2E
         # p = 0 where log_p = -inf; the clamp keeps 0 * -inf at 0 (NaN logits stay NaN through p).
-        dz -= g_h * p * (tl.maximum(log_p, -3.4028234663852886e38) + entropy)
+        dz -= g_h * p * (tl.maximum(log_p2, -_FLT_MAX) + entropy2)
     # Chain rule back through the transform: dz/dx = (1 - tanh^2) * logit_scale / temperature.
     if SOFTCAP:
         dz = dz * (1.0 - t * t)
@@ -378,7 +469,7 @@ def token_logprobs_forward(
         VOCAB_CONTIGUOUS=stride_v == 1,
         WITH_ENTROPY=bool(with_entropy),
         BLOCK=FWD_BLOCK,
-        num_warps=FWD_NUM_WARPS,
+        num_warps=warps(FWD_THREADS),
         # Pinned: Triton 3.10 turns FMA contraction off by default.
         enable_fp_fusion=True,
     )
@@ -433,7 +524,7 @@ def token_logprobs_backward(
         HAS_GRAD_LOGPS=has_grad_logps,
         HAS_GRAD_ENTROPY=has_grad_entropy,
         BLOCK=BWD_BLOCK,
-        num_warps=BWD_NUM_WARPS,
+        num_warps=warps(BWD_THREADS),
         enable_fp_fusion=True,
     )
     return grad_logits

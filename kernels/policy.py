@@ -23,15 +23,20 @@ import triton
 import triton.language as tl
 
 from .logprobs import (
+    LN2,
+    LOG2E,
     FWD_BLOCK,
-    FWD_NUM_WARPS,
+    FWD_THREADS,
     _check_inputs,
-    _fwd_chunk,
+    _exp2_shifted,
+    _log2e_split,
     _fwd_full_chunks,
+    _fwd_remainder,
     _transform,
     _transform_constants,
 )
 from .logprobs import token_logprobs_forward
+from .target import nvidia_options, warps
 
 # tests/triton_compile_gate.py compiles the kernel exactly as the launcher below calls it.
 # The first sweep is the log-prob forward's loop with its launch shape (16 warps, 4096-wide chunks).
@@ -40,7 +45,7 @@ from .logprobs import token_logprobs_forward
 # sm_80's 2-byte variants past 64 registers and ptxas spilled 8 bytes to stay there; at 2048 every
 # contiguous-vocabulary variant fits in 64 registers, two programs per SM.
 BLOCK = FWD_BLOCK
-NUM_WARPS = FWD_NUM_WARPS
+THREADS = FWD_THREADS
 GRAD_BLOCK = 2048
 
 _FLT_MAX = tl.constexpr(3.4028234663852886e38)
@@ -124,14 +129,15 @@ def _objective_grad(
 
 @triton.jit
 def _grad_chunk(
-    x, cols, label, m, log_s, entropy, g, g_h, in_scale, out_scale, grad_scale,
+    x, cols, label, hi, lo, entropy, g, g_h, in_scale, out_scale, grad_scale,
     SOFTCAP: tl.constexpr, HAS_GRAD_ENTROPY: tl.constexpr,
 ):
-    # The formula of token_logprobs_backward in fastalign/reference/logprobs.py for one chunk.
+    # The formula of token_logprobs_backward in fastalign/reference/logprobs.py for one chunk, with
+    # the exponentials in base 2 (kernels/logprobs.py): hi + lo is (m + log s) * log2(e), m split
+    # exactly; the caller passes g_h * ln 2 and the entropy times log2(e), so that p (log p + H)
+    # costs nothing for the base change.
     z, t = _transform(x.to(tl.float32), in_scale, out_scale, SOFTCAP)
-    # (z - m) - log s rather than z - lse, as the forward forms the label's log-prob.
-    log_p = (z - m) - log_s
-    p = tl.exp(log_p)
+    p, log_p = _exp2_shifted(z, hi, lo)
     dz = g * (tl.where(cols == label, 1.0, 0.0) - p)
     if HAS_GRAD_ENTROPY:
         # p = 0 where log_p = -inf; the clamp keeps 0 * -inf at 0 (NaN logits stay NaN through p).
@@ -140,6 +146,24 @@ def _grad_chunk(
     if SOFTCAP:
         dz = dz * (1.0 - t * t)
     return dz * grad_scale
+
+
+@triton.jit
+def _grad_remainder_chunk(
+    row_ptr, out_row, j, head, body, V, stride_v, label, hi, lo, entropy, g, g_h, in_scale, out_scale, grad_scale,
+    SOFTCAP: tl.constexpr, HAS_GRAD_ENTROPY: tl.constexpr, VOCAB_CONTIGUOUS: tl.constexpr,
+):
+    # Entries j of what the second sweep's chunks left: the tail after them, then the head before.
+    tail = V - head - body
+    cols = tl.where(j < tail, head + body + j, j - tail)
+    in_vocab = j < V - body
+    if VOCAB_CONTIGUOUS:
+        x = tl.load(row_ptr + cols, mask=in_vocab, other=0.0)
+    else:
+        x = tl.load(row_ptr + cols.to(tl.int64) * stride_v, mask=in_vocab, other=0.0)
+    dz = _grad_chunk(x, cols, label, hi, lo, entropy, g, g_h, in_scale, out_scale, grad_scale,
+                     SOFTCAP, HAS_GRAD_ENTROPY)
+    tl.store(out_row + cols, dz.to(out_row.dtype.element_ty), mask=in_vocab)
 
 
 @triton.jit(do_not_specialize=["T", "stride_v", "ignore_index", "surrogate_id", "kl_id"])
@@ -152,8 +176,10 @@ def _policy_token_kernel(
     ratio_low, ratio_high, delta, dual_clip, log_ratio_clamp, tau_pos, tau_neg,
     surrogate_id, kl_id, kl_straight_through, kl_bias_correction,
     HAS_OLD: tl.constexpr, HAS_GRAD_ENTROPY: tl.constexpr,
-    SOFTCAP: tl.constexpr, VOCAB_CONTIGUOUS: tl.constexpr, BLOCK: tl.constexpr, GRAD_BLOCK: tl.constexpr,
+    SOFTCAP: tl.constexpr, VOCAB_CONTIGUOUS: tl.constexpr, ALIGNED_GRAD: tl.constexpr,
+    BLOCK: tl.constexpr, GRAD_BLOCK: tl.constexpr,
 ):
+    VEC: tl.constexpr = 128 // logits_ptr.dtype.element_ty.primitive_bitwidth
     # 64-bit from the start: rows * strides passes 2^31 at real sizes.
     row = tl.program_id(0).to(tl.int64)
     label = tl.load(labels_ptr + row)
@@ -174,11 +200,12 @@ def _policy_token_kernel(
     out_scale = tl.cast(out_scale, tl.float32)
     grad_scale = tl.cast(grad_scale, tl.float32)
     b = row // T
-    row_ptr = logits_ptr + b * stride_b + (row - b * T) * stride_t
+    row_off = b * stride_b + (row - b * T) * stride_t
+    row_ptr = logits_ptr + row_off
 
     # Sweep 1: the forward loop of _token_logprobs_fwd_kernel, with entropy and no metrics.
-    m, max_before, s_acc, h_acc, q_acc, z_acc, cols0, n_full, tail_ptrs = _fwd_full_chunks(
-        row_ptr, V, stride_v, label, in_scale, out_scale,
+    m, max_before, s_acc, h_acc, q_acc, z_acc, cols0, head, body = _fwd_full_chunks(
+        logits_ptr, row_off, V, stride_v, label, in_scale, out_scale,
         False, False, False,
         SOFTCAP, VOCAB_CONTIGUOUS, True, BLOCK,
     )
@@ -198,18 +225,17 @@ def _policy_token_kernel(
         g_h = tl.load(grad_entropy_ptr + row)
     else:
         g_h = 0.0
-    if n_full < V:
-        x = tl.load(tail_ptrs, mask=n_full + cols0 < V, other=0.0)
-        m, max_before, s_acc, h_acc, q_acc, z_acc = _fwd_chunk(
-            x, n_full, cols0, V, label, in_scale, out_scale,
-            m, max_before, s_acc, h_acc, q_acc, z_acc,
-            False, False, False,
-            SOFTCAP, True, BLOCK, True,
-        )
+    m, max_before, s_acc, h_acc, q_acc, z_acc = _fwd_remainder(
+        logits_ptr, row_off, V, stride_v, label, in_scale, out_scale,
+        m, max_before, s_acc, h_acc, q_acc, z_acc, cols0, head, body,
+        False, False, False,
+        SOFTCAP, VOCAB_CONTIGUOUS, True, BLOCK,
+    )
 
     s = tl.sum(s_acc, axis=0)
     log_s = tl.log(s)
-    entropy = log_s - tl.sum(h_acc, axis=0) / s
+    # The sweep's entropy sum is in units of log2(e) (kernels/logprobs.py).
+    entropy = log_s - (tl.sum(h_acc, axis=0) / s) * LN2
     tl.store(lse_ptr + row, m + log_s)
     tl.store(entropy_ptr + row, entropy)
     in_range = (label >= 0) & (label < V)
@@ -233,38 +259,66 @@ def _policy_token_kernel(
     )
     # A label outside the vocabulary has a NaN log-prob; its gradient row says so too.
     g = tl.where(in_range, g, float("nan"))
+    # The second sweep's scalars, base 2: the exponent is z log2(e) - hi - lo2 with m split exactly
+    # (the log-prob at the row maximum stays -log s, as in the forward).
+    hi, lo = _log2e_split(m)
+    lo2 = lo + log_s * LOG2E
+    entropy2 = entropy * LOG2E
+    g_h2 = g_h * LN2
     # In range it fits in 32 bits, and out of range g is NaN whatever the one-hot says.
     label32 = tl.where(in_range, label, -1).to(tl.int32)
 
     # Sweep 2: the same row again, now mostly from L2, and the gradient written once. Its
     # addresses are formed only now: anything held across the first sweep's loop is a register
     # taken from it, and ptxas answers a few such with a spill.
-    out_row = grad_logits_ptr + row * V
+    out_off = row * V
+    out_row = grad_logits_ptr + out_off
     cols = tl.arange(0, GRAD_BLOCK)
-    n_full = (V // GRAD_BLOCK) * GRAD_BLOCK
     if VOCAB_CONTIGUOUS:
+        # Chunks from the row's first 16-byte boundary, as in sweep 1 (head entries in); when the
+        # gradient rows share the logits rows' alignment (contiguous logits) the stores are
+        # 16-byte vectors too.
+        body = ((V - head) // GRAD_BLOCK) * GRAD_BLOCK
+        in_ptr = logits_ptr + tl.multiple_of(row_off + head, VEC)
+        if ALIGNED_GRAD:
+            out_ptr = grad_logits_ptr + tl.multiple_of(out_off + head, VEC)
+        else:
+            out_ptr = out_row + head
         # One chunk ahead: an L2 read needs less in flight than the first sweep's HBM read.
-        x_next = tl.load(row_ptr + cols, mask=cols < n_full)
-        for start in range(0, n_full, GRAD_BLOCK):
+        x_next = tl.load(in_ptr + cols, mask=cols < body)
+        for start in range(0, body, GRAD_BLOCK):
             x = x_next
-            x_next = tl.load(row_ptr + (start + GRAD_BLOCK) + cols, mask=start + GRAD_BLOCK + cols < n_full)
-            dz = _grad_chunk(x, start + cols, label32, m, log_s, entropy, g, g_h, in_scale, out_scale, grad_scale,
-                             SOFTCAP, HAS_GRAD_ENTROPY)
-            tl.store(out_row + start + cols, dz.to(grad_logits_ptr.dtype.element_ty))
-        tail_ptrs = row_ptr + n_full + cols
+            x_next = tl.load(in_ptr + (start + GRAD_BLOCK) + cols, mask=start + GRAD_BLOCK + cols < body)
+            dz = _grad_chunk(x, head + start + cols, label32, hi, lo2, entropy2, g, g_h2, in_scale, out_scale,
+                             grad_scale, SOFTCAP, HAS_GRAD_ENTROPY)
+            tl.store(out_ptr + start + cols, dz.to(grad_logits_ptr.dtype.element_ty))
     else:
-        for start in range(0, n_full, GRAD_BLOCK):
+        head = 0
+        body = (V // GRAD_BLOCK) * GRAD_BLOCK
+        for start in range(0, body, GRAD_BLOCK):
             x = tl.load(row_ptr + (start + cols).to(tl.int64) * stride_v)
-            dz = _grad_chunk(x, start + cols, label32, m, log_s, entropy, g, g_h, in_scale, out_scale, grad_scale,
+            dz = _grad_chunk(x, start + cols, label32, hi, lo2, entropy2, g, g_h2, in_scale, out_scale, grad_scale,
                              SOFTCAP, HAS_GRAD_ENTROPY)
             tl.store(out_row + start + cols, dz.to(grad_logits_ptr.dtype.element_ty))
-        tail_ptrs = row_ptr + (n_full + cols).to(tl.int64) * stride_v
-    if n_full < V:
-        in_vocab = n_full + cols < V
-        x = tl.load(tail_ptrs, mask=in_vocab, other=0.0)
-        dz = _grad_chunk(x, n_full + cols, label32, m, log_s, entropy, g, g_h, in_scale, out_scale, grad_scale,
-                         SOFTCAP, HAS_GRAD_ENTROPY)
-        tl.store(out_row + n_full + cols, dz.to(grad_logits_ptr.dtype.element_ty), mask=in_vocab)
+    # What the chunks left, the tail and then the head, in a masked chunk (two only when together
+    # they pass GRAD_BLOCK).
+    if body < V:
+        _grad_remainder_chunk(row_ptr, out_row, cols, head, body, V, stride_v, label32, hi, lo2, entropy2, g, g_h2,
+                              in_scale, out_scale, grad_scale, SOFTCAP, HAS_GRAD_ENTROPY, VOCAB_CONTIGUOUS)
+    if body + GRAD_BLOCK < V:
+        _grad_remainder_chunk(row_ptr, out_row, GRAD_BLOCK + cols, head, body, V, stride_v, label32, hi, lo2,
+                              entropy2, g, g_h2, in_scale, out_scale, grad_scale, SOFTCAP, HAS_GRAD_ENTROPY,
+                              VOCAB_CONTIGUOUS)
+
+
+def _same_alignment(logits: torch.Tensor, V: int) -> bool:
+    """Whether row (b, t) of ``logits`` and row b * T + t of a contiguous [B, T, V] tensor of its
+    dtype start at the same offset within 16 bytes, for every b and t."""
+    B, T, _ = logits.shape
+    vec = 16 // logits.element_size()
+    stride_b, stride_t, stride_v = logits.stride()
+    return (stride_v == 1 and (stride_t - V) % vec == 0 and (B == 1 or (stride_b - T * V) % vec == 0)
+            and logits.data_ptr() % 16 == 0)
 
 
 def _per_token(name: str, t: torch.Tensor, n: int, device, optional: bool) -> torch.Tensor | None:
@@ -371,9 +425,16 @@ def policy_token_forward(
         HAS_GRAD_ENTROPY=grad_entropy is not None,
         SOFTCAP=softcap > 0.0,
         VOCAB_CONTIGUOUS=stride_v == 1,
+        # Every gradient row (offset row * V) starts at the same place within 16 bytes as its
+        # logits row: the second sweep's stores are then vectors too.
+        ALIGNED_GRAD=_same_alignment(logits, V),
         BLOCK=BLOCK,
         GRAD_BLOCK=GRAD_BLOCK,
-        num_warps=NUM_WARPS,
+        num_warps=warps(THREADS),
+        # A strided vocabulary keeps a 64-bit address per entry live. Left to itself, ptxas (sm_80)
+        # holds such variants to 64 registers and spills 8-24 bytes; allowing 128 keeps them in
+        # registers (one program of 512 threads per SM instead of two).
+        **nvidia_options(maxnreg=None if stride_v == 1 else 128),
         # Pinned: Triton 3.10 turns FMA contraction off by default.
         enable_fp_fusion=True,
     )

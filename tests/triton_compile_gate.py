@@ -2,22 +2,25 @@
 kernels/gae.py, kernels/advantages.py and kernels/linear_logprobs.py.
 
 The launchers are called over their whole input space (every logits dtype, softcap on and off,
-contiguous and strided vocabulary, every combination of optional outputs and of gradients) with
-the kernels swapped for recorders, and each recorded launch is turned into the exact
-(signature, constexprs, attributes, options) that Triton's JIT would compile for it on a GPU.
-Each distinct one is compiled for sm_80 and sm_90; ``cuobjdump --dump-resource-usage`` then
-reports REG, STACK, SHARED and LOCAL per cubin. The gate fails if a kernel does not compile,
-spills, or computes a logits address with 32-bit arithmetic (checked on the TTIR, together with a
-deliberately 32-bit control kernel that the check must reject).
+the vocabulary sizes users run, contiguous, sliced and strided vocabulary, every combination of
+optional outputs and of gradients) with the kernels swapped for recorders, and each recorded
+launch is turned into the exact (signature, constexprs, attributes, options) that Triton's JIT
+would compile for it on a GPU. Each distinct one is compiled for every target of ALL_TARGETS:
+NVIDIA sm_80, sm_90, sm_100, sm_120 (``cuobjdump --dump-resource-usage`` reports REG, STACK,
+SHARED and LOCAL per cubin) and AMD gfx942, gfx90a (the AMDGPU metadata gives VGPRs, LDS, scratch
+and spill counts). The gate fails if a kernel does not compile, spills, or computes a logits
+address with 32-bit arithmetic (checked on the TTIR, together with a deliberately 32-bit control
+kernel that the check must reject).
 
 Spills count as LOCAL > 0 *or* STACK > 0: register spills land in the stack frame, and
 cuobjdump reports them under STACK with LOCAL still 0 (a kernel that ``ptxas -v`` reports with
 "32 bytes spill stores" shows STACK:32 LOCAL:0). Triton kernels make no calls and keep no local
-arrays, so any stack frame is a spill.
+arrays, so any stack frame is a spill. On AMD, scratch memory or a VGPR/SGPR spill count.
 
 Run it as a script with TRITON_INTERPRET unset (``triton.compile`` needs real JIT functions):
 
-    python tests/triton_compile_gate.py [--arch 80 90] [--jobs 2] [--offsets-only] [--verbose]
+    python tests/triton_compile_gate.py [--targets sm_80 sm_90 sm_100 sm_120 gfx942 gfx90a] [--quick]
+                                        [--jobs N] [--offsets-only] [--verbose]
 
 Exit status 0 when everything passes, 1 otherwise.
 """
@@ -92,33 +95,80 @@ def kernel_names(module) -> list[str]:
     return sorted(n for n, v in vars(module).items() if isinstance(v, JITFunction) and n.endswith("_kernel"))
 
 
+# The vocabularies users run, as (label, V, row width). Triton specializes a launch on whether V
+# and the row strides are multiples of 16, so these fall into distinct compilations: multiples of
+# 16 (Llama 2's 32000, Llama 3's 128256, Qwen2's 151936, Gemma 3's 262144), an odd vocabulary
+# (GPT-2's 50257), and a vocabulary sliced out of a padded row (Qwen2.5's 151665 tokens of a
+# 151936-wide head), whose row stride is aligned while V is not.
+VOCABS = (
+    ("32000", 32000, 32000),
+    ("50257", 50257, 50257),
+    ("128256", 128256, 128256),
+    ("151936", 151936, 151936),
+    ("151665/151936", 151665, 151936),
+    ("262144", 262144, 262144),
+)
+# The vocabulary the launcher calls are being made for (None for kernels without one).
+_current_vocab: str | None = None
+
+
+def _vocab_logits(dtype, vocab, strided, B=2, T=3):
+    """[B, T, V] logits of a vocabulary from VOCABS: contiguous rows (or V entries of a wider row),
+    or with strided=True every other entry of a row twice as wide."""
+    import torch
+
+    global _current_vocab
+    label, V, width = vocab
+    _current_vocab = label
+    if strided:
+        return torch.empty(B, T, 2 * V, dtype=dtype)[..., ::2]
+    return torch.empty(B, T, width, dtype=dtype)[..., :V]
+
+
 class _Recorder:
     """Stands in for a JIT kernel: ``kernel[grid](*args, **kwargs)`` records instead of launching."""
 
     def __init__(self):
-        self.launches: list[tuple[tuple, dict]] = []
+        self.launches: list[tuple[tuple, dict, str | None]] = []
 
     def __getitem__(self, grid):
         def launch(*args, **kwargs):
-            self.launches.append((args, kwargs))
+            self.launches.append((_light(args), {k: _light(v) for k, v in kwargs.items()}, _current_vocab))
 
         return launch
+
+
+_STAND_INS: dict = {}
+
+
+def _light(value):
+    """A launch argument as the compiler sees it: a tensor only through its dtype and the alignment
+    of its address, so a small aligned tensor of the same dtype stands in (thousands of recorded
+    launches must not keep their vocabulary-sized tensors alive)."""
+    import torch
+
+    if isinstance(value, tuple):
+        return tuple(_light(v) for v in value)
+    if isinstance(value, torch.Tensor) and value.data_ptr() % 16 == 0:
+        if value.dtype not in _STAND_INS:
+            _STAND_INS[value.dtype] = torch.empty(16, dtype=value.dtype)
+        return _STAND_INS[value.dtype]
+    return value
 
 
 def _launcher_calls(module):
     """Call the launchers on CPU tensors over every option they take (the recorders stand in for
     the kernels, so nothing runs).
 
-    Two vocabulary layouts: contiguous, and every other entry of a wider row (stride(-1) == 2).
-    V = 48 keeps the pointers and the non-vocabulary strides 16-aligned, as real shapes are, so
-    the recorded specializations are the ones a real launch gets.
+    Every vocabulary of VOCABS, in two layouts: as it comes (contiguous rows, or a slice of a
+    padded row), and every other entry of a wider row (stride(-1) == 2).
     """
     import torch
 
-    B, T, V = 2, 3, 48
-    for dtype_name, softcap, strided in itertools.product(DTYPES, (0.0, 30.0), (False, True)):
+    B, T = 2, 3
+    for dtype_name, softcap, strided, vocab in itertools.product(DTYPES, (0.0, 30.0), (False, True), VOCABS):
         dtype = getattr(torch, dtype_name)
-        logits = torch.zeros(B, T, 2 * V, dtype=dtype)[..., ::2] if strided else torch.zeros(B, T, V, dtype=dtype)
+        logits = _vocab_logits(dtype, vocab, strided, B, T)
         labels = torch.zeros(B * T, dtype=torch.int64)
         common = dict(temperature=0.7, logit_scale=0.5 if softcap else 1.0, softcap=softcap, ignore_index=-100)
         for flags in itertools.product((False, True), repeat=4):
@@ -141,13 +191,13 @@ def _policy_launcher_calls(module):
     _launcher_calls covers (with_entropy=True)."""
     import torch
 
-    B, T, V = 2, 3, 48
+    B, T = 2, 3
     N = B * T
     vector, empty = torch.zeros(N), torch.empty(0)
     params = [0.8, 1.2, 3.0, 3.0, 5.0, 1.0, 1.05, 0.0, 1.0]
-    for dtype_name, softcap, strided in itertools.product(DTYPES, (0.0, 30.0), (False, True)):
+    for dtype_name, softcap, strided, vocab in itertools.product(DTYPES, (0.0, 30.0), (False, True), VOCABS):
         dtype = getattr(torch, dtype_name)
-        logits = torch.zeros(B, T, 2 * V, dtype=dtype)[..., ::2] if strided else torch.zeros(B, T, V, dtype=dtype)
+        logits = _vocab_logits(dtype, vocab, strided, B, T)
         labels = torch.zeros(N, dtype=torch.int64)
         for surrogate_id, kl_id, has_old, has_grad_entropy in itertools.product(
             range(3), range(6), (False, True), (False, True)
@@ -164,6 +214,8 @@ def _gae_launcher_calls(module):
     bool or int64 mask, both recurrences (verl, trl), with and without whitening, unbiased or not."""
     import torch
 
+    global _current_vocab
+    _current_vocab = None
     B, T = 2, 48
     for dtype_name, mask_dtype, trl, whiten in itertools.product(
         DTYPES, (None, torch.bool, torch.int64), (False, True), (False, True)
@@ -185,6 +237,8 @@ def _advantages_launcher_calls(module):
     pointers 16-aligned, as real batches are."""
     import torch
 
+    global _current_vocab
+    _current_vocab = None
     n = 64
     values, order, offsets = torch.zeros(n), torch.arange(n), torch.tensor([0, 5, n])
     empty = torch.empty(0, dtype=torch.int64)
@@ -205,19 +259,22 @@ def _linear_launcher_calls(module):
     bias (in the weight's dtype) or none, a contiguous weight and a transposed view of a [H, V]
     tensor (stride(0) == 1), every combination of optional outputs and of gradients (the bias,
     the optional outputs and the gradients are runtime flags and dedupe to the same compilations;
-    should they become constexprs, each gets its own). H = 48 (not a multiple of the K block) and
-    V = 64 keep the pointers and strides 16-aligned, as real shapes are."""
+    should they become constexprs, each gets its own), for every vocabulary of VOCABS. H = 48 (not
+    a multiple of the K block) keeps the hidden pointers and strides 16-aligned, as real shapes are;
+    a transposed weight's stride is V, aligned or not."""
     import torch
 
-    N, H, V = 6, 48, 64
+    global _current_vocab
+    N, H = 6, 48
     labels = torch.zeros(N, dtype=torch.int64)
-    for dtype_name, softcap, has_bias, transposed in itertools.product(
-        DTYPES, (0.0, 30.0), (False, True), (False, True)
+    for dtype_name, softcap, has_bias, transposed, (label, V, _) in itertools.product(
+        DTYPES, (0.0, 30.0), (False, True), (False, True), VOCABS
     ):
+        _current_vocab = label
         dtype = getattr(torch, dtype_name)
         hidden = torch.zeros(N, H, dtype=dtype)
-        weight = torch.zeros(H, V, dtype=dtype).t() if transposed else torch.zeros(V, H, dtype=dtype)
-        bias = torch.zeros(V, dtype=dtype) if has_bias else torch.empty(0, dtype=dtype)
+        weight = torch.empty(H, V, dtype=dtype).t() if transposed else torch.empty(V, H, dtype=dtype)
+        bias = torch.empty(V, dtype=dtype) if has_bias else torch.empty(0, dtype=dtype)
         common = dict(temperature=0.7, logit_scale=0.5 if softcap else 1.0, softcap=softcap, ignore_index=-100)
         for flags in itertools.product((False, True), repeat=4):
             module.linear_token_logprobs_forward(hidden, weight, bias, labels, **common, with_entropy=flags[0],
@@ -252,32 +309,67 @@ def _stem(module) -> str:
     return module.__name__.rsplit(".", 1)[-1]
 
 
-def record_launches(module) -> dict[str, list[tuple[tuple, dict]]]:
+def _target_module(module):
+    """The kernels/target.py beside a loaded kernels file, if that file uses it."""
+    return sys.modules.get(module.__name__.rsplit(".", 1)[0] + ".target")
+
+
+def record_launches(module, target: str = "sm_90") -> dict[str, list[tuple[tuple, dict, str | None]]]:
+    """Every launch the module's launchers make over their input space, as they make it for a GPU
+    of ``target`` (kernels/target.py answers the launchers' questions about the device)."""
     names = kernel_names(module)
     originals = {n: getattr(module, n) for n in names}
     recorders = {n: _Recorder() for n in names}
+    target_module = _target_module(module)
     try:
+        if target_module is not None:
+            target_module.forced = gpu_target(target)
         for n in names:
             setattr(module, n, recorders[n])
         LAUNCHERS[_stem(module)](module)
     finally:
         for n, fn in originals.items():
             setattr(module, n, fn)
+        if target_module is not None:
+            target_module.forced = None
     return {n: r.launches for n, r in recorders.items()}
 
 
-def compile_spec(kernel, args, kwargs, arch: int):
-    """What Triton's JIT would hand to ``triton.compile`` for this launch on an sm_<arch> GPU.
+# Every target users run: NVIDIA Ampere, Hopper, Blackwell datacenter and consumer parts, and
+# AMD MI300 (gfx942) and MI250 (gfx90a), whose wavefronts are 64 lanes wide.
+ALL_TARGETS = ("sm_80", "sm_90", "sm_100", "sm_120", "gfx942", "gfx90a")
 
-    Uses the JIT's own argument binder and ``_pack_args`` (internal Triton APIs, as of 3.8/3.9), so
-    types, constexprs, the int-1 and divisible-by-16 specializations and the options (num_warps,
-    enable_fp_fusion, ...) are exactly those of a real launch rather than a hand-kept copy.
-    """
+
+def target_name(name) -> str:
+    """``sm_90`` for 90, "90" or "sm_90"; AMD names (``gfx942``) as they are."""
+    name = str(name)
+    if name.startswith("gfx"):
+        return name
+    return "sm_" + name.removeprefix("sm_")
+
+
+def gpu_target(name):
     from triton.backends.compiler import GPUTarget
+
+    name = target_name(name)
+    if name.startswith("gfx"):
+        return GPUTarget("hip", name, 64)
+    return GPUTarget("cuda", int(name.removeprefix("sm_")), 32)
+
+
+def compile_spec(kernel, args, kwargs, target):
+    """What Triton's JIT would hand to ``triton.compile`` for this launch on a GPU of ``target``
+    (a name from ALL_TARGETS).
+
+    Uses the JIT's own argument binder and ``_pack_args`` (internal Triton APIs, as of 3.6 to 3.9),
+    so types, constexprs, the int-1 and divisible-by-16 specializations and the options
+    (num_warps, enable_fp_fusion, ...) are exactly those of a real launch rather than a hand-kept
+    copy.
+    """
     from triton.compiler import make_backend
     from triton.runtime.jit import create_function_from_signature
 
-    target = GPUTarget("cuda", arch, 32)
+    target = gpu_target(target)
     backend = make_backend(target)
     binder = create_function_from_signature(kernel.signature, kernel.params, backend)
     bound_args, specialization, options = binder(*args, **kwargs)
@@ -342,6 +434,34 @@ def _cuobjdump() -> str:
     return str(Path(triton.__file__).parent / "backends" / "nvidia" / "bin" / "cuobjdump")
 
 
+def _amd_resource_usage(amdgcn: str) -> dict[str, int]:
+    """The AMDGPU metadata of a compiled kernel, in the gate's terms: REG (VGPRs), SGPR, SHARED
+    (LDS bytes), LOCAL (scratch bytes per lane) and STACK (VGPRs spilled to scratch). SGPRs that
+    spill are kept in VGPR lanes, not memory (SGPR_SPILL, reported, not a failure); once the lanes
+    run out they too go to scratch, and LOCAL says so."""
+    def field(pattern: str) -> int:
+        found = re.search(pattern, amdgcn, re.M)
+        if found is None:
+            raise RuntimeError(f"no {pattern!r} in the AMDGPU assembly")
+        return int(found.group(1))
+
+    return {
+        "REG": field(r"^\s*\.vgpr_count:\s+(\d+)"),
+        "SGPR": field(r"^\s*\.sgpr_count:\s+(\d+)"),
+        "SHARED": field(r"^\s*\.group_segment_fixed_size:\s+(\d+)"),
+        "LOCAL": field(r"^\s*\.private_segment_fixed_size:\s+(\d+)"),
+        "STACK": field(r"^\s*\.vgpr_spill_count:\s+(\d+)"),
+        "SGPR_SPILL": field(r"^\s*\.sgpr_spill_count:\s+(\d+)"),
+    }
+
+
+def resource_usage(compiled) -> dict[str, int]:
+    """REG, SHARED, LOCAL and STACK of a compiled kernel, NVIDIA or AMD."""
+    if "hsaco" in compiled.asm:
+        return _amd_resource_usage(compiled.asm["amdgcn"])
+    return _resource_usage(compiled.asm["cubin"])
+
+
 def _resource_usage(cubin: bytes) -> dict[str, int]:
     with tempfile.NamedTemporaryFile(suffix=".cubin") as f:
         f.write(cubin)
@@ -354,19 +474,23 @@ def _resource_usage(cubin: bytes) -> dict[str, int]:
     return {k: int(v) for k, v in usage.items()}
 
 
-def _run_job(index: int) -> dict:
+def compile_job(job: dict):
+    """Compile one job; Triton's CompiledKernel (asm by stage, metadata)."""
     import triton
     from triton.compiler import ASTSource
 
+    target, options, signature, constexprs, attrs = job["spec"]
+    return triton.compile(ASTSource(job["fn"], signature, constexprs, attrs), target=target,
+                          options=options.__dict__)
+
+
+def _run_job(index: int) -> dict:
     job = _JOBS[index]
-    result = {k: job[k] for k in ("kernel", "arch", "dtype", "flags", "num_warps")}
+    result = {k: job[k] for k in ("kernel", "target", "dtype", "flags", "num_warps", "vocabs")}
     start = time.perf_counter()
     try:
-        spec = job["spec"]
-        target, options, signature, constexprs, attrs = spec
-        compiled = triton.compile(ASTSource(job["fn"], signature, constexprs, attrs), target=target,
-                                  options=options.__dict__)
-        result.update(_resource_usage(compiled.asm["cubin"]))
+        compiled = compile_job(job)
+        result.update(resource_usage(compiled))
         result["dynamic_shared"] = compiled.metadata.shared
         result["offset_problems"] = check_64bit_offsets(compiled.asm["ttir"], *job["offset_rules"])
     except Exception as e:  # reported per kernel; the gate fails on it
@@ -375,8 +499,9 @@ def _run_job(index: int) -> dict:
     return result
 
 
-def _describe(kernel, constexprs: dict) -> str:
-    """The constexprs of a variant, e.g. ``SOFTCAP,WITH_ENTROPY,BLOCK=4096`` (False flags left out)."""
+def _describe(kernel, constexprs: dict, attrs: dict | None = None) -> str:
+    """The constexprs of a variant, e.g. ``SOFTCAP,WITH_ENTROPY,BLOCK=4096`` (False flags left out),
+    then the integer arguments Triton specialized as multiples of 16 (``V%16``)."""
     flags = []
     for path, value in sorted(constexprs.items()):
         name = kernel.arg_names[path[0]]
@@ -385,43 +510,80 @@ def _describe(kernel, constexprs: dict) -> str:
                 flags.append(name)
         else:
             flags.append(f"{name}={value}")
+    if attrs:
+        pointers = {p.name for p in kernel.params if p.name.endswith("_ptr")}
+        for path, values in sorted(attrs.items()):
+            name = kernel.arg_names[path[0]]
+            if name not in pointers and any(v[0] == "tt.divisibility" for v in values):
+                flags.append(f"{name}%16")
     return ",".join(flags) or "-"
 
 
-def build_jobs(module, arches) -> tuple[list[dict], list[str]]:
-    """One compile job per distinct (kernel, arch, specialization, options), and any problems with
-    the enumeration itself."""
-    launches = record_launches(module)
+def _flag_count(constexprs: dict) -> int:
+    return sum(1 for v in constexprs.values() if v is True)
+
+
+def build_jobs(module, targets, quick: bool = False) -> tuple[list[dict], list[str]]:
+    """One compile job per distinct (kernel, target, specialization, options), and any problems
+    with the enumeration itself.
+
+    ``quick``: per kernel, dtype and alignment class (which of V and the strides Triton saw as
+    multiples of 16), only the variant with the most constexpr features switched on: the
+    heaviest on registers, as a rule.
+    """
+    # Launch options can differ by vendor (warp size): one recording per backend.
+    recordings = {}
+    for target in targets:
+        backend = gpu_target(target).backend
+        if backend not in recordings:
+            recordings[backend] = record_launches(module, target)
     jobs = []
     problems = []
-    for name, recorded in launches.items():
+    for name, recorded in next(iter(recordings.values())).items():
         kernel = getattr(module, name)
         if not recorded:
             problems.append(f"{name}: never launched by the enumerated launcher calls")
             continue
         # Every boolean constexpr must be seen both ways, or the enumeration is missing an input.
         seen = collections.defaultdict(set)
-        for args, kwargs in recorded:
+        for args, kwargs, _ in recorded:
             for k, v in kwargs.items():
                 if isinstance(v, bool) and k in kernel.arg_names:
                     seen[k].add(v)
         for p in kernel.params:
             if p.is_constexpr and len(seen.get(p.name, ())) == 1:
                 problems.append(f"{name}: constexpr {p.name} is only ever {seen[p.name]} in the launches")
-        for arch in arches:
+        # FMA contraction chosen per kernel: Triton 3.10 flips the default, and results must not
+        # move with the Triton version.
+        if any("enable_fp_fusion" not in kwargs for _, kwargs, _ in recorded):
+            problems.append(f"{name}: a launch leaves enable_fp_fusion to Triton's default")
+        for target in targets:
             distinct = {}
-            for args, kwargs in recorded:
-                spec = compile_spec(kernel, args, kwargs, arch)
-                target, options, signature, constexprs, attrs = spec
+            for args, kwargs, vocab in recordings[gpu_target(target).backend][name]:
+                spec = compile_spec(kernel, args, kwargs, target)
+                _, options, signature, constexprs, attrs = spec
                 key = (repr(sorted(signature.items())), repr(sorted(constexprs.items())),
                        repr(sorted(attrs.items())), repr(sorted(options.__dict__.items())))
                 if key in distinct:
+                    if vocab is not None:
+                        distinct[key]["vocabs"].add(vocab)
                     continue
                 # The dtype of the first pointer argument: the logits, or the rewards.
                 dtype = next(t for t in signature.values() if isinstance(t, str) and t.startswith("*")).lstrip("*")
-                distinct[key] = dict(kernel=name, fn=kernel, arch=arch, dtype=dtype, flags=_describe(kernel, constexprs),
-                                     num_warps=options.num_warps, spec=spec, offset_rules=OFFSET_RULES[_stem(module)])
-            jobs.extend(distinct.values())
+                distinct[key] = dict(kernel=name, fn=kernel, target=target_name(target), dtype=dtype,
+                                     flags=_describe(kernel, constexprs, attrs), num_warps=options.num_warps,
+                                     spec=spec, offset_rules=OFFSET_RULES[_stem(module)],
+                                     vocabs=set() if vocab is None else {vocab},
+                                     alignment=repr(sorted(attrs.items())), weight=_flag_count(constexprs))
+            chosen = list(distinct.values())
+            if quick:
+                heaviest = {}
+                for job in chosen:
+                    group = (job["dtype"], job["alignment"])
+                    if group not in heaviest or job["weight"] > heaviest[group]["weight"]:
+                        heaviest[group] = job
+                chosen = list(heaviest.values())
+            jobs.extend(chosen)
     return jobs, problems
 
 
@@ -432,20 +594,19 @@ def _pool(jobs_count: int):
     return concurrent.futures.ProcessPoolExecutor(max_workers=jobs_count, mp_context=context)
 
 
-def check_offsets_only(modules, arch: int = 90) -> list[str]:
+def check_offsets_only(modules, target: str = "sm_90") -> list[str]:
     """Compile one launch per kernel plus the 32-bit control; return the problems found."""
     import triton
-    from triton.backends.compiler import GPUTarget
     from triton.compiler import ASTSource
 
     problems = []
     launches = [(module, name, recorded) for module in modules for name, recorded in record_launches(module).items()]
     for module, name, recorded in launches:
         kernel = getattr(module, name)
-        for args, kwargs in recorded[:1] + recorded[-1:]:
-            target, options, signature, constexprs, attrs = compile_spec(kernel, args, kwargs, arch)
-            ttir = triton.compile(ASTSource(kernel, signature, constexprs, attrs), target=target,
-                                  options=options.__dict__).asm["ttir"]
+        for args, kwargs, _ in recorded[:1] + recorded[-1:]:
+            spec = compile_spec(kernel, args, kwargs, target)
+            constexprs = spec[3]
+            ttir = compile_job(dict(fn=kernel, spec=spec)).asm["ttir"]
             found = check_64bit_offsets(ttir, *OFFSET_RULES[_stem(module)])
             problems += [f"{name}: {p}" for p in found]
             print(f"{name} [{_describe(kernel, constexprs)}]: "
@@ -454,7 +615,7 @@ def check_offsets_only(modules, arch: int = 90) -> list[str]:
     ttir = triton.compile(
         ASTSource(control, {"logits_ptr": "*bf16", "out_ptr": "*bf16", "stride_t": "i32", "BLOCK": "constexpr"},
                   {"BLOCK": 128}),
-        target=GPUTarget("cuda", arch, 32)).asm["ttir"]
+        target=gpu_target(target)).asm["ttir"]
     found = check_64bit_offsets(ttir)
     print(f"control kernel with a 32-bit row offset: {'rejected' if found else 'NOT rejected'}"
           + "".join(f"\n    {p}" for p in found))
@@ -463,46 +624,39 @@ def check_offsets_only(modules, arch: int = 90) -> list[str]:
     return problems
 
 
-def main(argv=None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--arch", type=int, nargs="+", default=[80, 90])
-    parser.add_argument("--jobs", type=int, default=2)
-    parser.add_argument("--offsets-only", action="store_true",
-                        help="only check 64-bit address arithmetic (one launch per kernel and the control)")
-    parser.add_argument("--verbose", action="store_true", help="one line per compiled variant")
-    parser.add_argument("--kernels", type=Path, nargs="+",
-                        default=[KERNELS_FILE, POLICY_KERNELS_FILE, GAE_KERNELS_FILE, ADVANTAGES_KERNELS_FILE,
-                                 LINEAR_KERNELS_FILE],
-                        help="the kernels files to check (named logprobs.py, policy.py, gae.py, advantages.py "
-                             "or linear_logprobs.py)")
-    args = parser.parse_args(argv)
+def _vocab_coverage(jobs: list[dict], targets) -> list[str]:
+    """Every kernel that takes a vocabulary was compiled for every vocabulary of VOCABS on each
+    target (as the variant it maps to)."""
+    covered = collections.defaultdict(set)
+    for job in jobs:
+        covered[(job["kernel"], job["target"])] |= job["vocabs"]
+    problems = []
+    wanted = {label for label, _, _ in VOCABS}
+    for (kernel, target), vocabs in sorted(covered.items()):
+        if vocabs and vocabs != wanted:
+            problems.append(f"{kernel} {target}: no compilation for vocabularies {sorted(wanted - vocabs)}")
+    return problems
 
+
+def run_gate(targets, kernels_files, jobs_count: int = 2, quick: bool = False, verbose: bool = False) -> int:
     started = time.perf_counter()
-    import warnings
-
-    warnings.filterwarnings("ignore", message="TRITON_DEFAULT_FP_FUSION")
-    modules = [load_kernels_module(path) for path in args.kernels]
-
-    if args.offsets_only:
-        problems = check_offsets_only(modules, args.arch[-1])
-        for p in problems:
-            print("FAIL", p)
-        return 1 if problems else 0
-
+    modules = [load_kernels_module(path) for path in kernels_files]
+    targets = [target_name(t) for t in targets]
     jobs, problems = [], []
     for module in modules:
-        module_jobs, module_problems = build_jobs(module, args.arch)
+        module_jobs, module_problems = build_jobs(module, targets, quick)
         jobs += module_jobs
         problems += module_problems
+    problems += _vocab_coverage(jobs, targets)
     _JOBS[:] = jobs
-    print(f"{len(jobs)} compilations ({', '.join(f'sm_{a}' for a in args.arch)}) on {args.jobs} processes")
-    with _pool(args.jobs) as pool:
+    print(f"{len(jobs)} compilations ({', '.join(targets)}{', quick' if quick else ''}) on {jobs_count} processes")
+    with _pool(jobs_count) as pool:
         results = list(pool.map(_run_job, range(len(jobs)), chunksize=4))
 
     failures = []
     groups = collections.defaultdict(list)
     for r in results:
-        where = f"{r['kernel']} sm_{r['arch']} {r['dtype']} [{r['flags']}]"
+        where = f"{r['kernel']} {r['target']} {r['dtype']} [{r['flags']}]"
         if "error" in r:
             failures.append(f"{where}: compile failed: {r['error']}")
             continue
@@ -510,17 +664,18 @@ def main(argv=None) -> int:
             failures.append(f"{where}: spills, LOCAL={r['LOCAL']} STACK={r.get('STACK', 0)} REG={r['REG']}")
         for p in r["offset_problems"]:
             failures.append(f"{where}: {p}")
-        groups[(r["kernel"], r["arch"], r["dtype"], r["num_warps"])].append(r)
-        if args.verbose:
-            print(f"  {where}: REG={r['REG']} SHARED={r['SHARED']}+{r['dynamic_shared']} "
+        groups[(r["kernel"], r["target"], r["dtype"], r["num_warps"])].append(r)
+        if verbose:
+            vocabs = f" V={'|'.join(sorted(r['vocabs']))}" if r["vocabs"] else ""
+            print(f"  {where}{vocabs}: REG={r['REG']} SHARED={r['SHARED']}+{r['dynamic_shared']} "
                   f"LOCAL={r['LOCAL']} STACK={r.get('STACK', 0)} ({r['seconds']:.2f}s)")
 
-    print(f"{'kernel':<28} {'arch':<6} {'dtype':<6} {'warps':>5} {'variants':>8} {'REG':>9} "
+    print(f"{'kernel':<34} {'target':<7} {'dtype':<5} {'warps':>5} {'variants':>8} {'REG':>9} "
           f"{'SHARED(static+dyn)':>19} {'LOCAL':>5} {'STACK':>5}")
-    for (kernel, arch, dtype, warps), rs in sorted(groups.items()):
+    for (kernel, target, dtype, warps), rs in sorted(groups.items()):
         regs = [r["REG"] for r in rs]
         shared = max(r["SHARED"] + r["dynamic_shared"] for r in rs)
-        print(f"{kernel:<28} sm_{arch:<3} {dtype:<6} {warps:>5} {len(rs):>8} {min(regs):>4}-{max(regs):<4} "
+        print(f"{kernel:<34} {target:<7} {dtype:<5} {warps:>5} {len(rs):>8} {min(regs):>4}-{max(regs):<4} "
               f"{'max ' + str(shared):>19} {max(r['LOCAL'] for r in rs):>5} {max(r.get('STACK', 0) for r in rs):>5}")
     compile_seconds = sum(r["seconds"] for r in results)
     print(f"compiled {len(results)} variants in {time.perf_counter() - started:.1f}s wall "
@@ -534,6 +689,39 @@ def main(argv=None) -> int:
         return 1
     print("OK: every kernel compiles for every launch configuration, no spills, 64-bit offsets")
     return 0
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--targets", nargs="+", default=list(ALL_TARGETS),
+                        help=f"targets to compile for (default: all of {' '.join(ALL_TARGETS)})")
+    parser.add_argument("--quick", action="store_true",
+                        help="only the heaviest variant per kernel, dtype and alignment class (make test); "
+                             "without it every variant (make gate)")
+    parser.add_argument("--jobs", type=int, default=os.cpu_count() or 2)
+    parser.add_argument("--offsets-only", action="store_true",
+                        help="only check 64-bit address arithmetic (one launch per kernel and the control)")
+    parser.add_argument("--verbose", action="store_true", help="one line per compiled variant")
+    parser.add_argument("--kernels", type=Path, nargs="+",
+                        default=[KERNELS_FILE, POLICY_KERNELS_FILE, GAE_KERNELS_FILE, ADVANTAGES_KERNELS_FILE,
+                                 LINEAR_KERNELS_FILE],
+                        help="the kernels files to check (named logprobs.py, policy.py, gae.py, advantages.py "
+                             "or linear_logprobs.py)")
+    args = parser.parse_args(argv)
+
+    import warnings
+
+    import triton
+
+    warnings.filterwarnings("ignore", message="TRITON_DEFAULT_FP_FUSION")
+    print(f"triton {triton.__version__}")
+    if args.offsets_only:
+        modules = [load_kernels_module(path) for path in args.kernels]
+        problems = check_offsets_only(modules, "sm_90")
+        for p in problems:
+            print("FAIL", p)
+        return 1 if problems else 0
+    return run_gate(args.targets, args.kernels, args.jobs, args.quick, args.verbose)
 
 
 if __name__ == "__main__":
