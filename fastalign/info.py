@@ -18,6 +18,27 @@ def cpu_name() -> str:
     return platform.processor() or platform.machine() or "unknown"
 
 
+def _torch_build() -> str:
+    if getattr(torch.version, "hip", None):
+        return f"ROCm {torch.version.hip} (AMD GPUs appear as cuda devices)"
+    if torch.version.cuda:
+        return f"CUDA {torch.version.cuda}"
+    return "CPU only"
+
+
+def _triton_target() -> str:
+    """The GPU the Triton kernels compile for (NVIDIA sm_XX, or AMD gfx* under a ROCm build of
+    torch, whose devices are also called cuda)."""
+    from . import _triton
+
+    ok, why = _triton.status("cuda")
+    if not ok:
+        return f"none ({why})"
+    from .kernels import target
+
+    return target.describe()
+
+
 def report() -> str:
     from . import __version__, _triton
     from .backend import available_backends, current_backend
@@ -32,6 +53,7 @@ def report() -> str:
         f"fastalign {__version__}",
         f"python {platform.python_version()}, torch {torch.__version__}, triton {triton_version}",
         f"TRITON_INTERPRET={'1' if _triton.interpreting() else 'unset'}; backend override: {current_backend()}",
+        f"torch build: {_torch_build()}",
         f"cpu: {cpu_name()} ({torch.get_num_threads()} threads)",
     ]
     devices = ["cpu"]
@@ -39,6 +61,7 @@ def report() -> str:
         for index in range(torch.cuda.device_count()):
             lines.append(f"cuda:{index}: {torch.cuda.get_device_name(index)}")
         devices.append("cuda")
+        lines.append(f"triton target: {_triton_target()}")
     else:
         lines.append("cuda: none visible")
     for device in devices:
