@@ -34,15 +34,21 @@ import torch
 import triton
 import triton.language as tl
 
-from .target import warps
+from .target import nvidia_options, warps
 
 # Launch configurations. tests/triton_compile_gate.py compiles every kernel exactly as the
 # launchers below call it, so a change here is re-checked for registers and spills there.
 # Programs are sized in threads (kernels/target.py turns them into warps or wavefronts).
-# Forward: 512 threads over a 4096-wide chunk is 8 entries (one 16-byte load for 2-byte dtypes)
-# per thread, and few enough registers for two programs per SM.
-FWD_BLOCK = 4096
+# Forward: 512 threads over an 8 KiB chunk (4096 entries of 2 bytes, 2048 of fp32) is one
+# 16-byte load per thread, and few enough registers for two programs per SM (fp32 at 4096 entries
+# held 78 registers, one program per SM).
+FWD_BLOCK_BYTES = 8192
 FWD_THREADS = 512
+
+
+def fwd_block(dtype: torch.dtype) -> int:
+    """Entries per forward chunk for logits of ``dtype``."""
+    return FWD_BLOCK_BYTES // torch.empty(0, dtype=dtype).element_size()
 # Backward: no cross-lane work at all, so a smaller block gives more programs to hide latency.
 BWD_BLOCK = 2048
 BWD_THREADS = 256
@@ -468,8 +474,11 @@ def token_logprobs_forward(
         SOFTCAP=softcap > 0.0,
         VOCAB_CONTIGUOUS=stride_v == 1,
         WITH_ENTROPY=bool(with_entropy),
-        BLOCK=FWD_BLOCK,
+        BLOCK=fwd_block(logits.dtype),
         num_warps=warps(FWD_THREADS),
+        # A strided vocabulary keeps a 64-bit address per entry live; left to itself ptxas holds
+        # such variants to the register count of three programs per SM on sm_120 (40) and spills.
+        **nvidia_options(maxnreg=None if stride_v == 1 else 128),
         # Pinned: Triton 3.10 turns FMA contraction off by default.
         enable_fp_fusion=True,
     )

@@ -25,7 +25,7 @@ import triton.language as tl
 from .logprobs import (
     LN2,
     LOG2E,
-    FWD_BLOCK,
+    fwd_block,
     FWD_THREADS,
     _check_inputs,
     _exp2_shifted,
@@ -36,15 +36,14 @@ from .logprobs import (
     _transform_constants,
 )
 from .logprobs import token_logprobs_forward
-from .target import nvidia_options, warps
+from .target import nvidia_arch, nvidia_options, warps
 
 # tests/triton_compile_gate.py compiles the kernel exactly as the launcher below calls it.
-# The first sweep is the log-prob forward's loop with its launch shape (16 warps, 4096-wide chunks).
+# The first sweep is the log-prob forward's loop with its launch shape (512 threads, 8 KiB chunks).
 # The second runs in the same program, hence with the same 512 threads, over 2048-wide chunks: 4
 # entries per thread. With 4096 (8 per thread) the softcap chain rule and the entropy term pushed
 # sm_80's 2-byte variants past 64 registers and ptxas spilled 8 bytes to stay there; at 2048 every
 # contiguous-vocabulary variant fits in 64 registers, two programs per SM.
-BLOCK = FWD_BLOCK
 THREADS = FWD_THREADS
 GRAD_BLOCK = 2048
 
@@ -268,9 +267,13 @@ def _policy_token_kernel(
     # In range it fits in 32 bits, and out of range g is NaN whatever the one-hot says.
     label32 = tl.where(in_range, label, -1).to(tl.int32)
 
-    # Sweep 2: the same row again, now mostly from L2, and the gradient written once. Its
-    # addresses are formed only now: anything held across the first sweep's loop is a register
-    # taken from it, and ptxas answers a few such with a spill.
+    # Sweep 2: the same row again, from its end back to its start, and the gradient written once.
+    # Backwards, it reads first what sweep 1 read last: at large V the rows in flight outgrow L2
+    # (about 80 MB at V = 151936 with two programs per SM against H100's 50 MB), and an LRU-like
+    # cache then still holds the row's recent end, where a second pass from the start would find
+    # its oldest part evicted first, and the rest after it. Addresses are formed only now: anything
+    # held across the first sweep's loop is a register taken from it, and ptxas answers a few such
+    # with a spill.
     out_off = row * V
     out_row = grad_logits_ptr + out_off
     cols = tl.arange(0, GRAD_BLOCK)
@@ -279,29 +282,11 @@ def _policy_token_kernel(
         # gradient rows share the logits rows' alignment (contiguous logits) the stores are
         # 16-byte vectors too.
         body = ((V - head) // GRAD_BLOCK) * GRAD_BLOCK
-        in_ptr = logits_ptr + tl.multiple_of(row_off + head, VEC)
-        if ALIGNED_GRAD:
-            out_ptr = grad_logits_ptr + tl.multiple_of(out_off + head, VEC)
-        else:
-            out_ptr = out_row + head
-        # One chunk ahead: an L2 read needs less in flight than the first sweep's HBM read.
-        x_next = tl.load(in_ptr + cols, mask=cols < body)
-        for start in range(0, body, GRAD_BLOCK):
-            x = x_next
-            x_next = tl.load(in_ptr + (start + GRAD_BLOCK) + cols, mask=start + GRAD_BLOCK + cols < body)
-            dz = _grad_chunk(x, head + start + cols, label32, hi, lo2, entropy2, g, g_h2, in_scale, out_scale,
-                             grad_scale, SOFTCAP, HAS_GRAD_ENTROPY)
-            tl.store(out_ptr + start + cols, dz.to(grad_logits_ptr.dtype.element_ty))
     else:
         head = 0
         body = (V // GRAD_BLOCK) * GRAD_BLOCK
-        for start in range(0, body, GRAD_BLOCK):
-            x = tl.load(row_ptr + (start + cols).to(tl.int64) * stride_v)
-            dz = _grad_chunk(x, start + cols, label32, hi, lo2, entropy2, g, g_h2, in_scale, out_scale, grad_scale,
-                             SOFTCAP, HAS_GRAD_ENTROPY)
-            tl.store(out_row + start + cols, dz.to(grad_logits_ptr.dtype.element_ty))
-    # What the chunks left, the tail and then the head, in a masked chunk (two only when together
-    # they pass GRAD_BLOCK).
+    # What the chunks leave, the tail and then the head, first, in a masked chunk (two only when
+    # together they pass GRAD_BLOCK).
     if body < V:
         _grad_remainder_chunk(row_ptr, out_row, cols, head, body, V, stride_v, label32, hi, lo2, entropy2, g, g_h2,
                               in_scale, out_scale, grad_scale, SOFTCAP, HAS_GRAD_ENTROPY, VOCAB_CONTIGUOUS)
@@ -309,6 +294,29 @@ def _policy_token_kernel(
         _grad_remainder_chunk(row_ptr, out_row, GRAD_BLOCK + cols, head, body, V, stride_v, label32, hi, lo2,
                               entropy2, g, g_h2, in_scale, out_scale, grad_scale, SOFTCAP, HAS_GRAD_ENTROPY,
                               VOCAB_CONTIGUOUS)
+    if VOCAB_CONTIGUOUS:
+        in_ptr = logits_ptr + tl.multiple_of(row_off + head, VEC)
+        if ALIGNED_GRAD:
+            out_ptr = grad_logits_ptr + tl.multiple_of(out_off + head, VEC)
+        else:
+            out_ptr = out_row + head
+        # One chunk ahead: an L2 read needs less in flight than the first sweep's HBM read.
+        last = body - GRAD_BLOCK
+        x_next = tl.load(in_ptr + last + cols, mask=last + cols >= 0)
+        for i in range(0, body, GRAD_BLOCK):
+            start = last - i
+            x = x_next
+            x_next = tl.load(in_ptr + (start - GRAD_BLOCK) + cols, mask=start - GRAD_BLOCK + cols >= 0)
+            dz = _grad_chunk(x, head + start + cols, label32, hi, lo2, entropy2, g, g_h2, in_scale, out_scale,
+                             grad_scale, SOFTCAP, HAS_GRAD_ENTROPY)
+            tl.store(out_ptr + start + cols, dz.to(grad_logits_ptr.dtype.element_ty))
+    else:
+        for i in range(0, body, GRAD_BLOCK):
+            start = body - GRAD_BLOCK - i
+            x = tl.load(row_ptr + (start + cols).to(tl.int64) * stride_v)
+            dz = _grad_chunk(x, start + cols, label32, hi, lo2, entropy2, g, g_h2, in_scale, out_scale, grad_scale,
+                             SOFTCAP, HAS_GRAD_ENTROPY)
+            tl.store(out_row + start + cols, dz.to(grad_logits_ptr.dtype.element_ty))
 
 
 def _same_alignment(logits: torch.Tensor, V: int) -> bool:
@@ -428,12 +436,16 @@ def policy_token_forward(
         # Every gradient row (offset row * V) starts at the same place within 16 bytes as its
         # logits row: the second sweep's stores are then vectors too.
         ALIGNED_GRAD=_same_alignment(logits, V),
-        BLOCK=BLOCK,
-        GRAD_BLOCK=GRAD_BLOCK,
+        BLOCK=fwd_block(logits.dtype),
+        # sm_120 with softcap under Triton 3.6 spilled 8 bytes at 2048 even when allowed 128
+        # registers; half the chunk fits.
+        GRAD_BLOCK=GRAD_BLOCK // 2 if softcap > 0.0 and nvidia_arch() == 120 else GRAD_BLOCK,
         num_warps=warps(THREADS),
-        # A strided vocabulary keeps a 64-bit address per entry live. Left to itself, ptxas (sm_80)
-        # holds such variants to 64 registers and spills 8-24 bytes; allowing 128 keeps them in
-        # registers (one program of 512 threads per SM instead of two).
+        # Left to itself ptxas holds the strided-vocabulary variants, which keep a 64-bit address
+        # per entry live, to 64 registers (two programs of 512 threads per SM) and spills 8-24
+        # bytes on sm_80; allowing 128 keeps them in registers, at one program per SM. Every other
+        # variant is left at ptxas's choice (45 registers on sm_90): an explicit limit makes ptxas
+        # spend registers more freely.
         **nvidia_options(maxnreg=None if stride_v == 1 else 128),
         # Pinned: Triton 3.10 turns FMA contraction off by default.
         enable_fp_fusion=True,

@@ -43,6 +43,12 @@ def warps(threads: int) -> int:
     return max(1, threads // lanes)
 
 
+def nvidia_arch() -> int | None:
+    """The compute capability launches compile for (90 for sm_90), None off NVIDIA."""
+    target = current()
+    return target.arch if target is not None and target.backend == "cuda" else None
+
+
 def nvidia_options(**options) -> dict:
     """Launch options only NVIDIA's compiler takes; none elsewhere."""
     target = current()

@@ -221,3 +221,17 @@ def test_properties_of_the_reference():
     torch.testing.assert_close(out.log_sum_sq_probs, torch.full((3,), -math.log(vocab)))
     # All tied: only label 0 is the first argmax.
     assert out.is_top1.tolist() == [True, False, False]
+
+
+@pytest.mark.parametrize("backend", backend_params())
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+def test_wide_rows_that_start_off_16_byte_boundaries(backend, dtype):
+    """Rows of more than two forward chunks of an odd vocabulary read through logits[:, :-1], so
+    row starts fall anywhere within 16 bytes: the vector chunks begin at each row's first
+    boundary and the masked remainder covers the head and the tail (labels placed in both)."""
+    full, ids = make_inputs((2, 5), 2 * 4096 + 1003, dtype)
+    logits, labels = full[:, :-1], ids[:, 1:].clone()
+    V = logits.shape[-1]
+    labels[0, 0], labels[0, 1], labels[1, 0], labels[1, 1] = 0, 3, V - 1, V - 900
+    check_against_truth(backend, logits, labels, temperature=0.9)
+    check_against_truth(backend, logits, labels, softcap=30.0, logit_scale=0.5)

@@ -253,3 +253,16 @@ def test_kl_without_ref_logps_is_an_error():
     inputs["ref_logps"] = torch.empty(0, device=DEVICE)
     with pytest.raises(ValueError, match="ref_logps"):
         call(kernels().policy_token_forward, logits, inputs, obj, 1.0, 1.0, 0.0)
+
+
+@pytest.mark.parametrize("layout", ["contiguous", "time"])
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32], ids=str)
+@pytest.mark.parametrize("softcap", [0.0, 30.0])
+def test_wide_rows_that_start_off_16_byte_boundaries(layout, dtype, softcap):
+    """Rows of more than two chunks (both sweeps' loops run) of an odd vocabulary, so that row
+    starts fall anywhere within 16 bytes: each sweep's vector chunks begin at the row's first
+    boundary, a masked remainder covers the head and the tail, the second sweep runs from the
+    row's end back, and its stores are vectors where the gradient rows share the logits rows'
+    alignment (contiguous) and not where they do not (the logits[:, :-1] view)."""
+    check(TokenObjective(), dtype=dtype, V=2 * 4096 + 1003, T=3, layout=layout, with_grad_entropy=True,
+          softcap=softcap, logit_scale=0.5 if softcap else 1.0, temperature=0.9)

@@ -531,12 +531,8 @@ def build_jobs(module, targets, quick: bool = False) -> tuple[list[dict], list[s
     multiples of 16), only the variant with the most constexpr features switched on: the
     heaviest on registers, as a rule.
     """
-    # Launch options can differ by vendor (warp size): one recording per backend.
-    recordings = {}
-    for target in targets:
-        backend = gpu_target(target).backend
-        if backend not in recordings:
-            recordings[backend] = record_launches(module, target)
+    # Launch options can differ by target (warp size, per-architecture limits): one recording each.
+    recordings = {target: record_launches(module, target) for target in targets}
     jobs = []
     problems = []
     for name, recorded in next(iter(recordings.values())).items():
@@ -559,7 +555,7 @@ def build_jobs(module, targets, quick: bool = False) -> tuple[list[dict], list[s
             problems.append(f"{name}: a launch leaves enable_fp_fusion to Triton's default")
         for target in targets:
             distinct = {}
-            for args, kwargs, vocab in recordings[gpu_target(target).backend][name]:
+            for args, kwargs, vocab in recordings[target][name]:
                 spec = compile_spec(kernel, args, kwargs, target)
                 _, options, signature, constexprs, attrs = spec
                 key = (repr(sorted(signature.items())), repr(sorted(constexprs.items())),
