@@ -20,7 +20,7 @@ import torch
 import triton
 import triton.language as tl
 
-from .target import warps
+from .target import nvidia_options, warps
 
 # Launch configurations; tests/triton_compile_gate.py compiles every kernel as the launchers call it.
 MAX_BLOCK = 1024
@@ -177,6 +177,8 @@ def group_advantages_forward(
         values, order, offsets, denom, out, group_size, float(eps),
         RAGGED=ragged, RLOO=bool(rloo), SCALE=int(scale), VERL=bool(verl), NAN_TO_ZERO=bool(nan_to_zero),
         BLOCK=max(block, 16), num_warps=warps(GROUP_THREADS),
+        # Triton 3.6's ptxas left one sm_90 variant at 32 registers with an 8-byte spill; 64 is room.
+        **nvidia_options(maxnreg=64),
         # Pinned off (Triton 3.10 changes the default): (r - mean) / (std + eps) rounded step by
         # step, as the trainers' eager PyTorch computes it.
         enable_fp_fusion=False,

@@ -437,16 +437,14 @@ def policy_token_forward(
         # logits row: the second sweep's stores are then vectors too.
         ALIGNED_GRAD=_same_alignment(logits, V),
         BLOCK=fwd_block(logits.dtype),
-        # sm_120 with softcap under Triton 3.6 spilled 8 bytes at 2048 even when allowed 128
-        # registers; half the chunk fits.
-        GRAD_BLOCK=GRAD_BLOCK // 2 if softcap > 0.0 and nvidia_arch() == 120 else GRAD_BLOCK,
+        GRAD_BLOCK=GRAD_BLOCK,
         num_warps=warps(THREADS),
-        # Left to itself ptxas holds the strided-vocabulary variants, which keep a 64-bit address
-        # per entry live, to 64 registers (two programs of 512 threads per SM) and spills 8-24
-        # bytes on sm_80; allowing 128 keeps them in registers, at one program per SM. Every other
-        # variant is left at ptxas's choice (45 registers on sm_90): an explicit limit makes ptxas
-        # spend registers more freely.
-        **nvidia_options(maxnreg=None if stride_v == 1 else 128),
+        # Left to itself ptxas holds some variants to 64 registers (two programs of 512 threads per
+        # SM) and spills 8-24 bytes: the strided-vocabulary ones, which keep a 64-bit address per
+        # entry live (sm_80), and several on sm_120 (Triton 3.6). Allowing 128 keeps them in
+        # registers. Every other variant is left at ptxas's choice (45 registers on sm_90): an
+        # explicit limit makes ptxas spend registers more freely.
+        **nvidia_options(maxnreg=128 if stride_v != 1 or nvidia_arch() == 120 else None),
         # Pinned: Triton 3.10 turns FMA contraction off by default.
         enable_fp_fusion=True,
     )
