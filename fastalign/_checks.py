@@ -87,6 +87,13 @@ def check_token_logprobs_args(
     return temperature, logit_scale, softcap, check_outputs(outputs)
 
 
+def flat_labels(labels: torch.Tensor) -> torch.Tensor:
+    """``labels`` as the contiguous int64 ``[N]`` vector the ops read: a strided, sliced or expanded
+    label tensor (``labels[:, ::2]``, ``labels.expand(...)``) or an int32 one is copied, a few
+    bytes per token."""
+    return labels.reshape(-1).to(torch.int64).contiguous()
+
+
 def check_label_range(labels: torch.Tensor, vocab_size: int, ignore_index: int) -> None:
     """Raises ValueError for a label outside [0, V) that is not ignore_index (synchronizes on GPU)."""
     bad = ((labels < 0) | (labels >= vocab_size)) & (labels != ignore_index)

@@ -262,7 +262,9 @@ def _per_sequence_loss(loss_type: str, options: DPOOptions, s: dict) -> torch.Te
     if loss_type == "discopop":  # TRL line 1483 (DiscoPOP, Eq. 5): logistic/exponential mix gated by the margin
         logit = beta * s["delta_score"]
         gate = torch.sigmoid(logit / options.discopop_tau)
-        return -F.logsigmoid(logit) * (1 - gate) + torch.exp(-logit) * gate
+        # gate * exp(-logit) as one exponential: TRL's product overflows to 0 * inf = NaN for a large
+        # negative margin, where the true value is finite (0 for tau < 1).
+        return -F.logsigmoid(logit) * (1 - gate) + torch.exp(F.logsigmoid(logit / options.discopop_tau) - logit)
     if loss_type == "sft":  # TRL line 1495: token mean over every chosen completion of the batch
         total = s["chosen_full_logps"].sum() / s["chosen_num_tokens"].sum().clamp(min=1)
         return (-total).expand(s["chosen_full_logps"].shape[0])

@@ -9,11 +9,12 @@ matmuls and the C++ row kernels on CPU (`linear_blocked.py`), the unfused refere
 
 from __future__ import annotations
 
+import math
 from collections.abc import Sequence
 
 import torch
 
-from ._checks import FLOAT_DTYPES, check_token_logprobs_args
+from ._checks import FLOAT_DTYPES, check_label_range, check_token_logprobs_args, flat_labels
 from .backend import current_backend
 from .logprobs import _implementation
 from .types import TokenLogprobs
@@ -40,6 +41,8 @@ def linear_token_logprobs_forward(
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
     """hidden [N, H], weight [V, H], bias [V] or [0], labels [N] -> token_logprobs_forward's outputs."""
     impl = _implementation(current_backend(), hidden, "linear_logprobs")
+    if hidden.device.type == "cpu":
+        check_label_range(labels, weight.shape[0], ignore_index)
     return impl.linear_token_logprobs_forward(
         hidden, weight, bias, labels, temperature, logit_scale, softcap, ignore_index,
         with_entropy, with_log_sum_sq_probs, with_mean_logits, with_is_top1,
@@ -196,11 +199,11 @@ def linear_token_logprobs(
     leading = labels.shape
     if mask is not None:
         labels = labels.masked_fill(mask == 0, ignore_index)
-    flat_hidden = hidden.reshape(-1, hidden.shape[-1])
-    flat_labels = labels.reshape(-1).to(torch.int64)
+    flat_hidden = hidden.reshape(math.prod(hidden.shape[:-1]), hidden.shape[-1])
+    label_rows = flat_labels(labels)
     bias_t = bias if bias is not None else hidden.new_empty(0)
     logps, entropy, log_sum_sq, mean, top1, _ = linear_token_logprobs_forward(
-        flat_hidden, weight, bias_t, flat_labels, temperature, logit_scale, softcap_value, ignore_index,
+        flat_hidden, weight, bias_t, label_rows, temperature, logit_scale, softcap_value, ignore_index,
         "entropy" in wanted, "log_sum_sq_probs" in wanted, "mean_logits" in wanted, "is_top1" in wanted,
     )
 

@@ -10,12 +10,13 @@ C++ kernels for CPU tensors, the reference PyTorch otherwise or when forced (see
 from __future__ import annotations
 
 import importlib
+import math
 from collections.abc import Sequence
 
 import torch
 
 from . import _native, _triton
-from ._checks import check_label_range, check_token_logprobs_args
+from ._checks import check_label_range, check_token_logprobs_args, flat_labels
 from .backend import current_backend
 from .types import TokenLogprobs
 
@@ -159,8 +160,9 @@ def _as_rows(logits: torch.Tensor) -> torch.Tensor:
     mergeable = all(strides[i] == strides[i + 1] * lead[i + 1] for i in range(len(lead) - 1))
     if mergeable:
         return logits.flatten(0, -3)
-    # The leading dims cannot be merged without a copy (rare: a permuted batch of batches).
-    return logits.reshape(-1, logits.shape[-2], logits.shape[-1])
+    # The leading dims cannot be merged without a copy (rare: a permuted batch of batches). Their
+    # count is spelled out: with an empty dim, -1 would be ambiguous.
+    return logits.reshape(math.prod(lead), logits.shape[-2], logits.shape[-1])
 
 
 def token_logprobs(
@@ -202,9 +204,9 @@ def token_logprobs(
     if mask is not None:
         labels = labels.masked_fill(mask == 0, ignore_index)
     rows = _as_rows(logits)
-    flat_labels = labels.reshape(-1).to(torch.int64)
+    label_rows = flat_labels(labels)
     logps, entropy, log_sum_sq_probs, mean_logits, is_top1, _ = token_logprobs_forward(
-        rows, flat_labels, temperature, logit_scale, softcap_value, ignore_index,
+        rows, label_rows, temperature, logit_scale, softcap_value, ignore_index,
         "entropy" in wanted, "log_sum_sq_probs" in wanted, "mean_logits" in wanted, "is_top1" in wanted,
     )
 

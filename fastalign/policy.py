@@ -13,10 +13,12 @@ passes of `token_logprobs` (forward, then backward) with the same math in betwee
 
 from __future__ import annotations
 
+import math
 import os
 
 import torch
 
+from ._checks import check_label_range, flat_labels
 from .backend import current_backend
 from .logprobs import _acc_dtype, _as_rows, _implementation
 from .reference import policy as reference
@@ -45,6 +47,8 @@ def policy_token_forward(
     """logits [B, T, V] (any strides), labels and the per-token vectors [B*T] (absent ones [0]) ->
     (logps, entropy, grad w.r.t. logits [B, T, V] contiguous or [0], lse)."""
     impl = _implementation(current_backend(), logits, "policy")
+    if logits.device.type == "cpu":
+        check_label_range(labels, logits.shape[-1], ignore_index)
     return impl.policy_token_forward(
         logits, labels, old_logps, ref_logps, advantages, w_pg, w_kl, grad_entropy,
         temperature, logit_scale, softcap, ignore_index, surrogate, kl, params, with_grad,
@@ -60,6 +64,18 @@ def _(logits, labels, old_logps, ref_logps, advantages, w_pg, w_kl, grad_entropy
     return logits.new_empty(n, dtype=acc), logits.new_empty(n, dtype=acc), grad, logits.new_empty(n, dtype=acc)
 
 
+def _refuse_second_derivative() -> None:
+    # Grad mode is on inside a backward only under create_graph=True, the first step of every
+    # double backward. The gradient came out of the forward kernel with no graph of its own: passed
+    # on, a Hessian-vector product through it would silently drop the loss's term.
+    if torch.is_grad_enabled():
+        raise RuntimeError(
+            "fastalign: no second derivative for a policy loss computed in one pass (grpo_loss and ppo_loss with "
+            "a token-level objective write their gradient in the forward pass): backward with create_graph=True, "
+            "double backward and Hessian-vector products through it are not supported"
+        )
+
+
 class _PrecomputedGradient(torch.autograd.Function):
     """A loss value whose gradient w.r.t. `logits` was produced by the forward kernel."""
 
@@ -71,6 +87,7 @@ class _PrecomputedGradient(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, grad_output):
+        _refuse_second_derivative()
         (grad,) = ctx.saved_tensors
         grad = grad.view(ctx.shape)
         # loss.backward() passes exactly 1: skip a pass over the gradient (eager only: reading the
@@ -121,7 +138,7 @@ def fused_objective(
     surrogate, kl, params = obj.kernel_args()
     grad_entropy = None if w_entropy is None else -w_entropy
     logps, entropy, grad, _ = policy_token_forward(
-        rows, labels.reshape(-1).to(torch.int64), vector(old_logps), vector(ref_logps), vector(advantages),
+        rows, flat_labels(labels), vector(old_logps), vector(ref_logps), vector(advantages),
         vector(w_pg), vector(w_kl), vector(grad_entropy), temperature, logit_scale, softcap, ignore_index,
         surrogate, kl, params, with_grad,
     )
@@ -159,6 +176,8 @@ def linear_policy_token_forward(
     """`policy_token_forward` from hidden [N, H] and weight [V, H]: (logps, entropy, grad_hidden,
     grad_weight, grad_bias, lse); the gradients are [0] without `with_grad`."""
     impl = _implementation(current_backend(), hidden, "linear_logprobs")
+    if hidden.device.type == "cpu":
+        check_label_range(labels, weight.shape[0], ignore_index)
     return impl.linear_policy_token_forward(
         hidden, weight, bias, labels, old_logps, ref_logps, advantages, w_pg, w_kl, grad_entropy,
         temperature, logit_scale, softcap, ignore_index, surrogate, kl, params, with_grad,
@@ -189,6 +208,7 @@ class _PrecomputedGradients(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, grad_output):
+        _refuse_second_derivative()
         grads = list(ctx.saved_tensors)
         grads[0] = grads[0].view(ctx.hidden_shape)
         if torch.compiler.is_compiling() or not bool(grad_output == 1):
@@ -239,7 +259,8 @@ def fused_linear_objective(
     grad_entropy = None if w_entropy is None else -w_entropy
     bias_t = bias.detach() if bias is not None else hidden.new_empty(0)
     logps, entropy, grad_hidden, grad_weight, grad_bias, _ = linear_policy_token_forward(
-        hidden.detach().reshape(-1, hidden.shape[-1]), weight.detach(), bias_t, labels.reshape(-1).to(torch.int64),
+        hidden.detach().reshape(math.prod(hidden.shape[:-1]), hidden.shape[-1]), weight.detach(), bias_t,
+        flat_labels(labels),
         vector(old_logps), vector(ref_logps), vector(advantages), vector(w_pg), vector(w_kl), vector(grad_entropy),
         temperature, logit_scale, softcap, ignore_index, surrogate, kl, params, with_grad,
     )
@@ -280,26 +301,27 @@ def run_objective(
     sequence-level log-ratio from them, and autograd carries the gradient back through the same
     math (`token_logprobs`' backward reads the logits a second time)."""
     from .logprobs import token_logprobs
+    from .policy_inputs import POLICY_IGNORE_INDEX
 
     temperature, logit_scale, softcap = transform
     if lm_head is not None:
         hidden, weight, bias = lm_head
         if adjust is None and fused_linear_supported(hidden):
-            masked_labels = labels.masked_fill(mask == 0, -100)
+            masked_labels = labels.masked_fill(mask == 0, POLICY_IGNORE_INDEX)
             return fused_linear_objective(
                 hidden, weight, bias, masked_labels, old_logps=old_logps, ref_logps=ref_logps, advantages=advantages,
                 obj=obj, w_pg=w_pg, w_kl=w_kl, w_entropy=w_entropy, temperature=temperature,
-                logit_scale=logit_scale, softcap=softcap, ignore_index=-100,
+                logit_scale=logit_scale, softcap=softcap, ignore_index=POLICY_IGNORE_INDEX,
             )
         from .linear_logprobs import linear_token_logprobs
 
         fields = linear_token_logprobs(
             hidden, weight, labels, bias=bias, temperature=temperature, logit_scale=logit_scale,
-            softcap=softcap or None, mask=mask, outputs=("entropy",),
+            softcap=softcap or None, mask=mask, outputs=("entropy",), ignore_index=POLICY_IGNORE_INDEX,
         )
         logps, entropies = fields.logps, fields.entropy
     if logits is not None and adjust is None:
-        ignore_index = -100
+        ignore_index = POLICY_IGNORE_INDEX
         masked_labels = labels.masked_fill(mask == 0, ignore_index)
         return fused_objective(
             logits, masked_labels, old_logps=old_logps, ref_logps=ref_logps, advantages=advantages, obj=obj,
@@ -309,7 +331,7 @@ def run_objective(
     if logits is not None:
         fields = token_logprobs(
             logits, labels, temperature=temperature, logit_scale=logit_scale, softcap=softcap or None,
-            mask=mask, outputs=("entropy",),
+            mask=mask, outputs=("entropy",), ignore_index=POLICY_IGNORE_INDEX,
         )
         logps, entropies = fields.logps, fields.entropy
     log_ratio_ = None

@@ -96,6 +96,37 @@ def token_shape(
     return logps.shape, logps.device, (1.0, 1.0, 0.0)
 
 
+# The label the policy losses give the tokens completion_mask leaves out: no token id equals it, so
+# a label the mask counts can never be mistaken for an ignored one (-100 there is an error).
+POLICY_IGNORE_INDEX = torch.iinfo(torch.int64).min
+
+
+def check_policy_labels(labels: torch.Tensor | None, mask: torch.Tensor, vocab_size: int) -> None:
+    """Every label completion_mask counts is a token id in [0, V). Checked for CPU tensors; on a
+    GPU (no device sync) such a label gives a NaN log-prob, and with it a NaN loss, never a read
+    out of bounds."""
+    if labels is None or labels.device.type != "cpu" or torch.compiler.is_compiling():
+        # Compiled, the op's own check (check_label_range, opaque to the compiler) still refuses it.
+        return
+    bad = ((labels < 0) | (labels >= vocab_size)) & (mask != 0)
+    if bool(bad.any()):
+        position = tuple(int(i) for i in bad.nonzero()[0])
+        value = int(labels[position])
+        hint = (" (-100 marks ignored positions for token_logprobs; a policy loss leaves tokens out through "
+                "completion_mask)" if value == -100 else "")
+        raise ValueError(
+            f"labels: every label where completion_mask is nonzero must lie in [0, {vocab_size}) (the vocabulary "
+            f"size); found {value} at position {position}{hint}"
+        )
+
+
+def check_batch_not_empty(shape: torch.Size, logits: object, logps: object) -> None:
+    """A policy loss over no sequence has no defined value: say so, naming the input level."""
+    if shape[0] == 0:
+        level = "logits" if logits is not None else "logps" if logps is not None else "hidden"
+        raise ValueError(f"{level}: the batch is empty (B = 0): a policy loss needs at least one sequence")
+
+
 def check_tokens(
     name: str,
     value: object,
@@ -162,7 +193,10 @@ def policy_token_inputs(
     """Checks the inputs every policy loss shares. `kl_name`/`kl_weight`: the option that asks for
     ref_logps; `entropy_needed_by`: the options that need entropies at the logps level, if set."""
     shape, device, transform = token_shape(logits, labels, logps, transform, lm_head)
+    check_batch_not_empty(shape, logits, logps)
     mask = check_tokens("completion_mask", completion_mask, shape, device, floating=False)
+    if logits is not None or lm_head is not None:
+        check_policy_labels(labels, mask, logits.shape[-1] if logits is not None else lm_head[1].shape[0])
     like = logps if logps is not None else torch.empty(0)
     adv = as_float(check_tokens("advantages", advantages, shape, device, per_sequence=True), like)
     if old_logps is not None:

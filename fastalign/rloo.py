@@ -21,7 +21,15 @@ import torch
 
 from ._checks import check_positive_finite
 from .policy import run_objective
-from .policy_inputs import as_float, check_epsilon, check_tokens, check_transform, token_shape
+from .policy_inputs import (
+    as_float,
+    check_batch_not_empty,
+    check_epsilon,
+    check_policy_labels,
+    check_tokens,
+    check_transform,
+    token_shape,
+)
 from .reference import policy as policy_reference
 from .reference import rloo as reference
 from .sequence import metric
@@ -91,8 +99,11 @@ def rloo_loss(
     shape, device, transform = token_shape(
         logits, labels, logps, check_transform(temperature, logit_scale, softcap), lm_head
     )
+    check_batch_not_empty(shape, logits, logps)
     batch = shape[0]
     mask = check_tokens("completion_mask", completion_mask, shape, device, floating=False)
+    if logits is not None or lm_head is not None:
+        check_policy_labels(labels, mask, logits.shape[-1] if logits is not None else lm_head[1].shape[0])
     like = logps if logps is not None else torch.empty(0)
     adv = as_float(_per_sequence("advantages", advantages, batch, device, "one advantage per sequence"), like)
     if old_logps is not None:

@@ -62,7 +62,7 @@ def test_bad_grpo_options(options, match):
         (dict(loss_type="cispo", epsilon_high=5.0), dict(num_items_in_batch=None), r"num_items_in_batch: required"),
         (dict(), dict(labels=torch.zeros(B, T + 1, dtype=torch.long)), r"labels: expected shape \(2, 5\)"),
         (dict(), dict(labels=torch.zeros(B, T)), r"labels: expected an int64 or int32 tensor"),
-        (dict(), dict(labels=torch.full((B, T), V)), r"labels: every value must lie in \[0, 17\)"),
+        (dict(), dict(labels=torch.full((B, T), V)), r"labels: every label where completion_mask is nonzero must lie in \[0, 17\)"),
         (dict(), dict(logits=torch.randn(B * T, V), labels=torch.zeros(B * T, dtype=torch.long)),
          r"logits: expected shape \[B, T, V\]"),
         (dict(), dict(completion_mask=torch.ones(B, T - 1)), r"completion_mask: expected shape \(2, 5\)"),

@@ -352,7 +352,9 @@ inline RowStats<acc_t> forward_row(const scalar_t* row, int64_t sv, int64_t V, i
   RowStats<acc_t> out;
   const acc_t log_s = std::log(state.s);
   out.lse = state.m + log_s;
-  out.logp = std::fma(x_label, k_label, std::fma(x_label, k_label_lo, -out.lse));
+  // An infinite label logit takes x * k alone: x * k_lo is -inf * 0 = NaN when k is exact.
+  out.logp = std::isinf(x_label) ? x_label * k_label - out.lse
+                                 : std::fma(x_label, k_label, std::fma(x_label, k_label_lo, -out.lse));
   if constexpr (ENTROPY) out.entropy = log_s - state.xs / state.s;
   if constexpr (SQ) out.log_sum_sq = std::log(state.sq) - 2 * log_s;
   out.mean = z_sum / static_cast<acc_t>(V);

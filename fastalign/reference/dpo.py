@@ -167,7 +167,8 @@ def dpo_loss_from_logits(
         elif kind == "discopop":
             x = beta * delta_score
             gate = torch.sigmoid(x / o.discopop_tau)
-            term = (1 - gate) * -F.logsigmoid(x) + gate * torch.exp(-x)
+            # gate * exp(-x) as one exponential, finite where the product is 0 * inf.
+            term = (1 - gate) * -F.logsigmoid(x) + torch.exp(F.logsigmoid(x / o.discopop_tau) - x)
         elif kind == "sft":
             chosen_tokens = chosen_mask.sum().clamp(min=1)
             term = (-(chosen_token_logps * chosen_mask).sum() / chosen_tokens).repeat(chosen_logps.shape[0])
