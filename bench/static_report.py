@@ -73,6 +73,24 @@ class Loop:
     loads: dict[str, int]  # load opcode (with its width) -> count
     elements: float  # logits elements a thread loads per iteration
     mma: int = 0
+    remainder: "Loop | None" = None  # the leftover loop of an unrolled one, folded in here
+
+
+def fold_unroll_remainders(loops: list[Loop]) -> list[Loop]:
+    """An unrolled loop compiles to the unrolled body and a loop for the leftover iterations right
+    after it: the same loads, a whole fraction of the elements. The leftover runs at most
+    (factor - 1) times per sweep, so the unrolled body is the steady state; the leftover is kept on
+    it for the record, not counted as a sweep of its own."""
+    out: list[Loop] = []
+    for loop in loops:
+        prev = out[-1] if out else None
+        if (prev is not None and prev.remainder is None and not loop.mma and loop.elements > 0
+                and set(loop.loads) == set(prev.loads) and prev.elements > loop.elements
+                and (prev.elements / loop.elements).is_integer()):
+            prev.remainder = loop
+            continue
+        out.append(loop)
+    return out
 
 
 @dataclass
@@ -365,7 +383,7 @@ def analyse(subject: Subject, target: str) -> dict:
     amd = "hsaco" in compiled.asm
     listing = parse_amdgcn(compiled.asm["amdgcn"]) if amd else parse_sass(_sass(compiled.asm["cubin"]))
     smem = usage["SHARED"] + compiled.metadata.shared
-    loops = hot_loops(listing, subject.element_bytes)
+    loops = fold_unroll_remainders(hot_loops(listing, subject.element_bytes))
     return dict(regs=usage["REG"], spills=usage["LOCAL"] + usage.get("STACK", 0), smem=smem, threads=threads,
                 occupancy=_occupancy(target, threads, usage["REG"], smem, compiled.asm.get("amdgcn") if amd else None),
                 loops=loops, total=len(listing.instructions),
@@ -455,7 +473,8 @@ def write_report(target: str, subjects: list[Subject], notes: list[str], out: Pa
              "compiled code or computed from it, an **estimate**, not a measurement. `make gpu-check` measures on a GPU.",
              "", "Hot loop: the innermost loop that loads logits; its instruction counts are those of the steady path "
              "(blocks a forward branch skips, such as the rarely taken rescale when the running maximum grows, left "
-             "out; the full body in parentheses). Elements: logits one thread loads per iteration. A kernel without "
+             "out; the full body in parentheses). Elements: logits one thread loads per iteration. An unrolled loop "
+             "is counted by its unrolled body (its leftover loop runs a few times per row at most). A kernel without "
              "such a loop (one block per program) is counted whole.", ""]
     lines += ["| owner | job | kernel | regs | spills | shared B | occupancy | hot-loop loads | instr / elem | "
               "MUFU / elem |", "|---|---|---|---|---|---|---|---|---|---|"]
@@ -474,7 +493,8 @@ def write_report(target: str, subjects: list[Subject], notes: list[str], out: Pa
                 cells.append((f"{_fmt_loads(loop.loads)}{f'; {loop.mma} MMA' if loop.mma else ''}",
                               f"{loop.steady} per K-step", ""))
             else:
-                cells.append((f"{_fmt_loads(loop.loads)} ({loop.elements:g} elem)",
+                unrolled = f", unrolled x{loop.elements / loop.remainder.elements:g}" if loop.remainder else ""
+                cells.append((f"{_fmt_loads(loop.loads)} ({loop.elements:g} elem{unrolled})",
                               f"{pe[0]:.1f} ({loop.instructions / loop.elements:.1f})", f"{pe[1]:.2f}"))
         if not r["loops"]:
             elements = _bwd_elements(s)

@@ -1,27 +1,28 @@
 """Per-token log-probabilities, with optional entropy and metrics, over the vocabulary (Triton).
 
 Forward: one program per token row reads the row once, BLOCK entries at a time, and keeps online
-statistics relative to the running max ``m``. The partial sums stay per thread (one slot per
-16-byte tile row) instead of being reduced across the program every chunk: the only cross-warp
-reduction inside the loop is the chunk max, and the accumulators are rescaled only on chunks where
-the max grows (a uniform branch, rarely taken once the first chunks are seen). With a contiguous
-vocabulary the next chunk's load is issued before the current chunk is reduced, so two chunks of
-memory traffic are in flight per program.
+statistics relative to a running max. Each thread keeps its own (one slot per 16-byte tile row:
+its max, sum-exp and entropy sum), rescaled every chunk by a factor that is 1 unless the slot's
+max grew, and the slots are merged once, at the end of the row: no communication between threads
+inside the loop at all. With a contiguous vocabulary the loads run two chunks ahead of the math,
+so two chunks of memory traffic are in flight per program.
 
 Backward: a (rows x vocabulary-blocks) grid; each program reads its block of logits once and
 writes its block of the gradient once, from the lse (and entropy) the forward saved.
 
 Transform, as TRL applies it: ``y = x * logit_scale``; ``y = softcap * tanh(y / softcap)`` when
 ``softcap > 0``; ``z = y / temperature``. The constants are folded on the host in float64 into
-at most two multiplies, and both passes use the same folded constants, so the z the backward sees
-is bit for bit the z the forward reduced.
+at most two multiplies (tanh's own factor 2 log2(e) included), and both passes use the same
+folded constants.
 
-Exponentials in base 2: ``exp(z - m)`` is ``exp2(fma(z, log2 e, -hi) - lo)`` with the row's
-shift ``m * log2 e`` split into ``hi + lo`` once per chunk (_log2e_split): an FMA, an add and one
-MUFU.EX2 per element, where ``tl.exp`` costs a subtraction, a multiply, a range fix-up and the
-MUFU. The split keeps it exact where it matters: at z = m the argument is exactly 0, whatever the
-magnitude of the logits. The entropy's weighted sum runs over those base-2 exponents and turns
-natural (times ln 2) once per row.
+Exponentials in base 2, on w, where z = w * w_scale: w is x itself without softcap (the scale
+is folded into the exponent's constant, and a negative one moved onto the logits by the
+launcher), tanh's value with it. ``exp(z - m)`` is ``exp2(fma(w, w_scale log2 e, -hi) - lo)`` with
+the slot's shift ``max(w) * w_scale log2 e`` split into ``hi + lo`` once per chunk: an FMA, an add
+and one MUFU.EX2 per element, where ``tl.exp`` of z costs a multiply, a subtraction, a multiply,
+a range fix-up and the MUFU. The split keeps it exact where it matters: at the max the argument is
+exactly 0, whatever the magnitude of the logits. The entropy's weighted sum runs over those
+base-2 exponents and turns natural (times ln 2) once per row.
 
 Rows whose label equals ``ignore_index`` give 0 for every output (``is_top1`` False, ``lse`` 0)
 and a zero gradient row; their logits are not read. A label outside ``[0, V)`` that is not
@@ -30,11 +31,13 @@ row's), and its gradient row is NaN whenever ``grad_logps`` is given (the entrop
 does not depend on the label and stays finite).
 """
 
+import math
+
 import torch
 import triton
 import triton.language as tl
 
-from .target import nvidia_options, warps
+from .target import nvidia_arch, nvidia_options, warps
 
 # Launch configurations. tests/triton_compile_gate.py compiles every kernel exactly as the
 # launchers below call it, so a change here is re-checked for registers and spills there.
@@ -77,29 +80,27 @@ def _exp2_shifted(z, hi, lo):
 
 
 @triton.jit
-def _tanh(a):
-    # No tanh in triton.language, and libdevice's does not run under TRITON_INTERPRET. Near 0 the
-    # exponential form 1 - 2 / (e^{2|a|} + 1) loses the low bits to cancellation, so |a| < 0.6
-    # uses an odd polynomial a + a^3 P(a^2), fitted for relative error on [0, 0.6]; both branches
-    # stay within about 2 ulp of tanh in fp32. NaN falls through the exponential branch as NaN.
-    m = tl.abs(a)
-    s = m * m
-    p = -0.0061154147
-    p = p * s + 0.020980079
-    p = p * s - 0.05383671
-    p = p * s + 0.13332522
-    p = p * s - 0.3333332
-    small = m + m * s * p
-    large = 1.0 - 2.0 / (tl.exp2(m * 2.8853900817779268) + 1.0)  # e^{2m}
-    t = tl.where(m < 0.6, small, large)
-    return tl.where(a < 0.0, -t, t)
+def _tanh_scaled(a2):
+    # tanh(a) from a2 = 2 a log2(e) (the factor rides on the host-folded scale), with
+    # E = e^{-2|a|} in (0, 1]: sign(a) (1 - E) / (1 + E), the division as (1 - E) rsqrt((1 + E)^2).
+    # Two MUFU operations and five others, no branch, no overflow (E never exceeds 1); NaN stays
+    # NaN. The absolute error stays within a few 1e-7 for every a (on GPUs the MUFU
+    # approximations included): softcap * tanh is only compared, exponentiated and summed in
+    # absolute terms, so that is what counts. The form 1 - 2 / (e^{2a} + 1), one add cheaper, errs
+    # about 4e-7 near 0 (30x in a softcapped logit: more than the fp32 reference's own error).
+    e = tl.exp2(-tl.abs(a2))
+    d = 1.0 + e
+    t = (1.0 - e) * tl.math.rsqrt(d * d)
+    # t >= 0: OR-ing in a2's sign bit is copysign in one instruction.
+    bits = t.to(tl.uint32, bitcast=True) | (a2.to(tl.uint32, bitcast=True) & 0x80000000)
+    return bits.to(tl.float32, bitcast=True)
 
 
 @triton.jit
 def _transform(x, in_scale, out_scale, SOFTCAP: tl.constexpr):
     # Returns z (and tanh's value, which the backward's chain rule needs; x's own z otherwise).
     if SOFTCAP:
-        t = _tanh(x * in_scale)
+        t = _tanh_scaled(x * in_scale)
         return t * out_scale, t
     else:
         z = x * in_scale
@@ -107,66 +108,139 @@ def _transform(x, in_scale, out_scale, SOFTCAP: tl.constexpr):
 
 
 @triton.jit
+def _pre_scale(x, in_scale, SOFTCAP: tl.constexpr):
+    # The forward's w, with z = w * w_scale (_w_scale): tanh's value with softcap, x itself
+    # without. The sweep keeps its running max in w and folds w_scale into the exponent's
+    # constant, so neither the scale nor the softcap's outer multiply costs an instruction per
+    # entry. w_scale is never negative (the launchers see to it), so z = w * w_scale is monotone
+    # in w and the max of z is the max of w times w_scale, exactly.
+    if SOFTCAP:
+        return _tanh_scaled(x * in_scale)
+    else:
+        return x
+
+
+@triton.jit
+def _w_scale(in_scale, out_scale, SOFTCAP: tl.constexpr):
+    if SOFTCAP:
+        return out_scale
+    else:
+        return in_scale
+
+
+@triton.jit
+def _scaled_split(m, scale):
+    """m * scale as hi + lo, hi its fp32 rounding and lo the exact rest (an FMA gives it)."""
+    hi = m * scale
+    return hi, tl.fma(m, scale, -hi)
+
+
+@triton.jit
 def _fwd_chunk(
-    x, cols, first, last, in_vocab, label, in_scale, out_scale,
+    x, cols, first, last, in_vocab, label, in_scale, w_log2e,
     m, max_before, s_acc, h_acc, q_acc, z_acc,
     with_log_sum_sq_probs, with_mean_logits, with_is_top1,
     SOFTCAP: tl.constexpr, WITH_ENTROPY: tl.constexpr, MASKED: tl.constexpr,
 ):
     # Folds one chunk of raw logits x, vocabulary entries cols (all within [first, last)), into the
-    # running statistics; with MASKED only where in_vocab. The metrics that only feed logging
-    # (log_sum_sq_probs, mean_logits, is_top1) are runtime flags: a uniform branch per chunk costs
-    # next to nothing, their accumulators one register each, and the forward then compiles to 4
-    # variants per dtype instead of 64.
-    z, _t = _transform(x.to(tl.float32), in_scale, out_scale, SOFTCAP)
+    # running statistics; with MASKED only where in_vocab. Everything runs on w (_pre_scale), with
+    # w_log2e = w_scale * log2(e) turning it into base-2 exponents.
+    #
+    # The statistics are per tile row (one slot per 16-byte row, all of it in one thread), each
+    # relative to its own running max m: s = sum 2^((w - m) w_log2e), h = sum 2^(..) (w - m)
+    # w_log2e, q = sum 2^(2 (..)). Slots share nothing until the row is done (_fwd_finish): a
+    # max shared by the program would cost a reduction across warps (shuffles, two barriers) per
+    # chunk. A slot's rescale when its max grows is computed every chunk instead, as a multiply by
+    # 2^((m - m') w_log2e) that is 1 when nothing changed: a few instructions per 8 entries. The
+    # metrics that only feed logging (log_sum_sq_probs, mean_logits, is_top1) are runtime flags:
+    # a uniform branch per chunk costs next to nothing, their accumulators one register each, and
+    # the forward then compiles to 4 variants per dtype instead of 64.
+    w = _pre_scale(x.to(tl.float32), in_scale, SOFTCAP)
     if MASKED:
         # After the transform: softcap maps the padding to a finite number.
-        z = tl.where(in_vocab, z, -float("inf"))
+        w = tl.where(in_vocab, w, -float("inf"))
 
-    chunk_max = tl.max(tl.max(z, axis=1), axis=0)
+    row_max = tl.max(w, axis=1)
     if with_is_top1:
         # Only the chunk that straddles the label needs an elementwise mask.
         if last <= label:
-            max_before = tl.maximum(max_before, chunk_max)
+            max_before = tl.maximum(max_before, row_max)
         elif first < label:
-            before = tl.where(cols < label, z, -float("inf"))
-            max_before = tl.maximum(max_before, tl.max(tl.max(before, axis=1), axis=0))
+            max_before = tl.maximum(max_before, tl.max(tl.where(cols < label, w, -float("inf")), axis=1))
 
-    if chunk_max > m:
-        # While m is -inf every accumulator is still 0 (all e were 0); rescaling would compute
-        # exp(-inf - -inf) and (-inf) * 0, both NaN, so the first finite max skips it.
-        if m > -float("inf"):
-            r = tl.exp(m - chunk_max)
-            if WITH_ENTROPY:
-                # sum e'(z - m') = r * (sum e (z - m) + (m - m') * sum e), in units of log2(e)
-                h_acc = r * (h_acc + ((m - chunk_max) * LOG2E) * s_acc)
-            if with_log_sum_sq_probs:
-                q_acc = q_acc * (r * r)
-            s_acc = s_acc * r
-        m = chunk_max
+    m_new = tl.maximum(m, row_max)
+    # The rescale's exponent, base 2. While a slot's max is -inf its sums are 0 (or NaN, kept):
+    # -inf - -inf is NaN and -inf - m' is -inf, and both clamp to -FLT_MAX, where 2^x = 0 and the
+    # entropy's x * s stays 0 * finite.
+    r2 = tl.maximum((m - m_new) * w_log2e, -_FLT_MAX)
+    r = tl.exp2(r2)
+    if WITH_ENTROPY:
+        # sum e' d' = sum e r (d + (m - m') w_log2e) = r (h + r2 s)
+        h_acc = r * (h_acc + r2 * s_acc)
+    if with_log_sum_sq_probs:
+        q_acc = q_acc * (r * r)
+    s_acc = s_acc * r
+    m = m_new
 
-    # A chunk that is all -inf while m is still -inf must give e = 0, not exp(-inf + inf) = NaN.
-    hi, lo = _log2e_split(tl.where(m > -float("inf"), m, 0.0))
-    e, d2 = _exp2_shifted(z, hi, lo)
+    # A slot that is all -inf while m is still -inf must give e = 0, not 2^(-inf + inf) = NaN.
+    hi, lo = _scaled_split(tl.where(m > -float("inf"), m, 0.0), w_log2e)
+    # (w - m) w_log2e as fma(w, w_log2e, -hi) - lo: exactly 0 at the slot's max, whatever the
+    # logits' magnitude.
+    d2 = tl.fma(w, w_log2e, -hi[:, None]) - lo[:, None]
+    if MASKED:
+        # The padding's -inf times a zero scale would be NaN.
+        d2 = tl.where(in_vocab, d2, -float("inf"))
+    e = tl.exp2(d2)
     s_acc += tl.sum(e, axis=1)
     if WITH_ENTROPY:
-        # Accumulated as sum e * (z - m) * log2(e) (ln 2 comes back once per row). e = 0 where
-        # d2 = -inf; clamping d2 keeps 0 * -inf from turning into NaN. NaN logits still reach the
-        # sums through e (and s) itself.
+        # Accumulated in units of log2(e) (ln 2 comes back once per row). e = 0 where d2 = -inf;
+        # clamping d2 keeps 0 * -inf from turning into NaN. NaN logits still reach the sums
+        # through e (and s) itself.
         h_acc += tl.sum(e * tl.maximum(d2, -_FLT_MAX), axis=1)
     if with_log_sum_sq_probs:
         q_acc += tl.sum(e * e, axis=1)
     if with_mean_logits:
         if MASKED:
-            z_acc += tl.sum(tl.where(in_vocab, z, 0.0), axis=1)
+            z_acc += tl.sum(tl.where(in_vocab, w, 0.0), axis=1)
         else:
-            z_acc += tl.sum(z, axis=1)
+            z_acc += tl.sum(w, axis=1)
     return m, max_before, s_acc, h_acc, q_acc, z_acc
 
 
 @triton.jit
+def _fwd_finish(m, max_before, s_acc, h_acc, q_acc, z_acc, w_scale, w_log2e,
+                with_log_sum_sq_probs, with_mean_logits, with_is_top1, WITH_ENTROPY: tl.constexpr):
+    """The per-slot statistics of a row, merged relative to the row's max: returns (max of w, m,
+    max_before, s, h, q, logit sum) with m, max_before and the logit sum in z, s = sum exp(z - m),
+    h = sum exp(z - m) (z - m) log2(e) and q = sum exp(z - m)^2 (q, h and the logit sum only where
+    asked for)."""
+    m_w = tl.max(m, axis=0)
+    # Each slot's sums move from its own max to the row's; a slot still at -inf (all -inf, or NaN
+    # only) gets r = 0 and passes its 0 or NaN on, as in _fwd_chunk.
+    r2 = tl.maximum((m - m_w) * w_log2e, -_FLT_MAX)
+    r = tl.exp2(r2)
+    s = tl.sum(s_acc * r, axis=0)
+    h = 0.0
+    if WITH_ENTROPY:
+        h = tl.sum(r * (h_acc + r2 * s_acc), axis=0)
+    q = 0.0
+    if with_log_sum_sq_probs:
+        q = tl.sum(q_acc * (r * r), axis=0)
+    z_sum = 0.0
+    if with_mean_logits:
+        z_sum = tl.sum(z_acc, axis=0) * w_scale
+    before = -float("inf")
+    if with_is_top1:
+        # z = w * w_scale rounds monotonically: the max of the products is the product of the max.
+        # Nothing before the label stays -inf, also when w_scale is 0.
+        before_w = tl.max(max_before, axis=0)
+        before = tl.where(before_w > -float("inf"), before_w * w_scale, -float("inf"))
+    return m_w, m_w * w_scale, before, s, h, q, z_sum
+
+
+@triton.jit
 def _fwd_full_chunks(
-    logits_ptr, row_off, V, stride_v, label, in_scale, out_scale,
+    logits_ptr, row_off, V, stride_v, label, in_scale, w_log2e,
     with_log_sum_sq_probs, with_mean_logits, with_is_top1,
     SOFTCAP: tl.constexpr, VOCAB_CONTIGUOUS: tl.constexpr, WITH_ENTROPY: tl.constexpr, BLOCK: tl.constexpr,
 ):
@@ -179,8 +253,8 @@ def _fwd_full_chunks(
     entries in), so every load is a 16-byte vector load whatever V and the row stride are: an
     odd vocabulary (GPT-2's 50257) or a slice of a padded one costs what an aligned one does."""
     VEC: tl.constexpr = 128 // logits_ptr.dtype.element_ty.primitive_bitwidth
-    m = -float("inf")
-    max_before = -float("inf")
+    m = tl.full([BLOCK // VEC], -float("inf"), dtype=tl.float32)
+    max_before = tl.full([BLOCK // VEC], -float("inf"), dtype=tl.float32)
     s_acc = tl.zeros([BLOCK // VEC], dtype=tl.float32)
     h_acc = tl.zeros([BLOCK // VEC], dtype=tl.float32)
     q_acc = tl.zeros([BLOCK // VEC], dtype=tl.float32)
@@ -200,16 +274,18 @@ def _fwd_full_chunks(
         # has arrived; with a distance of 2 the next chunk's load is still outstanding then, so
         # a program keeps two chunks in flight (with a distance of 1 it would be one). body is
         # a multiple of BLOCK, so each prefetch's mask is all-or-nothing per 16-byte group and
-        # the loads stay vectorized.
+        # the loads stay vectorized. Unrolled three times: the prefetch rotates three register
+        # sets, which a rolled loop pays for with a move per register per chunk (about one
+        # instruction per entry); unrolled, the rotation is renaming.
         x_next = tl.load(body_ptr + cols0, mask=cols0 < body)
         x_after = tl.load(body_ptr + BLOCK + cols0, mask=BLOCK + cols0 < body)
-        for start in range(0, body, BLOCK):
+        for start in tl.range(0, body, BLOCK, loop_unroll_factor=3):
             x = x_next
             x_next = x_after
             x_after = tl.load(body_ptr + (start + 2 * BLOCK) + cols0, mask=start + 2 * BLOCK + cols0 < body)
             first = head + start
             m, max_before, s_acc, h_acc, q_acc, z_acc = _fwd_chunk(
-                x, first + cols0, first, first + BLOCK, cols0 < BLOCK, label, in_scale, out_scale,
+                x, first + cols0, first, first + BLOCK, cols0 < BLOCK, label, in_scale, w_log2e,
                 m, max_before, s_acc, h_acc, q_acc, z_acc,
                 with_log_sum_sq_probs, with_mean_logits, with_is_top1,
                 SOFTCAP, WITH_ENTROPY, False,
@@ -224,7 +300,7 @@ def _fwd_full_chunks(
         for start in range(0, body, BLOCK):
             x = tl.load(row_ptr + (start + cols0).to(tl.int64) * stride_v)
             m, max_before, s_acc, h_acc, q_acc, z_acc = _fwd_chunk(
-                x, start + cols0, start, start + BLOCK, cols0 < BLOCK, label, in_scale, out_scale,
+                x, start + cols0, start, start + BLOCK, cols0 < BLOCK, label, in_scale, w_log2e,
                 m, max_before, s_acc, h_acc, q_acc, z_acc,
                 with_log_sum_sq_probs, with_mean_logits, with_is_top1,
                 SOFTCAP, WITH_ENTROPY, False,
@@ -234,7 +310,7 @@ def _fwd_full_chunks(
 
 @triton.jit
 def _fwd_remainder_chunk(
-    logits_ptr, row_off, V, stride_v, label, in_scale, out_scale,
+    logits_ptr, row_off, V, stride_v, label, in_scale, w_log2e,
     m, max_before, s_acc, h_acc, q_acc, z_acc, j, head, body,
     with_log_sum_sq_probs, with_mean_logits, with_is_top1,
     SOFTCAP: tl.constexpr, VOCAB_CONTIGUOUS: tl.constexpr, WITH_ENTROPY: tl.constexpr,
@@ -249,7 +325,7 @@ def _fwd_remainder_chunk(
     else:
         x = tl.load(row_ptr + cols.to(tl.int64) * stride_v, mask=in_vocab, other=0.0)
     return _fwd_chunk(
-        x, cols, 0, V, in_vocab, label, in_scale, out_scale,
+        x, cols, 0, V, in_vocab, label, in_scale, w_log2e,
         m, max_before, s_acc, h_acc, q_acc, z_acc,
         with_log_sum_sq_probs, with_mean_logits, with_is_top1,
         SOFTCAP, WITH_ENTROPY, True,
@@ -258,7 +334,7 @@ def _fwd_remainder_chunk(
 
 @triton.jit
 def _fwd_remainder(
-    logits_ptr, row_off, V, stride_v, label, in_scale, out_scale,
+    logits_ptr, row_off, V, stride_v, label, in_scale, w_log2e,
     m, max_before, s_acc, h_acc, q_acc, z_acc, cols0, head, body,
     with_log_sum_sq_probs, with_mean_logits, with_is_top1,
     SOFTCAP: tl.constexpr, VOCAB_CONTIGUOUS: tl.constexpr, WITH_ENTROPY: tl.constexpr, BLOCK: tl.constexpr,
@@ -268,14 +344,14 @@ def _fwd_remainder(
     of almost a chunk, rarely)."""
     if body < V:
         m, max_before, s_acc, h_acc, q_acc, z_acc = _fwd_remainder_chunk(
-            logits_ptr, row_off, V, stride_v, label, in_scale, out_scale,
+            logits_ptr, row_off, V, stride_v, label, in_scale, w_log2e,
             m, max_before, s_acc, h_acc, q_acc, z_acc, cols0, head, body,
             with_log_sum_sq_probs, with_mean_logits, with_is_top1,
             SOFTCAP, VOCAB_CONTIGUOUS, WITH_ENTROPY,
         )
     if body + BLOCK < V:
         m, max_before, s_acc, h_acc, q_acc, z_acc = _fwd_remainder_chunk(
-            logits_ptr, row_off, V, stride_v, label, in_scale, out_scale,
+            logits_ptr, row_off, V, stride_v, label, in_scale, w_log2e,
             m, max_before, s_acc, h_acc, q_acc, z_acc, BLOCK + cols0, head, body,
             with_log_sum_sq_probs, with_mean_logits, with_is_top1,
             SOFTCAP, VOCAB_CONTIGUOUS, WITH_ENTROPY,
@@ -316,19 +392,23 @@ def _token_logprobs_fwd_kernel(
     row_off = b * stride_b + (row - b * T) * stride_t
     row_ptr = logits_ptr + row_off
 
+    w_scale = _w_scale(in_scale, out_scale, SOFTCAP)
+    w_log2e = w_scale * LOG2E
     m, max_before, s_acc, h_acc, q_acc, z_acc, cols0, head, body = _fwd_full_chunks(
-        logits_ptr, row_off, V, stride_v, label, in_scale, out_scale,
+        logits_ptr, row_off, V, stride_v, label, in_scale, w_log2e,
         with_log_sum_sq_probs, with_mean_logits, with_is_top1,
         SOFTCAP, VOCAB_CONTIGUOUS, WITH_ENTROPY, BLOCK,
     )
     m, max_before, s_acc, h_acc, q_acc, z_acc = _fwd_remainder(
-        logits_ptr, row_off, V, stride_v, label, in_scale, out_scale,
+        logits_ptr, row_off, V, stride_v, label, in_scale, w_log2e,
         m, max_before, s_acc, h_acc, q_acc, z_acc, cols0, head, body,
         with_log_sum_sq_probs, with_mean_logits, with_is_top1,
         SOFTCAP, VOCAB_CONTIGUOUS, WITH_ENTROPY, BLOCK,
     )
-
-    s = tl.sum(s_acc, axis=0)
+    m_w, m, max_before, s, h, q, z_sum = _fwd_finish(
+        m, max_before, s_acc, h_acc, q_acc, z_acc, w_scale, w_log2e,
+        with_log_sum_sq_probs, with_mean_logits, with_is_top1, WITH_ENTROPY,
+    )
     log_s = tl.log(s)
     tl.store(lse_ptr + row, m + log_s)
 
@@ -339,16 +419,18 @@ def _token_logprobs_fwd_kernel(
         label_ptr = row_ptr + label * stride_v
     # Masked, so an out-of-range label is never dereferenced.
     x_label = tl.load(label_ptr, mask=in_range, other=0.0).to(tl.float32)
-    z_label, _t = _transform(x_label, in_scale, out_scale, SOFTCAP)
-    # (z - m) - log s rather than z - lse: exact when z is the max, whatever the logits' magnitude.
-    tl.store(logps_ptr + row, tl.where(in_range, (z_label - m) - log_s, float("nan")))
+    w_label = _pre_scale(x_label, in_scale, SOFTCAP)
+    z_label = w_label * w_scale
+    # (w - max w) * w_scale - log s rather than z - lse: exact when z is the max, whatever the
+    # logits' magnitude, and z - m rounded once, as the sum's exponents are (d2 in _fwd_chunk).
+    tl.store(logps_ptr + row, tl.where(in_range, (w_label - m_w) * w_scale - log_s, float("nan")))
 
     if WITH_ENTROPY:
-        tl.store(entropy_ptr + row, log_s - (tl.sum(h_acc, axis=0) / s) * LN2)
+        tl.store(entropy_ptr + row, log_s - (h / s) * LN2)
     if with_log_sum_sq_probs:
-        tl.store(log_sum_sq_probs_ptr + row, tl.log(tl.sum(q_acc, axis=0)) - 2.0 * log_s)
+        tl.store(log_sum_sq_probs_ptr + row, tl.log(q) - 2.0 * log_s)
     if with_mean_logits:
-        tl.store(mean_logits_ptr + row, tl.sum(z_acc, axis=0) / V)
+        tl.store(mean_logits_ptr + row, z_sum / V)
     if with_is_top1:
         # First argmax: at least the max, and strictly above everything before it.
         top1 = in_range & (z_label >= m) & (z_label > max_before)
@@ -412,8 +494,33 @@ def _transform_constants(temperature: float, logit_scale: float, softcap: float)
     if not temperature > 0.0:
         raise ValueError(f"temperature must be > 0, got {temperature}")
     if softcap > 0.0:
-        return logit_scale / softcap, softcap / temperature
+        # tanh's argument arrives times 2 log2(e) (_tanh_scaled).
+        return 2.0 * math.log2(math.e) * logit_scale / softcap, softcap / temperature
     return logit_scale / temperature, 1.0
+
+
+def _fwd_maxnreg(logits: torch.Tensor) -> int | None:
+    # A strided vocabulary keeps a 64-bit address per entry live; left to itself ptxas holds such
+    # variants to the register count of three programs per SM on sm_120 (40) and spills. The
+    # unrolled contiguous loop over 2-byte logits, left to itself, takes 94 registers on sm_90
+    # (hoisting loads), one program per SM; held to 64 it runs two, unspilled, at the same
+    # instruction count on sm_80 to sm_90. On sm_100 (fp16 with softcap) and sm_120 64 spills:
+    # there ptxas chooses (one program per SM, as before the unrolling). fp32 fits three programs
+    # per SM unforced.
+    if logits.stride(-1) != 1:
+        return 128
+    arch = nvidia_arch()
+    return 64 if logits.element_size() == 2 and arch is not None and 80 <= arch < 100 else None
+
+
+def _forward_operands(logits: torch.Tensor, temperature: float, logit_scale: float, softcap: float):
+    """(logits, in_scale, out_scale) for the forward sweeps, which need a scale of w that is not
+    negative (_pre_scale). Without softcap a negative logit_scale (no model has one, but it is
+    valid) is moved onto the logits: z = (-x) * (-scale) exactly, at the cost of a negated copy."""
+    in_scale, out_scale = _transform_constants(temperature, logit_scale, softcap)
+    if softcap == 0.0 and in_scale < 0.0:
+        return logits.neg(), -in_scale, out_scale
+    return logits, in_scale, out_scale
 
 
 def _check_inputs(logits: torch.Tensor, labels: torch.Tensor) -> tuple[int, int, int]:
@@ -463,7 +570,7 @@ def token_logprobs_forward(
     if N == 0:
         return logps, entropy, log_sum_sq_probs, mean_logits, is_top1, lse
 
-    in_scale, out_scale = _transform_constants(temperature, logit_scale, softcap)
+    logits, in_scale, out_scale = _forward_operands(logits, temperature, logit_scale, softcap)
     stride_b, stride_t, stride_v = logits.stride()
     _token_logprobs_fwd_kernel[(N,)](
         logits, labels,
@@ -476,9 +583,7 @@ def token_logprobs_forward(
         WITH_ENTROPY=bool(with_entropy),
         BLOCK=fwd_block(logits.dtype),
         num_warps=warps(FWD_THREADS),
-        # A strided vocabulary keeps a 64-bit address per entry live; left to itself ptxas holds
-        # such variants to the register count of three programs per SM on sm_120 (40) and spills.
-        **nvidia_options(maxnreg=None if stride_v == 1 else 128),
+        **nvidia_options(maxnreg=_fwd_maxnreg(logits)),
         # Pinned: Triton 3.10 turns FMA contraction off by default.
         enable_fp_fusion=True,
     )

@@ -28,12 +28,13 @@ from .logprobs import (
     fwd_block,
     FWD_THREADS,
     _check_inputs,
-    _exp2_shifted,
-    _log2e_split,
+    _fwd_finish,
     _fwd_full_chunks,
     _fwd_remainder,
-    _transform,
-    _transform_constants,
+    _pre_scale,
+    _scaled_split,
+    _w_scale,
+    _forward_operands,
 )
 from .logprobs import token_logprobs_forward
 from .target import nvidia_arch, nvidia_options, warps
@@ -128,29 +129,32 @@ def _objective_grad(
 
 @triton.jit
 def _grad_chunk(
-    x, cols, label, hi, lo, entropy, g, g_h, in_scale, out_scale, grad_scale,
+    x, cols, label, hi, lo2, entropy, g, g_h, in_scale, w_log2e, grad_scale,
     SOFTCAP: tl.constexpr, HAS_GRAD_ENTROPY: tl.constexpr,
 ):
     # The formula of token_logprobs_backward in fastalign/reference/logprobs.py for one chunk, with
-    # the exponentials in base 2 (kernels/logprobs.py): hi + lo is (m + log s) * log2(e), m split
-    # exactly; the caller passes g_h * ln 2 and the entropy times log2(e), so that p (log p + H)
-    # costs nothing for the base change.
-    z, t = _transform(x.to(tl.float32), in_scale, out_scale, SOFTCAP)
-    p, log_p = _exp2_shifted(z, hi, lo)
+    # the exponentials in base 2 and on w, as the first sweep took them (kernels/logprobs.py,
+    # _fwd_chunk): log2 p = fma(w, w_log2e, -hi) - lo2. The caller passes
+    # g_h * ln 2 and the entropy times log2(e), so that p (log p + H) costs nothing for the base
+    # change.
+    w = _pre_scale(x.to(tl.float32), in_scale, SOFTCAP)
+    log_p = tl.fma(w, w_log2e, -hi) - lo2
+    p = tl.exp2(log_p)
     dz = g * (tl.where(cols == label, 1.0, 0.0) - p)
     if HAS_GRAD_ENTROPY:
         # p = 0 where log_p = -inf; the clamp keeps 0 * -inf at 0 (NaN logits stay NaN through p).
         dz -= g_h * p * (tl.maximum(log_p, -_FLT_MAX) + entropy)
-    # Chain rule back through the transform: dz/dx = (1 - tanh^2) * logit_scale / temperature.
+    # Chain rule back through the transform: dz/dx = (1 - tanh^2) * logit_scale / temperature,
+    # with w = tanh's value under softcap.
     if SOFTCAP:
-        dz = dz * (1.0 - t * t)
+        dz = dz * (1.0 - w * w)
     return dz * grad_scale
 
 
 @triton.jit
 def _grad_remainder_chunk(
-    row_ptr, out_row, j, head, body, V, stride_v, label, hi, lo, entropy, g, g_h, in_scale, out_scale, grad_scale,
-    SOFTCAP: tl.constexpr, HAS_GRAD_ENTROPY: tl.constexpr, VOCAB_CONTIGUOUS: tl.constexpr,
+    row_ptr, out_row, j, head, body, V, stride_v, label, hi, lo2, entropy, g, g_h, in_scale, w_log2e,
+    grad_scale, SOFTCAP: tl.constexpr, HAS_GRAD_ENTROPY: tl.constexpr, VOCAB_CONTIGUOUS: tl.constexpr,
 ):
     # Entries j of what the second sweep's chunks left: the tail after them, then the head before.
     tail = V - head - body
@@ -160,7 +164,7 @@ def _grad_remainder_chunk(
         x = tl.load(row_ptr + cols, mask=in_vocab, other=0.0)
     else:
         x = tl.load(row_ptr + cols.to(tl.int64) * stride_v, mask=in_vocab, other=0.0)
-    dz = _grad_chunk(x, cols, label, hi, lo, entropy, g, g_h, in_scale, out_scale, grad_scale,
+    dz = _grad_chunk(x, cols, label, hi, lo2, entropy, g, g_h, in_scale, w_log2e, grad_scale,
                      SOFTCAP, HAS_GRAD_ENTROPY)
     tl.store(out_row + cols, dz.to(out_row.dtype.element_ty), mask=in_vocab)
 
@@ -203,8 +207,10 @@ def _policy_token_kernel(
     row_ptr = logits_ptr + row_off
 
     # Sweep 1: the forward loop of _token_logprobs_fwd_kernel, with entropy and no metrics.
+    w_scale = _w_scale(in_scale, out_scale, SOFTCAP)
+    w_log2e = w_scale * LOG2E
     m, max_before, s_acc, h_acc, q_acc, z_acc, cols0, head, body = _fwd_full_chunks(
-        logits_ptr, row_off, V, stride_v, label, in_scale, out_scale,
+        logits_ptr, row_off, V, stride_v, label, in_scale, w_log2e,
         False, False, False,
         SOFTCAP, VOCAB_CONTIGUOUS, True, BLOCK,
     )
@@ -225,16 +231,17 @@ def _policy_token_kernel(
     else:
         g_h = 0.0
     m, max_before, s_acc, h_acc, q_acc, z_acc = _fwd_remainder(
-        logits_ptr, row_off, V, stride_v, label, in_scale, out_scale,
+        logits_ptr, row_off, V, stride_v, label, in_scale, w_log2e,
         m, max_before, s_acc, h_acc, q_acc, z_acc, cols0, head, body,
         False, False, False,
         SOFTCAP, VOCAB_CONTIGUOUS, True, BLOCK,
     )
-
-    s = tl.sum(s_acc, axis=0)
+    m_w, m, max_before, s, h, _q, _z = _fwd_finish(
+        m, max_before, s_acc, h_acc, q_acc, z_acc, w_scale, w_log2e, False, False, False, True,
+    )
     log_s = tl.log(s)
     # The sweep's entropy sum is in units of log2(e) (kernels/logprobs.py).
-    entropy = log_s - (tl.sum(h_acc, axis=0) / s) * LN2
+    entropy = log_s - (h / s) * LN2
     tl.store(lse_ptr + row, m + log_s)
     tl.store(entropy_ptr + row, entropy)
     in_range = (label >= 0) & (label < V)
@@ -244,8 +251,8 @@ def _policy_token_kernel(
         label_ptr = row_ptr + label * stride_v
     # Masked, so an out-of-range label is never dereferenced.
     x_label = tl.load(label_ptr, mask=in_range, other=0.0).to(tl.float32)
-    z_label, _t = _transform(x_label, in_scale, out_scale, SOFTCAP)
-    logp = tl.where(in_range, (z_label - m) - log_s, float("nan"))
+    # As the forward: z - m from w, rounded once (kernels/logprobs.py).
+    logp = tl.where(in_range, (_pre_scale(x_label, in_scale, SOFTCAP) - m_w) * w_scale - log_s, float("nan"))
     tl.store(logps_ptr + row, logp)
 
     g = _objective_grad(
@@ -258,9 +265,10 @@ def _policy_token_kernel(
     )
     # A label outside the vocabulary has a NaN log-prob; its gradient row says so too.
     g = tl.where(in_range, g, float("nan"))
-    # The second sweep's scalars, base 2: the exponent is z log2(e) - hi - lo2 with m split exactly
-    # (the log-prob at the row maximum stays -log s, as in the forward).
-    hi, lo = _log2e_split(m)
+    # The second sweep's scalars, base 2: log2 p = fma(w, w_log2e, -hi) - lo2 with hi + lo the
+    # row's max times w_log2e, split exactly as the first sweep took it, and lo2 = lo + log2 s
+    # (at the row maximum log p stays the forward's -log s).
+    hi, lo = _scaled_split(tl.where(m_w > -float("inf"), m_w, 0.0), w_log2e)
     lo2 = lo + log_s * LOG2E
     entropy2 = entropy * LOG2E
     g_h2 = g_h * LN2
@@ -289,10 +297,10 @@ def _policy_token_kernel(
     # together they pass GRAD_BLOCK).
     if body < V:
         _grad_remainder_chunk(row_ptr, out_row, cols, head, body, V, stride_v, label32, hi, lo2, entropy2, g, g_h2,
-                              in_scale, out_scale, grad_scale, SOFTCAP, HAS_GRAD_ENTROPY, VOCAB_CONTIGUOUS)
+                              in_scale, w_log2e, grad_scale, SOFTCAP, HAS_GRAD_ENTROPY, VOCAB_CONTIGUOUS)
     if body + GRAD_BLOCK < V:
         _grad_remainder_chunk(row_ptr, out_row, GRAD_BLOCK + cols, head, body, V, stride_v, label32, hi, lo2,
-                              entropy2, g, g_h2, in_scale, out_scale, grad_scale, SOFTCAP, HAS_GRAD_ENTROPY,
+                              entropy2, g, g_h2, in_scale, w_log2e, grad_scale, SOFTCAP, HAS_GRAD_ENTROPY,
                               VOCAB_CONTIGUOUS)
     if VOCAB_CONTIGUOUS:
         in_ptr = logits_ptr + tl.multiple_of(row_off + head, VEC)
@@ -307,14 +315,14 @@ def _policy_token_kernel(
             start = last - i
             x = x_next
             x_next = tl.load(in_ptr + (start - GRAD_BLOCK) + cols, mask=start - GRAD_BLOCK + cols >= 0)
-            dz = _grad_chunk(x, head + start + cols, label32, hi, lo2, entropy2, g, g_h2, in_scale, out_scale,
+            dz = _grad_chunk(x, head + start + cols, label32, hi, lo2, entropy2, g, g_h2, in_scale, w_log2e,
                              grad_scale, SOFTCAP, HAS_GRAD_ENTROPY)
             tl.store(out_ptr + start + cols, dz.to(grad_logits_ptr.dtype.element_ty))
     else:
         for i in range(0, body, GRAD_BLOCK):
             start = body - GRAD_BLOCK - i
             x = tl.load(row_ptr + (start + cols).to(tl.int64) * stride_v)
-            dz = _grad_chunk(x, start + cols, label32, hi, lo2, entropy2, g, g_h2, in_scale, out_scale, grad_scale,
+            dz = _grad_chunk(x, start + cols, label32, hi, lo2, entropy2, g, g_h2, in_scale, w_log2e, grad_scale,
                              SOFTCAP, HAS_GRAD_ENTROPY)
             tl.store(out_row + start + cols, dz.to(grad_logits_ptr.dtype.element_ty))
 
@@ -418,7 +426,9 @@ def policy_token_forward(
         # An absent vector is never read: advantages stands in and keeps the signature fixed.
         return advantages if t is None else t
 
-    in_scale, out_scale = _transform_constants(temperature, logit_scale, softcap)
+    # The second sweep reads the same (possibly negated) logits with the same scale: z is unchanged,
+    # and grad_scale is the derivative with respect to the caller's logits.
+    logits, in_scale, out_scale = _forward_operands(logits, temperature, logit_scale, softcap)
     ratio_low, ratio_high, delta, dual_clip, log_ratio_clamp, tau_pos, tau_neg, straight, bias = map(float, params)
     stride_b, stride_t, stride_v = logits.stride()
     _policy_token_kernel[(N,)](

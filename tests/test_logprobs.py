@@ -21,6 +21,10 @@ OPTIONS = {
     "temperature": {"temperature": 0.7},
     "softcap": {"softcap": 30.0, "logit_scale": 0.5, "temperature": 0.9},
     "scale": {"logit_scale": 2.0},
+    # The forward sweeps need a non-negative scale and negate the logits for a negative one.
+    "negative_scale": {"logit_scale": -1.5, "temperature": 0.8},
+    "negative_scale_softcap": {"logit_scale": -0.5, "softcap": 20.0},
+    "zero_scale": {"logit_scale": 0.0},
 }
 
 

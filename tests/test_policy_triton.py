@@ -188,6 +188,14 @@ CASES = {
         obj=TokenObjective("sapo", kl="k1"), dtype=torch.bfloat16, V=77, layout="time", with_old=False,
         temperature=0.7, neg_inf=True,
     ),
+    # A negative scale reaches the sweeps as negated logits (kernels/logprobs.py, _forward_operands).
+    "clip-negative-scale-fp32": dict(
+        obj=TokenObjective("clip", kl="k3"), V=300, layout="time", with_grad_entropy=True, logit_scale=-1.5,
+        temperature=0.8,
+    ),
+    "cispo-zero-scale-bf16": dict(
+        obj=TokenObjective("cispo", kl="k1"), dtype=torch.bfloat16, V=100, logit_scale=0.0,
+    ),
     "clip-fp16": dict(
         obj=TokenObjective("clip", dual_clip=3.0, kl="k2"), dtype=torch.float16, V=64, with_grad_entropy=True,
         temperature=0.7,
