@@ -32,7 +32,7 @@ TORCH_SPEC := torch==2.13.0
 # The setuptools a fresh Python 3.11 venv starts with (65.x) cannot build an editable install
 # without `wheel`, and with it the editable install leaves kernels/ (package_dir-mapped to
 # fastalign.kernels) unimportable.
-DEV_DEPS := numpy triton pytest pytest-benchmark ninja transformers trl liger-kernel matplotlib \
+DEV_DEPS := numpy triton pytest pytest-benchmark hypothesis ninja transformers trl liger-kernel matplotlib \
 	'setuptools>=77' wheel
 
 # Stamps live inside .venv so that deleting the venv also forgets what was installed into it.

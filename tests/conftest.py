@@ -40,3 +40,18 @@ def backend_params(device: str = DEVICE):
 @pytest.fixture(autouse=True)
 def _seed():
     torch.manual_seed(0)
+
+
+try:
+    from hypothesis import HealthCheck, settings
+except ImportError:  # pragma: no cover - hypothesis is a test dependency
+    pass
+else:
+    # The same examples on every run (CI and local alike): a property test that fails once fails
+    # every time, and the suite's run time is fixed. HYPOTHESIS_PROFILE=explore searches anew.
+    settings.register_profile(
+        "fixed", derandomize=True, deadline=None, print_blob=True,
+        suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large],
+    )
+    settings.register_profile("explore", deadline=None, suppress_health_check=[HealthCheck.too_slow])
+    settings.load_profile(os.environ.get("HYPOTHESIS_PROFILE", "fixed"))

@@ -352,9 +352,13 @@ inline RowStats<acc_t> forward_row(const scalar_t* row, int64_t sv, int64_t V, i
   RowStats<acc_t> out;
   const acc_t log_s = std::log(state.s);
   out.lse = state.m + log_s;
-  // An infinite label logit takes x * k alone: x * k_lo is -inf * 0 = NaN when k is exact.
-  out.logp = std::isinf(x_label) ? x_label * k_label - out.lse
-                                 : std::fma(x_label, k_label, std::fma(x_label, k_label_lo, -out.lse));
+  // (z - m) - log s, with z - m taken as the sums' exponents were (x * k - m rounded once): at the
+  // row maximum it is the same tiny residual of m's rounding that the maximum's exponential
+  // carries, so the log-prob of the only finite entry is 0, not that residual. An infinite label
+  // logit takes x * k alone: x * k_lo is -inf * 0 = NaN when k is exact.
+  const acc_t z_minus_m = std::isinf(x_label) ? x_label * k_label - state.m
+                                              : std::fma(x_label, k_label, std::fma(x_label, k_label_lo, -state.m));
+  out.logp = z_minus_m - log_s;
   if constexpr (ENTROPY) out.entropy = log_s - state.xs / state.s;
   if constexpr (SQ) out.log_sum_sq = std::log(state.sq) - 2 * log_s;
   out.mean = z_sum / static_cast<acc_t>(V);
