@@ -45,7 +45,7 @@ from torch import nn
 
 from ._checks import check_finite, check_loss_type, check_positive_finite, check_sequence_values, check_token_mask
 from .sequence import metric, sequence_logprobs
-from .types import LossOutput
+from .types import HiddenStates, LossOutput
 
 LOSS_TYPES = ("kto", "apo_zero_unpaired")
 Gather = Callable[[torch.Tensor], torch.Tensor]
@@ -319,12 +319,13 @@ def kto_loss_from_logits(
 
 def _kto_from_logits(logits, labels, ref_logps, desirable, completion_mask, ignore_index,
                      kl_logps, ref_kl_logps, kl, options: KTOOptions, gather: Gather | None) -> LossOutput:
-    if not isinstance(logits, torch.Tensor) or logits.dim() != 3:
+    if not isinstance(logits, (torch.Tensor, HiddenStates)) or logits.dim() != 3:
         shape = tuple(logits.shape) if isinstance(logits, torch.Tensor) else type(logits).__name__
         raise ValueError(f"logits: expected [B, T, V], got {shape}")
     if logits.shape[0] == 0:
         raise ValueError("logits: the batch is empty")
-    rows = logits.new_empty(logits.shape[0])  # fixes B and the device for the per-sequence checks
+    # Fixes B and the device for the per-sequence checks.
+    rows = (logits.hidden if isinstance(logits, HiddenStates) else logits).new_empty(logits.shape[0])
     reference = check_sequence_values("ref_logps", ref_logps, rows, "logits.shape[:1]")
     good = _check_desirable(desirable, rows)
     if completion_mask is not None:

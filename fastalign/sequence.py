@@ -80,10 +80,13 @@ def split_pairs(values: torch.Tensor, name: str) -> tuple[torch.Tensor, torch.Te
 
 def check_logits_batch(logits: object, labels: object) -> None:
     """[2B, T, V] logits with labels [2B, T]; the odd-batch error names logits before any work is done."""
-    if not isinstance(logits, torch.Tensor) or logits.dim() != 3:
+    if not isinstance(logits, (torch.Tensor, HiddenStates)) or logits.dim() != 3:
         shape = tuple(logits.shape) if isinstance(logits, torch.Tensor) else type(logits).__name__
         raise ValueError(f"logits: expected [2B, T, V] (B chosen rows, then B rejected), got {shape}")
-    split_pairs(logits, "logits")
+    if logits.shape[0] % 2:
+        raise ValueError(
+            f"logits: a paired loss takes 2B rows, B chosen then B rejected; got {logits.shape[0]}"
+        )
     if isinstance(labels, torch.Tensor) and labels.shape != logits.shape[:-1]:
         raise ValueError(
             f"labels: expected shape {tuple(logits.shape[:-1])} (logits.shape[:-1]), got {tuple(labels.shape)}"
