@@ -1,6 +1,7 @@
 """From hidden states + lm_head weight, fwd+bwd, with memory.
 
-linear_token_logprobs (loss = sum(logps) + sum(entropy), gradients to hidden and weight):
+linear_token_logprobs (loss = sum(logps) + sum(entropy), gradients to hidden and weight; the
+"frozen lm_head" rows, gradients to hidden alone, as PEFT / LoRA training asks):
   eager      unfused: logits = hidden @ weight.T, then fastalign.reference.token_logprobs in eager
   trl        TRL 1.16 `trl.kernels.ChunkedLogProbFunction` (what `add_fused_lm_head` calls; torch path
              on CPU, chunk size 32768 as TRL sets it)
@@ -43,6 +44,10 @@ def _cases() -> list[dict]:
         for shape in shapes:
             group = f"{op} fwd+bwd float32 {'x'.join(map(str, shape))}"
             cases.append({"op": op, "pass": "fwd+bwd", "shape": list(shape), "dtype": "float32", "group": group})
+        # A frozen lm_head (PEFT / LoRA): only hidden needs a gradient.
+        shape = shapes[0]
+        cases.append({"op": op, "pass": "fwd+bwd, frozen lm_head", "shape": list(shape), "dtype": "float32",
+                      "group": f"{op} fwd+bwd frozen lm_head float32 {'x'.join(map(str, shape))}", "frozen_head": True})
     return cases
 
 
@@ -52,7 +57,8 @@ IMPLS = {
 }
 CASES = _cases()
 PARAMS = [
-    pytest.param(case, impl, id=f"{case['op']}-{'x'.join(map(str, case['shape']))}-{impl}")
+    pytest.param(case, impl, id=f"{case['op']}{'-frozen' if case.get('frozen_head') else ''}-"
+                                f"{'x'.join(map(str, case['shape']))}-{impl}")
     for case in CASES
     for impl in IMPLS[case["op"]]
 ]
@@ -187,11 +193,15 @@ def _check_available(case, impl):
 def bench_linear(measure, case, impl):
     label = _check_available(case, impl)
     x = _inputs(case)
+    wrt = (x["hidden"], x["weight"])
+    if case.get("frozen_head"):
+        x = dict(x, weight=x["weight"].detach())
+        wrt = (x["hidden"],)
     loss_of = _logprobs_step if case["op"] == "linear_token_logprobs" else _grpo_step
 
     def step():
         loss = loss_of(impl, x)
-        grads = torch.autograd.grad(loss, (x["hidden"], x["weight"]))
+        grads = torch.autograd.grad(loss, wrt)
         harness.sync(DEVICE)
         return grads
 

@@ -78,7 +78,7 @@ def linear_token_logprobs_forward(
 
 def linear_token_logprobs_backward(
     grad_logps, grad_entropy, hidden, weight, bias, labels, lse, entropy, temperature, logit_scale, softcap,
-    ignore_index,
+    ignore_index, need_hidden=True, need_weight=True,
 ):
     """Tiles of (tokens x vocabulary columns): each tile's logits are recomputed, turned into its
     gradient by the C++ row kernel (the forward's logsumexp makes a column block enough), then
@@ -88,9 +88,10 @@ def linear_token_logprobs_backward(
     acc = torch.float64 if hidden.dtype == torch.float64 else torch.float32
     rows = _valid_rows(labels, ignore_index)
     n = rows.numel()
-    grad_hidden = torch.zeros_like(hidden, memory_format=torch.contiguous_format)
-    grad_weight = torch.zeros(weight.shape, dtype=acc)
-    grad_bias = torch.zeros(vocab if bias.numel() else 0, dtype=acc)
+    # A gradient nobody needs (need_*) is neither accumulated nor allocated: it comes back as [0].
+    grad_hidden = torch.zeros_like(hidden, memory_format=torch.contiguous_format) if need_hidden else hidden.new_empty(0)
+    grad_weight = torch.zeros(weight.shape if need_weight else (0,), dtype=acc)
+    grad_bias = torch.zeros(vocab if bias.numel() and need_weight else 0, dtype=acc)
     if n == 0:
         return grad_hidden, grad_weight.to(weight.dtype), grad_bias.to(bias.dtype)
 
@@ -99,7 +100,7 @@ def linear_token_logprobs_backward(
 
     h_all = hidden.index_select(0, rows)
     labels_v, lse_v, g_v, gh_v, ent_v = (part(t) for t in (labels, lse, grad_logps, grad_entropy, entropy))
-    grad_h = torch.zeros(n, width, dtype=acc)
+    grad_h = torch.zeros(n if need_hidden else 0, width, dtype=acc)
     tokens = min(n, TILE_TOKENS)
     columns = max(MIN_COLUMNS, TILE_ELEMENTS // tokens)
     for t0 in range(0, n, tokens):
@@ -119,11 +120,14 @@ def linear_token_logprobs_backward(
             )[0]
             del logits
             dz_acc = dz if dz.dtype == acc else dz.to(acc)
-            grad_h[t0:t1].addmm_(dz_acc, w if w.dtype == acc else w.to(acc))
-            grad_weight[c0:c1].addmm_(dz_acc.t(), h_acc)
-            if bias.numel():
-                grad_bias[c0:c1] += dz_acc.sum(0)
-    grad_hidden.index_copy_(0, rows, grad_h.to(hidden.dtype))
+            if need_hidden:
+                grad_h[t0:t1].addmm_(dz_acc, w if w.dtype == acc else w.to(acc))
+            if need_weight:
+                grad_weight[c0:c1].addmm_(dz_acc.t(), h_acc)
+                if bias.numel():
+                    grad_bias[c0:c1] += dz_acc.sum(0)
+    if need_hidden:
+        grad_hidden.index_copy_(0, rows, grad_h.to(hidden.dtype))
     return grad_hidden, grad_weight.to(weight.dtype), grad_bias.to(bias.dtype)
 
 
@@ -138,7 +142,7 @@ def _cpu_policy_pass(logits, inputs, with_grad):
 def linear_policy_token_forward(
     hidden, weight, bias, labels, old_logps, ref_logps, advantages, w_pg, w_kl, grad_entropy,
     temperature, logit_scale, softcap, ignore_index, surrogate_id, kl_id, params, with_grad,
-    policy_pass=_cpu_policy_pass, rows_per_block=None,
+    need_hidden=True, need_weight=True, policy_pass=_cpu_policy_pass, rows_per_block=None,
 ):
     """A token-level policy objective from hidden states in three matmul-equivalents: per block,
     logits = h @ W.T, then the policy pass (log-probs, and the logits gradient written over the
@@ -149,9 +153,11 @@ def linear_policy_token_forward(
     device = hidden.device
     acc = torch.float64 if hidden.dtype == torch.float64 else torch.float32
     logps, entropy, lse = (torch.zeros(n, dtype=acc, device=device) for _ in range(3))
-    grad_hidden = torch.zeros_like(hidden, memory_format=torch.contiguous_format) if with_grad else hidden.new_empty(0)
-    grad_weight = torch.zeros(weight.shape if with_grad else (0,), dtype=acc, device=device)
-    grad_bias = torch.zeros(vocab if with_grad and bias.numel() else 0, dtype=acc, device=device)
+    need_hidden, need_weight = with_grad and need_hidden, with_grad and need_weight
+    grad_hidden = (torch.zeros_like(hidden, memory_format=torch.contiguous_format) if need_hidden
+                   else hidden.new_empty(0))
+    grad_weight = torch.zeros(weight.shape if need_weight else (0,), dtype=acc, device=device)
+    grad_bias = torch.zeros(vocab if need_weight and bias.numel() else 0, dtype=acc, device=device)
     rows = _valid_rows(labels, ignore_index)
     step = max(1, min(rows_per_block or _rows_per_block(vocab), rows.numel()))
     block_logits = _BlockLogits(step, weight, bias)
@@ -175,11 +181,13 @@ def linear_policy_token_forward(
         if not with_grad:
             continue
         dz = logits[0]
-        grad_hidden.index_copy_(0, idx, torch.mm(dz, weight).to(hidden.dtype))
-        if dz.dtype == acc:
-            grad_weight.addmm_(dz.t(), h)
-        else:
-            grad_weight.addmm_(dz.t().to(acc), h.to(acc))
-        if grad_bias.numel():
-            grad_bias += dz.sum(0, dtype=acc)
+        if need_hidden:
+            grad_hidden.index_copy_(0, idx, torch.mm(dz, weight).to(hidden.dtype))
+        if need_weight:
+            if dz.dtype == acc:
+                grad_weight.addmm_(dz.t(), h)
+            else:
+                grad_weight.addmm_(dz.t().to(acc), h.to(acc))
+            if grad_bias.numel():
+                grad_bias += dz.sum(0, dtype=acc)
     return logps, entropy, grad_hidden, grad_weight.to(weight.dtype), grad_bias.to(bias.dtype), lse

@@ -77,19 +77,26 @@ def linear_token_logprobs_backward(
     softcap: float,
     ignore_index: int,
     backend: str,
+    need_hidden: bool,
+    need_weight: bool,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """(grad_hidden [N, H], grad_weight [V, H], grad_bias [V] or [0]) on the forward's backend."""
+    """(grad_hidden [N, H], grad_weight [V, H], grad_bias [V] or [0]) on the forward's backend.
+    A gradient nobody needs is not computed and comes back as [0]: grad_hidden without
+    `need_hidden`, grad_weight and grad_bias without `need_weight` (a frozen lm_head: one matmul
+    and a [V, H] fp32 accumulator saved)."""
     impl = _implementation(backend, hidden, "linear_logprobs")
     return impl.linear_token_logprobs_backward(
         grad_logps, grad_entropy, hidden, weight, bias, labels, lse, entropy,
-        temperature, logit_scale, softcap, ignore_index,
+        temperature, logit_scale, softcap, ignore_index, need_hidden, need_weight,
     )
 
 
 @linear_token_logprobs_backward.register_fake
 def _(grad_logps, grad_entropy, hidden, weight, bias, labels, lse, entropy, temperature, logit_scale, softcap,
-      ignore_index, backend):
-    return torch.empty_like(hidden), torch.empty_like(weight), torch.empty_like(bias)
+      ignore_index, backend, need_hidden, need_weight):
+    return (torch.empty_like(hidden) if need_hidden else hidden.new_empty(0),
+            torch.empty_like(weight) if need_weight else weight.new_empty(0),
+            torch.empty_like(bias) if need_weight else bias.new_empty(0))
 
 
 def _setup_context(ctx, inputs, output):
@@ -111,8 +118,13 @@ def _backward(ctx, grad_logps, grad_entropy, *_unused):
     grad_entropy = None if grad_entropy is None else grad_entropy.to(acc)
     if grad_logps is None and grad_entropy is None:
         return (None,) * 12
+    need_hidden = ctx.needs_input_grad[0]
+    need_weight = ctx.needs_input_grad[1] or (ctx.needs_input_grad[2] and bias.numel() != 0)
+    if not (need_hidden or need_weight):
+        return (None,) * 12
     grad_hidden, grad_weight, grad_bias = linear_token_logprobs_backward(
-        grad_logps, grad_entropy, hidden, weight, bias, labels, lse, entropy, *ctx.params, ctx.backend
+        grad_logps, grad_entropy, hidden, weight, bias, labels, lse, entropy, *ctx.params, ctx.backend,
+        need_hidden, need_weight,
     )
     return (
         grad_hidden if ctx.needs_input_grad[0] else None,

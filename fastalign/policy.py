@@ -172,29 +172,33 @@ def linear_policy_token_forward(
     kl: int,
     params: list[float],
     with_grad: bool,
+    need_hidden: bool,
+    need_weight: bool,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
     """`policy_token_forward` from hidden [N, H] and weight [V, H]: (logps, entropy, grad_hidden,
-    grad_weight, grad_bias, lse); the gradients are [0] without `with_grad`."""
+    grad_weight, grad_bias, lse); the gradients are [0] without `with_grad`, grad_hidden without
+    `need_hidden`, grad_weight and grad_bias without `need_weight` (a frozen lm_head: no
+    weight-gradient matmul, no [V, H] accumulator)."""
     impl = _implementation(current_backend(), hidden, "linear_logprobs")
     if hidden.device.type == "cpu":
         check_label_range(labels, weight.shape[0], ignore_index)
     return impl.linear_policy_token_forward(
         hidden, weight, bias, labels, old_logps, ref_logps, advantages, w_pg, w_kl, grad_entropy,
-        temperature, logit_scale, softcap, ignore_index, surrogate, kl, params, with_grad,
+        temperature, logit_scale, softcap, ignore_index, surrogate, kl, params, with_grad, need_hidden, need_weight,
     )
 
 
 @linear_policy_token_forward.register_fake
 def _(hidden, weight, bias, labels, old_logps, ref_logps, advantages, w_pg, w_kl, grad_entropy,
-      temperature, logit_scale, softcap, ignore_index, surrogate, kl, params, with_grad):
+      temperature, logit_scale, softcap, ignore_index, surrogate, kl, params, with_grad, need_hidden, need_weight):
     n = labels.shape[0]
     acc = _acc_dtype(hidden)
 
-    def like(t):
-        return torch.empty_like(t) if with_grad else t.new_empty(0)
+    def like(t, needed):
+        return torch.empty_like(t) if with_grad and needed else t.new_empty(0)
 
     vec = [hidden.new_empty(n, dtype=acc) for _ in range(3)]
-    return vec[0], vec[1], like(hidden), like(weight), like(bias), vec[2]
+    return vec[0], vec[1], like(hidden, need_hidden), like(weight, need_weight), like(bias, need_weight), vec[2]
 
 
 class _PrecomputedGradients(torch.autograd.Function):
@@ -210,11 +214,13 @@ class _PrecomputedGradients(torch.autograd.Function):
     def backward(ctx, grad_output):
         _refuse_second_derivative()
         grads = list(ctx.saved_tensors)
-        grads[0] = grads[0].view(ctx.hidden_shape)
         if torch.compiler.is_compiling() or not bool(grad_output == 1):
             grads = [g * grad_output.to(g.dtype) for g in grads]
-        grad_bias = grads[2] if grads[2].numel() else None
-        return None, grads[0], grads[1], grad_bias, None, None, None
+        # A gradient the forward skipped (a frozen input) is [0]: none reaches autograd.
+        grad_hidden = grads[0].view(ctx.hidden_shape) if ctx.needs_input_grad[1] else None
+        grad_weight = grads[1] if ctx.needs_input_grad[2] else None
+        grad_bias = grads[2] if grads[2].numel() and ctx.needs_input_grad[3] else None
+        return None, grad_hidden, grad_weight, grad_bias, None, None, None
 
 
 # A token-local objective from hidden states (GRPO / PPO at token level) runs one of two ways:
@@ -246,9 +252,10 @@ def fused_linear_objective(
     of the forward (three matmul-equivalents, no recomputation in backward)."""
     shape = labels.shape
     acc = _acc_dtype(hidden)
-    with_grad = torch.is_grad_enabled() and any(
-        t is not None and t.requires_grad for t in (hidden, weight, bias)
-    )
+    grad_on = torch.is_grad_enabled()
+    need_hidden = grad_on and hidden.requires_grad
+    need_weight = grad_on and (weight.requires_grad or (bias is not None and bias.requires_grad))
+    with_grad = need_hidden or need_weight
     empty = hidden.new_empty(0, dtype=acc)
 
     def vector(value):
@@ -262,7 +269,7 @@ def fused_linear_objective(
         hidden.detach().reshape(math.prod(hidden.shape[:-1]), hidden.shape[-1]), weight.detach(), bias_t,
         flat_labels(labels),
         vector(old_logps), vector(ref_logps), vector(advantages), vector(w_pg), vector(w_kl), vector(grad_entropy),
-        temperature, logit_scale, softcap, ignore_index, surrogate, kl, params, with_grad,
+        temperature, logit_scale, softcap, ignore_index, surrogate, kl, params, with_grad, need_hidden, need_weight,
     )
     logps, entropy = logps.view(shape), entropy.view(shape)
     with torch.no_grad():

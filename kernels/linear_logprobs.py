@@ -449,19 +449,23 @@ def linear_token_logprobs_backward(
     logit_scale: float,
     softcap: float,
     ignore_index: int,
+    need_hidden: bool = True,
+    need_weight: bool = True,
 ):
     """Gradients of ``sum(grad_logps * logps) + sum(grad_entropy * entropy)`` w.r.t. hidden, weight
     and bias (``None`` gradients count as zero): ``(grad_hidden, grad_weight, grad_bias)`` in the
     inputs' dtypes, ``grad_bias`` empty when ``bias`` is. ``lse`` (and ``entropy`` when
-    ``grad_entropy`` is given) are the forward's outputs.
+    ``grad_entropy`` is given) are the forward's outputs. Without ``need_hidden`` (``need_weight``)
+    grad_hidden (grad_weight and grad_bias) is neither computed nor allocated and comes back empty:
+    a frozen lm_head costs no weight-gradient kernel and no [V, H] accumulator.
     """
     N, H, V = _check_inputs(hidden, weight, bias, labels)
     device = hidden.device
     has_bias = bias is not None and bias.numel() != 0
     # fp32 accumulators, each row owned by one program; cast to the input dtypes at the end.
-    grad_hidden = torch.zeros((N, H), dtype=torch.float32, device=device)
-    grad_weight = torch.zeros((V, H), dtype=torch.float32, device=device)
-    grad_bias = torch.zeros(V if has_bias else 0, dtype=torch.float32, device=device)
+    grad_hidden = torch.zeros((N, H) if need_hidden else (0,), dtype=torch.float32, device=device)
+    grad_weight = torch.zeros((V, H) if need_weight else (0,), dtype=torch.float32, device=device)
+    grad_bias = torch.zeros(V if has_bias and need_weight else 0, dtype=torch.float32, device=device)
 
     def result():
         return (grad_hidden.to(hidden.dtype), grad_weight.to(weight.dtype),
@@ -494,16 +498,18 @@ def linear_token_logprobs_backward(
         SOFTCAP=softcap > 0.0,
     )
     bias_arg = bias if has_bias else weight
-    _linear_logprobs_bwd_hidden_kernel[(triton.cdiv(N, config[0]),)](
-        hidden, weight, bias_arg, labels, order, count,
-        lse, entropy, grad_logps, grad_entropy, grad_hidden,
-        **common,
-    )
-    _linear_logprobs_bwd_weight_kernel[(triton.cdiv(V, config[1]),)](
-        hidden, weight, bias_arg, labels, order, count,
-        lse, entropy, grad_logps, grad_entropy, grad_weight, grad_bias if has_bias else lse,
-        **common,
-    )
+    if need_hidden:
+        _linear_logprobs_bwd_hidden_kernel[(triton.cdiv(N, config[0]),)](
+            hidden, weight, bias_arg, labels, order, count,
+            lse, entropy, grad_logps, grad_entropy, grad_hidden,
+            **common,
+        )
+    if need_weight:
+        _linear_logprobs_bwd_weight_kernel[(triton.cdiv(V, config[1]),)](
+            hidden, weight, bias_arg, labels, order, count,
+            lse, entropy, grad_logps, grad_entropy, grad_weight, grad_bias if has_bias else lse,
+            **common,
+        )
     return result()
 
 
@@ -515,6 +521,7 @@ POLICY_MIN_BLOCK_ROWS = 256
 def linear_policy_token_forward(
     hidden, weight, bias, labels, old_logps, ref_logps, advantages, w_pg, w_kl, grad_entropy,
     temperature, logit_scale, softcap, ignore_index, surrogate_id, kl_id, params, with_grad,
+    need_hidden=True, need_weight=True,
 ):
     """The "blocked" policy pass (see ``fastalign.policy.LINEAR_POLICY_PASS``) on CUDA: blocks of
     tokens through cuBLAS and the Triton policy kernel, which writes each block's gradient over
@@ -534,5 +541,5 @@ def linear_policy_token_forward(
     return blocked(
         hidden, weight, bias, labels, old_logps, ref_logps, advantages, w_pg, w_kl, grad_entropy,
         temperature, logit_scale, softcap, ignore_index, surrogate_id, kl_id, params, with_grad,
-        policy_pass=policy_pass, rows_per_block=max(POLICY_MIN_BLOCK_ROWS, POLICY_BLOCK_ELEMENTS // max(V, 1)),
+        need_hidden, need_weight, policy_pass=policy_pass, rows_per_block=max(POLICY_MIN_BLOCK_ROWS, POLICY_BLOCK_ELEMENTS // max(V, 1)),
     )

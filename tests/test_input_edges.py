@@ -168,3 +168,78 @@ def test_discopop_stays_finite_for_a_large_negative_margin(dtype):
     torch.testing.assert_close(out.loss.double(), expected, rtol=1e-5, atol=1e-6)
     (g,) = torch.autograd.grad(out.loss, policy)
     assert torch.isfinite(g).all()
+
+
+@pytest.mark.parametrize("backend", backend_params())
+@pytest.mark.parametrize("frozen", ["weight", "hidden"])
+def test_a_frozen_lm_head_gets_no_weight_gradient_computed(backend, frozen, monkeypatch):
+    # PEFT / LoRA training freezes the lm_head: its [V, H] gradient (a matmul and an fp32 buffer) must
+    # not be computed only to be dropped. The backend is asked for exactly what autograd needs.
+    from fastalign import _triton, linear_blocked
+    from fastalign.reference import linear_logprobs as reference_linear
+
+    if backend == "triton":
+        impl = _triton.kernels("linear_logprobs")
+    else:
+        impl = reference_linear if backend == "reference" else linear_blocked
+    asked = []
+    original = impl.linear_token_logprobs_backward
+
+    def spy(*args):
+        asked.append(args[-2:])
+        return original(*args)
+
+    monkeypatch.setattr(impl, "linear_token_logprobs_backward", spy)
+    hidden = torch.randn(2, 3, H, device=DEVICE, requires_grad=frozen != "hidden")
+    weight = torch.randn(V, H, device=DEVICE, requires_grad=frozen != "weight")
+    bias = torch.randn(V, device=DEVICE, requires_grad=frozen != "weight")
+    labels = torch.randint(0, V, (2, 3), device=DEVICE)
+    with fastalign.use_backend(backend):
+        out = fastalign.linear_token_logprobs(hidden, weight, labels, bias=bias, outputs=("entropy",))
+        (out.logps.sum() + out.entropy.sum()).backward()
+    assert asked == [(frozen != "hidden", frozen != "weight")]
+    full_h, full_w, full_b = (t.detach().clone().requires_grad_() for t in (hidden, weight, bias))
+    with fastalign.use_backend(backend):
+        out = fastalign.linear_token_logprobs(full_h, full_w, labels, bias=full_b, outputs=("entropy",))
+        (out.logps.sum() + out.entropy.sum()).backward()
+    if frozen == "weight":
+        assert weight.grad is None and bias.grad is None
+        torch.testing.assert_close(hidden.grad, full_h.grad)
+    else:
+        assert hidden.grad is None
+        torch.testing.assert_close(weight.grad, full_w.grad)
+        torch.testing.assert_close(bias.grad, full_b.grad)
+
+
+@pytest.mark.parametrize("backend", backend_params())
+def test_grpo_from_hidden_states_with_a_frozen_lm_head_skips_its_gradient(backend, monkeypatch):
+    # The one-pass policy objective forms its gradients in the forward: with the lm_head frozen it
+    # forms grad_hidden alone, equal to that of the full pass.
+    from fastalign import _triton, linear_blocked
+    from fastalign.reference import linear_logprobs as reference_linear
+
+    impl = _triton.kernels("linear_logprobs") if backend == "triton" else (
+        reference_linear if backend == "reference" else linear_blocked)
+    asked = []
+    original = impl.linear_policy_token_forward
+
+    def spy(*args, **kwargs):
+        asked.append(args[18:20])
+        return original(*args, **kwargs)
+
+    monkeypatch.setattr(impl, "linear_policy_token_forward", spy)
+    labels = torch.randint(0, V, (2, 4), device=DEVICE)
+    weight = torch.randn(V, H, device=DEVICE)
+    results = []
+    for train_head in (False, True):
+        hidden = torch.randn(2, 4, H, device=DEVICE, generator=torch.Generator().manual_seed(1)).requires_grad_()
+        w = weight.clone().requires_grad_(train_head)
+        with fastalign.use_backend(backend):
+            out = grpo_loss(hidden=hidden, weight=w, labels=labels, completion_mask=torch.ones(2, 4, device=DEVICE),
+                            advantages=torch.tensor([1.0, -0.5], device=DEVICE),
+                            old_logps=torch.full((2, 4), -2.0, device=DEVICE), num_items_in_batch=8)
+            out.loss.backward()
+        results.append(hidden.grad)
+        assert (w.grad is not None) == train_head
+    assert asked == [(True, False), (True, True)]
+    torch.testing.assert_close(results[0], results[1])
