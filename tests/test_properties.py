@@ -182,3 +182,56 @@ def test_known_native_precision_gaps(backend, case):
         got, got_grad = _fields_and_grad(fastalign.token_logprobs, x, labels, None, {"temperature": 0.7}, weights)
     assert_as_accurate_as_reference(got.logps, ref.logps, truth.logps, "logps")
     assert_as_accurate_as_reference(got_grad, ref_grad, truth_grad, "grad")
+
+
+@st.composite
+def linear_cases(draw):
+    N = draw(st.integers(0, 9))
+    H = draw(st.sampled_from([1, 3, 16, 33]))
+    V = draw(st.sampled_from([1, 5, 31, 130]))
+    dtype = draw(st.sampled_from([torch.float32, torch.bfloat16]))
+    seed = draw(st.integers(0, 2**16))
+    g = torch.Generator().manual_seed(seed)
+    hidden = torch.randn(N, H, generator=g).to(dtype).to(DEVICE)
+    weight = (torch.randn(V, H, generator=g) * draw(st.sampled_from([0.1, 1.0, 4.0])) / max(H, 1) ** 0.5).to(dtype)
+    weight = weight.to(DEVICE)
+    bias = (torch.randn(V, generator=g).to(dtype).to(DEVICE)) if draw(st.booleans()) else None
+    labels = torch.randint(0, V, (N,), generator=g).to(DEVICE)
+    if draw(st.booleans()):
+        labels[torch.rand(N, generator=g).to(DEVICE) < 0.3] = -100
+    transform = draw(st.sampled_from([{}, {"temperature": 0.7}, {"softcap": 5.0, "logit_scale": 0.5},
+                                      {"logit_scale": -1.0}]))
+    return hidden, weight, bias, labels, transform
+
+
+@settings(max_examples=40)
+@given(case=linear_cases())
+def test_linear_token_logprobs_matches_float64_truth_on_every_backend(case):
+    hidden, weight, bias, labels, transform = case
+    weights = torch.randn(labels.shape, dtype=torch.float64, device=DEVICE)
+
+    def run(fn, h, w, b):
+        leaves = [t.detach().clone().requires_grad_(True) for t in (h, w) + ((b,) if b is not None else ())]
+        out = fn(*leaves[:2], labels, bias=leaves[2] if b is not None else None, outputs=("entropy",), **transform)
+        loss = (out.logps.double() * weights).sum() + out.entropy.double().sum()
+        grads = torch.autograd.grad(loss, leaves) if loss.requires_grad else [torch.zeros_like(t) for t in leaves]
+        return out, grads
+
+    def reference_linear(h, w, labels, bias=None, **kw):
+        logits = h @ w.t() + (bias if bias is not None else 0)
+        return reference.token_logprobs(logits, labels, **kw)
+
+    b64 = None if bias is None else bias.double()
+    truth, truth_grads = run(reference_linear, hidden.double(), weight.double(), b64)
+    # The reference in the input dtype: its matmul in that dtype, its softmax as token_logprobs takes it.
+    ref, ref_grads = run(reference_linear, hidden, weight, bias)
+    for backend in BACKENDS:
+        with fastalign.use_backend(backend):
+            got, got_grads = run(fastalign.linear_token_logprobs, hidden, weight, bias)
+        for name in ("logps", "entropy"):
+            assert_as_accurate_as_reference(getattr(got, name), getattr(ref, name), getattr(truth, name),
+                                            f"{backend} {name}")
+        # The gradients are matmuls over the vocabulary (or the tokens), summed in another order
+        # than ATen's: a wider slack than the elementwise fields.
+        for i, (g_, r_, t_) in enumerate(zip(got_grads, ref_grads, truth_grads)):
+            assert_as_accurate_as_reference(g_, r_, t_, f"{backend} grad[{i}]", slack_eps=16.0)
