@@ -235,3 +235,39 @@ def test_linear_token_logprobs_matches_float64_truth_on_every_backend(case):
         # than ATen's: a wider slack than the elementwise fields.
         for i, (g_, r_, t_) in enumerate(zip(got_grads, ref_grads, truth_grads)):
             assert_as_accurate_as_reference(g_, r_, t_, f"{backend} grad[{i}]", slack_eps=16.0)
+
+
+DPO_LOSS_TYPES = ("sigmoid", "hinge", "ipo", "exo_pair", "nca_pair", "robust", "bco_pair", "sppo_hard", "aot",
+                  "aot_unpaired", "apo_zero", "apo_down", "discopop", "sft", "sigmoid_norm")
+
+
+@settings(max_examples=60)
+@given(loss_type=st.sampled_from(DPO_LOSS_TYPES), B=st.integers(1, 4), seed=st.integers(0, 2**16),
+       spread=st.sampled_from([0.1, 10.0, 1000.0]), beta=st.sampled_from([0.01, 0.1, 1.0]))
+def test_dpo_losses_in_fp32_stay_finite_and_close_to_fp64(loss_type, B, seed, spread, beta):
+    # Per-sequence log-probs from tiny to far apart (a reference log-prob of -5000 against a policy's
+    # -10): wherever the float64 loss is finite, the fp32 one is too, and close to it.
+    g = torch.Generator().manual_seed(seed)
+    pc, pr, rc, rr = (-(torch.rand(B, generator=g, dtype=torch.float64) * spread + 1.0) for _ in range(4))
+    tokens = torch.randint(1, 50, (2, B), generator=g).double()
+    smoothing = 1e-3 if loss_type in ("exo_pair", "robust", "aot", "aot_unpaired") else 0.0
+
+    def run(dtype):
+        leaves = [t.to(dtype).requires_grad_() for t in (pc, pr)]
+        out = fastalign.dpo_loss(leaves[0], leaves[1], rc.to(dtype), rr.to(dtype), beta=beta, loss_type=loss_type,
+                                 label_smoothing=smoothing, chosen_num_tokens=tokens[0].to(dtype),
+                                 rejected_num_tokens=tokens[1].to(dtype))
+        # sft reads the chosen completions only: the rejected ones get no gradient at all.
+        grads = torch.autograd.grad(out.loss, leaves, allow_unused=True)
+        return out.loss.detach().double(), [torch.zeros(B, dtype=torch.float64) if gr is None else gr.double()
+                                             for gr in grads]
+
+    loss64, grads64 = run(torch.float64)
+    loss32, grads32 = run(torch.float32)
+    if torch.isfinite(loss64):
+        assert torch.isfinite(loss32), f"{loss_type}: fp32 loss {loss32} where fp64 gives {loss64}"
+        assert abs(loss32 - loss64) <= 1e-4 * (1 + abs(loss64)), (loss_type, loss32, loss64)
+    for g32, g64 in zip(grads32, grads64):
+        finite = torch.isfinite(g64)
+        assert torch.isfinite(g32[finite]).all(), loss_type
+        assert ((g32 - g64)[finite].abs() <= 1e-4 * (1 + g64[finite].abs())).all(), (loss_type, g32, g64)
