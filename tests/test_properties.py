@@ -271,3 +271,34 @@ def test_dpo_losses_in_fp32_stay_finite_and_close_to_fp64(loss_type, B, seed, sp
         finite = torch.isfinite(g64)
         assert torch.isfinite(g32[finite]).all(), loss_type
         assert ((g32 - g64)[finite].abs() <= 1e-4 * (1 + g64[finite].abs())).all(), (loss_type, g32, g64)
+
+
+@settings(max_examples=60)
+@given(estimator_scale=st.sampled_from([("grpo", "group"), ("grpo", "batch"), ("grpo", "none"),
+                                        ("dr_grpo", "none"), ("rloo", "none")]),
+       convention=st.sampled_from(["trl", "verl"]), group_size=st.sampled_from([1, 2, 3, 8]),
+       groups=st.integers(1, 5), by_index=st.booleans(), nan=st.booleans(),
+       magnitude=st.sampled_from([1e-3, 1.0, 1e4]), seed=st.integers(0, 2**16))
+def test_group_advantages_match_float64_truth_on_every_backend(estimator_scale, convention, group_size, groups,
+                                                                by_index, nan, magnitude, seed):
+    estimator, scale = estimator_scale
+    g = torch.Generator().manual_seed(seed)
+    n = group_size * groups
+    rewards = (torch.randn(n, generator=g, dtype=torch.float64) * magnitude).to(DEVICE)
+    if nan and convention == "trl":
+        rewards[torch.rand(n, generator=g).to(DEVICE) < 0.2] = math.nan  # unscorable: left out, advantage 0
+    kwargs = dict(estimator=estimator, scale=scale, convention=convention)
+    if by_index:
+        # Arbitrary ids, groups interleaved (verl's uid).
+        ids = torch.arange(groups).repeat_interleave(group_size)[torch.randperm(n, generator=g)] * 7 + 3
+        kwargs["group_index"] = ids.to(DEVICE)
+    else:
+        kwargs["group_size"] = group_size
+    with fastalign.use_backend("reference"):
+        truth = fastalign.group_advantages(rewards, **kwargs)
+        ref = fastalign.group_advantages(rewards.float(), **kwargs)
+    for backend in BACKENDS:
+        with fastalign.use_backend(backend):
+            got = fastalign.group_advantages(rewards.float(), **kwargs)
+        assert got.dtype == torch.float32 and got.shape == (n,)
+        assert_as_accurate_as_reference(got, ref, truth, f"{backend} advantages")
