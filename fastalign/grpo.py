@@ -22,6 +22,7 @@ from dataclasses import dataclass
 
 import torch
 
+from ._checks import check_positive_finite
 from .policy import run_objective
 from .policy_inputs import (
     as_float,
@@ -146,10 +147,15 @@ def grpo_options(
             f"loss_type: expected one of {', '.join(repr(v) for v in valid)} for convention={convention!r}; "
             f"got {loss_type!r}"
         )
-    epsilon = check_epsilon("epsilon", epsilon)
-    epsilon_low = epsilon if epsilon_low is None else check_epsilon("epsilon_low", epsilon_low)
+    # verl's CISPO clamps the ratio to [1 - clip_ratio_low, 1 + clip_ratio_high] with any positive
+    # bounds (its example runs clip_ratio_low=10: no lower bound); the other modes take ranges in (0, 1).
+    check_range = check_positive_finite if (convention, loss_type) == ("verl", "cispo") else check_epsilon
+    epsilon = check_range("epsilon", epsilon)
+    epsilon_low = epsilon if epsilon_low is None else check_range("epsilon_low", epsilon_low)
     if epsilon_high is None:
         epsilon_high = epsilon
+    elif convention == "verl" and loss_type == "cispo":
+        epsilon_high = check_range("epsilon_high", epsilon_high)
     elif convention == "trl" and loss_type == "cispo":
         epsilon_high = check_optional_positive("epsilon_high", epsilon_high)  # an absolute cap, e.g. 5.0
     else:

@@ -331,6 +331,8 @@ LOSS_CASES = [
     ("gspo", "token-mean", dict(info="local", is_weights=True)),
     ("cispo", "token-mean", dict(info="dp2", config=dict(clip_ratio_low=0.2, clip_ratio_high=0.28))),
     ("cispo", "seq-mean-token-sum", dict(info="dp2", is_weights=True)),
+    # verl's CISPO example: a lower bound of 1 - 10 (none) and an upper one of 1 + 5.
+    ("cispo", "token-mean", dict(info="local", config=dict(clip_ratio_low=10.0, clip_ratio_high=5.0))),
     ("sapo", "token-mean", dict(info="local")),
     ("sapo", "seq-mean-token-mean", dict(info="dp2", is_weights=True, config=dict(tau_pos=2.0, tau_neg=3.0))),
 ]
@@ -476,3 +478,17 @@ def test_errors_name_verls_settings(verl):
         reinforce(token_level_rewards=rewards, response_mask=reward_mask[:, :-1], config=verl.algo_config())
     with pytest.raises(ValueError, match=r"^config\.gamma: "):
         reinforce(token_level_rewards=rewards, response_mask=reward_mask, config=verl.algo_config(gamma=1.5))
+
+
+def test_reinforce_plus_plus_reads_gamma_as_an_attribute(verl):
+    # verl's own estimator reads config.gamma; its tests pass a plain namespace without .get().
+    rewards, mask, uids = reward_batch()
+    config = types.SimpleNamespace(gamma=0.9)
+    ours = verl.core.get_adv_estimator_fn("fastalign_reinforce_plus_plus")(
+        token_level_rewards=rewards.clone(), response_mask=mask.clone(), config=config, index=uids,
+    )
+    theirs = verl.core.get_adv_estimator_fn("reinforce_plus_plus")(
+        token_level_rewards=rewards.clone(), response_mask=mask.clone(), config=config, index=uids,
+    )
+    for got, want in zip(ours, theirs):
+        torch.testing.assert_close(got.to(want.dtype), want, rtol=1e-5, atol=1e-6)

@@ -90,22 +90,31 @@ def _require(config, what: str):
     return config
 
 
+def _setting(config, name: str, default=None):
+    """config.name as verl reads it (an attribute of its config dataclasses, a DictConfig key, or a
+    plain namespace's attribute in verl's own tests); `default` where the field is absent."""
+    if hasattr(config, name):
+        return getattr(config, name)
+    getter = getattr(config, "get", None)
+    return getter(name, default) if getter is not None else default
+
+
 def _loss_options(loss_type: str, loss_agg_mode: str, config):
     """grpo_options from verl's actor config, read as verl's own loss of that name reads it."""
-    info = config.get("global_batch_info") or {}
+    info = _setting(config, "global_batch_info") or {}
     dp_size = info.get("dp_size", 1)
     options = dict(loss_agg_mode=loss_agg_mode, dp_size=1 if dp_size is None else int(dp_size),
                    loss_scale_factor=info.get("loss_scale_factor"))
     if loss_type == "sapo":
         # verl's SAPO reads only the temperatures; the clip ratios do not enter it.
-        options.update(sapo_temperature_pos=config.get("tau_pos", 1.0),
-                       sapo_temperature_neg=config.get("tau_neg", 1.05))
+        options.update(sapo_temperature_pos=_setting(config, "tau_pos", 1.0),
+                       sapo_temperature_neg=_setting(config, "tau_neg", 1.05))
     else:
         # clip_ratio_low / clip_ratio_high fall back to clip_ratio when None, as in verl.
-        options.update(epsilon=config.get("clip_ratio"), epsilon_low=config.get("clip_ratio_low"),
-                       epsilon_high=config.get("clip_ratio_high"))
+        options.update(epsilon=_setting(config, "clip_ratio"), epsilon_low=_setting(config, "clip_ratio_low"),
+                       epsilon_high=_setting(config, "clip_ratio_high"))
     if loss_type == "vanilla":
-        options["clip_ratio_c"] = config.get("clip_ratio_c", 3.0)
+        options["clip_ratio_c"] = _setting(config, "clip_ratio_c", 3.0)
     return grpo_options(loss_type, convention="verl", **options), info
 
 
@@ -179,7 +188,7 @@ def compute_fastalign_grpo_advantage(token_level_rewards, response_mask, index=N
     """verl's "grpo": group mean removed, divided by the group std + epsilon unless
     `algorithm.norm_adv_by_std_in_grpo` is False (Dr.GRPO); a group of one keeps its reward."""
     if norm_adv_by_std_in_grpo is None:
-        norm_adv_by_std_in_grpo = True if config is None else config.get("norm_adv_by_std_in_grpo", True)
+        norm_adv_by_std_in_grpo = True if config is None else _setting(config, "norm_adv_by_std_in_grpo", True)
     return _group_estimator("fastalign_grpo", token_level_rewards, response_mask, index, estimator="grpo",
                             scale="group" if norm_adv_by_std_in_grpo else "none", eps=epsilon)
 
@@ -204,7 +213,7 @@ def compute_fastalign_reinforce_plus_plus_baseline_advantage(token_level_rewards
 def compute_fastalign_reinforce_plus_plus_advantage(token_level_rewards, response_mask, config=None, **kwargs):
     """verl's "reinforce_plus_plus": discounted returns over the response tokens (`algorithm.gamma`),
     whitened over the batch's response tokens."""
-    gamma = _require(config, "fastalign_reinforce_plus_plus").get("gamma")
+    gamma = _setting(_require(config, "fastalign_reinforce_plus_plus"), "gamma")
     # fastalign's scan is verl 0.9.1's (core_algos.py:694-731): masked tokens (tool observations
     # inside a multi-turn response) are skipped and their returns are 0, so the call is direct.
     with _verl_names():
