@@ -66,10 +66,15 @@ _FLT_MAX = tl.constexpr(3.4028234663852886e38)
 
 
 @triton.jit
+def _scaled_split(m, scale):
+    """m * scale as hi + lo, hi its fp32 rounding and lo the exact rest (an FMA gives it)."""
+    hi = m * scale
+    return hi, tl.fma(m, scale, -hi)
+
+
+@triton.jit
 def _log2e_split(m):
-    """m * log2(e) as hi + lo, hi its fp32 rounding and lo the exact rest (an FMA gives it)."""
-    hi = m * LOG2E
-    return hi, tl.fma(m, LOG2E, -hi)
+    return _scaled_split(m, LOG2E)
 
 
 @triton.jit
@@ -126,13 +131,6 @@ def _w_scale(in_scale, out_scale, SOFTCAP: tl.constexpr):
         return out_scale
     else:
         return in_scale
-
-
-@triton.jit
-def _scaled_split(m, scale):
-    """m * scale as hi + lo, hi its fp32 rounding and lo the exact rest (an FMA gives it)."""
-    hi = m * scale
-    return hi, tl.fma(m, scale, -hi)
 
 
 @triton.jit
