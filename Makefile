@@ -32,7 +32,13 @@ TORCH_SPEC := torch==2.13.0
 # The setuptools a fresh Python 3.11 venv starts with (65.x) cannot build an editable install
 # without `wheel`, and with it the editable install leaves kernels/ (package_dir-mapped to
 # fastalign.kernels) unimportable.
-DEV_DEPS := numpy triton pytest pytest-benchmark hypothesis ninja transformers trl liger-kernel matplotlib \
+# The verl integration is tested against verl itself: verl 0.9.1 pins transformers to
+# >=5.5.3,<5.11,!=5.6.0 (TRL 1.16 takes any >=4.56.2), and its trainer module, where
+# compute_advantage lives, also imports cachetools, uvicorn and fastapi: three members of its
+# verl-core extra, whose others (TransferQueue, nvtx, ...) the tests do not need.
+DEV_DEPS := numpy triton pytest pytest-benchmark hypothesis ninja \
+	'transformers>=5.5.3,<5.11,!=5.6.0' trl liger-kernel matplotlib \
+	verl==0.9.1 cachetools uvicorn fastapi \
 	'setuptools>=77' wheel
 
 # Stamps live inside .venv so that deleting the venv also forgets what was installed into it.

@@ -103,7 +103,7 @@ def _common_args(rows: int) -> dict:
     return dict(
         output_dir=_OUTPUT.name, report_to="none", use_cpu=True, save_strategy="no", seed=0,
         bf16=False,                    # TRL's default is bf16 autocast; fp32 like the other CPU rows
-        activation_checkpointing=False,  # TRL turns it on; recomputation would blur what the LM head costs
+        gradient_checkpointing=False,  # TRL turns it on; recomputation would blur what the LM head costs
         per_device_train_batch_size=rows, max_steps=1, learning_rate=1e-5, disable_tqdm=True,
     )
 

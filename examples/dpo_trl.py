@@ -91,7 +91,7 @@ def main() -> None:
         config = DPOConfig(
             output_dir=output_dir, report_to="none", use_cpu=True, save_strategy="no", seed=0,
             bf16=False,                    # TRL defaults to bf16 autocast; fp32 keeps the tiny run exact
-            activation_checkpointing=False,  # TRL turns it on by default; pointless for a 2-layer model
+            gradient_checkpointing=False,  # TRL turns it on by default; pointless for a 2-layer model
             per_device_train_batch_size=8, max_steps=args.steps, logging_steps=1, learning_rate=5e-4,
             beta=0.1, disable_tqdm=True,
         )

@@ -90,7 +90,7 @@ def main() -> None:
         config = GRPOConfig(
             output_dir=output_dir, report_to="none", use_cpu=True, save_strategy="no", seed=0,
             bf16=False,                    # TRL defaults to bf16 autocast; fp32 keeps the tiny run exact
-            activation_checkpointing=False,  # TRL turns it on by default; pointless for a 2-layer model
+            gradient_checkpointing=False,  # TRL turns it on by default; pointless for a 2-layer model
             per_device_train_batch_size=8, num_generations=4,  # 2 prompts x 4 completions per step
             max_completion_length=8, max_steps=args.steps, logging_steps=1, learning_rate=1e-3,
             loss_type="dapo", beta=0.0,    # beta > 0 would need a reference model loaded from a path
