@@ -207,7 +207,8 @@ def grpo_options(
     )
 
 
-def _weights(o: GRPOOptions, mask, num_items_in_batch, batch_num_tokens, global_batch_size, pg: bool):
+def _weights(o: GRPOOptions, mask, num_items_in_batch, batch_num_tokens, global_batch_size, pg: bool,
+             mask_dtype: torch.dtype | None = None):
     if o.convention == "trl":
         return reference.trl_weights(
             mask, o.loss_type, max_completion_length=o.max_completion_length,
@@ -219,7 +220,7 @@ def _weights(o: GRPOOptions, mask, num_items_in_batch, batch_num_tokens, global_
     mode = "seq-mean-token-mean" if (pg and o.loss_type == "sapo") else o.loss_agg_mode
     return reference.verl_weights(
         mask, mode, dp_size=o.dp_size, batch_num_tokens=batch_num_tokens,
-        global_batch_size=global_batch_size, loss_scale_factor=o.loss_scale_factor,
+        global_batch_size=global_batch_size, loss_scale_factor=o.loss_scale_factor, verl_mask_dtype=mask_dtype,
     )
 
 
@@ -307,8 +308,9 @@ def grpo_loss(
             raise ValueError(f"global_batch_size: required when dp_size > 1 with loss_agg_mode={o.loss_agg_mode!r}")
 
     obj = o.objective()
-    w = _weights(o, mask_f, num_items_in_batch, batch_num_tokens, global_batch_size, pg=True)
-    w_other = w if o.convention == "trl" else _weights(o, mask_f, None, batch_num_tokens, global_batch_size, pg=False)
+    w = _weights(o, mask_f, num_items_in_batch, batch_num_tokens, global_batch_size, pg=True, mask_dtype=mask.dtype)
+    w_other = w if o.convention == "trl" else _weights(o, mask_f, None, batch_num_tokens, global_batch_size, pg=False,
+                                                       mask_dtype=mask.dtype)
     w_pg = w if importance_sampling_ratio is None else w * importance_sampling_ratio
     w_kl = o.beta * w_other if o.beta != 0 else None
 

@@ -160,13 +160,13 @@ def ppo_loss(
         if o.loss_agg_mode.startswith("seq-mean") and global_batch_size is None:
             raise ValueError(f"global_batch_size: required when dp_size > 1 with loss_agg_mode={o.loss_agg_mode!r}")
 
-    def weights(m):
+    def weights(m, given_dtype):
         return reference.verl_weights(
             m, o.loss_agg_mode, dp_size=o.dp_size, batch_num_tokens=batch_num_tokens,
-            global_batch_size=global_batch_size, loss_scale_factor=o.loss_scale_factor,
+            global_batch_size=global_batch_size, loss_scale_factor=o.loss_scale_factor, verl_mask_dtype=given_dtype,
         )
 
-    w = weights(mask_f)
+    w = weights(mask_f, mask.dtype)
     w_pg = w
     if rollout_is_weights is not None:
         w_pg = w * as_float(check_tokens("rollout_is_weights", rollout_is_weights, shape, device, per_sequence=True),
@@ -183,12 +183,13 @@ def ppo_loss(
     metrics = _policy_metrics(o, obj, pieces, token_entropies, mask_f, adv, w_pg, w_kl, w)
     if given:
         vmask = mask if value_mask is None else value_mask
+        vmask_dtype = vmask.dtype if isinstance(vmask, torch.Tensor) else None
         vmask = as_float(check_tokens("value_mask", vmask, shape, device, floating=False), like)
         vpreds_ = check_tokens("vpreds", vpreds, shape, device)
         values_ = check_tokens("values", values, shape, device).detach()
         returns_ = check_tokens("returns", returns, shape, device).detach()
         per_token, clipped = reference.clipped_value_loss(vpreds_, values_, returns_, o.value_clip)
-        vf_loss = 0.5 * reference.masked_total(per_token, weights(vmask))
+        vf_loss = 0.5 * reference.masked_total(per_token, weights(vmask, vmask_dtype))
         loss = loss + o.vf_coef * vf_loss
         metrics["vf_loss"] = metric(vf_loss)
         metrics["vf_clipfrac"] = metric(reference.masked_mean(clipped.float(), vmask))

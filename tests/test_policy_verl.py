@@ -1,4 +1,4 @@
-"""convention="verl" (GRPO family and PPO) against verl's own loss functions (tests/verl_policy.py),
+"""convention="verl" (GRPO family and PPO) against verl's own loss functions (verl 0.9.1, tests/verl_policy.py),
 and PPO convention="trl" against TRL's PPOTrainer loss lines: loss, gradient and metrics."""
 
 from __future__ import annotations
@@ -138,7 +138,7 @@ def test_ppo_equals_verl_actor_and_critic(dual_clip, agg_mode, backend):
     torch.testing.assert_close(out.loss.detach().double(), theirs.detach(), rtol=1e-5, atol=1e-7)
     torch.testing.assert_close(grad, their_grad, rtol=1e-5, atol=1e-8)
     torch.testing.assert_close(vgrad, their_vgrad)
-    assert float(out.metrics["pg_loss"]) == pytest.approx(float(pg), rel=1e-5)
+    assert float(out.metrics["pg_loss"]) == pytest.approx(float(pg.detach()), rel=1e-5)
     assert float(out.metrics["clipfrac"]) == pytest.approx(float(pg_metrics["actor/pg_clipfrac"]), abs=1e-6)
     assert float(out.metrics["ppo_kl"]) == pytest.approx(float(pg_metrics["actor/ppo_kl"]), rel=1e-5)
     lower = 0.0 if dual_clip is None else float(pg_metrics["actor/pg_clipfrac_lower"])

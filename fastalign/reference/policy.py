@@ -27,6 +27,17 @@ def log_ratio(logps: torch.Tensor, old_logps: torch.Tensor | None, clamp: float 
     return value.clamp(-clamp, clamp) if math.isfinite(clamp) else value
 
 
+def sapo_temperature(advantages: torch.Tensor, ratio: torch.Tensor, obj: TokenObjective) -> torch.Tensor:
+    """SAPO's tau per token (tau_pos where A > 0, else tau_neg) in the computation's dtype.
+
+    torch.where on two Python floats makes an fp32 tensor, so tau_neg = 1.05 would be rounded to
+    fp32 before an fp64 computation; verl builds the temperatures in the advantages' dtype."""
+    dtype = torch.promote_types(advantages.dtype, ratio.dtype)
+    pos = torch.tensor(obj.tau_pos, dtype=dtype, device=advantages.device)
+    neg = torch.tensor(obj.tau_neg, dtype=dtype, device=advantages.device)
+    return torch.where(advantages > 0, pos, neg)
+
+
 def surrogate(
     log_ratio_: torch.Tensor, logps: torch.Tensor, advantages: torch.Tensor, obj: TokenObjective
 ) -> tuple[torch.Tensor, torch.Tensor]:
@@ -46,7 +57,7 @@ def surrogate(
         weight = ratio.clamp(low, obj.ratio_high).detach()
         return -weight * a * logps, ratio
     if obj.surrogate == "sapo":
-        tau = torch.where(a > 0, obj.tau_pos, obj.tau_neg)
+        tau = sapo_temperature(a, ratio, obj)
         return -torch.sigmoid(tau * (ratio - 1)) * 4 / tau * a, ratio
     raise ValueError(f"unknown surrogate {obj.surrogate!r}")
 
@@ -142,7 +153,7 @@ def objective_grad(
     elif obj.surrogate == "cispo":
         d = -r.clamp(obj.ratio_low, obj.ratio_high) * a
     else:  # sapo: d/dl of -sigmoid(tau (r - 1)) * 4 / tau * A
-        tau = torch.where(a > 0, obj.tau_pos, obj.tau_neg)
+        tau = sapo_temperature(a, r, obj)
         s = torch.sigmoid(tau * (r - 1))
         d = -4 * a * s * (1 - s) * r * in_clamp
     grad = torch.where(w_pg != 0, d * w_pg, 0.0)
@@ -211,11 +222,14 @@ def verl_weights(
     batch_num_tokens: torch.Tensor | float | None = None,
     global_batch_size: torch.Tensor | float | None = None,
     loss_scale_factor: float | None = None,
+    verl_mask_dtype: torch.dtype | None = None,
 ) -> torch.Tensor:
     """Weights w [B, T] with sum(w * x) = verl's `agg_loss(x, mask, loss_agg_mode, ...)`.
 
+    `verl_mask_dtype`: the dtype of the mask the caller handed verl, when `mask` is a converted copy.
     One departure: "token-mean" over a batch without a single token gives 0, not 0/0."""
     m = mask.to(torch.float64 if mask.dtype == torch.float64 else torch.float32)
+    verl_mask_dtype = mask.dtype if verl_mask_dtype is None else verl_mask_dtype
     if loss_agg_mode == "token-mean":
         total = m.sum().clamp(min=1.0) if batch_num_tokens is None else torch.as_tensor(batch_num_tokens)
         return m / total.to(m) * dp_size
@@ -231,7 +245,15 @@ def verl_weights(
             w = w / (m.shape[-1] if loss_scale_factor is None else loss_scale_factor)
         return w
     if loss_agg_mode == "seq-mean-token-mean":
-        return m / (counts + 1e-8) * has_tokens / sequences * dp_size
+        # verl adds its 1e-8 to the count in the mask's dtype (a bool or integer count becomes the
+        # default float dtype): below fp64 it vanishes next to a count of 1 or more.
+        if verl_mask_dtype == torch.float64 or (
+            not verl_mask_dtype.is_floating_point and torch.get_default_dtype() == torch.float64
+        ):
+            denominator = counts + 1e-8
+        else:
+            denominator = (counts.float() + 1e-8).to(m.dtype)
+        return m / denominator * has_tokens / sequences * dp_size
     raise ValueError(f"unknown verl loss_agg_mode {loss_agg_mode!r}")
 
 
