@@ -33,12 +33,12 @@ TORCH_SPEC := torch==2.13.0
 # without `wheel`, and with it the editable install leaves kernels/ (package_dir-mapped to
 # fastalign.kernels) unimportable.
 # The verl integration is tested against verl itself: verl 0.9.1 pins transformers to
-# >=5.5.3,<5.11,!=5.6.0 (TRL 1.16 takes any >=4.56.2), and its trainer module, where
-# compute_advantage lives, also imports cachetools, uvicorn and fastapi: three members of its
-# verl-core extra, whose others (TransferQueue, nvtx, ...) the tests do not need.
+# >=5.5.3,<5.11,!=5.6.0 (TRL 1.16 takes any >=4.56.2), and its trainer modules, where
+# compute_advantage lives, also import cachetools, uvicorn, fastapi and TransferQueue: members of
+# its verl-core extra, whose others (nvtx, torchcodec, ...) the tests do not need.
 DEV_DEPS := numpy triton pytest pytest-benchmark hypothesis ninja \
 	'transformers>=5.5.3,<5.11,!=5.6.0' trl liger-kernel matplotlib \
-	verl==0.9.1 cachetools uvicorn fastapi \
+	verl==0.9.1 cachetools uvicorn fastapi 'TransferQueue>=0.1.10' \
 	'setuptools>=77' wheel
 
 # Stamps live inside .venv so that deleting the venv also forgets what was installed into it.

@@ -1,288 +1,65 @@
-"""fastalign.integrations.verl through verl's registries: every registered name against verl's own
-loss or estimator of the same algorithm, looked up by name in the same registry, on random inputs
-(loss, gradient, metrics; advantages and returns).
+"""fastalign.integrations.verl inside verl 0.9.1 itself: every registered name against verl's own loss
+or estimator of the same algorithm, reached through verl's entry points (get_policy_loss_fn, the
+actor's ppo_loss, the trainer's compute_advantage) with verl's config classes, every loss_agg_mode;
+the dtypes verl returns; registration through verl's plugin entry point with no environment variable.
 
-Where verl imports, the registry, the built-ins and the configs (ActorConfig, AlgoConfig) are
-verl's own. verl needs Ray, so where it does not import, a stand-in `verl` package is placed in
-sys.modules that mirrors verl 0.9.1:
-- `verl.trainer.ppo.core_algos`: the registry API of verl/trainer/ppo/core_algos.py:50-150
-  (register_policy_loss, get_policy_loss_fn, register_adv_est, get_adv_estimator_fn, with the same
-  checks and errors), with verl's built-ins registered under verl's names: the policy losses ported
-  line for line in tests/verl_policy.py behind verl's PolicyLossFn signature (core_algos.py:37-48),
-  and the advantage estimators ported below;
-- `verl` itself imports the modules listed in VERL_USE_EXTERNAL_MODULES as verl/__init__.py:49-52
-  and verl/utils/import_utils.py:81-88 do;
-- the configs are the fields verl's losses and estimators read, with ActorConfig's and
-  AlgoConfig's defaults (verl/workers/config/actor.py:158-192, verl/trainer/config/algorithm.py:655-658).
+verl is a test dependency (the Makefile installs it): without it this module fails to import, so a
+test run that lacks verl fails instead of passing without these tests.
 """
 
 from __future__ import annotations
 
 import contextlib
 import importlib
+import itertools
+import json
 import os
 import subprocess
 import sys
 import types
-from collections import defaultdict
-from enum import Enum
+import warnings
 
 import numpy as np
 import pytest
 import torch
-import verl_policy
-from conftest import DEVICE
 
-MODULE = "fastalign.integrations.verl"
-LOSS_NAMES = ("fastalign_vanilla", "fastalign_gspo", "fastalign_cispo", "fastalign_sapo")
-ESTIMATOR_NAMES = ("fastalign_grpo", "fastalign_rloo", "fastalign_reinforce_plus_plus",
-                   "fastalign_reinforce_plus_plus_baseline")
-
-
-def _real_verl():
-    try:
+try:
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # verl's optional engines (megatron, ...) warn when absent
+        from omegaconf import OmegaConf
+        from tensordict import TensorDict
+        from verl.protocol import DataProto
         from verl.trainer.config import AlgoConfig
         from verl.trainer.ppo import core_algos
+        from verl.trainer.ppo.ray_trainer import compute_advantage
+        from verl.trainer.ppo.v1.utils import compute_advantage_for_multi_trajectories
+        from verl.utils import tensordict_utils as tu
+        from verl.utils.metric import Metric
         from verl.workers.config import ActorConfig
-    except ImportError:
-        return None
-    return core_algos, ActorConfig, AlgoConfig
+        from verl.workers.config.actor import PolicyLossConfig
+        from verl.workers.utils.losses import ppo_loss
+except ImportError as exc:
+    raise ImportError(
+        f"verl 0.9.1 is a test dependency of fastalign's verl integration (`make venv` installs it): {exc}"
+    ) from exc
+
+MODULE = "fastalign.integrations.verl"
+integration = importlib.import_module(MODULE)
+
+LOSSES = ("vanilla", "gspo", "cispo", "sapo")
+ESTIMATORS = ("grpo", "rloo", "reinforce_plus_plus", "reinforce_plus_plus_baseline")
+AGG_MODES = ("token-mean", "token-sum", "seq-mean-token-sum", "seq-mean-token-mean", "seq-mean-token-sum-norm")
+
+# fp64 inputs: verl's arithmetic and fastalign's agree to the last bits (order of summation aside).
+TOL = {torch.float64: dict(rtol=1e-12, atol=1e-15), torch.float32: dict(rtol=1e-5, atol=1e-6)}
+# verl's estimators carry fp32 constants into fp64 results: a group of one is divided by
+# torch.tensor(1.0) + epsilon (fp32), the Bessel factor of an integer mask's count is an fp32
+# tensor, and an fp64 mask's counts gain masked_mean's 1e-8. fastalign's are exact in fp64.
+ESTIMATOR_TOL = {torch.float64: dict(rtol=1e-7, atol=1e-12), torch.float32: TOL[torch.float32]}
 
 
-REAL = _real_verl()
-
-
-# --- verl 0.9.1's built-in advantage estimators, ported line for line --------------------------
-
-
-def verl_masked_whiten(values, mask):
-    """verl/utils/torch_functional.py:294-346: masked_mean, unbiased masked_var, masked_whiten."""
-    mean = verl_policy.masked_mean(values, mask)
-    variance = verl_policy.masked_mean((values - mean) ** 2, mask)
-    mask_sum = mask.sum()
-    variance = variance * (mask_sum / (mask_sum - 1))
-    return (values - mean) * torch.rsqrt(variance + 1e-8)
-
-
-def verl_grpo(token_level_rewards, response_mask, index, epsilon=1e-6, norm_adv_by_std_in_grpo=True, config=None):
-    """core_algos.py:267-331 compute_grpo_outcome_advantage."""
-    scores = token_level_rewards.sum(dim=-1)
-    id2score, id2mean, id2std = defaultdict(list), {}, {}
-    with torch.no_grad():
-        bsz = scores.shape[0]
-        for i in range(bsz):
-            id2score[index[i]].append(scores[i])
-        for idx in id2score:
-            if len(id2score[idx]) == 1:
-                id2mean[idx], id2std[idx] = torch.tensor(0.0), torch.tensor(1.0)
-            else:
-                scores_tensor = torch.stack(id2score[idx])
-                id2mean[idx], id2std[idx] = torch.mean(scores_tensor), torch.std(scores_tensor)
-        for i in range(bsz):
-            if norm_adv_by_std_in_grpo:
-                scores[i] = (scores[i] - id2mean[index[i]]) / (id2std[index[i]] + epsilon)
-            else:
-                scores[i] = scores[i] - id2mean[index[i]]
-        scores = scores.unsqueeze(-1) * response_mask
-    return scores, scores
-
-
-def verl_rloo(token_level_rewards, response_mask, index, epsilon=1e-6, config=None, **kwargs):
-    """core_algos.py:587-636 compute_rloo_outcome_advantage."""
-    scores = token_level_rewards.sum(dim=-1)
-    id2score, id2mean = defaultdict(list), {}
-    with torch.no_grad():
-        bsz = scores.shape[0]
-        for i in range(bsz):
-            id2score[index[i]].append(scores[i])
-        for idx in id2score:
-            id2mean[idx] = torch.tensor(0.0) if len(id2score[idx]) == 1 else torch.mean(torch.stack(id2score[idx]))
-        for i in range(bsz):
-            n = len(id2score[index[i]])
-            if n > 1:
-                scores[i] = scores[i] * n / (n - 1) - id2mean[index[i]] * n / (n - 1)
-        scores = scores.unsqueeze(-1) * response_mask
-    return scores, scores
-
-
-def verl_reinforce_pp_baseline(token_level_rewards, response_mask, index, epsilon=1e-6, config=None, **kwargs):
-    """core_algos.py:533-584 compute_reinforce_plus_plus_baseline_outcome_advantage."""
-    response_length = token_level_rewards.shape[-1]
-    scores = token_level_rewards.sum(dim=-1)
-    id2score, id2mean = defaultdict(list), {}
-    with torch.no_grad():
-        bsz = scores.shape[0]
-        for i in range(bsz):
-            id2score[index[i]].append(scores[i])
-        for idx in id2score:
-            id2mean[idx] = torch.tensor(0.0) if len(id2score[idx]) == 1 else torch.mean(torch.stack(id2score[idx]))
-        for i in range(bsz):
-            scores[i] = scores[i] - id2mean[index[i]]
-        scores = scores.unsqueeze(-1).tile([1, response_length]) * response_mask
-        scores = verl_masked_whiten(scores, response_mask) * response_mask
-    return scores, scores
-
-
-def verl_reinforce_pp(token_level_rewards, response_mask, config=None, **kwargs):
-    """verl's registry signature around the one port of core_algos.py:694-731 (tests/test_advantages.py)."""
-    import test_advantages
-
-    return test_advantages.verl_reinforce_pp(token_level_rewards, response_mask, config.gamma)
-
-
-# --- the stand-in -----------------------------------------------------------------------------
-
-
-class StandInConfig(types.SimpleNamespace):
-    """The surface of verl's BaseConfig that its losses use: attributes and `.get`."""
-
-    def get(self, key, default=None):
-        return getattr(self, key, default)
-
-
-def standin_actor_config(**fields):
-    defaults = dict(clip_ratio=0.2, clip_ratio_low=0.2, clip_ratio_high=0.2, clip_ratio_c=3.0,
-                    loss_agg_mode="token-mean", loss_scale_factor=None, tau_pos=1.0, tau_neg=1.05,
-                    global_batch_info={})
-    return StandInConfig(**{**defaults, **fields})
-
-
-def standin_algo_config(**fields):
-    return StandInConfig(**{**dict(gamma=1.0, lam=1.0, norm_adv_by_std_in_grpo=True), **fields})
-
-
-def _clip_range(config):
-    low = config.clip_ratio_low if config.clip_ratio_low is not None else config.clip_ratio
-    high = config.clip_ratio_high if config.clip_ratio_high is not None else config.clip_ratio
-    return low, high
-
-
-def verl_builtin_policy_loss(mode):
-    """verl's loss `mode` (ported in tests/verl_policy.py) behind verl's PolicyLossFn signature,
-    reading the config as core_algos.py:1285-1376 (vanilla), 1545-1619 (gspo), 1622-1704 (sapo)
-    and 2047-2105 (cispo) do, metrics as python floats."""
-
-    def loss(old_log_prob, log_prob, advantages, response_mask, loss_agg_mode="token-mean", config=None,
-             rollout_is_weights=None):
-        assert config is not None
-        args = (old_log_prob, log_prob, advantages, response_mask, loss_agg_mode)
-        kwargs = dict(rollout_is_weights=rollout_is_weights, **config.global_batch_info)
-        if mode == "vanilla":
-            pg, metrics = verl_policy.policy_loss_vanilla(*args, *_clip_range(config), config.get("clip_ratio_c", 3.0),
-                                                          **kwargs)
-        elif mode == "sapo":
-            pg, metrics = verl_policy.policy_loss_sapo(*args, config.tau_pos, config.tau_neg, **kwargs)
-        else:
-            port = verl_policy.policy_loss_gspo if mode == "gspo" else verl_policy.policy_loss_cispo
-            pg, metrics = port(*args, *_clip_range(config), **kwargs)
-        return pg, {name: float(torch.as_tensor(value).detach()) for name, value in metrics.items()}
-
-    return loss
-
-
-def standin_core_algos():
-    """verl 0.9.1's registry (core_algos.py:50-150) with fresh registries and verl's built-ins."""
-    core = types.ModuleType("verl.trainer.ppo.core_algos")
-    core.POLICY_LOSS_REGISTRY = {}
-    core.ADV_ESTIMATOR_REGISTRY = {}
-
-    def register_policy_loss(name):
-        def decorator(func):
-            core.POLICY_LOSS_REGISTRY[name] = func
-            return func
-
-        return decorator
-
-    def get_policy_loss_fn(name):
-        if name not in core.POLICY_LOSS_REGISTRY:
-            raise ValueError(
-                f"Unsupported loss mode: {name}. Supported modes are: {list(core.POLICY_LOSS_REGISTRY.keys())}"
-            )
-        return core.POLICY_LOSS_REGISTRY[name]
-
-    def register_adv_est(name_or_enum):
-        def decorator(fn):
-            name = name_or_enum.value if isinstance(name_or_enum, Enum) else name_or_enum
-            if name in core.ADV_ESTIMATOR_REGISTRY and core.ADV_ESTIMATOR_REGISTRY[name] != fn:
-                raise ValueError(
-                    f"Adv estimator {name} has already been registered: {core.ADV_ESTIMATOR_REGISTRY[name]} vs {fn}"
-                )
-            core.ADV_ESTIMATOR_REGISTRY[name] = fn
-            return fn
-
-        return decorator
-
-    def get_adv_estimator_fn(name_or_enum):
-        name = name_or_enum.value if isinstance(name_or_enum, Enum) else name_or_enum
-        if name not in core.ADV_ESTIMATOR_REGISTRY:
-            raise ValueError(f"Unknown advantage estimator simply: {name}")
-        return core.ADV_ESTIMATOR_REGISTRY[name]
-
-    core.register_policy_loss, core.get_policy_loss_fn = register_policy_loss, get_policy_loss_fn
-    core.register_adv_est, core.get_adv_estimator_fn = register_adv_est, get_adv_estimator_fn
-    for mode in ("vanilla", "gspo", "cispo", "sapo"):
-        register_policy_loss(mode)(verl_builtin_policy_loss(mode))
-    builtins = {"grpo": verl_grpo, "rloo": verl_rloo, "reinforce_plus_plus": verl_reinforce_pp,
-                "reinforce_plus_plus_baseline": verl_reinforce_pp_baseline}
-    for name, fn in builtins.items():
-        register_adv_est(name)(fn)
-    return core
-
-
-def install_standin(monkeypatch):
-    """Places the stand-in `verl` package in sys.modules (undone by monkeypatch); returns core_algos."""
-    core = standin_core_algos()
-    packages = {name: types.ModuleType(name) for name in ("verl", "verl.trainer", "verl.trainer.ppo")}
-    for package in packages.values():
-        package.__path__ = []
-
-    def import_external_modules():
-        # verl/__init__.py:49-52, run when `verl` is imported.
-        modules = os.getenv("VERL_USE_EXTERNAL_MODULES", "")
-        if modules:
-            for module in modules.split(","):
-                importlib.import_module(module)
-
-    packages["verl"].import_external_modules = import_external_modules
-    packages["verl"].trainer = packages["verl.trainer"]
-    packages["verl.trainer"].ppo = packages["verl.trainer.ppo"]
-    packages["verl.trainer.ppo"].core_algos = core
-    for name, module in {**packages, core.__name__: core}.items():
-        monkeypatch.setitem(sys.modules, name, module)
-    return core
-
-
-@contextlib.contextmanager
-def fresh_integration():
-    """Lets fastalign.integrations.verl be imported anew (against the stand-in), restored after."""
-    saved = sys.modules.pop(MODULE, None)
-    try:
-        yield
-    finally:
-        sys.modules.pop(MODULE, None)
-        if saved is not None:
-            sys.modules[MODULE] = saved
-
-
-class Verl(types.SimpleNamespace):
-    """core_algos, the imported integration, and config factories (`actor_config`, `algo_config`)."""
-
-
-@pytest.fixture
-def verl(monkeypatch):
-    if REAL is not None:
-        core, actor_config_cls, algo_config_cls = REAL
-
-        def actor_config(**fields):
-            return actor_config_cls(strategy="fsdp", rollout_n=1, ppo_micro_batch_size_per_gpu=1, **fields)
-
-        yield Verl(core=core, integration=importlib.import_module(MODULE), actor_config=actor_config,
-                   algo_config=algo_config_cls)
-        return
-    core = install_standin(monkeypatch)
-    with fresh_integration():
-        yield Verl(core=core, integration=importlib.import_module(MODULE), actor_config=standin_actor_config,
-                   algo_config=standin_algo_config)
+def actor_config(**fields) -> ActorConfig:
+    return ActorConfig(strategy="fsdp", rollout_n=1, ppo_micro_batch_size_per_gpu=1, **fields)
 
 
 # --- inputs -----------------------------------------------------------------------------------
@@ -292,23 +69,23 @@ B, T = 6, 9
 
 def policy_batch(dtype=torch.float64):
     g = torch.Generator().manual_seed(3)
-    log_prob = (-3 * torch.rand(B, T, generator=g, dtype=dtype)).to(DEVICE)
-    old = log_prob + 0.3 * torch.randn(B, T, generator=g, dtype=dtype).to(DEVICE)
+    log_prob = -3 * torch.rand(B, T, generator=g, dtype=torch.float64)
+    old = log_prob + 0.3 * torch.randn(B, T, generator=g, dtype=torch.float64)
     old[0, :3] -= 1.0  # ratios far above 1 + eps and below 1 - eps, so every clip branch is taken
     old[2, :3] += 1.0
-    advantages = torch.randn(B, T, generator=g, dtype=dtype).to(DEVICE)
-    mask = torch.ones(B, T, dtype=torch.bool, device=DEVICE)
+    advantages = torch.randn(B, T, generator=g, dtype=torch.float64)
+    mask = torch.ones(B, T, dtype=torch.bool)
     mask[1, 6:] = False
     mask[3, 2:] = False
     mask[4, 3:5] = False  # a masked span inside a response
     mask[5, :] = False  # a fully masked row, which verl's sequence means leave out
-    is_weights = (torch.rand(B, T, generator=g, dtype=dtype) + 0.5).to(DEVICE)
-    return log_prob, old, advantages, mask, is_weights
+    is_weights = torch.rand(B, T, generator=g, dtype=torch.float64) + 0.5
+    return log_prob.to(dtype), old.to(dtype), advantages.to(dtype), mask, is_weights.to(dtype)
 
 
 def global_batch_info(kind, mask, loss_scale_factor=None):
-    """What verl's ppo_loss puts in config.global_batch_info (verl/workers/utils/losses.py:65-68):
-    nothing (None), one rank ("local"), or this rank's micro-batch in a 2-rank global batch ("dp2")."""
+    """What verl's ppo_loss puts in config.global_batch_info: nothing (None), one rank ("local"),
+    or this rank's micro-batch in a 2-rank global batch ("dp2")."""
     if kind is None:
         return {}
     if kind == "local":
@@ -317,48 +94,23 @@ def global_batch_info(kind, mask, loss_scale_factor=None):
                 loss_scale_factor=loss_scale_factor)
 
 
-LOSS_CASES = [
-    ("vanilla", "token-mean", dict(info="local")),
-    ("vanilla", "token-mean", dict(info="dp2", dtype=torch.float32)),
-    ("vanilla", "token-sum", dict(is_weights=True, config=dict(clip_ratio_low=0.1, clip_ratio_high=0.3,
-                                                               clip_ratio_c=2.0))),
-    ("vanilla", "seq-mean-token-mean", dict(info="dp2", config=dict(clip_ratio=0.25, clip_ratio_low=None,
-                                                                    clip_ratio_high=None))),
-    ("vanilla", "seq-mean-token-sum", dict(info="dp2", is_weights=True)),
-    ("vanilla", "seq-mean-token-sum-norm", dict(info="dp2", loss_scale_factor=4)),
-    ("vanilla", "seq-mean-token-sum-norm", dict()),
-    ("gspo", "seq-mean-token-mean", dict(info="dp2", config=dict(clip_ratio_low=3e-4, clip_ratio_high=4e-4))),
-    ("gspo", "token-mean", dict(info="local", is_weights=True)),
-    ("cispo", "token-mean", dict(info="dp2", config=dict(clip_ratio_low=0.2, clip_ratio_high=0.28))),
-    ("cispo", "seq-mean-token-sum", dict(info="dp2", is_weights=True)),
-    # verl's CISPO example: a lower bound of 1 - 10 (none) and an upper one of 1 + 5.
-    ("cispo", "token-mean", dict(info="local", config=dict(clip_ratio_low=10.0, clip_ratio_high=5.0))),
-    ("sapo", "token-mean", dict(info="local")),
-    ("sapo", "seq-mean-token-mean", dict(info="dp2", is_weights=True, config=dict(tau_pos=2.0, tau_neg=3.0))),
-]
+def call_loss(name, log_prob, old, advantages, mask, agg_mode, info, is_weights=None, **config_fields):
+    config = actor_config(loss_agg_mode=agg_mode, global_batch_info=info, **config_fields)
+    leaf = log_prob.clone().requires_grad_()
+    loss, metrics = core_algos.get_policy_loss_fn(name)(
+        old_log_prob=old, log_prob=leaf, advantages=advantages, response_mask=mask, loss_agg_mode=agg_mode,
+        config=config, rollout_is_weights=is_weights,
+    )
+    (grad,) = torch.autograd.grad(loss, leaf)
+    return loss, grad, metrics
 
 
-@pytest.mark.parametrize("mode,agg_mode,case", LOSS_CASES, ids=lambda x: str(x))
-def test_policy_loss_equals_verls_own(verl, mode, agg_mode, case):
-    log_prob, old, advantages, mask, is_weights = policy_batch(case.get("dtype", torch.float64))
-    config_fields = dict(case.get("config", {}), loss_agg_mode=agg_mode)
-
-    def run(name):
-        info = global_batch_info(case.get("info"), mask, case.get("loss_scale_factor"))
-        config = verl.actor_config(**config_fields, global_batch_info=info)
-        leaf = log_prob.clone().requires_grad_()
-        loss, metrics = verl.core.get_policy_loss_fn(name)(
-            old_log_prob=old, log_prob=leaf, advantages=advantages, response_mask=mask, loss_agg_mode=agg_mode,
-            config=config, rollout_is_weights=is_weights if case.get("is_weights") else None,
-        )
-        (grad,) = torch.autograd.grad(loss, leaf)
-        return loss, grad, metrics
-
-    theirs, their_grad, their_metrics = run(mode)
-    ours, grad, metrics = run(f"fastalign_{mode}")
-    tol = dict(rtol=1e-5, atol=1e-6) if log_prob.dtype == torch.float32 else dict(rtol=1e-7, atol=1e-9)
-    assert ours.dim() == 0 and ours.requires_grad
-    torch.testing.assert_close(ours.detach().to(theirs.dtype), theirs.detach(), **tol)
+def assert_same_loss(ours, theirs):
+    (loss, grad, metrics), (their_loss, their_grad, their_metrics) = ours, theirs
+    tol = TOL[grad.dtype]
+    assert loss.dim() == 0 and loss.requires_grad
+    assert loss.dtype == their_loss.dtype
+    torch.testing.assert_close(loss.detach(), their_loss.detach(), **tol)
     torch.testing.assert_close(grad, their_grad, **tol)
     assert set(metrics) == set(their_metrics)
     for name, value in their_metrics.items():
@@ -366,12 +118,170 @@ def test_policy_loss_equals_verls_own(verl, mode, agg_mode, case):
         assert metrics[name] == pytest.approx(value, rel=1e-5, abs=1e-7), name
 
 
-def reward_batch():
+# --- the policy losses ------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32], ids=str)
+@pytest.mark.parametrize("info", [None, "local", "dp2"])
+@pytest.mark.parametrize("agg_mode", AGG_MODES)
+@pytest.mark.parametrize("loss", LOSSES)
+def test_policy_loss_equals_verls_own(loss, agg_mode, info, dtype):
+    log_prob, old, advantages, mask, is_weights = policy_batch(dtype)
+    weights = is_weights if info == "dp2" else None
+    kwargs = dict(info=global_batch_info(info, mask, loss_scale_factor=4 if info == "dp2" else None),
+                  is_weights=weights)
+    theirs = call_loss(loss, log_prob, old, advantages, mask, agg_mode, **kwargs)
+    ours = call_loss(f"fastalign_{loss}", log_prob, old, advantages, mask, agg_mode, **kwargs)
+    assert_same_loss(ours, theirs)
+
+
+CONFIG_CASES = [
+    ("vanilla", "token-sum", dict(clip_ratio_low=0.1, clip_ratio_high=0.3, clip_ratio_c=2.0)),
+    ("vanilla", "seq-mean-token-mean", dict(clip_ratio=0.25, clip_ratio_low=None, clip_ratio_high=None)),
+    ("gspo", "seq-mean-token-mean", dict(clip_ratio_low=3e-4, clip_ratio_high=4e-4)),
+    ("cispo", "token-mean", dict(clip_ratio_low=0.2, clip_ratio_high=0.28)),
+    # verl's CISPO example: a lower bound of 1 - 10 (none) and an upper one of 1 + 5.
+    ("cispo", "token-mean", dict(clip_ratio_low=10.0, clip_ratio_high=5.0)),
+    ("sapo", "seq-mean-token-mean", dict(tau_pos=2.0, tau_neg=3.0)),
+    ("sapo", "token-mean", dict(tau_pos=1.0, tau_neg=1.05)),  # 1.05 is not an fp32 number
+]
+
+
+@pytest.mark.parametrize("loss,agg_mode,fields", CONFIG_CASES, ids=str)
+def test_policy_loss_reads_verls_settings(loss, agg_mode, fields):
+    log_prob, old, advantages, mask, is_weights = policy_batch()
+    kwargs = dict(info=global_batch_info("dp2", mask), is_weights=is_weights, **fields)
+    theirs = call_loss(loss, log_prob, old, advantages, mask, agg_mode, **kwargs)
+    ours = call_loss(f"fastalign_{loss}", log_prob, old, advantages, mask, agg_mode, **kwargs)
+    assert_same_loss(ours, theirs)
+
+
+# --- through verl's actor loss ----------------------------------------------------------------
+
+
+def actor_data(log_prob, old, advantages, mask, is_weights, ref, dp_size):
+    """(model_output, data) as verl's engine hands them to ppo_loss: the model's log-probs and
+    entropies unpadded, one entry per prompt and response token (the response's shifted left by
+    one), and the padded batch with the global counts the engine assigns."""
+    prompt_len = 3
+    response_lens = [T] * B
+    response_lens[1], response_lens[3] = 6, 2  # right padding where the mask ends early
+    attention = torch.zeros(B, prompt_len + T, dtype=torch.int64)
+    flat_logps, flat_entropy = [], []
+    g = torch.Generator().manual_seed(11)
+    for i, n in enumerate(response_lens):
+        attention[i, : prompt_len + n] = 1
+        junk = -torch.rand(prompt_len + n, generator=g, dtype=torch.float64).to(log_prob.dtype)
+        junk[prompt_len - 1: prompt_len - 1 + n] = log_prob[i, :n]
+        flat_logps.append(junk)
+        flat_entropy.append(torch.rand(prompt_len + n, generator=g, dtype=torch.float64).to(log_prob.dtype))
+    data = TensorDict(
+        {"prompts": torch.zeros(B, prompt_len, dtype=torch.int64), "responses": torch.zeros(B, T, dtype=torch.int64),
+         "attention_mask": attention, "response_mask": mask.to(torch.int64), "old_log_probs": old,
+         "advantages": advantages, "rollout_is_weights": is_weights, "ref_log_prob": ref},
+        batch_size=[B],
+    )
+    tokens = int(mask.sum())
+    tu.assign_non_tensor(data, dp_size=dp_size, batch_num_tokens=tokens * dp_size + (dp_size - 1),
+                         global_batch_size=B * dp_size)
+    return torch.cat(flat_logps), torch.cat(flat_entropy), data
+
+
+def metric_value(value):
+    return value.aggregate() if isinstance(value, Metric) else float(value)
+
+
+@pytest.mark.parametrize("dp_size", [1, 2])
+@pytest.mark.parametrize("agg_mode", AGG_MODES)
+@pytest.mark.parametrize("loss", LOSSES)
+def test_actor_ppo_loss_with_fastalign_loss_mode(loss, agg_mode, dp_size):
+    """verl's actor loss (verl/workers/utils/losses.py: ppo_loss) with
+    `actor.policy_loss.loss_mode` set to verl's name and to fastalign's: the policy term, verl's
+    own entropy bonus and KL loss on top, the gradient and every metric."""
+    log_prob, old, advantages, mask, is_weights = policy_batch()
+    ref = log_prob + 0.2 * torch.randn(B, T, generator=torch.Generator().manual_seed(7), dtype=torch.float64)
+
+    def run(name):
+        flat_logps, flat_entropy, data = actor_data(log_prob, old, advantages, mask, is_weights, ref, dp_size)
+        config = actor_config(loss_agg_mode=agg_mode, policy_loss=PolicyLossConfig(loss_mode=name),
+                              entropy_coeff=0.01, use_kl_loss=True, kl_loss_type="low_var_kl", kl_loss_coef=0.05,
+                              loss_scale_factor=5 if agg_mode == "seq-mean-token-sum-norm" else None)
+        leaf = flat_logps.requires_grad_()
+        total, metrics = ppo_loss(config, {"log_probs": leaf, "entropy": flat_entropy}, data)
+        (grad,) = torch.autograd.grad(total, leaf)
+        return total, grad, {key: metric_value(value) for key, value in metrics.items()}
+
+    their_total, their_grad, their_metrics = run(loss)
+    total, grad, metrics = run(f"fastalign_{loss}")
+    assert total.dtype == their_total.dtype
+    torch.testing.assert_close(total.detach(), their_total.detach(), **TOL[torch.float64])
+    torch.testing.assert_close(grad, their_grad, **TOL[torch.float64])
+    assert set(metrics) == set(their_metrics)
+    for key, value in their_metrics.items():
+        # fastalign's own metrics are fp32 (verl's of an fp64 batch fp64); the losses are exact.
+        tol = dict(rel=1e-12, abs=1e-15) if key in ("actor/pg_loss", "kl_loss", "actor/entropy_loss") else \
+            dict(rel=1e-6, abs=1e-8)
+        assert metrics[key] == pytest.approx(value, **tol), key
+
+
+# --- dtypes -----------------------------------------------------------------------------------
+
+
+def test_loss_dtype_is_verls():
+    """The loss comes back in the dtype verl's own loss has (bf16 only where every input is bf16
+    and the aggregation divides by integer counts), for every mix of input dtypes."""
+    dtypes = (torch.float64, torch.float32, torch.bfloat16)
+    base = policy_batch(torch.float64)
+    checked = 0
+    for loss, agg_mode in itertools.product(LOSSES, AGG_MODES):
+        for logp_dtype, adv_dtype, mask_dtype, weights_dtype in itertools.product(
+            dtypes, dtypes, (torch.bool, torch.int64, torch.float32, torch.bfloat16), (None, torch.bfloat16)
+        ):
+            log_prob, old, advantages = (x.to(d) for x, d in zip(base[:3], (logp_dtype, logp_dtype, adv_dtype)))
+            mask = base[3].to(mask_dtype)
+            weights = None if weights_dtype is None else base[4].to(weights_dtype)
+            config = actor_config(loss_agg_mode=agg_mode)
+            dtypes_out = [
+                core_algos.get_policy_loss_fn(name)(old, log_prob, advantages, mask, agg_mode, config,
+                                                    rollout_is_weights=weights)[0].dtype
+                for name in (loss, f"fastalign_{loss}")
+            ]
+            assert dtypes_out[1] == dtypes_out[0], (loss, agg_mode, logp_dtype, adv_dtype, mask_dtype, weights_dtype)
+            checked += 1
+    assert checked == 4 * 5 * 3 * 3 * 4 * 2
+
+
+@pytest.mark.parametrize("agg_mode", ["token-mean", "token-sum"])
+@pytest.mark.parametrize("loss", LOSSES)
+def test_bf16_loss_is_the_rounded_fp32_loss(loss, agg_mode):
+    """bf16 in, bf16 out as in verl, but computed in fp32 and rounded once: within half a bf16 unit
+    of the float64 truth, where verl's bf16 arithmetic strays further."""
+    log_prob, old, advantages, mask, _ = policy_batch(torch.bfloat16)
+    truth, truth_grad, _ = call_loss(loss, log_prob.double(), old.double(), advantages.double(), mask, agg_mode, {})
+    ours, grad, _ = call_loss(f"fastalign_{loss}", log_prob, old, advantages, mask, agg_mode, {})
+    theirs, their_grad, _ = call_loss(loss, log_prob, old, advantages, mask, agg_mode, {})
+    if loss == "sapo":  # verl's SAPO averages per sequence whatever the mode, and its counts are fp32
+        assert ours.dtype == theirs.dtype == torch.float32
+        torch.testing.assert_close(ours.double(), truth.detach(), rtol=1e-6, atol=1e-7)
+    else:
+        assert ours.dtype == theirs.dtype == torch.bfloat16
+        half_unit = torch.finfo(torch.bfloat16).eps / 2 * abs(float(truth))
+        assert abs(float(ours) - float(truth)) <= half_unit * (1 + 1e-3)
+        assert abs(float(ours) - float(truth)) <= abs(float(theirs) - float(truth))
+    assert grad.dtype == their_grad.dtype == torch.bfloat16
+    err, their_err = ((g.double() - truth_grad).abs().max() for g in (grad, their_grad))
+    assert err <= their_err * 1.01 + 1e-6
+
+
+# --- the advantage estimators -----------------------------------------------------------------
+
+
+def reward_batch(dtype=torch.float32, mask_dtype=torch.int64):
     g = torch.Generator().manual_seed(5)
-    rewards = torch.randn(9, 7, generator=g).to(DEVICE)
+    rewards = torch.randn(9, 7, generator=g, dtype=torch.float64)
     rewards[6] = 0.0  # with row 7's rewards also 0: a group whose rewards are all equal
     rewards[7] = 0.0
-    mask = torch.ones(9, 7, device=DEVICE)
+    mask = torch.ones(9, 7)
     mask[1, 4:] = 0  # right padding
     mask[2, 2:4] = 0  # tool observations inside multi-turn responses
     mask[5, 1:3] = 0
@@ -379,7 +289,15 @@ def reward_batch():
     mask[8, 3:] = 0
     # verl's uids: strings, groups of different sizes, not adjacent, one group of one
     uids = np.array(["a", "b", "a", "c", "b", "a", "d", "d", "e"], dtype=object)
-    return rewards, mask, uids
+    return rewards.to(dtype), mask.to(mask_dtype), uids
+
+
+def algo_config(kind, **fields):
+    """verl's trainer hands compute_advantage its `algorithm` config: an OmegaConf DictConfig in
+    the trainer, the AlgoConfig dataclass where it is built in code."""
+    if kind == "dataclass":
+        return AlgoConfig(**fields)
+    return OmegaConf.create({"gamma": 1.0, "lam": 1.0, "norm_adv_by_std_in_grpo": True, **fields})
 
 
 ESTIMATOR_CASES = [
@@ -392,55 +310,125 @@ ESTIMATOR_CASES = [
 ]
 
 
-@pytest.mark.parametrize("name,fields", ESTIMATOR_CASES, ids=lambda x: str(x))
-def test_advantage_estimator_equals_verls_own(verl, name, fields):
-    rewards, mask, uids = reward_batch()
-    config = verl.algo_config(**fields)
-    # how verl's compute_advantage calls a registered estimator (verl/trainer/ppo/ray_trainer.py:251-279)
-    ours = verl.core.get_adv_estimator_fn(f"fastalign_{name}")(
-        token_level_rewards=rewards.clone(), response_mask=mask.clone(), config=config, index=uids,
-    )
-    builtin = verl.core.get_adv_estimator_fn(name)
-    if name == "grpo":
-        # verl calls its own GRPO with the flag itself (ray_trainer.py:240-245)
-        theirs = builtin(token_level_rewards=rewards.clone(), response_mask=mask.clone(), index=uids,
-                         norm_adv_by_std_in_grpo=fields["norm_adv_by_std_in_grpo"])
-    else:
-        theirs = builtin(token_level_rewards=rewards.clone(), response_mask=mask.clone(), config=config, index=uids)
+@pytest.mark.parametrize("dtype,mask_dtype", [(torch.float32, torch.int64), (torch.float64, torch.float64),
+                                              (torch.float32, torch.float32)], ids=str)
+@pytest.mark.parametrize("kind", ["dataclass", "dictconfig"])
+@pytest.mark.parametrize("name,fields", ESTIMATOR_CASES, ids=str)
+def test_compute_advantage_with_fastalign_estimator(name, fields, kind, dtype, mask_dtype):
+    """verl's compute_advantage (verl/trainer/ppo/ray_trainer.py), called as its trainer calls it,
+    with `algorithm.adv_estimator` set to verl's name and to fastalign's."""
+    rewards, mask, uids = reward_batch(dtype, mask_dtype)
+    config = algo_config(kind, **fields)
+
+    def run(estimator):
+        data = DataProto.from_dict(tensors={"token_level_rewards": rewards.clone(), "response_mask": mask.clone()},
+                                   non_tensors={"uid": uids})
+        out = compute_advantage(data, adv_estimator=estimator, gamma=config.gamma, lam=config.lam, num_repeat=1,
+                                norm_adv_by_std_in_grpo=config.norm_adv_by_std_in_grpo, config=config)
+        return out.batch["advantages"], out.batch["returns"]
+
+    ours, theirs = run(f"fastalign_{name}"), run(core_algos.AdvantageEstimator(name))
     for got, want, what in zip(ours, theirs, ("advantages", "returns")):
-        assert got.shape == want.shape, what
-        torch.testing.assert_close(got.to(want.dtype), want, rtol=1e-5, atol=1e-6, msg=what)
+        assert got.shape == want.shape and got.dtype == want.dtype, what
+        torch.testing.assert_close(got, want, **ESTIMATOR_TOL[dtype], msg=what)
 
 
-def test_names_are_registered_beside_verls_own(verl):
-    integration = verl.integration
-    assert tuple(integration.POLICY_LOSSES) == LOSS_NAMES
-    assert tuple(integration.ADV_ESTIMATORS) == ESTIMATOR_NAMES
+@pytest.mark.parametrize("name", ESTIMATORS)
+def test_estimator_dtype_is_verls(name):
+    for dtype, mask_dtype in itertools.product((torch.float64, torch.float32, torch.bfloat16),
+                                               (torch.int64, torch.float32, torch.float64)):
+        rewards, mask, uids = reward_batch(dtype, mask_dtype)
+        kwargs = dict(token_level_rewards=rewards, response_mask=mask, index=uids, config=AlgoConfig(gamma=0.9))
+        theirs = core_algos.get_adv_estimator_fn(name)(**{k: v.clone() if torch.is_tensor(v) else v
+                                                          for k, v in kwargs.items()})
+        ours = core_algos.get_adv_estimator_fn(f"fastalign_{name}")(**kwargs)
+        assert [x.dtype for x in ours] == [x.dtype for x in theirs], (dtype, mask_dtype)
+
+
+def test_multi_trajectory_grpo_is_verls_own_grpo_only():
+    """verl's v1 trainer gives its own "grpo" alone the agent-loop treatment of sessions with several
+    outputs (only each session's last output is scored, and its advantage is copied to the rest);
+    any other estimator, fastalign_grpo included, scores every output. With one output per session
+    the two agree."""
+    rewards, mask, _ = reward_batch()
+    uids = np.array(["a"] * 6 + ["b"] * 3, dtype=object)
+
+    def run(estimator, keys):
+        data = DataProto.from_dict(tensors={"token_level_rewards": rewards.clone(), "response_mask": mask.clone()},
+                                   non_tensors={"uid": uids})
+        return compute_advantage_for_multi_trajectories(data, batch_keys=keys, adv_estimator=estimator,
+                                                        config=AlgoConfig()).batch["advantages"]
+
+    single = [f"{uid}_{i}_0" for i, uid in enumerate(uids)]
+    torch.testing.assert_close(run("fastalign_grpo", single), run("grpo", single), **TOL[torch.float32])
+    sessions = ["a_0_0", "a_0_1", "a_1_0", "a_2_0", "a_2_1", "a_2_2", "b_0_0", "b_1_0", "b_1_1"]
+    assert not torch.allclose(run("fastalign_grpo", sessions), run("grpo", sessions))
+
+
+# --- registration -----------------------------------------------------------------------------
+
+
+def test_names_are_registered_beside_verls_own():
+    assert tuple(integration.POLICY_LOSSES) == tuple(f"fastalign_{n}" for n in LOSSES)
+    assert tuple(integration.ADV_ESTIMATORS) == tuple(f"fastalign_{n}" for n in ESTIMATORS)
     for name, fn in integration.POLICY_LOSSES.items():
-        assert verl.core.get_policy_loss_fn(name) is fn
-        assert verl.core.get_policy_loss_fn(name.removeprefix("fastalign_")) is not fn
+        assert core_algos.get_policy_loss_fn(name) is fn
+        assert core_algos.get_policy_loss_fn(name.removeprefix("fastalign_")) is not fn
     for name, fn in integration.ADV_ESTIMATORS.items():
-        assert verl.core.get_adv_estimator_fn(name) is fn
-        assert verl.core.get_adv_estimator_fn(name.removeprefix("fastalign_")) is not fn
+        assert core_algos.get_adv_estimator_fn(name) is fn
+        assert core_algos.get_adv_estimator_fn(name.removeprefix("fastalign_")) is not fn
     with pytest.raises(ValueError, match="Unknown advantage estimator"):
-        verl.core.get_adv_estimator_fn("fastalign_gae")  # not registered: verl gives critic values only to "gae"
+        core_algos.get_adv_estimator_fn("fastalign_gae")  # not registered: verl gives critic values only to "gae"
 
 
-def test_verl_use_external_modules_registers_the_names(monkeypatch):
-    if REAL is not None:
-        code = ("import verl.trainer.ppo.core_algos as c; "
-                f"[c.get_policy_loss_fn(n) for n in {LOSS_NAMES!r}]; "
-                f"[c.get_adv_estimator_fn(n) for n in {ESTIMATOR_NAMES!r}]")
-        env = dict(os.environ, VERL_USE_EXTERNAL_MODULES=MODULE)
-        subprocess.run([sys.executable, "-c", code], env=env, check=True, timeout=300)
-        return
-    core = install_standin(monkeypatch)
-    with fresh_integration():
-        monkeypatch.setenv("VERL_USE_EXTERNAL_MODULES", f"json,{MODULE}")
-        assert not set(LOSS_NAMES) & set(core.POLICY_LOSS_REGISTRY)
-        sys.modules["verl"].import_external_modules()
-        assert set(LOSS_NAMES) <= set(core.POLICY_LOSS_REGISTRY)
-        assert set(ESTIMATOR_NAMES) <= set(core.ADV_ESTIMATOR_REGISTRY)
+_REGISTERED = """
+import json, sys
+FIRST
+import verl.trainer.ppo.core_algos as c
+names = [n for n in list(c.POLICY_LOSS_REGISTRY) + list(c.ADV_ESTIMATOR_REGISTRY) if n.startswith("fastalign_")]
+print(json.dumps({"names": sorted(names), "imported": MODULE in sys.modules}))
+""".replace("MODULE", repr(MODULE))
+
+
+def test_registered_by_verls_plugin_entry_point_without_environment_variables():
+    """A fresh process with fastalign installed: `import verl` loads fastalign's "verl.plugins" entry
+    point, so the names are there with no VERL_USE_EXTERNAL_MODULES. With verl's plugin loading off
+    (VERL_USE_EXTERNAL_PLUGINS=none) the environment variable still works, and importing the module
+    before verl (verl then loads the half-imported module as its plugin) registers each name once."""
+    from importlib.metadata import entry_points
+
+    declared = {ep.name: ep.value for ep in entry_points(group="verl.plugins")}
+    assert declared.get("fastalign") == MODULE, (
+        f"fastalign's verl.plugins entry point is not installed ({declared}); reinstall fastalign (make install)"
+    )
+    env = {k: v for k, v in os.environ.items() if k not in ("VERL_USE_EXTERNAL_MODULES", "VERL_USE_EXTERNAL_PLUGINS")}
+    cases = {  # each child imports verl (about 6 s of CPU), so only three
+        "entry point": ({}, ""),
+        "plugins off, module listed": ({"VERL_USE_EXTERNAL_PLUGINS": "none", "VERL_USE_EXTERNAL_MODULES": MODULE}, ""),
+        "module imported first": ({}, f"import {MODULE}"),
+    }
+    children = {
+        case: subprocess.Popen([sys.executable, "-W", "ignore", "-c", _REGISTERED.replace("FIRST", first)],
+                               env={**env, **extra}, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+        for case, (extra, first) in cases.items()
+    }
+    for case, child in children.items():
+        out, err = child.communicate(timeout=300)
+        assert child.returncode == 0, f"{case}: {err[-2000:]}"
+        result = json.loads(out.strip().splitlines()[-1])
+        assert result == {"names": sorted(f"fastalign_{n}" for n in LOSSES + ESTIMATORS), "imported": True}, case
+
+
+@contextlib.contextmanager
+def fresh_integration():
+    """Lets fastalign.integrations.verl be imported anew, the registered module restored after."""
+    saved = sys.modules.pop(MODULE, None)
+    try:
+        yield
+    finally:
+        sys.modules.pop(MODULE, None)
+        if saved is not None:
+            sys.modules[MODULE] = saved
 
 
 def test_import_without_verl_says_verl_is_required(monkeypatch):
@@ -450,45 +438,48 @@ def test_import_without_verl_says_verl_is_required(monkeypatch):
         importlib.import_module(MODULE)
 
 
-def test_errors_name_verls_settings(verl):
+# --- errors and settings ----------------------------------------------------------------------
+
+
+def test_errors_name_verls_settings():
     log_prob, old, advantages, mask, _ = policy_batch()
-    loss = verl.core.get_policy_loss_fn("fastalign_vanilla")
+    loss = core_algos.get_policy_loss_fn("fastalign_vanilla")
     inputs = dict(old_log_prob=old, log_prob=log_prob, advantages=advantages, response_mask=mask)
     with pytest.raises(ValueError, match=r"^config\.clip_ratio_high: "):
-        loss(**inputs, config=verl.actor_config(clip_ratio_high=1.5))
+        loss(**inputs, config=actor_config(clip_ratio_high=1.5))
     with pytest.raises(ValueError, match=r"^config\.clip_ratio_c: "):
-        loss(**inputs, config=verl.actor_config(clip_ratio_c=0.5))
+        loss(**inputs, config=actor_config(clip_ratio_c=0.5))
     with pytest.raises(ValueError, match=r"^config: "):
         loss(**inputs, config=None)
     with pytest.raises(ValueError, match=r"^response_mask: "):
-        loss(**dict(inputs, response_mask=mask[:, :-1]), config=verl.actor_config())
+        loss(**dict(inputs, response_mask=mask[:, :-1]), config=actor_config())
     with pytest.raises(ValueError, match=r"^config\.global_batch_info\['batch_num_tokens'\]: "):
-        loss(**inputs, config=verl.actor_config(global_batch_info=dict(dp_size=2)))
+        loss(**inputs, config=actor_config(global_batch_info=dict(dp_size=2)))
 
     rewards, reward_mask, uids = reward_batch()
-    grpo = verl.core.get_adv_estimator_fn("fastalign_grpo")
+    grpo = core_algos.get_adv_estimator_fn("fastalign_grpo")
     with pytest.raises(ValueError, match=r"^index: .*uid"):
-        grpo(token_level_rewards=rewards, response_mask=reward_mask, config=verl.algo_config())
+        grpo(token_level_rewards=rewards, response_mask=reward_mask, config=AlgoConfig())
     with pytest.raises(ValueError, match=r"^index: expected 9 ids"):
-        grpo(token_level_rewards=rewards, response_mask=reward_mask, config=verl.algo_config(), index=uids[:-1])
-    reinforce = verl.core.get_adv_estimator_fn("fastalign_reinforce_plus_plus")
+        grpo(token_level_rewards=rewards, response_mask=reward_mask, config=AlgoConfig(), index=uids[:-1])
+    reinforce = core_algos.get_adv_estimator_fn("fastalign_reinforce_plus_plus")
     with pytest.raises(ValueError, match=r"^config: "):
         reinforce(token_level_rewards=rewards, response_mask=reward_mask, config=None)
     with pytest.raises(ValueError, match=r"^response_mask: "):
-        reinforce(token_level_rewards=rewards, response_mask=reward_mask[:, :-1], config=verl.algo_config())
+        reinforce(token_level_rewards=rewards, response_mask=reward_mask[:, :-1], config=AlgoConfig())
     with pytest.raises(ValueError, match=r"^config\.gamma: "):
-        reinforce(token_level_rewards=rewards, response_mask=reward_mask, config=verl.algo_config(gamma=1.5))
+        reinforce(token_level_rewards=rewards, response_mask=reward_mask, config=AlgoConfig(gamma=1.5))
 
 
-def test_reinforce_plus_plus_reads_gamma_as_an_attribute(verl):
+def test_reinforce_plus_plus_reads_gamma_as_an_attribute():
     # verl's own estimator reads config.gamma; its tests pass a plain namespace without .get().
-    rewards, mask, uids = reward_batch()
+    rewards, mask, uids = reward_batch(torch.float64, torch.float64)
     config = types.SimpleNamespace(gamma=0.9)
-    ours = verl.core.get_adv_estimator_fn("fastalign_reinforce_plus_plus")(
+    ours = core_algos.get_adv_estimator_fn("fastalign_reinforce_plus_plus")(
         token_level_rewards=rewards.clone(), response_mask=mask.clone(), config=config, index=uids,
     )
-    theirs = verl.core.get_adv_estimator_fn("reinforce_plus_plus")(
+    theirs = core_algos.get_adv_estimator_fn("reinforce_plus_plus")(
         token_level_rewards=rewards.clone(), response_mask=mask.clone(), config=config, index=uids,
     )
     for got, want in zip(ours, theirs):
-        torch.testing.assert_close(got.to(want.dtype), want, rtol=1e-5, atol=1e-6)
+        torch.testing.assert_close(got, want, **ESTIMATOR_TOL[torch.float64])

@@ -13,12 +13,16 @@ Importing this module registers, in `verl.trainer.ppo.core_algos`:
 | | `fastalign_reinforce_plus_plus` | `reinforce_plus_plus` |
 | | `fastalign_reinforce_plus_plus_baseline` | `reinforce_plus_plus_baseline` |
 
-verl imports every module listed in `VERL_USE_EXTERNAL_MODULES` when `verl` itself is imported, in
-the driver and in every Ray worker, so `VERL_USE_EXTERNAL_MODULES=fastalign.integrations.verl`
-makes the names selectable. The policy losses read verl's actor config as verl's do
-(`clip_ratio`, `clip_ratio_low`, `clip_ratio_high`, `clip_ratio_c`, `tau_pos`, `tau_neg`,
-`global_batch_info`) and return verl's `(pg_loss, {"actor/pg_clipfrac", "actor/ppo_kl",
-"actor/pg_clipfrac_lower"})`; verl adds the KL and entropy terms itself.
+Installing fastalign is enough: it declares this module in verl's `verl.plugins` entry-point group,
+which `import verl` loads in every process that imports verl (the driver and its Ray workers).
+`VERL_USE_EXTERNAL_PLUGINS=none` turns verl's plugin loading off; then
+`VERL_USE_EXTERNAL_MODULES=fastalign.integrations.verl` (or importing this module) registers the names.
+The policy losses read verl's actor config as verl's do (`clip_ratio`, `clip_ratio_low`,
+`clip_ratio_high`, `clip_ratio_c`, `tau_pos`, `tau_neg`, `global_batch_info`) and return verl's
+`(pg_loss, {"actor/pg_clipfrac", "actor/ppo_kl", "actor/pg_clipfrac_lower"})`; verl adds the KL and
+entropy terms itself. Losses and advantages come back in the dtype verl's own would have: bf16 inputs
+give a bf16 loss where verl's is bf16 ("token-mean" and "token-sum" with a bool or integer mask; its
+sequence means and SAPO divide by fp32 counts), computed in fp32 and rounded once.
 
 GAE is not registered: verl's trainer hands the critic's values only to its own "gae" and starts a
 critic only for that name, so a registered GAE would never receive them.
@@ -118,6 +122,20 @@ def _loss_options(loss_type: str, loss_agg_mode: str, config):
     return grpo_options(loss_type, convention="verl", **options), info
 
 
+def _verl_loss_dtype(loss_type, loss_agg_mode, old_log_prob, log_prob, advantages, response_mask,
+                     rollout_is_weights) -> torch.dtype:
+    """The dtype verl's own loss of that name returns for these inputs: torch's promotion through its
+    arithmetic. The per-token loss takes the promoted dtype of the log-probs, the advantages, the
+    rollout weights and a floating-point mask; agg_loss's sequence means divide by fp32 counts."""
+    dtype = torch.promote_types(torch.promote_types(log_prob.dtype, old_log_prob.dtype), advantages.dtype)
+    for tensor in (rollout_is_weights, response_mask):
+        if tensor is not None and tensor.is_floating_point():
+            dtype = torch.promote_types(dtype, tensor.dtype)
+    if loss_type == "sapo" or loss_agg_mode.startswith("seq-mean"):
+        dtype = torch.promote_types(dtype, torch.float32)
+    return dtype
+
+
 def _policy_loss(loss_type, old_log_prob, log_prob, advantages, response_mask, loss_agg_mode, config,
                  rollout_is_weights):
     config = _require(config, f"fastalign_{loss_type}")
@@ -128,8 +146,13 @@ def _policy_loss(loss_type, old_log_prob, log_prob, advantages, response_mask, l
             importance_sampling_ratio=rollout_is_weights, batch_num_tokens=info.get("batch_num_tokens"),
             global_batch_size=info.get("global_batch_size"), options=options,
         )
+    # fastalign computes in fp32 (fp64 for fp64 log-probs); the result is handed back in the dtype
+    # verl's loss would have, so that what verl adds to it (entropy and KL terms) and the backward
+    # pass see the same dtypes as with verl's own loss.
+    loss = out.loss.to(_verl_loss_dtype(loss_type, loss_agg_mode, old_log_prob, log_prob, advantages, response_mask,
+                                        rollout_is_weights))
     # verl's losses log python floats; verl adds actor/pg_loss itself.
-    return out.loss, {name: float(out.metrics[name]) for name in _METRICS}
+    return loss, {name: float(out.metrics[name]) for name in _METRICS}
 
 
 def _make_policy_loss(loss_type: str):
@@ -173,11 +196,20 @@ def _group_ids(index, batch: int, device: torch.device, name: str) -> torch.Tens
     return torch.tensor([ids.setdefault(uid, len(ids)) for uid in uids], dtype=torch.int64, device=device)
 
 
+def _verl_advantage_dtype(token_level_rewards, response_mask) -> torch.dtype:
+    """The dtype verl's estimators return: the rewards' promoted with a floating-point mask's (they
+    end by multiplying by the mask)."""
+    if isinstance(response_mask, torch.Tensor) and response_mask.is_floating_point():
+        return torch.promote_types(token_level_rewards.dtype, response_mask.dtype)
+    return token_level_rewards.dtype
+
+
 def _group_estimator(name: str, token_level_rewards, response_mask, index, **options):
     with _verl_names():
         group_index = _group_ids(index, token_level_rewards.shape[0], token_level_rewards.device, name)
         advantages = group_advantages(token_level_rewards.sum(dim=-1), group_index=group_index, convention="verl",
                                       response_mask=response_mask, **options)
+    advantages = advantages.to(_verl_advantage_dtype(token_level_rewards, response_mask))
     # verl's outcome estimators return the advantages as the returns too.
     return advantages, advantages
 
@@ -217,7 +249,10 @@ def compute_fastalign_reinforce_plus_plus_advantage(token_level_rewards, respons
     # fastalign's scan is verl 0.9.1's (core_algos.py:694-731): masked tokens (tool observations
     # inside a multi-turn response) are skipped and their returns are 0, so the call is direct.
     with _verl_names():
-        return reinforce_plus_plus_advantages(token_level_rewards, response_mask, gamma=gamma)
+        advantages, returns = reinforce_plus_plus_advantages(token_level_rewards, response_mask, gamma=gamma)
+    # verl scans into a zeros_like(rewards) buffer, so its returns keep the rewards' dtype.
+    advantages = advantages.to(_verl_advantage_dtype(token_level_rewards, response_mask))
+    return advantages, returns.to(token_level_rewards.dtype)
 
 
 ADV_ESTIMATORS = {
