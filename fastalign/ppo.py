@@ -188,6 +188,11 @@ def ppo_loss(
         vpreds_ = check_tokens("vpreds", vpreds, shape, device)
         values_ = check_tokens("values", values, shape, device).detach()
         returns_ = check_tokens("returns", returns, shape, device).detach()
+        # Past a response's end the rollout may leave anything (NaN returns): masked_total never reads
+        # those tokens, but the squared error's gradient there would be 0 * NaN.
+        kept = vmask != 0
+        values_ = torch.where(kept, values_, vpreds_.detach())
+        returns_ = torch.where(kept, returns_, vpreds_.detach())
         per_token, clipped = reference.clipped_value_loss(vpreds_, values_, returns_, o.value_clip)
         vf_loss = 0.5 * reference.masked_total(per_token, weights(vmask, vmask_dtype))
         loss = loss + o.vf_coef * vf_loss

@@ -106,9 +106,20 @@ def objective(
 
     `log_ratio_` overrides the token log-ratio (sequence-level importance sampling)."""
     lr = log_ratio(logps, old_logps, obj.log_ratio_clamp) if log_ratio_ is None else log_ratio_
-    pg, ratio = surrogate(lr, logps, advantages, obj)
+    lr_loss = lr
+    if log_ratio_ is None:
+        # Padding holds whatever the rollout left there (NaN, a log-prob of -1e4): masked_total never
+        # reads its value, but autograd would still multiply the 0 weight by exp(inf) or NaN and send
+        # NaN into the log-probs. The loss sees a ratio of 1 and an advantage of 0 there instead (the
+        # pieces keep the rollout's ratio: metrics average it over the completion mask).
+        unread = w_pg == 0 if w_kl is None else (w_pg == 0) & (w_kl == 0)
+        lr_loss = torch.where(unread, 0.0, lr)
+        advantages = torch.where(unread, 0.0, advantages)
+        if ref_logps is not None:
+            ref_logps = torch.where(unread, logps.detach(), ref_logps)
+    pg, ratio = surrogate(lr_loss, logps, advantages, obj)
     loss = masked_total(pg, w_pg)
-    out = {"pg": pg, "ratio": ratio, "log_ratio": lr}
+    out = {"pg": pg, "ratio": ratio if lr_loss is lr else torch.exp(lr), "log_ratio": lr}
     if obj.kl != "none":
         kl = kl_penalty(logps, ref_logps, obj)
         if obj.kl_bias_correction:

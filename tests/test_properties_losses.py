@@ -1,0 +1,759 @@
+"""Property-based tests (hypothesis) for the losses and estimators tests/test_properties.py leaves
+out: PPO, RLOO, KTO, ORPO, CPO/SimPO, GAE, REINFORCE++, the Bradley-Terry reward loss and TRL's
+fused-LM-head adapter. Each runs on every live backend against a float64 truth (the reference
+backend on float64 inputs), with the tolerance of tests/numerics.py; where an op takes log-probs
+the float64 truth is also checked against plain autograd through `torch.log_softmax`, so a wrong
+hand-written gradient in the reference cannot hide behind its own agreement with the kernels.
+The profile is derandomized with fixed example counts (tests/conftest.py)."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+from conftest import DEVICE, live_backends
+from numerics import assert_as_accurate_as_reference
+
+hypothesis = pytest.importorskip("hypothesis")
+from hypothesis import given, settings  # noqa: E402
+from hypothesis import strategies as st  # noqa: E402
+
+import fastalign  # noqa: E402
+
+BACKENDS = live_backends()
+TRANSFORMS = ({}, {"temperature": 0.7}, {"logit_scale": 0.5, "softcap": 30.0, "temperature": 0.9},
+              {"softcap": 5.0}, {"logit_scale": -1.5})
+
+
+def _generator(seed: int) -> torch.Generator:
+    return torch.Generator().manual_seed(seed)
+
+
+def _transformed(x: torch.Tensor, transform: dict) -> torch.Tensor:
+    """The logits the softmax sees: logit_scale, then softcap, then temperature (TRL's order)."""
+    z = x * transform.get("logit_scale", 1.0)
+    if transform.get("softcap"):
+        z = transform["softcap"] * torch.tanh(z / transform["softcap"])
+    return z / transform.get("temperature", 1.0)
+
+
+def _plain_fields(x: torch.Tensor, labels: torch.Tensor, transform: dict) -> tuple[torch.Tensor, torch.Tensor]:
+    """(log-prob of each label, entropy) by plain autograd through log_softmax; labels in [0, V)."""
+    log_p = torch.log_softmax(_transformed(x, transform), dim=-1)
+    logps = log_p.gather(-1, labels.clamp(min=0).unsqueeze(-1)).squeeze(-1)
+    entropy = -torch.where(log_p > -math.inf, log_p.exp() * log_p, 0.0).sum(-1)
+    return logps, entropy
+
+
+def _mask(draw, g: torch.Generator, B: int, T: int) -> torch.Tensor:
+    """A completion mask as trainers build them: all ones, right padding, random holes (tool
+    tokens), one sequence with no counted token, or none counted at all; bool, int or float."""
+    kind = draw(st.sampled_from(["ones", "padded", "holes", "empty_row", "empty"]))
+    if kind == "ones":
+        m = torch.ones(B, T, dtype=torch.bool)
+    elif kind == "padded":
+        lengths = torch.randint(0, T + 1, (B,), generator=g)
+        m = torch.arange(T).unsqueeze(0) < lengths.unsqueeze(1)
+    elif kind == "holes":
+        m = torch.rand(B, T, generator=g) < 0.7
+    elif kind == "empty_row":
+        m = torch.rand(B, T, generator=g) < 0.8
+        m[torch.randint(0, B, (1,), generator=g)] = False
+    else:
+        m = torch.zeros(B, T, dtype=torch.bool)
+    return m.to(draw(st.sampled_from([torch.bool, torch.int64, torch.float32]))).to(DEVICE)
+
+
+def _close_to_truth(value, truth, name, rtol=1e-6):
+    """Two float64 computations of the same quantity that differ in method (and, for per-token
+    inputs the op rounds to fp32, by that rounding): equal NaN pattern, close elsewhere."""
+    value, truth = value.detach().double(), truth.detach().double()
+    assert torch.equal(torch.isnan(value), torch.isnan(truth)), f"{name}: NaN at different positions"
+    finite = torch.isfinite(truth)
+    assert torch.equal(value[~finite & ~torch.isnan(truth)], truth[~finite & ~torch.isnan(truth)]), name
+    if finite.any():
+        scale = float(truth[finite].abs().max())
+        err = float((value - truth)[finite].abs().max())
+        assert err <= rtol * (1.0 + scale), f"{name}: {err:.3g} apart (scale {scale:.3g})"
+
+
+def _scalar(x: torch.Tensor) -> torch.Tensor:
+    return x.detach().reshape(1)
+
+
+# PPO ----------------------------------------------------------------------------------------------
+
+PPO_METRICS = ("pg_loss", "approx_kl", "ppo_kl", "clipfrac", "pg_clipfrac_lower", "entropy", "kl", "vf_loss",
+               "vf_clipfrac")
+KL_ESTIMATORS = {"verl": ("k1", "abs", "k2", "k3", "low_var_kl", "kl", "mse", "k3+", "low_var_kl+"),
+                 "trl": ("k1", "abs", "k2", "k3", "low_var_kl", "k3+")}
+AGG_MODES = ("token-mean", "token-sum", "seq-mean-token-mean", "seq-mean-token-sum", "seq-mean-token-sum-norm")
+
+
+@st.composite
+def ppo_cases(draw):
+    B = draw(st.integers(1, 3))
+    T = draw(st.integers(1, 6))
+    V = draw(st.sampled_from([1, 2, 7, 33, 130]))
+    dtype = draw(st.sampled_from([torch.float32, torch.bfloat16]))
+    g = _generator(draw(st.integers(0, 2**16)))
+    level = draw(st.sampled_from(["logits", "logits", "logits", "hidden"]))
+    transform = draw(st.sampled_from(TRANSFORMS))
+    spread = draw(st.sampled_from([0.3, 3.0, 30.0]))
+    if level == "hidden":
+        H = draw(st.sampled_from([1, 5, 16]))
+        hidden = torch.randn(B, T, H, generator=g).to(dtype).to(DEVICE)
+        weight = (torch.randn(V, H, generator=g) * spread / H**0.5).to(dtype).to(DEVICE)
+        bias = torch.randn(V, generator=g).to(dtype).to(DEVICE) if draw(st.booleans()) else None
+        inputs = {"hidden": hidden, "weight": weight, "bias": bias}
+        logits32 = hidden.float() @ weight.float().t() + (0 if bias is None else bias.float())
+    else:
+        layout = draw(st.sampled_from(["contiguous", "shifted"]))
+        if layout == "shifted":  # logits[:, :-1] of a causal LM's output, read in place
+            x = torch.randn(B, T + 1, V, generator=g)[:, :-1]
+        else:
+            x = torch.randn(B, T, V, generator=g)
+        inputs = {"logits": (x * spread).to(dtype).to(DEVICE)}
+        logits32 = inputs["logits"].float()
+    labels = torch.randint(0, V, (B, T), generator=g).to(DEVICE)
+    mask = _mask(draw, g, B, T)
+    counted = mask != 0
+    current = _plain_fields(logits32.double(), labels, transform)[0].float()
+
+    convention = draw(st.sampled_from(["verl", "trl"]))
+    options = {"convention": convention, "transform": transform}
+    low, high = draw(st.sampled_from([(0.2, 0.2), (0.2, 0.28), (0.05, 0.9)]))
+    options.update(epsilon_low=low, epsilon_high=high)
+    if convention == "verl":
+        options["dual_clip"] = draw(st.sampled_from([None, 1.5, 3.0]))
+    options["loss_agg_mode"] = draw(st.sampled_from(AGG_MODES))
+    if draw(st.booleans()):
+        options["loss_scale_factor"] = draw(st.sampled_from([1.0, 7.0]))
+    extra = {}
+    if draw(st.booleans()):  # a data-parallel shard: verl's global token / sequence counts
+        options["dp_size"] = 2
+        extra["batch_num_tokens"] = float(counted.sum()) * 2 + 3
+        extra["global_batch_size"] = float(B * 2 + 1)
+    options["entropy_coef"] = draw(st.sampled_from([0.0, 0.0, 0.01, 1.0]))
+    options["kl_coef"] = draw(st.sampled_from([0.0, 0.05, 1.0]))
+    options["kl_estimator"] = draw(st.sampled_from(KL_ESTIMATORS[convention]))
+
+    # Advantages per sequence ([B] or [B, 1], GRPO-style outcomes) or per token (GAE), some exactly 0.
+    adv_shape = draw(st.sampled_from([(B,), (B, 1), (B, T)]))
+    adv_scale = draw(st.sampled_from([1e-3, 1.0, 1e3]))
+    adv = torch.randn(adv_shape, generator=g) * adv_scale
+    adv[torch.rand(adv_shape, generator=g) < 0.15] = 0.0
+    # The rollout's log-probs: on-policy (None), or off by up to |log r| = 60 (verl clamps at 20).
+    # Padding (masked) positions hold whatever the rollout left there, NaN included: never read.
+    pad = draw(st.sampled_from([0.0, -1e4, math.nan]))
+    old = None
+    if draw(st.sampled_from([False, True, True])):
+        off = draw(st.sampled_from([0.01, 0.3, 3.0, 30.0]))
+        old = current + (torch.randn(B, T, generator=g) * off).clamp(-60, 60)
+        old = old.masked_fill(~counted, pad)
+    ref = current + torch.randn(B, T, generator=g) * draw(st.sampled_from([0.1, 2.0, 20.0]))
+    ref = ref.masked_fill(~counted, pad)
+    if adv.shape == (B, T):
+        adv = adv.masked_fill(~counted, pad)
+    extra["rollout_is_weights"] = None
+    if draw(st.booleans()):
+        extra["rollout_is_weights"] = (torch.rand(B, T, generator=g) * 2).masked_fill(~counted, 0.0).to(DEVICE)
+    value = None
+    if draw(st.booleans()):
+        vscale = draw(st.sampled_from([0.1, 1.0, 100.0]))
+        vpreds, values, returns = (torch.randn(B, T, generator=g) * vscale for _ in range(3))
+        values = vpreds + torch.randn(B, T, generator=g) * draw(st.sampled_from([0.01, 1.0]))
+        value_mask = None if draw(st.booleans()) else _mask(draw, g, B, T)
+        unvalued = ~counted if value_mask is None else value_mask == 0
+        values, returns = values.masked_fill(unvalued, pad), returns.masked_fill(unvalued, pad)
+        options["value_clip"] = draw(st.sampled_from([None, 0.2, 5.0]))
+        options["vf_coef"] = draw(st.sampled_from([0.1, 1.0]))
+        value = {"vpreds": vpreds.to(dtype).to(DEVICE), "values": values.to(DEVICE), "returns": returns.to(DEVICE),
+                 "value_mask": value_mask}
+    return inputs, labels, mask, adv.to(DEVICE), old if old is None else old.to(DEVICE), ref.to(DEVICE), options, \
+        extra, value
+
+
+def _run_ppo(inputs, labels, mask, adv, old, ref, options, extra, value, backend, to=None):
+    """(loss, metrics, gradients of every differentiable input) on `backend`, inputs cast to `to`."""
+    cast = (lambda t: t) if to is None else (lambda t: t.to(to))
+    leaves = {k: cast(v).detach().requires_grad_(True) for k, v in inputs.items() if v is not None}
+    kwargs = dict(options)
+    transform = kwargs.pop("transform")
+    vkw = {}
+    if value is not None:
+        vkw = dict(value)
+        vkw["vpreds"] = cast(vkw["vpreds"]).detach().requires_grad_(True)
+        leaves["vpreds"] = vkw["vpreds"]
+    with fastalign.use_backend(backend):
+        out = fastalign.ppo_loss(
+            leaves.get("logits"), labels, hidden=leaves.get("hidden"), weight=leaves.get("weight"),
+            bias=leaves.get("bias"), completion_mask=mask, advantages=adv, old_logps=old,
+            ref_logps=ref if options["kl_coef"] else None, **vkw, **extra, **kwargs, **transform,
+        )
+        grads = torch.autograd.grad(out.loss, list(leaves.values()))
+    return out, dict(zip(leaves, grads))
+
+
+def _through_logprobs(inputs, labels, transform, loss_fn):
+    """`loss_fn(logps, entropies)` fed with float64 per-token log-probs and entropies from plain
+    log_softmax of `inputs` (logits, or hidden @ weight.T + bias), through autograd end to end.
+    Returns (output, gradients of the inputs, upstream): upstream is the largest magnitude of the
+    per-token gradients d loss / d logp_t and d loss / d H_t (times 1 + H), the size of the terms
+    each logit's gradient is formed from."""
+    leaves = {k: v.double().detach().requires_grad_(True) for k, v in inputs.items() if v is not None}
+    if "logits" in leaves:
+        logits = leaves["logits"]
+    else:
+        logits = leaves["hidden"] @ leaves["weight"].t() + (leaves["bias"] if "bias" in leaves else 0.0)
+    logps, entropy = _plain_fields(logits, labels, transform)
+    token_leaves = [t.detach().requires_grad_(True) for t in (logps, entropy)]
+    out, extra_leaves = loss_fn(*token_leaves)
+    grads = torch.autograd.grad(out.loss, token_leaves + list(extra_leaves.values()), allow_unused=True)
+    grads = [torch.zeros_like(t) if gr is None else gr for t, gr in zip(token_leaves + list(extra_leaves.values()),
+                                                                        grads)]
+    g_logps, g_entropy = grads[:2]
+    upstream = float(g_logps.abs().max() + (g_entropy.abs() * (1 + entropy.detach().abs())).max()) \
+        if g_logps.numel() else 0.0
+    x_grads = torch.autograd.grad((logps, entropy), list(leaves.values()), (g_logps, g_entropy))
+    return out, {**dict(zip(leaves, x_grads)), **dict(zip(extra_leaves, grads[2:]))}, upstream
+
+
+def _term_scale(name, inputs, upstream, transform):
+    """The magnitude of the terms summed into one element of the gradient of `name`: the logits'
+    d loss / d z_j = g * (1[j = y] - p_j) cancels for a near-certain label (1 - p_y computed in
+    fp32), so its accuracy is relative to g, not to the result; hidden, weight and bias sum those
+    over the vocabulary or the tokens."""
+    g = upstream * abs(transform.get("logit_scale", 1.0)) / transform.get("temperature", 1.0)
+    if name == "logits":
+        return g
+    if name == "hidden":
+        return g * float(inputs["weight"].double().abs().sum(0).max())
+    if name == "weight":
+        return g * float(inputs["hidden"].double().abs().reshape(-1, inputs["hidden"].shape[-1]).sum(0).max())
+    if name == "bias":
+        return g * inputs["hidden"][..., 0].numel()
+    return 0.0
+
+
+def _assert_gradient(grad, ref, truth, name, terms=0.0, sensitivity=0.0, slack_eps=4.0):
+    """numerics.py's criterion, its scale at least `terms` (see `_term_scale`) and its slack times
+    1 + `sensitivity` (how many ulps an input of the gradient, such as a ratio exp(l - o) whose
+    log-prob l is -48, is already off by in fp32)."""
+    scale = float(truth[torch.isfinite(truth)].abs().max()) if torch.isfinite(truth).any() else 0.0
+    slack_eps = slack_eps * (1 + sensitivity) * (1 + max(scale, terms)) / (1 + scale)
+    assert_as_accurate_as_reference(grad, ref, truth, name, slack_eps=slack_eps)
+
+
+def _run_ppo_plain(inputs, labels, mask, adv, old, ref, options, extra, value):
+    """The same loss in float64 at the log-prob level: per-token log-probs and entropies from plain
+    log_softmax, the objective through autograd (no backend, no hand-written gradient)."""
+    kwargs = dict(options)
+    transform = kwargs.pop("transform")
+
+    def loss_fn(logps, entropy):
+        vkw = {}
+        if value is not None:
+            vkw = dict(value)
+            vkw["vpreds"] = vkw["vpreds"].double().detach().requires_grad_(True)
+        out = fastalign.ppo_loss(
+            logps=logps, entropies=entropy, completion_mask=mask, advantages=adv, old_logps=old,
+            ref_logps=ref if options["kl_coef"] else None, **vkw, **extra, **kwargs,
+        )
+        return out, ({"vpreds": vkw["vpreds"]} if value is not None else {})
+
+    return _through_logprobs(inputs, labels, transform, loss_fn)
+
+
+def _assert_aggregate(value, ref, truth, magnitude, name, slack_eps=4.0):
+    """A loss or metric that sums per-token terms is as accurate as those terms: numerics.py's
+    criterion with the sum of the terms' magnitudes as the scale, since the total may cancel
+    (a KL of l - q over tokens whose log-probs are each off by an ulp)."""
+    value, ref, truth = (float(_scalar(t).double()) for t in (value, ref, truth))
+    if math.isnan(truth):
+        assert math.isnan(value), f"{name}: {value} where the float64 truth is NaN"
+        return
+    if math.isinf(truth):
+        assert value == truth, f"{name}: {value} where the float64 truth is {truth}"
+        return
+    assert math.isfinite(value), f"{name}: {value} where the float64 truth is {truth}"
+    allowed = abs(ref - truth) + slack_eps * torch.finfo(torch.float32).eps * (1.0 + abs(truth) + magnitude)
+    assert abs(value - truth) <= allowed, f"{name}: error {abs(value - truth):.3g} vs float64 exceeds {allowed:.3g}"
+
+
+def _ppo_magnitudes(inputs, labels, mask, adv, old, ref, options, extra, value):
+    """The sum of the magnitudes of the per-token terms behind the PPO loss and each metric."""
+    from fastalign.reference.policy import verl_weights
+
+    x = inputs["logits"].double() if "logits" in inputs else (
+        inputs["hidden"].double() @ inputs["weight"].double().t()
+        + (0 if inputs["bias"] is None else inputs["bias"].double()))
+    logps, entropy = _plain_fields(x, labels, options["transform"])
+    m = (mask != 0).double()
+    counted = mask != 0
+    n = m.sum().clamp(min=1)
+    w = verl_weights(m, options["loss_agg_mode"], dp_size=options.get("dp_size", 1),
+                     batch_num_tokens=extra.get("batch_num_tokens"), global_batch_size=extra.get("global_batch_size"),
+                     loss_scale_factor=options.get("loss_scale_factor")).abs()
+    w_pg = w if extra["rollout_is_weights"] is None else w * extra["rollout_is_weights"].double()
+
+    def at_tokens(t):
+        return torch.where(counted, torch.broadcast_to(t.double(), m.shape), 0.0)
+
+    l_ = at_tokens(logps)
+    o_ = l_ if old is None else at_tokens(old)
+    q_ = at_tokens(ref)
+    a_ = at_tokens(adv if adv.dim() == 2 else adv.unsqueeze(-1)).abs()
+    lr = (l_ - o_).clamp(-20, 20) if options["convention"] == "verl" else l_ - o_
+    base = 1 + l_.abs() + o_.abs() + q_.abs()
+    out = {
+        "pg_loss": float((w_pg * (1 + a_ * lr.exp()) * (1 + lr.abs()) * base).sum()),
+        "kl": float((w * base * (1 + (l_ - q_).abs())).sum()),
+        "entropy": float((m / n * (1 + entropy.abs())).sum()),
+        "approx_kl": float((m / n * base * (1 + lr.abs())).sum()),
+        "ppo_kl": float((m / n * base).sum()),
+        "vf_loss": 0.0,
+    }
+    if value is not None:
+        vm = counted if value["value_mask"] is None else value["value_mask"] != 0
+        w_v = verl_weights(vm.double(), options["loss_agg_mode"], dp_size=options.get("dp_size", 1),
+                           batch_num_tokens=extra.get("batch_num_tokens"),
+                           global_batch_size=extra.get("global_batch_size"),
+                           loss_scale_factor=options.get("loss_scale_factor")).abs()
+        terms = 1 + sum(torch.where(vm, t.double(), 0.0).abs() for t in (value["vpreds"], value["values"],
+                                                                         value["returns"]))
+        out["vf_loss"] = float(0.5 * (w_v * terms.square()).sum())
+    # The gradient w.r.t. the logits carries a factor r = exp(l - o) (and e^(q - l) for k3), and a
+    # log-prob of -48 is only known to 48 ulps in fp32: the gradient's tolerance grows with |l|.
+    out["gradient"] = float(l_.abs().max()) if (old is not None or options["kl_coef"]) and l_.numel() else 0.0
+    out["loss"] = (out["pg_loss"] + options["kl_coef"] * out["kl"]
+                   + options["entropy_coef"] * float((w * (1 + entropy.abs())).sum())
+                   + options.get("vf_coef", 0.1) * out["vf_loss"])
+    return out
+
+
+@settings(max_examples=40)
+@given(case=ppo_cases())
+def test_ppo_loss_metrics_and_gradients_match_float64_truth_on_every_backend(case):
+    inputs, labels, mask, adv, old, ref, options, extra, value = case
+    truth, truth_grads = _run_ppo(*case, "reference", to=torch.float64)
+    plain, plain_grads, upstream = _run_ppo_plain(*case)
+    _close_to_truth(plain.loss, truth.loss, "float64 loss: reference backend vs plain autograd")
+    if torch.isfinite(truth.loss):  # verl's seq-mean modes over a batch without a counted token: 0/0
+        for name in truth_grads:
+            _close_to_truth(plain_grads[name], truth_grads[name], f"float64 grad {name}: reference vs plain autograd")
+    ref_out, ref_grads = _run_ppo(*case, "reference")
+    magnitude = _ppo_magnitudes(*case)
+    slack = 16.0 if "hidden" in inputs else 4.0
+    counted = mask != 0
+    for backend in BACKENDS:
+        out, grads = _run_ppo(*case, backend)
+        _assert_aggregate(out.loss, ref_out.loss, truth.loss, magnitude["loss"], f"{backend} loss", slack)
+        assert set(out.metrics) == set(truth.metrics), backend
+        for name in PPO_METRICS:
+            if name in truth.metrics:
+                _assert_aggregate(out.metrics[name], ref_out.metrics[name], truth.metrics[name],
+                                  magnitude.get(name, 0.0), f"{backend} {name}", slack)
+        for name, grad in grads.items():
+            leaf = value["vpreds"] if name == "vpreds" else inputs[name]
+            assert grad.dtype == leaf.dtype and grad.shape == leaf.shape, (backend, name)
+            _assert_gradient(grad, ref_grads[name], truth_grads[name], f"{backend} grad {name}",
+                             _term_scale(name, inputs, upstream, options["transform"]), magnitude["gradient"], slack)
+        # A token the mask leaves out gets no gradient at all, however wild its inputs.
+        if not torch.isfinite(truth.loss):
+            continue
+        if "logits" in grads:
+            assert (grads["logits"][~counted] == 0).all(), backend
+        if "hidden" in grads:
+            assert (grads["hidden"][~counted] == 0).all(), backend
+        if value is not None:
+            vmask = counted if value["value_mask"] is None else value["value_mask"] != 0
+            assert (grads["vpreds"][~vmask] == 0).all(), backend
+
+
+@st.composite
+def padded_logps_cases(draw):
+    """Per-token log-probs as TRL's and verl's trainers hand them to the loss ([B, T] over the
+    completion, entropies beside), with the padding of every per-token input holding some value
+    the rollout left there."""
+    B = draw(st.integers(1, 3))
+    T = draw(st.integers(1, 6))
+    g = _generator(draw(st.integers(0, 2**16)))
+    mask = _mask(draw, g, B, T)
+    logps = -torch.rand(B, T, generator=g, dtype=torch.float64) * draw(st.sampled_from([0.5, 5.0]))
+    entropies = torch.rand(B, T, generator=g, dtype=torch.float64) * 3
+    old = logps + torch.randn(B, T, generator=g, dtype=torch.float64) * 0.3
+    ref = logps + torch.randn(B, T, generator=g, dtype=torch.float64) * 0.3
+    adv = torch.randn(B, T, generator=g, dtype=torch.float64)
+    pad = draw(st.sampled_from([math.nan, math.inf, -math.inf, -1e4, 1e4]))
+    return logps, entropies, mask, old, ref, adv, pad
+
+
+@settings(max_examples=30)
+@given(case=padded_logps_cases(), convention=st.sampled_from(["verl", "trl"]),
+       kl_estimator=st.sampled_from(["k1", "k3", "low_var_kl", "k2"]), dtype=st.sampled_from([torch.float32,
+                                                                                               torch.float64]))
+def test_ppo_from_logps_ignores_whatever_padding_holds(case, convention, kl_estimator, dtype):
+    # What a masked position of old_logps, ref_logps or the advantages holds (NaN, an infinity, a
+    # far-off log-prob) reaches neither the loss nor, through 0 * inf, the gradient of the
+    # log-probs: the same loss and gradient as with benign padding, and 0 on the padding.
+    logps, entropies, mask, old, ref, adv, pad = case
+    counted = mask != 0
+
+    def run(padding):
+        leaf = logps.to(dtype).requires_grad_(True)
+        ent = entropies.to(dtype).requires_grad_(True)
+        padded = [t.masked_fill(~counted, padding).to(dtype) for t in (old, ref, adv)]
+        out = fastalign.ppo_loss(logps=leaf, entropies=ent, completion_mask=mask, advantages=padded[2],
+                                 old_logps=padded[0], ref_logps=padded[1], convention=convention, kl_coef=0.1,
+                                 kl_estimator=kl_estimator, entropy_coef=0.01,
+                                 dual_clip=3.0 if convention == "verl" else None)
+        return out.loss, torch.autograd.grad(out.loss, (leaf, ent))
+
+    loss, grads = run(pad)
+    benign_loss, benign_grads = run(0.0)
+    assert torch.isfinite(loss)
+    torch.testing.assert_close(loss, benign_loss, rtol=0, atol=0)
+    for grad, benign in zip(grads, benign_grads):
+        assert torch.isfinite(grad).all()
+        assert (grad[~counted] == 0).all()
+        torch.testing.assert_close(grad, benign, rtol=0, atol=0)
+
+
+# RLOO ---------------------------------------------------------------------------------------------
+
+
+@st.composite
+def rloo_cases(draw):
+    groups = draw(st.integers(1, 2))
+    G = draw(st.sampled_from([1, 2, 3]))
+    B, T = groups * G, draw(st.integers(1, 5))
+    V = draw(st.sampled_from([1, 2, 7, 33, 130]))
+    dtype = draw(st.sampled_from([torch.float32, torch.bfloat16]))
+    g = _generator(draw(st.integers(0, 2**16)))
+    spread = draw(st.sampled_from([0.3, 3.0, 30.0]))
+    level = draw(st.sampled_from(["logits", "logits", "hidden"]))
+    if level == "hidden":
+        H = draw(st.sampled_from([1, 5, 16]))
+        inputs = {"hidden": torch.randn(B, T, H, generator=g).to(dtype).to(DEVICE),
+                  "weight": (torch.randn(V, H, generator=g) * spread / H**0.5).to(dtype).to(DEVICE),
+                  "bias": None}
+        logits32 = inputs["hidden"].float() @ inputs["weight"].float().t()
+    else:
+        inputs = {"logits": (torch.randn(B, T, V, generator=g) * spread).to(dtype).to(DEVICE)}
+        logits32 = inputs["logits"].float()
+    transform = draw(st.sampled_from(TRANSFORMS))
+    labels = torch.randint(0, V, (B, T), generator=g).to(DEVICE)
+    mask = _mask(draw, g, B, T)
+    if draw(st.booleans()):
+        # TRL's leave-one-out advantages from one scalar reward per completion.
+        rewards = torch.randn(B, generator=g) * draw(st.sampled_from([0.01, 1.0, 100.0]))
+        adv = fastalign.group_advantages(rewards.to(DEVICE), group_size=G, estimator="rloo")
+    else:
+        adv = (torch.randn(B, generator=g) * draw(st.sampled_from([1e-3, 1.0, 1e3]))).to(DEVICE)
+    old = None
+    if draw(st.sampled_from([False, True, True])):
+        # The rollout's completion log-probs, summed over the counted tokens as TRL stores them.
+        current = _plain_fields(logits32.double(), labels, transform)[0].float()
+        summed = torch.where(mask != 0, current, 0.0).sum(-1)
+        off = draw(st.sampled_from([0.01, 0.3, 3.0, 30.0]))
+        old = (summed + (torch.randn(B, generator=g).to(DEVICE) * off).clamp(-60, 60))
+        if draw(st.booleans()):
+            old = old.unsqueeze(-1)
+    eps = draw(st.sampled_from([(0.2, None), (0.2, 0.28), (0.05, 3.0)]))
+    options = dict(epsilon=eps[0], epsilon_high=eps[1], **transform)
+    return inputs, labels, mask, adv, old, options
+
+
+def _run_rloo(inputs, labels, mask, adv, old, options, backend, to=None):
+    cast = (lambda t: t) if to is None else (lambda t: t.to(to))
+    leaves = {k: cast(v).detach().requires_grad_(True) for k, v in inputs.items() if v is not None}
+    with fastalign.use_backend(backend):
+        out = fastalign.rloo_loss(leaves.get("logits"), labels, hidden=leaves.get("hidden"),
+                                  weight=leaves.get("weight"), completion_mask=mask, advantages=adv, old_logps=old,
+                                  **options)
+        grads = torch.autograd.grad(out.loss, list(leaves.values()))
+    return out, dict(zip(leaves, grads))
+
+
+def _run_rloo_plain(inputs, labels, mask, adv, old, options):
+    transform = {k: v for k, v in options.items() if not k.startswith("epsilon")}
+
+    def loss_fn(logps, entropy):
+        out = fastalign.rloo_loss(logps=logps, entropies=entropy, completion_mask=mask, advantages=adv.double(),
+                                  old_logps=None if old is None else old.double(), epsilon=options["epsilon"],
+                                  epsilon_high=options["epsilon_high"])
+        return out, {}
+
+    return _through_logprobs(inputs, labels, transform, loss_fn)
+
+
+@settings(max_examples=30)
+@given(case=rloo_cases())
+def test_rloo_loss_metrics_and_gradients_match_float64_truth_on_every_backend(case):
+    inputs, labels, mask, adv, old, options = case
+    truth, truth_grads = _run_rloo(*case, "reference", to=torch.float64)
+    plain, plain_grads, upstream = _run_rloo_plain(*case)
+    transform = {k: v for k, v in options.items() if not k.startswith("epsilon")}
+    logits = inputs["logits"] if "logits" in inputs else inputs["hidden"].double() @ inputs["weight"].double().t()
+    logps, entropy = _plain_fields(logits.double(), labels, transform)
+    _close_to_truth(plain.loss, truth.loss, "float64 loss: reference backend vs plain autograd")
+    for name in truth_grads:
+        _close_to_truth(plain_grads[name], truth_grads[name], f"float64 grad {name}: reference vs plain autograd")
+    for name, metric in truth.metrics.items():
+        _close_to_truth(plain.metrics[name], metric, f"float64 {name}: reference vs plain autograd")
+    ref_out, ref_grads = _run_rloo(*case, "reference")
+    # The loss is a mean over sequences of A * r, r = exp(summed log-probs - old): each term is as
+    # accurate as its summed log-prob.
+    counted = mask != 0
+    summed = torch.where(counted, logps.detach(), 0.0).sum(-1)
+    seq_terms = torch.where(counted, 1 + logps.detach().abs(), 0.0).sum(-1) + 1
+    old64 = torch.zeros_like(summed) if old is None else old.double().reshape(-1)
+    ratio = (summed - old64).exp() if old is not None else torch.ones_like(summed)
+    magnitude = {"loss": float(((1 + adv.double().abs() * ratio) * (seq_terms + old64.abs())).mean()),
+                 "entropy": float(torch.where(counted, 1 + entropy.detach().abs(), 0.0).sum()
+                                  / counted.sum().clamp(min=1))}
+    # The ratio's summed log-prob is known to sum(|l|) ulps in fp32, and the gradient scales with it.
+    sensitivity = float(seq_terms.max()) if old is not None else 0.0
+    slack = 16.0 if "hidden" in inputs else 4.0
+    for backend in BACKENDS:
+        out, grads = _run_rloo(*case, backend)
+        _assert_aggregate(out.loss, ref_out.loss, truth.loss, magnitude["loss"], f"{backend} loss", slack)
+        assert set(out.metrics) == set(truth.metrics), backend
+        for name in truth.metrics:
+            _assert_aggregate(out.metrics[name], ref_out.metrics[name], truth.metrics[name],
+                              magnitude.get(name, 0.0), f"{backend} {name}", slack)
+        for name, grad in grads.items():
+            assert grad.dtype == inputs[name].dtype and grad.shape == inputs[name].shape, (backend, name)
+            _assert_gradient(grad, ref_grads[name], truth_grads[name], f"{backend} grad {name}",
+                             _term_scale(name, inputs, upstream, transform), sensitivity, slack)
+        first = "logits" if "logits" in grads else "hidden"
+        assert (grads[first][~counted] == 0).all(), backend
+
+
+# KTO, ORPO, CPO / SimPO / AlphaPO from logits ------------------------------------------------------
+
+
+@st.composite
+def sequence_batches(draw, rows_per_example=1):
+    """Logits [R, T, V] and the label layout of TRL's collators: per row a prompt, a completion and
+    right padding, any of them possibly empty; R = B (KTO) or 2B, chosen rows then rejected."""
+    B = draw(st.integers(1, 3))
+    R, T = B * rows_per_example, draw(st.integers(1, 6))
+    V = draw(st.sampled_from([1, 2, 7, 33, 130]))
+    dtype = draw(st.sampled_from([torch.float32, torch.bfloat16]))
+    g = _generator(draw(st.integers(0, 2**16)))
+    spread = draw(st.sampled_from([0.3, 3.0, 30.0]))
+    if draw(st.booleans()):  # logits[:, :-1] of the model's output, read in place
+        x = torch.randn(R, T + 1, V, generator=g)[:, :-1]
+    else:
+        x = torch.randn(R, T, V, generator=g)
+    logits = (x * spread).to(dtype).to(DEVICE)
+    ids = torch.randint(0, V, (R, T), generator=g)
+    prompt = torch.randint(0, T + 1, (R,), generator=g)
+    completion = (torch.rand(R, generator=g) * (T + 1 - prompt)).long()
+    if draw(st.booleans()):
+        completion = torch.maximum(completion, (prompt < T).long())  # mostly non-empty completions
+    pos = torch.arange(T).unsqueeze(0)
+    in_completion = (pos >= prompt.unsqueeze(1)) & (pos < (prompt + completion).unsqueeze(1))
+    attended = pos < (prompt + completion).unsqueeze(1)
+    return logits, ids.to(DEVICE), in_completion.to(DEVICE), attended.to(DEVICE), g
+
+
+def _plain_sequences(logits, labels, counted):
+    """Float64 per-token log-probs (a leaf, so the sensitivity of a loss to each can be read) and
+    the per-row sums over the counted tokens, by plain log_softmax."""
+    token = _plain_fields(logits, labels, {})[0]
+    leaf = token.detach().requires_grad_(True)
+    sums = torch.where(counted, leaf, 0.0).sum(-1)
+    return token, leaf, sums, counted.sum(-1).double()
+
+
+def _sensitivity(loss, token_leaf, token, counted):
+    """sum over tokens of |d loss / d logp_t| * (1 + |logp_t|): how far fp32 rounding of each
+    log-prob can move the loss (to first order)."""
+    if not loss.requires_grad:
+        return 0.0
+    (grad,) = torch.autograd.grad(loss, token_leaf, retain_graph=True, allow_unused=True)
+    if grad is None:
+        return 0.0
+    return float(torch.where(counted, grad.abs() * (1 + token.detach().abs()), 0.0).nansum())
+
+
+def _sequence_metric_scale(token, counted, beta):
+    """A per-sequence metric (a mean of beta * sum or average of log-probs) is as accurate as the
+    largest of those sums."""
+    per_row = torch.where(counted, 1 + token.detach().abs(), 0.0).sum(-1)
+    return max(1.0, beta) * (1 + float(per_row.max())) if per_row.numel() else 0.0
+
+
+def _check_sequence_loss(run, x, counted, plain, name, metric_scale, extra_scale=None):
+    """`run(x, backend) -> (out, grad)` on every backend against the float64 truth (the reference
+    backend on x in float64), itself checked against `plain` (the sequence-level function fed with
+    plain log_softmax sums, with its loss sensitivity)."""
+    truth, truth_grad = run(x.double(), "reference")
+    plain_out, plain_grad, loss_scale, upstream = plain
+    _close_to_truth(plain_out.loss, truth.loss, f"{name} float64 loss: reference vs plain")
+    _close_to_truth(plain_grad, truth_grad, f"{name} float64 grad: reference vs plain")
+    for metric, value in plain_out.metrics.items():
+        _close_to_truth(value, truth.metrics[metric], f"{name} float64 {metric}: reference vs plain", rtol=1e-6)
+    ref, ref_grad = run(x, "reference")
+    rows_out = ~counted.any(-1)
+    for backend in BACKENDS:
+        out, grad = run(x, backend)
+        _assert_aggregate(out.loss, ref.loss, truth.loss, loss_scale, f"{backend} {name} loss")
+        assert set(out.metrics) == set(truth.metrics), backend
+        for metric in truth.metrics:
+            scale = (extra_scale or {}).get(metric, metric_scale)
+            _assert_aggregate(out.metrics[metric], ref.metrics[metric], truth.metrics[metric], scale,
+                              f"{backend} {name} {metric}")
+        assert grad.dtype == x.dtype and grad.shape == x.shape, backend
+        # Each token's gradient is d loss / d (its sequence's sum), itself as accurate as that sum.
+        _assert_gradient(grad, ref_grad, truth_grad, f"{backend} {name} grad", upstream, metric_scale)
+        # Positions no loss term counts get no gradient.
+        assert (grad[~counted] == 0).all() and (grad[rows_out] == 0).all(), backend
+
+
+CPO_OPTIONS = (
+    dict(loss_type="sigmoid"), dict(loss_type="sigmoid", label_smoothing=0.1, cpo_alpha=0.5),
+    dict(loss_type="hinge", cpo_alpha=0.0), dict(loss_type="ipo"), dict(loss_type="simpo", cpo_alpha=0.0),
+    dict(loss_type="simpo", simpo_gamma=1.5, label_smoothing=0.2), dict(loss_type="alphapo", alpha=0.25),
+    dict(loss_type="alphapo", alpha=-0.5, simpo_gamma=0.1), dict(loss_type="sigmoid", alpha=0.1),
+)
+
+
+@settings(max_examples=30)
+@given(batch=sequence_batches(rows_per_example=2), options=st.sampled_from(CPO_OPTIONS),
+       beta=st.sampled_from([0.01, 0.1, 2.0, 10.0]), with_mask=st.booleans())
+def test_cpo_family_from_logits_matches_float64_truth_on_every_backend(batch, options, beta, with_mask):
+    # TRL's CPOTrainer layout: labels with -100 off the completion, or the completion mask beside
+    # plain ids; loss, gradient and every metric (logits/* included).
+    logits, ids, in_completion, _, _ = batch
+    labels = ids.masked_fill(~in_completion, -100)
+    mask = in_completion.float() if with_mask else None
+    if with_mask:
+        labels = ids  # the mask alone says what counts
+
+    def run(x, backend):
+        leaf = x.detach().requires_grad_(True)
+        with fastalign.use_backend(backend):
+            out = fastalign.cpo_loss_from_logits(leaf, labels, completion_mask=mask, beta=beta, **options)
+        return out, torch.autograd.grad(out.loss, leaf)[0]
+
+    x64 = logits.double().requires_grad_(True)
+    token, leaf, sums, counts = _plain_sequences(x64, ids, in_completion)
+    chosen, rejected = sums.chunk(2)
+    n_chosen, n_rejected = counts.chunk(2)
+    plain = fastalign.cpo_loss(chosen, rejected, n_chosen, n_rejected, beta=beta, **options)
+    loss_scale = _sensitivity(plain.loss, leaf, token, in_completion)
+    (upstream,) = torch.autograd.grad(plain.loss, leaf)
+    (plain_grad,) = torch.autograd.grad(token, x64, upstream)
+    means = _transformed(logits.double(), {}).mean(-1)
+    plain.metrics.update(_completion_logits(means, in_completion))
+    plain = (plain, plain_grad, loss_scale, float(upstream.abs().max()))
+    _check_sequence_loss(run, logits, in_completion, plain, options["loss_type"],
+                         _sequence_metric_scale(token, in_completion, beta))
+
+
+def _completion_logits(means, counted):
+    half = [torch.where(c, m, 0.0).sum() / c.sum().clamp(min=1) for m, c in zip(means.chunk(2), counted.chunk(2))]
+    return {"logits/chosen": half[0], "logits/rejected": half[1]}
+
+
+@settings(max_examples=30)
+@given(batch=sequence_batches(), loss_type=st.sampled_from(["kto", "apo_zero_unpaired"]),
+       baseline=st.sampled_from(["pairs", "estimate", "negative_estimate"]),
+       beta=st.sampled_from([0.01, 0.1, 2.0, 10.0]),
+       weights=st.sampled_from([(1.0, 1.0), (1.0, 1.33), (0.0, 1.0), (3.0, 0.5)]), with_mask=st.booleans())
+def test_kto_from_logits_matches_float64_truth_on_every_backend(batch, loss_type, baseline, beta, weights, with_mask):
+    logits, ids, in_completion, _, g = batch
+    B = logits.shape[0]
+    labels = ids if with_mask else ids.masked_fill(~in_completion, -100)
+    mask = in_completion.to(torch.int64) if with_mask else None
+    desirable = (torch.rand(B, generator=g) < 0.5).to(DEVICE)
+    # The reference's log-prob sums over the same completions, near the policy's, and the KL pairs'
+    # sums (TRL's mismatched completions) as the trainer computes them, or its estimate itself.
+    current = torch.where(in_completion, _plain_fields(logits.double(), ids, {})[0], 0.0).sum(-1)
+    ref_logps = (current + torch.randn(B, generator=g, dtype=torch.float64).to(DEVICE) * 2).float()
+    kl_kwargs = {}
+    if loss_type == "kto":
+        if baseline == "pairs":
+            n_kl = max(B, 2)
+            kl_kwargs = dict(kl_logps=-torch.rand(n_kl, generator=g).to(DEVICE) * 20,
+                             ref_kl_logps=-torch.rand(n_kl, generator=g).to(DEVICE) * 20)
+        else:
+            kl_kwargs = dict(kl=0.7 if baseline == "estimate" else -0.3)
+    options = dict(beta=beta, loss_type=loss_type, desirable_weight=weights[0], undesirable_weight=weights[1])
+
+    def run(x, backend):
+        leaf = x.detach().requires_grad_(True)
+        with fastalign.use_backend(backend):
+            out = fastalign.kto_loss_from_logits(leaf, labels, ref_logps, desirable, completion_mask=mask,
+                                                 **kl_kwargs, **options)
+        return out, torch.autograd.grad(out.loss, leaf)[0]
+
+    x64 = logits.double().requires_grad_(True)
+    token, leaf, sums, _ = _plain_sequences(x64, ids, in_completion)
+    plain = fastalign.kto_loss(sums, ref_logps.double(), desirable,
+                               **{k: (v.double() if isinstance(v, torch.Tensor) else v) for k, v in kl_kwargs.items()},
+                               **options)
+    loss_scale = _sensitivity(plain.loss, leaf, token, in_completion)
+    (upstream,) = torch.autograd.grad(plain.loss, leaf)
+    (plain_grad,) = torch.autograd.grad(token, x64, upstream)
+    means = logits.double().mean(-1)
+    entropy = _plain_fields(logits.double(), ids, {})[1]
+    counted = in_completion
+    good = desirable.unsqueeze(-1)
+    plain.metrics.update({
+        "entropy": torch.where(counted, entropy, 0.0).sum() / counted.sum().clamp(min=1),
+        "logits/chosen": torch.where(counted & good, means, 0.0).sum() / (counted & good).sum(),
+        "logits/rejected": torch.where(counted & ~good, means, 0.0).sum() / (counted & ~good).sum(),
+    })
+    ent_scale = float(torch.where(counted, 1 + entropy.abs(), 0.0).sum() / counted.sum().clamp(min=1))
+    plain = (plain, plain_grad, loss_scale, float(upstream.abs().max()))
+    _check_sequence_loss(run, logits, in_completion, plain, loss_type,
+                         _sequence_metric_scale(token, in_completion, beta), {"entropy": ent_scale})
+
+
+@settings(max_examples=30)
+@given(batch=sequence_batches(rows_per_example=2), beta=st.sampled_from([0.01, 0.1, 1.0, 10.0]),
+       attention=st.sampled_from(["mask", "none", "float"]))
+def test_orpo_from_logits_matches_float64_truth_on_every_backend(batch, beta, attention):
+    # TRL's ORPOTrainer: the NLL over every attended token of the chosen rows (prompt included),
+    # the odds ratio over the completion tokens, from one pass; padding either masked by
+    # attention_mask or labelled -100.
+    logits, ids, in_completion, attended, _ = batch
+    if attention == "none":
+        labels, attention_mask = ids.masked_fill(~attended, -100), None
+    else:
+        labels, attention_mask = ids, attended.float() if attention == "float" else attended
+
+    def run(x, backend):
+        leaf = x.detach().requires_grad_(True)
+        with fastalign.use_backend(backend):
+            out = fastalign.orpo_loss_from_logits(leaf, labels, completion_mask=in_completion,
+                                                  attention_mask=attention_mask, beta=beta)
+        return out, torch.autograd.grad(out.loss, leaf)[0]
+
+    x64 = logits.double().requires_grad_(True)
+    token, leaf, nll_sums, nll_counts = _plain_sequences(x64, ids, attended)
+    sums = torch.where(in_completion, leaf, 0.0).sum(-1)
+    counts = in_completion.sum(-1).double()
+    (chosen, rejected), (n_chosen, n_rejected) = sums.chunk(2), counts.chunk(2)
+    plain = fastalign.orpo_loss(chosen, rejected, n_chosen, n_rejected, nll_sums.chunk(2)[0],
+                                nll_counts.chunk(2)[0], beta=beta)
+    loss_scale = _sensitivity(plain.loss, leaf, token, attended)
+    (upstream,) = torch.autograd.grad(plain.loss, leaf)
+    (plain_grad,) = torch.autograd.grad(token, x64, upstream)
+    plain.metrics.update(_completion_logits(logits.double().mean(-1), in_completion))
+    # The log odds of an average log-prob c, c - log(1 - e^c), has slope 1 / (1 - e^c): near
+    # c = 0 (a completion the policy is sure of) an ulp of c moves it by far more than an ulp.
+    averages = torch.cat([chosen / n_chosen.clamp(min=1), rejected / n_rejected.clamp(min=1)]).detach()
+    has_tokens = torch.cat([n_chosen, n_rejected]) > 0
+    slope = float(torch.where(has_tokens, 1 / torch.expm1(averages).abs(), 0.0).nan_to_num(posinf=0.0).max())
+    scale = _sequence_metric_scale(token, attended, beta)
+    odds_scale = scale * (1 + slope)
+    plain = (plain, plain_grad, loss_scale, float(upstream.abs().max()))
+    _check_sequence_loss(run, logits, attended, plain, "orpo", scale,
+                         {"log_odds_ratio": odds_scale, "log_odds_chosen": odds_scale})
