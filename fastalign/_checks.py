@@ -29,9 +29,41 @@ def check_finite(name: str, value: object) -> float:
     return float(value)
 
 
+def check_flag(name: str, value: object) -> bool:
+    # A truthy string or None read as a bool would flip an option silently.
+    if not isinstance(value, bool):
+        raise TypeError(f"{name}: expected True or False, got {type(value).__name__} {value!r}")
+    return value
+
+
+def check_ignore_index(value: object) -> int:
+    if isinstance(value, bool) or not isinstance(value, int):
+        raise TypeError(f"ignore_index: expected an int, got {type(value).__name__}")
+    return value
+
+
+def check_gather(gather: object) -> None:
+    if gather is not None and not callable(gather):
+        raise TypeError(
+            f"gather: expected a function returning every process's tensor concatenated along dim 0, or None; "
+            f"got {type(gather).__name__}"
+        )
+
+
+def values_checkable(value: torch.Tensor) -> bool:
+    """Whether a check may read a tensor's values: on CPU (no device sync) and outside torch.compile's
+    tracing (where reading a value breaks the graph)."""
+    return value.device.type == "cpu" and not torch.compiler.is_compiling()
+
+
 def check_outputs(outputs: Sequence[str] | str) -> frozenset[str]:
     if isinstance(outputs, str):
         outputs = (outputs,)
+    if not isinstance(outputs, (Sequence, set, frozenset)):
+        raise TypeError(
+            f"outputs: expected a sequence of field names among {', '.join(OPTIONAL_OUTPUTS)}, "
+            f"got {type(outputs).__name__}"
+        )
     unknown = [name for name in outputs if name not in OPTIONAL_OUTPUTS]
     if unknown:
         raise ValueError(
@@ -79,8 +111,7 @@ def check_token_logprobs_args(
             raise ValueError(f"mask: expected a tensor on {logits.device} (the logits' device), got {mask.device}")
         if mask.is_complex():
             raise TypeError(f"mask: expected a bool, integer or float tensor, got {mask.dtype}")
-    if isinstance(ignore_index, bool) or not isinstance(ignore_index, int):
-        raise TypeError(f"ignore_index: expected an int, got {type(ignore_index).__name__}")
+    check_ignore_index(ignore_index)
     temperature = check_positive_finite("temperature", temperature)
     logit_scale = check_finite("logit_scale", logit_scale)
     softcap = 0.0 if softcap is None else check_positive_finite("softcap", softcap)
@@ -136,6 +167,14 @@ def check_sequence_values(
             )
         if value.device != like.device:
             raise ValueError(f"{name}: expected a tensor on {like.device} (that of {like_name}), got {value.device}")
+    if counts and values_checkable(value):
+        # A negative or NaN count would be clamped to 1 downstream and give a plausible, wrong loss.
+        bad = ~(torch.isfinite(value) & (value >= 0))
+        if bool(bad.any()):
+            position = int(bad.nonzero()[0, 0])
+            raise ValueError(
+                f"{name}: expected token counts, finite and >= 0; found {value[position].item()} at position {position}"
+            )
     return value if value.dtype == torch.float64 else value.float()
 
 
@@ -148,3 +187,5 @@ def check_token_mask(name: str, mask: object, labels: torch.Tensor) -> None:
         raise ValueError(f"{name}: expected shape {tuple(labels.shape)} (that of labels), got {tuple(mask.shape)}")
     if mask.device != labels.device:
         raise ValueError(f"{name}: expected a tensor on {labels.device} (that of labels), got {mask.device}")
+    if mask.is_complex():
+        raise TypeError(f"{name}: expected a bool, integer or float tensor, got {mask.dtype}")

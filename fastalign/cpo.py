@@ -29,7 +29,14 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ._checks import check_finite, check_loss_type, check_positive_finite, check_sequence_values, check_token_mask
+from ._checks import (
+    check_finite,
+    check_ignore_index,
+    check_loss_type,
+    check_positive_finite,
+    check_sequence_values,
+    check_token_mask,
+)
 from .sequence import (
     SequenceLogprobs,
     check_logits_batch,
@@ -277,7 +284,7 @@ class CPOLoss(nn.Module):
     ) -> None:
         super().__init__()
         self.options = cpo_options(beta, loss_type, label_smoothing, cpo_alpha, simpo_gamma, alpha)
-        self.ignore_index = ignore_index
+        self.ignore_index = check_ignore_index(ignore_index)
 
     def forward(
         self, logits: torch.Tensor, labels: torch.Tensor, completion_mask: torch.Tensor | None = None

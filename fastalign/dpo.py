@@ -25,7 +25,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ._checks import check_finite, check_positive_finite, check_sequence_values
+from ._checks import check_finite, check_ignore_index, check_positive_finite, check_sequence_values
 from .sequence import completion_logits_metrics, masked_mean, sequence_logprobs
 from .types import HiddenStates, LossOutput, TokenLogprobs
 
@@ -77,6 +77,12 @@ class DPOOptions:
         return self.use_weighting or bool(LENGTH_LOSS_TYPES.intersection(self.loss_types))
 
 
+def _as_tuple(name: str, value: object, items: str) -> tuple:
+    if isinstance(value, (str, bytes)) or not hasattr(value, "__iter__"):
+        raise TypeError(f"{name}: expected a list of {items}, got {type(value).__name__} {value!r}")
+    return tuple(value)
+
+
 def dpo_options(
     *,
     beta: float = 0.1,
@@ -93,7 +99,7 @@ def dpo_options(
 ) -> DPOOptions:
     """Checks the options once (each error names its option) and returns them as `DPOOptions`."""
     beta = check_positive_finite("beta", beta)
-    loss_types = (loss_type,) if isinstance(loss_type, str) else tuple(loss_type)
+    loss_types = (loss_type,) if isinstance(loss_type, str) else _as_tuple("loss_type", loss_type, "loss type names")
     if not loss_types:
         raise ValueError(f"loss_type: expected one of {', '.join(LOSS_TYPES)} or a list of them, got an empty list")
     unknown = [name for name in loss_types if name not in LOSS_TYPES]
@@ -102,7 +108,7 @@ def dpo_options(
     if loss_weights is None:
         weights = (1.0,) * len(loss_types)
     else:
-        weights = tuple(check_finite("loss_weights", w) for w in loss_weights)
+        weights = tuple(check_finite("loss_weights", w) for w in _as_tuple("loss_weights", loss_weights, "numbers"))
         if len(weights) != len(loss_types):
             raise ValueError(
                 f"loss_weights: expected one weight per loss type ({len(loss_types)} for {list(loss_types)}), "
@@ -533,6 +539,13 @@ def _dpo_from_logits(
                 f"completion_mask: expected shape {tuple(logits.shape[:-1])} (logits.shape[:-1], like labels), "
                 f"got {tuple(completion_mask.shape)}"
             )
+        if completion_mask.device != logits.device:
+            raise ValueError(
+                f"completion_mask: expected a tensor on {logits.device} (the logits' device), "
+                f"got {completion_mask.device}"
+            )
+        if completion_mask.is_complex():
+            raise TypeError(f"completion_mask: expected a bool, integer or float tensor, got {completion_mask.dtype}")
 
     outputs = ("mean_logits", "log_sum_sq_probs") if options.use_weighting else ("mean_logits",)
     seq = sequence_logprobs(logits, labels, completion_mask=completion_mask, ignore_index=ignore_index, outputs=outputs)
@@ -736,9 +749,7 @@ class DPOLoss(nn.Module):
             use_weighting=use_weighting, ld_alpha=ld_alpha, discopop_tau=discopop_tau, dpop_lambda=dpop_lambda,
             reference_free=reference_free,
         )
-        if isinstance(ignore_index, bool) or not isinstance(ignore_index, int):
-            raise TypeError(f"ignore_index: expected an int, got {type(ignore_index).__name__}")
-        self.ignore_index = ignore_index
+        self.ignore_index = check_ignore_index(ignore_index)
 
     def forward(
         self,

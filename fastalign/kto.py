@@ -43,7 +43,16 @@ from typing import NamedTuple
 import torch
 from torch import nn
 
-from ._checks import check_finite, check_loss_type, check_positive_finite, check_sequence_values, check_token_mask
+from ._checks import (
+    check_finite,
+    check_gather,
+    check_ignore_index,
+    check_loss_type,
+    check_positive_finite,
+    check_sequence_values,
+    check_token_mask,
+    values_checkable,
+)
 from .sequence import metric, sequence_logprobs
 from .types import HiddenStates, LossOutput
 
@@ -111,6 +120,8 @@ def _resolve_kl(
             if kl.numel() != 1 or not kl.is_floating_point():
                 raise ValueError(f"kl: expected a single floating-point value, got a {kl.dtype} tensor of shape "
                                  f"{tuple(kl.shape)}")
+            if values_checkable(kl) and not bool(torch.isfinite(kl).all()):
+                raise ValueError(f"kl: expected a finite estimate, got {kl.item()}")
             kl = kl.detach().reshape(()).to(device=like.device, dtype=like.dtype)
         else:
             kl = like.new_tensor(check_finite("kl", kl))
@@ -242,6 +253,14 @@ def _check_desirable(desirable: object, like: torch.Tensor) -> torch.Tensor:
                          f"{tuple(desirable.shape)}")
     if desirable.device != like.device:
         raise ValueError(f"desirable: expected a tensor on {like.device}, got {desirable.device}")
+    if desirable.dtype != torch.bool and values_checkable(desirable):
+        other = (desirable != 0) & (desirable != 1)
+        if bool(other.any()):
+            # A 2 or a -1 is no label: it would count as desirable without a word.
+            position = int(other.nonzero()[0, 0])
+            raise ValueError(
+                f"desirable: expected labels 0 or 1, found {int(desirable[position])} at position {position}"
+            )
     return desirable != 0
 
 
@@ -281,6 +300,7 @@ def kto_loss(
         (NaN for a group with no completion in the batch).
     """
     options = kto_options(beta, loss_type, desirable_weight, undesirable_weight)
+    check_gather(gather)
     policy = check_sequence_values("policy_logps", policy_logps)
     reference = check_sequence_values("ref_logps", ref_logps, policy_logps, "policy_logps")
     labels = _check_desirable(desirable, policy_logps)
@@ -324,6 +344,7 @@ def _kto_from_logits(logits, labels, ref_logps, desirable, completion_mask, igno
         raise ValueError(f"logits: expected [B, T, V], got {shape}")
     if logits.shape[0] == 0:
         raise ValueError("logits: the batch is empty")
+    check_gather(gather)
     # Fixes B and the device for the per-sequence checks.
     rows = (logits.hidden if isinstance(logits, HiddenStates) else logits).new_empty(logits.shape[0])
     reference = check_sequence_values("ref_logps", ref_logps, rows, "logits.shape[:1]")
@@ -351,7 +372,7 @@ class KTOLoss(nn.Module):
     ) -> None:
         super().__init__()
         self.options = kto_options(beta, loss_type, desirable_weight, undesirable_weight)
-        self.ignore_index = ignore_index
+        self.ignore_index = check_ignore_index(ignore_index)
 
     def forward(
         self,

@@ -21,7 +21,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ._checks import check_positive_finite, check_sequence_values, check_token_mask
+from ._checks import check_ignore_index, check_positive_finite, check_sequence_values, check_token_mask
 from .sequence import check_logits_batch, completion_logits_metrics, metric, sequence_logprobs, split_pairs
 from .types import LossOutput
 
@@ -170,7 +170,7 @@ class ORPOLoss(nn.Module):
     def __init__(self, beta: float = 0.1, ignore_index: int = -100) -> None:
         super().__init__()
         self.beta = check_positive_finite("beta", beta)
-        self.ignore_index = ignore_index
+        self.ignore_index = check_ignore_index(ignore_index)
 
     def forward(
         self,

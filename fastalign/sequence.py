@@ -83,9 +83,10 @@ def check_logits_batch(logits: object, labels: object) -> None:
     if not isinstance(logits, (torch.Tensor, HiddenStates)) or logits.dim() != 3:
         shape = tuple(logits.shape) if isinstance(logits, torch.Tensor) else type(logits).__name__
         raise ValueError(f"logits: expected [2B, T, V] (B chosen rows, then B rejected), got {shape}")
-    if logits.shape[0] % 2:
+    if logits.shape[0] == 0 or logits.shape[0] % 2:
+        # No row at all would average over no pair: a NaN loss rather than an error.
         raise ValueError(
-            f"logits: a paired loss takes 2B rows, B chosen then B rejected; got {logits.shape[0]}"
+            f"logits: a paired loss takes 2B rows, B chosen then B rejected, with B >= 1; got {logits.shape[0]}"
         )
     if isinstance(labels, torch.Tensor) and labels.shape != logits.shape[:-1]:
         raise ValueError(

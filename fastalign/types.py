@@ -44,16 +44,31 @@ class HiddenStates(NamedTuple):
     weight: torch.Tensor
     bias: torch.Tensor | None = None
 
+    def _checked(self) -> "HiddenStates":
+        # A NamedTuple takes anything; the losses read these attributes first, so a wrong part is
+        # named here rather than failing as an AttributeError on the stand-in's shape.
+        for name, value, shape in (("hidden", self.hidden, "[..., H]"), ("weight", self.weight, "[V, H]")):
+            if not isinstance(value, torch.Tensor):
+                raise TypeError(f"{name}: expected a {shape} tensor, got {type(value).__name__}")
+        if self.hidden.dim() < 1:
+            raise ValueError("hidden: expected hidden states [..., H], got a 0-d tensor")
+        if self.weight.dim() != 2:
+            raise ValueError(f"weight: expected the lm_head weight [V, H], got shape {tuple(self.weight.shape)}")
+        if self.weight.shape[0] == 0:
+            raise ValueError("weight: the vocabulary dimension (V, the first) is empty")
+        return self
+
     @property
     def shape(self) -> torch.Size:
+        self._checked()
         return torch.Size((*self.hidden.shape[:-1], self.weight.shape[0]))
 
     @property
     def device(self) -> torch.device:
-        return self.hidden.device
+        return self._checked().hidden.device
 
     def dim(self) -> int:
-        return self.hidden.dim()
+        return self._checked().hidden.dim()
 
     def is_floating_point(self) -> bool:
-        return self.hidden.is_floating_point()
+        return self._checked().hidden.is_floating_point()

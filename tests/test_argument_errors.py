@@ -1,0 +1,597 @@
+"""Every argument of every public function, given a wrong value, fails with a TypeError or ValueError
+whose message starts with the argument's name: never a crash deep in a kernel, never a silent
+result.
+
+The cases are a table: for each function, a call with sound defaults and one argument replaced by a
+wrong value (wrong rank or shape, mismatched batch, wrong dtype, another device — a "meta" tensor
+stands in for one —, NaN, inf or out-of-range numbers, unknown choices, incompatible options, values
+that are not tensors). Each runs on the default backend and on the reference one.
+"""
+
+from __future__ import annotations
+
+import math
+import re
+from collections.abc import Callable
+from typing import NamedTuple
+
+import pytest
+import torch
+
+import fastalign
+from fastalign import HiddenStates
+
+B, T, V, H = 2, 3, 7, 4
+NAN, INF = math.nan, math.inf
+
+
+def fl(*shape, dtype=torch.float32, device="cpu"):
+    return torch.randn(*shape, dtype=dtype, device=device)
+
+
+def ids(*shape, device="cpu"):
+    return torch.randint(0, V, shape, device=device)
+
+
+def ones(*shape, dtype=torch.float32, device="cpu"):
+    return torch.ones(*shape, dtype=dtype, device=device)
+
+
+def with_label(value, shape=(B, T), at=(1, 2)):
+    labels = torch.randint(0, V, shape)
+    labels[at] = value
+    return labels
+
+
+class Case(NamedTuple):
+    id: str
+    call: Callable[[], object]
+    error: type[Exception] | tuple[type[Exception], ...]
+    pattern: str
+
+
+CASES: list[Case] = []
+
+
+def api(fn: Callable, defaults: Callable[[], dict], positional: tuple[str, ...] = ()):
+    """`bad(**overrides)` -> a call of `fn` with the defaults, the overrides replacing them."""
+
+    def bad(**overrides):
+        def call():
+            args = defaults()
+            args.update(overrides)
+            values = [args.pop(name) for name in positional]
+            return fn(*values, **args)
+
+        return call
+
+    return bad
+
+
+def case(fn_name: str, arg: str, what: str, call, error=ValueError, pattern: str | None = None):
+    """A case whose error message starts with `arg` (or matches `pattern` where the message names
+    several arguments at once)."""
+    pattern = pattern if pattern is not None else rf"^{re.escape(arg)}\b"
+    CASES.append(Case(f"{fn_name}-{arg}-{what}", call, error, pattern))
+
+
+# --- token_logprobs and linear_token_logprobs ----------------------------------------------------------
+
+tl = api(fastalign.token_logprobs, lambda: dict(logits=fl(B, T, V), labels=ids(B, T)), ("logits", "labels"))
+N = "token_logprobs"
+case(N, "logits", "list", tl(logits=[[0.0] * V]), TypeError)
+case(N, "logits", "0-d", tl(logits=torch.tensor(1.0), labels=torch.tensor(0)))
+case(N, "logits", "int", tl(logits=torch.randint(0, 5, (B, T, V))), TypeError)
+case(N, "logits", "bool", tl(logits=torch.zeros(B, T, V, dtype=torch.bool)), TypeError)
+case(N, "logits", "complex", tl(logits=fl(B, T, V, dtype=torch.complex64)), TypeError)
+case(N, "logits", "empty-vocab", tl(logits=fl(B, T, 0), labels=torch.zeros(B, T, dtype=torch.long)))
+case(N, "labels", "list", tl(labels=[[0] * T] * B), TypeError)
+case(N, "labels", "float", tl(labels=fl(B, T)), TypeError)
+case(N, "labels", "bool", tl(labels=torch.zeros(B, T, dtype=torch.bool)), TypeError)
+case(N, "labels", "int16", tl(labels=torch.zeros(B, T, dtype=torch.int16)), TypeError)
+case(N, "labels", "shape", tl(labels=ids(B, T + 1)))
+case(N, "labels", "batch", tl(labels=ids(B + 1, T)))
+case(N, "labels", "flat", tl(labels=ids(B * T)))
+case(N, "labels", "device", tl(labels=ids(B, T, device="meta")))
+case(N, "labels", "too-large", tl(labels=with_label(V)))
+case(N, "labels", "negative", tl(labels=with_label(-1)))
+for value, error in ((0.0, ValueError), (-1.0, ValueError), (NAN, ValueError), (INF, ValueError),
+                     ("hot", TypeError), (True, TypeError), (None, TypeError), (torch.tensor(1.0), TypeError)):
+    case(N, "temperature", repr(value), tl(temperature=value), error)
+for value, error in ((NAN, ValueError), (INF, ValueError), ("x", TypeError), (None, TypeError)):
+    case(N, "logit_scale", repr(value), tl(logit_scale=value), error)
+for value, error in ((0.0, ValueError), (-30.0, ValueError), (NAN, ValueError), (INF, ValueError),
+                     ("x", TypeError), (True, TypeError)):
+    case(N, "softcap", repr(value), tl(softcap=value), error)
+for value in (1.5, True, "x", None, torch.tensor(-100)):
+    case(N, "ignore_index", repr(value), tl(ignore_index=value), TypeError)
+case(N, "mask", "list", tl(mask=[[1] * T] * B), TypeError)
+case(N, "mask", "shape", tl(mask=ones(B, T + 1)))
+case(N, "mask", "device", tl(mask=ones(B, T, device="meta")))
+case(N, "mask", "complex", tl(mask=ones(B, T, dtype=torch.complex64)), TypeError)
+case(N, "outputs", "unknown", tl(outputs=("entropy", "perplexity")))
+case(N, "outputs", "int", tl(outputs=5), TypeError)
+case(N, "outputs", "None", tl(outputs=None), TypeError)
+case(N, "outputs", "int-item", tl(outputs=("entropy", 3)))
+
+ll = api(fastalign.linear_token_logprobs, lambda: dict(hidden=fl(B, T, H), weight=fl(V, H), labels=ids(B, T)),
+         ("hidden", "weight", "labels"))
+N = "linear_token_logprobs"
+case(N, "hidden", "list", ll(hidden=[[0.0] * H]), TypeError)
+case(N, "hidden", "0-d", ll(hidden=torch.tensor(1.0)), TypeError)
+case(N, "hidden", "int", ll(hidden=torch.randint(0, 5, (B, T, H))), TypeError)
+case(N, "weight", "list", ll(weight=[[0.0] * H] * V))
+case(N, "weight", "None", ll(weight=None))
+case(N, "weight", "1-d", ll(weight=fl(V)))
+case(N, "weight", "3-d", ll(weight=fl(1, V, H)))
+case(N, "weight", "hidden-size", ll(weight=fl(V, H + 1)))
+case(N, "weight", "dtype", ll(weight=fl(V, H, dtype=torch.float64)), TypeError)
+case(N, "weight", "device", ll(weight=fl(V, H, device="meta")))
+case(N, "bias", "shape", ll(bias=fl(V + 1)))
+case(N, "bias", "list", ll(bias=[0.0] * V))
+case(N, "bias", "dtype", ll(bias=fl(V, dtype=torch.float64)), TypeError)
+case(N, "bias", "device", ll(bias=fl(V, device="meta")), TypeError)
+case(N, "labels", "list", ll(labels=[[0] * T] * B), TypeError)
+case(N, "labels", "float", ll(labels=fl(B, T)), TypeError)
+case(N, "labels", "shape", ll(labels=ids(B, T + 1)))
+case(N, "labels", "device", ll(labels=ids(B, T, device="meta")))
+case(N, "labels", "too-large", ll(labels=with_label(V)))
+case(N, "labels", "negative", ll(labels=with_label(-2)))
+case(N, "temperature", "0", ll(temperature=0.0))
+case(N, "temperature", "str", ll(temperature="hot"), TypeError)
+case(N, "logit_scale", "nan", ll(logit_scale=NAN))
+case(N, "softcap", "negative", ll(softcap=-1.0))
+case(N, "ignore_index", "float", ll(ignore_index=-100.0), TypeError)
+case(N, "mask", "shape", ll(mask=ones(B + 1, T)))
+case(N, "mask", "device", ll(mask=ones(B, T, device="meta")))
+case(N, "outputs", "unknown", ll(outputs=("perplexity",)))
+
+
+# --- DPO -----------------------------------------------------------------------------------------------
+
+def _dpo_defaults():
+    return dict(policy_chosen_logps=fl(B) - 5, policy_rejected_logps=fl(B) - 5,
+                ref_chosen_logps=fl(B) - 5, ref_rejected_logps=fl(B) - 5)
+
+
+dpo = api(fastalign.dpo_loss, _dpo_defaults,
+          ("policy_chosen_logps", "policy_rejected_logps", "ref_chosen_logps", "ref_rejected_logps"))
+N = "dpo_loss"
+case(N, "policy_chosen_logps", "list", dpo(policy_chosen_logps=[-1.0, -2.0]), TypeError)
+case(N, "policy_chosen_logps", "2-d", dpo(policy_chosen_logps=fl(B, 1)))
+case(N, "policy_chosen_logps", "0-d", dpo(policy_chosen_logps=torch.tensor(-1.0)))
+case(N, "policy_chosen_logps", "empty", dpo(policy_chosen_logps=fl(0)))
+case(N, "policy_chosen_logps", "int", dpo(policy_chosen_logps=torch.zeros(B, dtype=torch.long)), TypeError)
+case(N, "policy_chosen_logps", "bool", dpo(policy_chosen_logps=torch.zeros(B, dtype=torch.bool)), TypeError)
+case(N, "policy_rejected_logps", "list", dpo(policy_rejected_logps=[-1.0, -2.0]), TypeError)
+case(N, "policy_rejected_logps", "batch", dpo(policy_rejected_logps=fl(B + 1)))
+case(N, "policy_rejected_logps", "int", dpo(policy_rejected_logps=torch.zeros(B, dtype=torch.long)), TypeError)
+case(N, "policy_rejected_logps", "device", dpo(policy_rejected_logps=fl(B, device="meta")))
+for ref in ("ref_chosen_logps", "ref_rejected_logps"):
+    case(N, ref, "list", dpo(**{ref: [-1.0, -2.0]}), TypeError)
+    case(N, ref, "batch", dpo(**{ref: fl(B + 1)}))
+    case(N, ref, "int", dpo(**{ref: torch.zeros(B, dtype=torch.long)}), TypeError)
+    case(N, ref, "device", dpo(**{ref: fl(B, device="meta")}))
+case(N, "ref_rejected_logps", "alone", dpo(ref_rejected_logps=None))
+case(N, "ref_chosen_logps", "alone", dpo(ref_chosen_logps=None))
+case(N, "ref_chosen_logps", "missing", dpo(ref_chosen_logps=None, ref_rejected_logps=None))
+case(N, "ref_chosen_logps", "with-reference_free", dpo(reference_free=True))
+ipo = dict(loss_type="ipo", chosen_num_tokens=ones(B) * 3, rejected_num_tokens=ones(B) * 3)
+for counts in ("chosen_num_tokens", "rejected_num_tokens"):
+    case(N, counts, "missing-for-ipo", dpo(**{**ipo, counts: None}))
+    case(N, counts, "batch", dpo(**{**ipo, counts: ones(B + 1)}))
+    case(N, counts, "bool", dpo(**{**ipo, counts: torch.ones(B, dtype=torch.bool)}), TypeError)
+    case(N, counts, "negative", dpo(**{**ipo, counts: -ones(B)}))
+    case(N, counts, "nan", dpo(**{**ipo, counts: torch.tensor([1.0, NAN])}))
+ld = dict(ld_alpha=0.5, chosen_tail_logps=fl(B), rejected_tail_logps=fl(B))
+for tail in ("chosen_tail_logps", "rejected_tail_logps"):
+    case(N, tail, "missing-for-ld_alpha", dpo(**{**ld, tail: None}))
+    case(N, tail, "int", dpo(**{**ld, tail: torch.zeros(B, dtype=torch.long)}), TypeError)
+for lssp in ("chosen_log_sum_sq_probs", "rejected_log_sum_sq_probs"):
+    wpo = dict(use_weighting=True, chosen_num_tokens=ones(B), rejected_num_tokens=ones(B),
+               chosen_log_sum_sq_probs=fl(B), rejected_log_sum_sq_probs=fl(B))
+    case(N, lssp, "missing-for-use_weighting", dpo(**{**wpo, lssp: None}))
+    case(N, lssp, "batch", dpo(**{**wpo, lssp: fl(B + 1)}))
+for value, error in ((0.0, ValueError), (-0.1, ValueError), (NAN, ValueError), (INF, ValueError),
+                     ("x", TypeError), (True, TypeError), (None, TypeError)):
+    case(N, "beta", repr(value), dpo(beta=value), error)
+for value, error in (("nope", ValueError), ([], ValueError), (["sigmoid", "nope"], ValueError),
+                     (5, TypeError), (None, TypeError)):
+    case(N, "loss_type", repr(value), dpo(loss_type=value), error)
+for value, error in (([1.0, 2.0], ValueError), ([NAN], ValueError), (["a"], TypeError), (1.0, TypeError),
+                     ("1", TypeError)):
+    case(N, "loss_weights", repr(value), dpo(loss_weights=value), error)
+for value, error, extra in ((-0.1, ValueError, {"loss_type": "robust"}), (1.0, ValueError, {"loss_type": "robust"}),
+                            (NAN, ValueError, {"loss_type": "robust"}), ("x", TypeError, {"loss_type": "robust"}),
+                            (0.1, ValueError, {}), (0.0, ValueError, {"loss_type": "exo_pair"}),
+                            (0.5, ValueError, {"loss_type": "robust"})):
+    case(N, "label_smoothing", f"{value!r}-{extra}", dpo(label_smoothing=value, **extra), error)
+case(N, "f_divergence_type", "unknown", dpo(f_divergence_type="kl"))
+case(N, "f_divergence_type", "with-nca_pair", dpo(f_divergence_type="forward_kl", loss_type="nca_pair"))
+case(N, "f_alpha_divergence_coef", "nan", dpo(f_alpha_divergence_coef=NAN))
+case(N, "f_alpha_divergence_coef", "str", dpo(f_alpha_divergence_coef="x"), TypeError)
+case(N, "use_weighting", "str", dpo(use_weighting="yes"), TypeError)
+case(N, "use_weighting", "with-aot", dpo(use_weighting=True, loss_type="aot"))
+for value, error in ((1.5, ValueError), (-0.1, ValueError), (NAN, ValueError), ("x", TypeError)):
+    case(N, "ld_alpha", repr(value), dpo(ld_alpha=value), error)
+case(N, "discopop_tau", "0", dpo(discopop_tau=0.0, loss_type="discopop"))
+case(N, "discopop_tau", "nan", dpo(discopop_tau=NAN, loss_type="discopop"))
+case(N, "dpop_lambda", "negative", dpo(dpop_lambda=-1.0))
+case(N, "dpop_lambda", "nan", dpo(dpop_lambda=NAN))
+case(N, "dpop_lambda", "with-hinge", dpo(dpop_lambda=1.0, loss_type="hinge"))
+case(N, "reference_free", "str", dpo(reference_free="yes"), TypeError)
+
+
+def _paired_logits_defaults():
+    return dict(logits=fl(2 * B, T, V), labels=ids(2 * B, T), completion_mask=ones(2 * B, T),
+                ref_chosen_logps=fl(B) - 5, ref_rejected_logps=fl(B) - 5)
+
+
+dpol = api(fastalign.dpo_loss_from_logits, _paired_logits_defaults, ("logits", "labels"))
+N = "dpo_loss_from_logits"
+case(N, "logits", "list", dpol(logits=[[[0.0] * V] * T] * 2 * B))
+case(N, "logits", "2-d", dpol(logits=fl(2 * B, V)))
+case(N, "logits", "odd-rows", dpol(logits=fl(2 * B + 1, T, V), labels=ids(2 * B + 1, T),
+                                   completion_mask=ones(2 * B + 1, T)))
+case(N, "logits", "no-rows", dpol(logits=fl(0, T, V), labels=ids(0, T), completion_mask=ones(0, T)))
+case(N, "logits", "int", dpol(logits=torch.zeros(2 * B, T, V, dtype=torch.long)), TypeError)
+case(N, "logits", "empty-vocab", dpol(logits=fl(2 * B, T, 0)))
+case(N, "labels", "list", dpol(labels=[[0] * T] * 2 * B), TypeError)
+case(N, "labels", "float", dpol(labels=fl(2 * B, T)), TypeError)
+case(N, "labels", "shape", dpol(labels=ids(2 * B, T + 1), completion_mask=None))
+case(N, "labels", "device", dpol(labels=ids(2 * B, T, device="meta")))
+case(N, "labels", "too-large", dpol(labels=with_label(V, (2 * B, T))))
+case(N, "completion_mask", "list", dpol(completion_mask=[[1] * T] * 2 * B), TypeError)
+case(N, "completion_mask", "shape", dpol(completion_mask=ones(2 * B, T + 1)))
+case(N, "completion_mask", "device", dpol(completion_mask=ones(2 * B, T, device="meta")))
+case(N, "completion_mask", "complex", dpol(completion_mask=ones(2 * B, T, dtype=torch.complex64)), TypeError)
+for ref in ("ref_chosen_logps", "ref_rejected_logps"):
+    case(N, ref, "list", dpol(**{ref: [-1.0, -2.0]}), TypeError)
+    case(N, ref, "batch", dpol(**{ref: fl(B + 1)}))
+    case(N, ref, "2-d", dpol(**{ref: fl(B, 1)}))
+    case(N, ref, "int", dpol(**{ref: torch.zeros(B, dtype=torch.long)}), TypeError)
+    case(N, ref, "device", dpol(**{ref: fl(B, device="meta")}))
+case(N, "ref_rejected_logps", "alone", dpol(ref_rejected_logps=None))
+case(N, "ref_chosen_logps", "missing", dpol(ref_chosen_logps=None, ref_rejected_logps=None))
+no_ref = dict(ref_chosen_logps=None, ref_rejected_logps=None)
+case(N, "ref_logits", "list", dpol(ref_logits=[[0.0]], **no_ref), TypeError)
+case(N, "ref_logits", "shape", dpol(ref_logits=fl(2 * B, T, V + 1), **no_ref))
+case(N, "ref_logits", "int", dpol(ref_logits=torch.zeros(2 * B, T, V, dtype=torch.long), **no_ref), TypeError)
+case(N, "ref_logits", "device", dpol(ref_logits=fl(2 * B, T, V, device="meta"), **no_ref))
+case(N, "ref_logits", "with-ref-logps", dpol(ref_logits=fl(2 * B, T, V)))
+case(N, "ignore_index", "float", dpol(ignore_index=-100.0), TypeError)
+case(N, "ignore_index", "None", dpol(ignore_index=None), TypeError)
+case(N, "beta", "0", dpol(beta=0.0))
+case(N, "loss_type", "unknown", dpol(loss_type="nope"))
+
+
+def hs_parts(**parts):
+    """HiddenStates where the logits go: its parts are checked and named."""
+    return HiddenStates(**{"hidden": fl(2 * B, T, H), "weight": fl(V, H), **parts})
+
+
+N = "HiddenStates"
+case(N, "hidden", "list", dpol(logits=HiddenStates([[0.0] * H], fl(V, H))), TypeError)
+case(N, "hidden", "int", dpol(logits=hs_parts(hidden=torch.zeros(2 * B, T, H, dtype=torch.long))), TypeError)
+case(N, "hidden", "2-d", dpol(logits=hs_parts(hidden=fl(2 * B, H))), ValueError, r"^(logits|hidden)\b")
+case(N, "weight", "list", dpol(logits=hs_parts(weight=[[0.0] * H] * V)), TypeError)
+case(N, "weight", "None", dpol(logits=hs_parts(weight=None)), TypeError)
+case(N, "weight", "1-d", dpol(logits=hs_parts(weight=fl(V))))
+case(N, "weight", "hidden-size", dpol(logits=hs_parts(weight=fl(V, H + 1))))
+case(N, "weight", "dtype", dpol(logits=hs_parts(weight=fl(V, H, dtype=torch.float64))), TypeError)
+case(N, "bias", "shape", dpol(logits=hs_parts(bias=fl(V + 1))))
+case(N, "bias", "list", dpol(logits=hs_parts(bias=[0.0] * V)))
+case(N, "weight", "ref_logits-str", dpol(ref_logits=hs_parts(weight="w"), **no_ref), TypeError)
+case(N, "weight", "empty-vocab", dpol(logits=hs_parts(weight=fl(0, H))))
+
+dpom = api(lambda options, **kw: fastalign.DPOLoss(**options)(**kw),
+           lambda: dict(options={}, **_paired_logits_defaults()))
+N = "DPOLoss"
+case(N, "beta", "0", dpom(options=dict(beta=0.0)))
+case(N, "loss_type", "unknown", dpom(options=dict(loss_type="nope")))
+case(N, "ignore_index", "str", dpom(options=dict(ignore_index="x")), TypeError)
+case(N, "ignore_index", "float", dpom(options=dict(ignore_index=-100.0)), TypeError)
+case(N, "ignore_index", "at-construction", lambda: fastalign.DPOLoss(ignore_index=None), TypeError)
+case(N, "logits", "missing", dpom(logits=None))
+lm_head = dict(logits=None, hidden=fl(2 * B, T, H), weight=fl(V, H))
+case(N, "logits", "with-hidden", dpom(hidden=fl(2 * B, T, H), weight=fl(V, H)))
+case(N, "hidden", "without-weight", dpom(logits=None, hidden=fl(2 * B, T, H)))
+case(N, "hidden", "weight-alone", dpom(logits=None, weight=fl(V, H)))
+case(N, "hidden", "bias-alone", dpom(logits=None, bias=fl(V)))
+case(N, "hidden", "list", dpom(**{**lm_head, "hidden": [[0.0] * H]}), TypeError)
+case(N, "hidden", "int", dpom(**{**lm_head, "hidden": torch.zeros(2 * B, T, H, dtype=torch.long)}), TypeError)
+case(N, "weight", "hidden-size", dpom(**{**lm_head, "weight": fl(V, H + 1)}))
+case(N, "weight", "device", dpom(**{**lm_head, "weight": fl(V, H, device="meta")}))
+case(N, "weight", "empty-vocab", dpom(**{**lm_head, "weight": fl(0, H)}))
+case(N, "bias", "shape", dpom(**lm_head, bias=fl(V + 1)))
+case(N, "labels", "shape", dpom(**lm_head, labels=ids(2 * B, T + 1), completion_mask=None))
+case(N, "labels", "missing", dpom(**lm_head, labels=None), TypeError)
+case(N, "logits", "odd-rows", dpom(**{**lm_head, "hidden": fl(2 * B + 1, T, H)}, labels=ids(2 * B + 1, T),
+                                   completion_mask=None))
+
+
+# --- CPO / SimPO, ORPO ---------------------------------------------------------------------------------
+
+def _cpo_defaults():
+    return dict(chosen_logps=fl(B) - 5, rejected_logps=fl(B) - 5, chosen_num_tokens=ones(B) * 3,
+                rejected_num_tokens=ones(B) * 3)
+
+
+cpo = api(fastalign.cpo_loss, _cpo_defaults,
+          ("chosen_logps", "rejected_logps", "chosen_num_tokens", "rejected_num_tokens"))
+N = "cpo_loss"
+case(N, "chosen_logps", "list", cpo(chosen_logps=[-1.0, -2.0]), TypeError)
+case(N, "chosen_logps", "2-d", cpo(chosen_logps=fl(B, 1)))
+case(N, "chosen_logps", "empty", cpo(chosen_logps=fl(0)))
+case(N, "chosen_logps", "int", cpo(chosen_logps=torch.zeros(B, dtype=torch.long)), TypeError)
+case(N, "rejected_logps", "batch", cpo(rejected_logps=fl(B + 1)))
+case(N, "rejected_logps", "int", cpo(rejected_logps=torch.zeros(B, dtype=torch.long)), TypeError)
+case(N, "rejected_logps", "device", cpo(rejected_logps=fl(B, device="meta")))
+for counts in ("chosen_num_tokens", "rejected_num_tokens"):
+    case(N, counts, "list", cpo(**{counts: [1, 2]}), TypeError)
+    case(N, counts, "batch", cpo(**{counts: ones(B + 1)}))
+    case(N, counts, "bool", cpo(**{counts: torch.ones(B, dtype=torch.bool)}), TypeError)
+    case(N, counts, "device", cpo(**{counts: ones(B, device="meta")}))
+    case(N, counts, "negative", cpo(loss_type="simpo", **{counts: -ones(B)}))
+case(N, "beta", "0", cpo(beta=0.0))
+case(N, "beta", "nan", cpo(beta=NAN))
+case(N, "beta", "str", cpo(beta="x"), TypeError)
+case(N, "loss_type", "unknown", cpo(loss_type="dpo"))
+case(N, "loss_type", "int", cpo(loss_type=5))
+case(N, "label_smoothing", "above-1", cpo(label_smoothing=1.5))
+case(N, "label_smoothing", "nan", cpo(label_smoothing=NAN))
+case(N, "label_smoothing", "with-hinge", cpo(label_smoothing=0.1, loss_type="hinge"))
+case(N, "cpo_alpha", "negative", cpo(cpo_alpha=-1.0))
+case(N, "cpo_alpha", "nan", cpo(cpo_alpha=NAN))
+case(N, "cpo_alpha", "with-alphapo", cpo(cpo_alpha=1.0, loss_type="alphapo"))
+case(N, "simpo_gamma", "with-sigmoid", cpo(simpo_gamma=0.5))
+case(N, "simpo_gamma", "nan", cpo(simpo_gamma=NAN, loss_type="simpo"))
+case(N, "alpha", "nan", cpo(alpha=NAN))
+case(N, "alpha", "str", cpo(alpha="x"), TypeError)
+
+cpol = api(fastalign.cpo_loss_from_logits, lambda: dict(logits=fl(2 * B, T, V), labels=ids(2 * B, T)),
+           ("logits", "labels"))
+N = "cpo_loss_from_logits"
+case(N, "logits", "list", cpol(logits=[[0.0] * V]))
+case(N, "logits", "2-d", cpol(logits=fl(2 * B, V)))
+case(N, "logits", "odd-rows", cpol(logits=fl(3, T, V), labels=ids(3, T)))
+case(N, "logits", "no-rows", cpol(logits=fl(0, T, V), labels=ids(0, T)))
+case(N, "logits", "int", cpol(logits=torch.zeros(2 * B, T, V, dtype=torch.long)), TypeError)
+case(N, "labels", "shape", cpol(labels=ids(2 * B, T + 1)))
+case(N, "labels", "float", cpol(labels=fl(2 * B, T)), TypeError)
+case(N, "labels", "list", cpol(labels=[[0] * T] * 2 * B), TypeError)
+case(N, "labels", "too-large", cpol(labels=with_label(V, (2 * B, T))))
+case(N, "completion_mask", "list", cpol(completion_mask=[[1] * T] * 2 * B), TypeError)
+case(N, "completion_mask", "shape", cpol(completion_mask=ones(2 * B, T + 1)))
+case(N, "completion_mask", "device", cpol(completion_mask=ones(2 * B, T, device="meta")))
+case(N, "completion_mask", "complex", cpol(completion_mask=ones(2 * B, T, dtype=torch.complex64)), TypeError)
+case(N, "ignore_index", "float", cpol(ignore_index=-100.0), TypeError)
+case(N, "beta", "0", cpol(beta=0.0))
+
+cpom = api(lambda options, **kw: fastalign.CPOLoss(**options)(**kw),
+           lambda: dict(options={}, logits=fl(2 * B, T, V), labels=ids(2 * B, T)))
+N = "CPOLoss"
+case(N, "beta", "negative", cpom(options=dict(beta=-1.0)))
+case(N, "loss_type", "unknown", cpom(options=dict(loss_type="nope")))
+case(N, "ignore_index", "str", cpom(options=dict(ignore_index="x")), TypeError)
+case(N, "ignore_index", "at-construction", lambda: fastalign.CPOLoss(ignore_index=-100.0), TypeError)
+case(N, "logits", "odd-rows", cpom(logits=fl(3, T, V), labels=ids(3, T)))
+case(N, "completion_mask", "shape", cpom(completion_mask=ones(2 * B, T + 1)))
+
+
+def _orpo_defaults():
+    return dict(chosen_logps=fl(B) - 5, rejected_logps=fl(B) - 5, chosen_num_tokens=ones(B) * 3,
+                rejected_num_tokens=ones(B) * 3, chosen_nll_logps=fl(B) - 9, chosen_nll_num_tokens=ones(B) * 5)
+
+
+orpo = api(fastalign.orpo_loss, _orpo_defaults, tuple(_orpo_defaults()))
+N = "orpo_loss"
+case(N, "chosen_logps", "list", orpo(chosen_logps=[-1.0, -2.0]), TypeError)
+case(N, "chosen_logps", "2-d", orpo(chosen_logps=fl(B, 2)))
+case(N, "chosen_logps", "empty", orpo(chosen_logps=fl(0)))
+for name in ("rejected_logps", "chosen_nll_logps"):
+    case(N, name, "batch", orpo(**{name: fl(B + 1)}))
+    case(N, name, "int", orpo(**{name: torch.zeros(B, dtype=torch.long)}), TypeError)
+    case(N, name, "device", orpo(**{name: fl(B, device="meta")}))
+for name in ("chosen_num_tokens", "rejected_num_tokens", "chosen_nll_num_tokens"):
+    case(N, name, "batch", orpo(**{name: ones(B - 1)}))
+    case(N, name, "bool", orpo(**{name: torch.ones(B, dtype=torch.bool)}), TypeError)
+    case(N, name, "list", orpo(**{name: [1, 2]}), TypeError)
+    case(N, name, "negative", orpo(**{name: -ones(B)}))
+case(N, "beta", "0", orpo(beta=0.0))
+case(N, "beta", "inf", orpo(beta=INF))
+case(N, "beta", "None", orpo(beta=None), TypeError)
+
+orpol = api(fastalign.orpo_loss_from_logits,
+            lambda: dict(logits=fl(2 * B, T, V), labels=ids(2 * B, T), completion_mask=ones(2 * B, T)),
+            ("logits", "labels"))
+N = "orpo_loss_from_logits"
+case(N, "logits", "list", orpol(logits=[[0.0] * V]))
+case(N, "logits", "odd-rows", orpol(logits=fl(3, T, V), labels=ids(3, T), completion_mask=ones(3, T)))
+case(N, "logits", "no-rows", orpol(logits=fl(0, T, V), labels=ids(0, T), completion_mask=ones(0, T)))
+case(N, "logits", "int", orpol(logits=torch.zeros(2 * B, T, V, dtype=torch.long)), TypeError)
+case(N, "labels", "shape", orpol(labels=ids(2 * B, T + 1)))
+case(N, "labels", "float", orpol(labels=fl(2 * B, T)), TypeError)
+case(N, "labels", "too-large", orpol(labels=with_label(V, (2 * B, T))))
+case(N, "completion_mask", "missing", orpol(completion_mask=None), TypeError)
+case(N, "completion_mask", "shape", orpol(completion_mask=ones(2 * B, T - 1)))
+case(N, "completion_mask", "device", orpol(completion_mask=ones(2 * B, T, device="meta")))
+case(N, "completion_mask", "complex", orpol(completion_mask=ones(2 * B, T, dtype=torch.complex64)), TypeError)
+case(N, "attention_mask", "list", orpol(attention_mask=[[1] * T] * 2 * B), TypeError)
+case(N, "attention_mask", "shape", orpol(attention_mask=ones(2 * B, T + 1)))
+case(N, "attention_mask", "device", orpol(attention_mask=ones(2 * B, T, device="meta")))
+case(N, "attention_mask", "complex", orpol(attention_mask=ones(2 * B, T, dtype=torch.complex64)), TypeError)
+case(N, "ignore_index", "float", orpol(ignore_index=-100.0), TypeError)
+case(N, "beta", "0", orpol(beta=0.0))
+
+orpom = api(lambda options, **kw: fastalign.ORPOLoss(**options)(**kw),
+            lambda: dict(options={}, logits=fl(2 * B, T, V), labels=ids(2 * B, T), completion_mask=ones(2 * B, T)))
+N = "ORPOLoss"
+case(N, "beta", "nan", orpom(options=dict(beta=NAN)))
+case(N, "ignore_index", "str", orpom(options=dict(ignore_index="x")), TypeError)
+case(N, "ignore_index", "at-construction", lambda: fastalign.ORPOLoss(ignore_index="x"), TypeError)
+case(N, "logits", "2-d", orpom(logits=fl(2 * B, V)))
+case(N, "completion_mask", "shape", orpom(completion_mask=ones(2 * B, T + 1)))
+
+
+# --- KTO -----------------------------------------------------------------------------------------------
+
+def _kto_defaults():
+    return dict(policy_logps=fl(B) - 5, ref_logps=fl(B) - 5, desirable=torch.tensor([True, False]),
+                kl_logps=fl(B) - 5, ref_kl_logps=fl(B) - 5)
+
+
+kto = api(fastalign.kto_loss, _kto_defaults, ("policy_logps", "ref_logps", "desirable"))
+N = "kto_loss"
+case(N, "policy_logps", "list", kto(policy_logps=[-1.0, -2.0]), TypeError)
+case(N, "policy_logps", "2-d", kto(policy_logps=fl(B, 1)))
+case(N, "policy_logps", "empty", kto(policy_logps=fl(0)))
+case(N, "policy_logps", "int", kto(policy_logps=torch.zeros(B, dtype=torch.long)), TypeError)
+case(N, "ref_logps", "batch", kto(ref_logps=fl(B + 1)))
+case(N, "ref_logps", "int", kto(ref_logps=torch.zeros(B, dtype=torch.long)), TypeError)
+case(N, "ref_logps", "device", kto(ref_logps=fl(B, device="meta")))
+case(N, "ref_logps", "list", kto(ref_logps=[-1.0, -2.0]), TypeError)
+case(N, "desirable", "list", kto(desirable=[True, False]), TypeError)
+case(N, "desirable", "float", kto(desirable=torch.tensor([1.0, 0.0])), TypeError)
+case(N, "desirable", "batch", kto(desirable=torch.tensor([True, False, True])))
+case(N, "desirable", "device", kto(desirable=torch.ones(B, dtype=torch.bool, device="meta")))
+case(N, "desirable", "not-0-or-1", kto(desirable=torch.tensor([2, 0])))
+case(N, "kl_logps", "missing", kto(kl_logps=None))
+case(N, "kl_logps", "one-pair", kto(kl_logps=fl(1), ref_kl_logps=fl(1)))
+case(N, "kl_logps", "2-d", kto(kl_logps=fl(B, 1)))
+case(N, "kl_logps", "int", kto(kl_logps=torch.zeros(B, dtype=torch.long)), TypeError)
+case(N, "kl_logps", "device", kto(kl_logps=fl(B, device="meta"), ref_kl_logps=fl(B, device="meta")))
+case(N, "kl_logps", "with-apo_zero_unpaired", kto(loss_type="apo_zero_unpaired", ref_kl_logps=None))
+case(N, "ref_kl_logps", "missing", kto(ref_kl_logps=None))
+case(N, "ref_kl_logps", "batch", kto(ref_kl_logps=fl(B + 1)))
+case(N, "ref_kl_logps", "list", kto(ref_kl_logps=[1.0, 2.0]), TypeError)
+case(N, "ref_kl_logps", "device", kto(ref_kl_logps=fl(B, device="meta")))
+case(N, "kl", "with-kl_logps", kto(kl=0.1))
+no_kl = dict(kl_logps=None, ref_kl_logps=None)
+case(N, "kl", "str", kto(kl="x", **no_kl), TypeError)
+case(N, "kl", "nan", kto(kl=NAN, **no_kl))
+case(N, "kl", "inf", kto(kl=INF, **no_kl))
+case(N, "kl", "bool", kto(kl=True, **no_kl), TypeError)
+case(N, "kl", "int-tensor", kto(kl=torch.tensor(1), **no_kl), (TypeError, ValueError))
+case(N, "kl", "vector", kto(kl=torch.zeros(2), **no_kl))
+case(N, "kl", "nan-tensor", kto(kl=torch.tensor(NAN), **no_kl))
+case(N, "kl", "with-apo_zero_unpaired", kto(loss_type="apo_zero_unpaired", kl=0.1, **no_kl))
+case(N, "beta", "0", kto(beta=0.0))
+case(N, "beta", "str", kto(beta="x"), TypeError)
+case(N, "loss_type", "unknown", kto(loss_type="kto_pair"))
+case(N, "desirable_weight", "negative", kto(desirable_weight=-1.0))
+case(N, "desirable_weight", "nan", kto(desirable_weight=NAN))
+case(N, "undesirable_weight", "inf", kto(undesirable_weight=INF))
+case(N, "undesirable_weight", "str", kto(undesirable_weight="x"), TypeError)
+case(N, "desirable_weight", "both-zero", kto(desirable_weight=0.0, undesirable_weight=0.0))
+case(N, "gather", "not-callable", kto(gather=5), TypeError)
+
+
+def _kto_logits_defaults():
+    return dict(logits=fl(B, T, V), labels=ids(B, T), ref_logps=fl(B) - 5, desirable=torch.tensor([True, False]),
+                kl_logps=fl(B) - 5, ref_kl_logps=fl(B) - 5)
+
+
+ktol = api(fastalign.kto_loss_from_logits, _kto_logits_defaults, ("logits", "labels", "ref_logps", "desirable"))
+N = "kto_loss_from_logits"
+case(N, "logits", "list", ktol(logits=[[0.0] * V]))
+case(N, "logits", "2-d", ktol(logits=fl(B, V)))
+case(N, "logits", "no-rows", ktol(logits=fl(0, T, V), labels=ids(0, T)))
+case(N, "logits", "int", ktol(logits=torch.zeros(B, T, V, dtype=torch.long)), TypeError)
+case(N, "labels", "shape", ktol(labels=ids(B, T + 1)))
+case(N, "labels", "float", ktol(labels=fl(B, T)), TypeError)
+case(N, "labels", "too-large", ktol(labels=with_label(V)))
+case(N, "ref_logps", "batch", ktol(ref_logps=fl(B + 1)))
+case(N, "ref_logps", "device", ktol(ref_logps=fl(B, device="meta")))
+case(N, "desirable", "batch", ktol(desirable=torch.tensor([True])))
+case(N, "desirable", "float", ktol(desirable=torch.tensor([1.0, 0.0])), TypeError)
+case(N, "completion_mask", "shape", ktol(completion_mask=ones(B, T + 1)))
+case(N, "completion_mask", "list", ktol(completion_mask=[[1] * T] * B), TypeError)
+case(N, "completion_mask", "device", ktol(completion_mask=ones(B, T, device="meta")))
+case(N, "completion_mask", "complex", ktol(completion_mask=ones(B, T, dtype=torch.complex64)), TypeError)
+case(N, "ignore_index", "float", ktol(ignore_index=-100.0), TypeError)
+case(N, "kl_logps", "missing", ktol(kl_logps=None))
+case(N, "kl", "nan", ktol(kl=NAN, kl_logps=None, ref_kl_logps=None))
+case(N, "beta", "0", ktol(beta=0.0))
+case(N, "gather", "not-callable", ktol(gather="all"), TypeError)
+
+ktom = api(lambda options, **kw: fastalign.KTOLoss(**options)(**kw), lambda: dict(options={}, **_kto_logits_defaults()))
+N = "KTOLoss"
+case(N, "beta", "0", ktom(options=dict(beta=0.0)))
+case(N, "loss_type", "unknown", ktom(options=dict(loss_type="nope")))
+case(N, "ignore_index", "str", ktom(options=dict(ignore_index="x")), TypeError)
+case(N, "ignore_index", "at-construction", lambda: fastalign.KTOLoss(ignore_index=True), TypeError)
+case(N, "desirable", "batch", ktom(desirable=torch.tensor([True, False, True])))
+
+
+# --- reward --------------------------------------------------------------------------------------------
+
+rl = api(fastalign.reward_loss, lambda: dict(rewards=fl(2 * B)), ("rewards",))
+N = "reward_loss"
+case(N, "rewards", "list", rl(rewards=[1.0, 2.0]), TypeError)
+case(N, "rewards", "0-d", rl(rewards=torch.tensor(1.0)))
+case(N, "rewards", "3-d", rl(rewards=fl(2 * B, 1, 1)))
+case(N, "rewards", "two-columns", rl(rewards=fl(2 * B, 2)))
+case(N, "rewards", "empty", rl(rewards=fl(0)))
+case(N, "rewards", "odd", rl(rewards=fl(2 * B + 1)))
+case(N, "rewards", "int", rl(rewards=torch.zeros(2 * B, dtype=torch.long)), TypeError)
+case(N, "rewards", "bool", rl(rewards=torch.zeros(2 * B, dtype=torch.bool)), TypeError)
+case(N, "margin", "batch", rl(margin=fl(2 * B)))
+case(N, "margin", "int", rl(margin=torch.zeros(B, dtype=torch.long)), TypeError)
+case(N, "margin", "device", rl(margin=fl(B, device="meta")))
+case(N, "margin", "nan", rl(margin=NAN))
+case(N, "margin", "str", rl(margin="x"), TypeError)
+case(N, "margin", "bool", rl(margin=True), TypeError)
+case(N, "center_rewards_coefficient", "negative", rl(center_rewards_coefficient=-0.1))
+case(N, "center_rewards_coefficient", "nan", rl(center_rewards_coefficient=NAN))
+case(N, "center_rewards_coefficient", "str", rl(center_rewards_coefficient="x"), TypeError)
+
+bt = api(fastalign.bradley_terry_loss, lambda: dict(chosen_rewards=fl(B), rejected_rewards=fl(B)),
+         ("chosen_rewards", "rejected_rewards"))
+N = "bradley_terry_loss"
+case(N, "chosen_rewards", "list", bt(chosen_rewards=[1.0, 2.0]), TypeError)
+case(N, "chosen_rewards", "2-d", bt(chosen_rewards=fl(B, 1)))
+case(N, "chosen_rewards", "empty", bt(chosen_rewards=fl(0), rejected_rewards=fl(0)))
+case(N, "chosen_rewards", "int", bt(chosen_rewards=torch.zeros(B, dtype=torch.long)), TypeError)
+case(N, "rejected_rewards", "batch", bt(rejected_rewards=fl(B + 1)))
+case(N, "rejected_rewards", "int", bt(rejected_rewards=torch.zeros(B, dtype=torch.long)), TypeError)
+case(N, "rejected_rewards", "device", bt(rejected_rewards=fl(B, device="meta")))
+case(N, "rejected_rewards", "list", bt(rejected_rewards=[1.0, 2.0]), TypeError)
+case(N, "margin", "batch", bt(margin=fl(B + 1)))
+case(N, "margin", "inf", bt(margin=INF))
+case(N, "center_rewards_coefficient", "inf", bt(center_rewards_coefficient=INF))
+
+rm = api(lambda options, **kw: fastalign.RewardLoss(**options)(**kw), lambda: dict(options={}, rewards=fl(2 * B)))
+N = "RewardLoss"
+case(N, "center_rewards_coefficient", "negative", rm(options=dict(center_rewards_coefficient=-1.0)))
+case(N, "center_rewards_coefficient", "bool", rm(options=dict(center_rewards_coefficient=True)), TypeError)
+case(N, "rewards", "odd", rm(rewards=fl(3)))
+case(N, "margin", "batch", rm(margin=fl(B + 1)))
+
+
+# --- backends ------------------------------------------------------------------------------------------
+
+def _use(name):
+    def call():
+        with fastalign.use_backend(name):
+            pass
+
+    return call
+
+
+for value in ("nope", "cuda", 5, None):
+    case("use_backend", "use_backend(name)", repr(value), _use(value), ValueError, r"^use_backend\(name\):")
+
+
+# --- the sweep -----------------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("backend", ["auto", "reference"])
+@pytest.mark.parametrize("case", CASES, ids=[c.id for c in CASES])
+def test_a_bad_argument_is_named(case, backend):
+    with fastalign.use_backend(backend), pytest.raises(case.error, match=case.pattern):
+        case.call()
+
+
+def test_the_case_ids_are_unique():
+    ids_ = [c.id for c in CASES]
+    assert len(ids_) == len(set(ids_)), sorted({i for i in ids_ if ids_.count(i) > 1})
