@@ -22,7 +22,7 @@ from dataclasses import dataclass
 
 import torch
 
-from ._checks import check_positive_finite
+from ._checks import check_flag, check_gather, check_positive_finite
 from .policy import run_objective
 from .policy_inputs import (
     as_float,
@@ -31,7 +31,9 @@ from .policy_inputs import (
     check_epsilon,
     check_nonnegative,
     check_optional_positive,
+    check_options,
     check_tokens,
+    check_total,
     check_transform,
     policy_token_inputs,
 )
@@ -177,7 +179,9 @@ def grpo_options(
         raise ValueError(f"importance_sampling_level: 'sequence' is not defined for loss_type={loss_type!r}")
     sapo_temperature_pos = check_optional_positive("sapo_temperature_pos", sapo_temperature_pos)
     sapo_temperature_neg = check_optional_positive("sapo_temperature_neg", sapo_temperature_neg)
-    if not isinstance(top_entropy_quantile, (int, float)) or not 0 < top_entropy_quantile <= 1:
+    if isinstance(top_entropy_quantile, bool) or not isinstance(top_entropy_quantile, (int, float)):
+        raise TypeError(f"top_entropy_quantile: expected a number in (0, 1], got {type(top_entropy_quantile).__name__}")
+    if not 0 < top_entropy_quantile <= 1:
         raise ValueError(f"top_entropy_quantile: expected a value in (0, 1], got {top_entropy_quantile!r}")
     if convention == "verl" and top_entropy_quantile < 1:
         raise ValueError("top_entropy_quantile: a TRL option; not part of verl's actor loss")
@@ -185,9 +189,9 @@ def grpo_options(
     off_policy_mask_threshold = check_optional_positive("off_policy_mask_threshold", off_policy_mask_threshold)
     if convention == "verl" and off_policy_mask_threshold is not None:
         raise ValueError("off_policy_mask_threshold: a TRL option; not part of verl's actor loss")
-    if loss_type == "dr_grpo":
-        if max_completion_length is None:
-            raise ValueError("max_completion_length: required for loss_type='dr_grpo' (its normalizer is B * L_max)")
+    if loss_type == "dr_grpo" and max_completion_length is None:
+        raise ValueError("max_completion_length: required for loss_type='dr_grpo' (its normalizer is B * L_max)")
+    if max_completion_length is not None:
         check_count("max_completion_length", max_completion_length)
     check_count("gradient_accumulation_steps", gradient_accumulation_steps)
     check_count("num_processes", num_processes)
@@ -196,10 +200,13 @@ def grpo_options(
     check_choice("loss_agg_mode", loss_agg_mode, AGG_MODES)
     check_count("dp_size", dp_size)
     loss_scale_factor = check_optional_positive("loss_scale_factor", loss_scale_factor)
-    if not isinstance(clip_ratio_c, (int, float)) or not clip_ratio_c > 1:
+    if isinstance(clip_ratio_c, bool) or not isinstance(clip_ratio_c, (int, float)):
+        raise TypeError(f"clip_ratio_c: expected a number > 1, got {type(clip_ratio_c).__name__}")
+    if not clip_ratio_c > 1:
         raise ValueError(f"clip_ratio_c: the dual-clip bound must be > 1, got {clip_ratio_c!r}")
     return GRPOOptions(
-        loss_type, convention, epsilon_low, epsilon_high, delta, beta, kl_estimator, bool(use_bias_correction_kl),
+        loss_type, convention, epsilon_low, epsilon_high, delta, beta, kl_estimator,
+        check_flag("use_bias_correction_kl", use_bias_correction_kl),
         importance_sampling_level, sapo_temperature_pos, sapo_temperature_neg, float(top_entropy_quantile),
         entropy_coef, off_policy_mask_threshold, max_completion_length, gradient_accumulation_steps,
         num_processes, steps_per_generation, loss_agg_mode, dp_size, loss_scale_factor, float(clip_ratio_c),
@@ -273,9 +280,14 @@ def grpo_loss(
     the entropy quantile and the metrics are then global, as TRL's trainer computes them. Without
     it they are this process's.
     """
+    check_options(options, GRPOOptions, "grpo_options")
     o = options if options is not None else grpo_options(**option_kwargs)
     if options is not None and option_kwargs:
         raise ValueError(f"options: pass either options= or keyword options, not both ({sorted(option_kwargs)})")
+    check_gather(gather)
+    check_total("num_items_in_batch", num_items_in_batch, zero_ok=True)
+    check_total("batch_num_tokens", batch_num_tokens, zero_ok=False)
+    check_total("global_batch_size", global_batch_size, zero_ok=False)
     needs = [n for n, on in (("top_entropy_quantile < 1", o.top_entropy_quantile < 1),
                              ("entropy_coef != 0", o.entropy_coef != 0)) if on]
     lm_head = (hidden, weight, bias) if (hidden is not None or weight is not None or bias is not None) else None
@@ -494,9 +506,20 @@ def vllm_importance_sampling_ratio(
     log-probs (tokens vLLM could not score) count as no correction. Pass the result to
     `grpo_loss(importance_sampling_ratio=...)`."""
     check_choice("mode", mode, IS_MODES)
+    if not isinstance(old_logps, torch.Tensor):
+        raise TypeError(f"old_logps: expected a torch.Tensor [B, T], got {type(old_logps).__name__}")
+    if old_logps.dim() != 2:
+        raise ValueError(f"old_logps: expected per-token log-probs [B, T], got shape {tuple(old_logps.shape)}")
+    if not old_logps.is_floating_point():
+        raise TypeError(f"old_logps: expected a floating-point tensor, got {old_logps.dtype}")
     shape = old_logps.shape
     sampling_logps = check_tokens("sampling_logps", sampling_logps, shape, old_logps.device)
     mask = check_tokens("completion_mask", completion_mask, shape, old_logps.device, floating=False)
+    # Ratios are positive: a bound below 0 or a NaN one would clip nothing, or everything, silently.
+    clip_min = None if clip_min is None else check_nonnegative("clip_min", clip_min)
+    clip_max = check_optional_positive("clip_max", clip_max)
+    if clip_min is not None and clip_max is not None and clip_min > clip_max:
+        raise ValueError(f"clip_min: expected a bound <= clip_max={clip_max}, got {clip_min}")
     diff = torch.nan_to_num((old_logps - sampling_logps) * mask, nan=0.0)
     if mode.startswith("sequence"):
         diff = diff.sum(dim=-1, keepdim=True)

@@ -10,7 +10,7 @@ from typing import NamedTuple
 
 import torch
 
-from ._checks import check_positive_finite, check_token_logprobs_args
+from ._checks import check_positive_finite, check_token_logprobs_args, values_checkable
 
 
 def check_epsilon(name: str, value: object) -> float:
@@ -37,6 +37,36 @@ def check_nonnegative(name: str, value: object) -> float:
     if not math.isfinite(value) or value < 0:
         raise ValueError(f"{name}: expected a finite number >= 0, got {value}")
     return float(value)
+
+
+def check_total(name: str, value: object, *, zero_ok: bool) -> None:
+    """A global count that normalizes a loss (a number or a one-element tensor): finite, and > 0
+    (>= 0 where `zero_ok`, for a count the loss clamps at 1). A CUDA tensor's value is not read
+    (no device sync)."""
+    if value is None:
+        return
+    expected = "a finite number >= 0" if zero_ok else "a finite number > 0"
+    if isinstance(value, torch.Tensor):
+        if value.numel() != 1:
+            raise ValueError(f"{name}: expected one number, got a tensor of shape {tuple(value.shape)}")
+        if value.dtype == torch.bool or value.is_complex():
+            raise TypeError(f"{name}: expected a real number, got a {value.dtype} tensor")
+        if not values_checkable(value):
+            return
+        number = value.item()
+    elif isinstance(value, bool) or not isinstance(value, (int, float)):
+        raise TypeError(f"{name}: expected a number or a one-element tensor, got {type(value).__name__}")
+    else:
+        number = value
+    if not (math.isfinite(number) and (number >= 0 if zero_ok else number > 0)):
+        raise ValueError(f"{name}: expected {expected}, got {number}")
+
+
+def check_options(options: object, kind: type, builder: str) -> None:
+    if options is not None and not isinstance(options, kind):
+        raise TypeError(
+            f"options: expected a {kind.__name__} from {builder}(...), or None; got {type(options).__name__}"
+        )
 
 
 def check_count(name: str, value: object) -> int:
@@ -75,12 +105,16 @@ def token_shape(
         if not isinstance(hidden, torch.Tensor) or hidden.dim() != 3:
             raise ValueError(f"hidden: expected shape [B, T, H], got {getattr(hidden, 'shape', hidden)}")
         check_linear_args(hidden, weight, bias, labels)
+        if weight.shape[0] == 0:
+            raise ValueError("weight: the vocabulary dimension (V, the first) is empty")
         probe = hidden.new_empty((1, 1, 1)).expand(*hidden.shape[:-1], weight.shape[0])
         temperature, logit_scale, softcap, _ = check_token_logprobs_args(
             probe, labels, temperature, -100, logit_scale, softcap, None, ()
         )
         return labels.shape, hidden.device, (temperature, logit_scale, softcap)
     if logits is not None:
+        if not isinstance(logits, torch.Tensor):
+            raise TypeError(f"logits: expected a torch.Tensor [B, T, V], got {type(logits).__name__}")
         if labels is None:
             raise ValueError("labels: required with logits (the completion token ids, [B, T])")
         if logits.dim() != 3:

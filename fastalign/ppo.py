@@ -29,7 +29,9 @@ from .policy_inputs import (
     check_epsilon,
     check_nonnegative,
     check_optional_positive,
+    check_options,
     check_tokens,
+    check_total,
     check_transform,
     policy_token_inputs,
 )
@@ -93,8 +95,11 @@ def ppo_options(
     epsilon = check_epsilon("epsilon", epsilon)
     epsilon_low = epsilon if epsilon_low is None else check_epsilon("epsilon_low", epsilon_low)
     epsilon_high = epsilon if epsilon_high is None else check_epsilon("epsilon_high", epsilon_high)
-    if dual_clip is not None and (not isinstance(dual_clip, (int, float)) or not dual_clip > 1):
-        raise ValueError(f"dual_clip: the dual-clip bound c must be > 1, got {dual_clip!r}")
+    if dual_clip is not None:
+        if isinstance(dual_clip, bool) or not isinstance(dual_clip, (int, float)):
+            raise TypeError(f"dual_clip: expected a number > 1 or None, got {type(dual_clip).__name__}")
+        if not dual_clip > 1:
+            raise ValueError(f"dual_clip: the dual-clip bound c must be > 1, got {dual_clip!r}")
     if convention == "trl" and dual_clip is not None:
         raise ValueError("dual_clip: TRL's PPO has no dual-clip; use convention='verl'")
     kl_coef = check_nonnegative("kl_coef", kl_coef)
@@ -138,9 +143,12 @@ def ppo_loss(
     """PPO policy + value loss. `vpreds` [B, T] (the value head, differentiable), `values` [B, T]
     (the rollout's values) and `returns` [B, T] come together or not at all; `value_mask`
     defaults to `completion_mask` (TRL's PPOTrainer masks values one position further)."""
+    check_options(options, PPOOptions, "ppo_options")
     if options is not None and option_kwargs:
         raise ValueError(f"options: pass either options= or keyword options, not both ({sorted(option_kwargs)})")
     o = options if options is not None else ppo_options(**option_kwargs)
+    check_total("batch_num_tokens", batch_num_tokens, zero_ok=False)
+    check_total("global_batch_size", global_batch_size, zero_ok=False)
     lm_head = (hidden, weight, bias) if (hidden is not None or weight is not None or bias is not None) else None
     x = policy_token_inputs(
         logits=logits, labels=labels, logps=logps, entropies=entropies, completion_mask=completion_mask,
@@ -154,6 +162,8 @@ def ppo_loss(
     if given and len(given) != 3:
         missing = sorted({"vpreds", "values", "returns"} - set(given))
         raise ValueError(f"{', '.join(missing)}: the value loss needs vpreds, values and returns together")
+    if value_mask is not None and not given:
+        raise ValueError("value_mask: only used by the value loss, which needs vpreds, values and returns")
     if o.dp_size > 1:
         if o.loss_agg_mode == "token-mean" and batch_num_tokens is None:
             raise ValueError("batch_num_tokens: required when dp_size > 1 with loss_agg_mode='token-mean'")

@@ -19,7 +19,7 @@ from collections.abc import Callable
 
 import torch
 
-from ._checks import check_positive_finite
+from ._checks import check_gather, check_positive_finite
 from .policy import run_objective
 from .policy_inputs import (
     as_float,
@@ -95,6 +95,7 @@ def rloo_loss(
     trainer logs them. Without it they are this process's.
     """
     epsilon_low, epsilon_high = clip_range(epsilon, epsilon_high)
+    check_gather(gather)
     lm_head = (hidden, weight, bias) if (hidden is not None or weight is not None or bias is not None) else None
     shape, device, transform = token_shape(
         logits, labels, logps, check_transform(temperature, logit_scale, softcap), lm_head

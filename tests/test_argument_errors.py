@@ -569,6 +569,249 @@ case(N, "rewards", "odd", rm(rewards=fl(3)))
 case(N, "margin", "batch", rm(margin=fl(B + 1)))
 
 
+# --- policy losses: GRPO, PPO, RLOO --------------------------------------------------------------------
+
+def _policy_defaults():
+    return dict(logits=fl(B, T, V), labels=ids(B, T), completion_mask=ones(B, T), advantages=fl(B),
+                old_logps=fl(B, T) - 3)
+
+
+def _policy_level_cases(N: str, call, old_shape=(B, T)):
+    """Input-level cases every policy loss shares (logits, hidden or logps; mask; advantages)."""
+    logps_level = dict(logits=None, labels=None, logps=fl(B, T) - 3)
+    hidden_level = dict(logits=None, hidden=fl(B, T, H), weight=fl(V, H))
+    case(N, "logits", "list", call(logits=[[[0.0] * V] * T] * B), TypeError)
+    case(N, "logits", "2-d", call(logits=fl(B * T, V), labels=ids(B * T)))
+    case(N, "logits", "int", call(logits=torch.zeros(B, T, V, dtype=torch.long)), TypeError)
+    case(N, "logits", "empty-vocab", call(logits=fl(B, T, 0)))
+    case(N, "logits", "no-rows", call(logits=fl(0, T, V), labels=ids(0, T), completion_mask=ones(0, T),
+                                      advantages=fl(0), old_logps=fl(0, *old_shape[1:])))
+    case(N, "logits", "with-logps", call(logps=fl(B, T)), ValueError, r"^logits / hidden / logps\b")
+    case(N, "logits", "none-given", call(logits=None, labels=None), ValueError, r"^logits / hidden / logps\b")
+    case(N, "labels", "missing", call(labels=None))
+    case(N, "labels", "list", call(labels=[[0] * T] * B), TypeError)
+    case(N, "labels", "float", call(labels=fl(B, T)), TypeError)
+    case(N, "labels", "shape", call(labels=ids(B, T + 1)))
+    case(N, "labels", "device", call(labels=ids(B, T, device="meta")))
+    case(N, "labels", "too-large", call(labels=with_label(V)))
+    case(N, "labels", "ignore-index-counted", call(labels=with_label(-100)))
+    case(N, "labels", "with-logps", call(**{**logps_level, "labels": ids(B, T)}))
+    case(N, "temperature", "0", call(temperature=0.0))
+    case(N, "softcap", "nan", call(softcap=NAN))
+    case(N, "hidden", "list", call(**{**hidden_level, "hidden": [[0.0] * H]}))
+    case(N, "hidden", "2-d", call(**{**hidden_level, "hidden": fl(B * T, H)}))
+    case(N, "hidden", "int", call(**{**hidden_level, "hidden": torch.zeros(B, T, H, dtype=torch.long)}), TypeError)
+    case(N, "hidden", "labels-missing", call(**hidden_level, labels=None), ValueError, r"^labels\b")
+    case(N, "weight", "missing", call(**{**hidden_level, "weight": None}))
+    case(N, "weight", "hidden-size", call(**{**hidden_level, "weight": fl(V, H + 1)}))
+    case(N, "weight", "dtype", call(**{**hidden_level, "weight": fl(V, H, dtype=torch.float64)}), TypeError)
+    case(N, "weight", "device", call(**{**hidden_level, "weight": fl(V, H, device="meta")}))
+    case(N, "weight", "empty-vocab", call(**{**hidden_level, "weight": fl(0, H)}))
+    case(N, "weight", "with-logits", call(weight=fl(V, H)), ValueError, r"^weight\b")
+    case(N, "bias", "shape", call(**hidden_level, bias=fl(V + 1)))
+    case(N, "bias", "with-logits", call(bias=fl(V)), ValueError, r"^weight / bias\b")
+    case(N, "labels", "hidden-shape", call(**hidden_level, labels=ids(B, T + 1)))
+    case(N, "labels", "hidden-too-large", call(**hidden_level, labels=with_label(V)))
+    case(N, "logps", "list", call(**{**logps_level, "logps": [[0.0] * T] * B}), (TypeError, ValueError))
+    case(N, "logps", "1-d", call(**{**logps_level, "logps": fl(B)}))
+    case(N, "logps", "int", call(**{**logps_level, "logps": torch.zeros(B, T, dtype=torch.long)}),
+         (TypeError, ValueError))
+    case(N, "logps", "no-rows", call(**{**logps_level, "logps": fl(0, T)}, completion_mask=ones(0, T),
+                                     advantages=fl(0), old_logps=fl(0, *old_shape[1:])))
+    case(N, "entropies", "with-logits", call(entropies=fl(B, T)))
+    case(N, "entropies", "shape", call(**logps_level, entropies=fl(B, T + 1)))
+    case(N, "entropies", "int", call(**logps_level, entropies=torch.zeros(B, T, dtype=torch.long)), TypeError)
+    case(N, "completion_mask", "missing", call(completion_mask=None), TypeError)
+    case(N, "completion_mask", "list", call(completion_mask=[[1] * T] * B), TypeError)
+    case(N, "completion_mask", "shape", call(completion_mask=ones(B, T - 1)))
+    case(N, "completion_mask", "batch", call(completion_mask=ones(B + 1, T)))
+    case(N, "completion_mask", "device", call(completion_mask=ones(B, T, device="meta")))
+    case(N, "completion_mask", "complex", call(completion_mask=ones(B, T, dtype=torch.complex64)), TypeError)
+    case(N, "advantages", "list", call(advantages=[1.0, 2.0]), TypeError)
+    case(N, "advantages", "batch", call(advantages=fl(B + 1)))
+    case(N, "advantages", "int", call(advantages=torch.ones(B, dtype=torch.long)), TypeError)
+    case(N, "advantages", "device", call(advantages=fl(B, device="meta")))
+    case(N, "old_logps", "list", call(old_logps=[[0.0] * T] * B), TypeError)
+    case(N, "old_logps", "shape", call(old_logps=fl(B + 1, *old_shape[1:])))
+    case(N, "old_logps", "int", call(old_logps=torch.zeros(*old_shape, dtype=torch.long)), TypeError)
+    case(N, "old_logps", "device", call(old_logps=fl(*old_shape, device="meta")))
+
+
+grpo = api(fastalign.grpo_loss, lambda: dict(**_policy_defaults(), num_items_in_batch=B * T))
+N = "grpo_loss"
+_policy_level_cases(N, grpo)
+case(N, "advantages", "two-columns", grpo(advantages=fl(B, 2)))
+case(N, "ref_logps", "missing", grpo(beta=0.04))
+case(N, "ref_logps", "shape", grpo(beta=0.04, ref_logps=fl(B)))
+case(N, "ref_logps", "int", grpo(beta=0.04, ref_logps=torch.zeros(B, T, dtype=torch.long)), TypeError)
+case(N, "ref_logps", "device", grpo(beta=0.04, ref_logps=fl(B, T, device="meta")))
+case(N, "importance_sampling_ratio", "shape", grpo(importance_sampling_ratio=fl(B, 2)))
+case(N, "importance_sampling_ratio", "int", grpo(importance_sampling_ratio=torch.ones(B, T, dtype=torch.long)),
+     TypeError)
+case(N, "importance_sampling_ratio", "list", grpo(importance_sampling_ratio=[1.0, 1.0]), TypeError)
+case(N, "sampling_logps", "without-threshold", grpo(sampling_logps=fl(B, T)))
+case(N, "sampling_logps", "shape", grpo(off_policy_mask_threshold=0.5, sampling_logps=fl(B)))
+for value, error in ((None, ValueError), ("x", TypeError), (-5.0, ValueError), (NAN, ValueError),
+                     (INF, ValueError), (True, TypeError), (torch.tensor([1.0, 2.0]), ValueError),
+                     (torch.tensor(-3.0), ValueError), (torch.tensor(1.0 + 0j), TypeError)):
+    case(N, "num_items_in_batch", repr(value), grpo(num_items_in_batch=value), error)
+verl = dict(convention="verl", loss_type="vanilla", dp_size=2)
+for value, error in ((None, ValueError), (0, ValueError), (-4.0, ValueError), (NAN, ValueError), ("x", TypeError),
+                     (torch.tensor(0.0), ValueError)):
+    case(N, "batch_num_tokens", repr(value), grpo(**verl, batch_num_tokens=value), error)
+    case(N, "global_batch_size", repr(value),
+         grpo(**verl, loss_agg_mode="seq-mean-token-mean", global_batch_size=value), error)
+case(N, "options", "dict", grpo(options={"loss_type": "dapo"}), TypeError)
+case(N, "options", "ppo-options", grpo(options=fastalign.ppo_options()), TypeError)
+case(N, "options", "with-keywords", grpo(options=fastalign.grpo_options(), beta=0.1))
+case(N, "gather", "not-callable", grpo(gather=5), TypeError)
+case(N, "unknown_option", "typo", grpo(epsilon_hi=0.3), TypeError, r"epsilon_hi")
+
+go = api(fastalign.grpo_options, dict)
+N = "grpo_options"
+option_cases = [
+    ("loss_type", "nope", ValueError), ("loss_type", None, ValueError), ("loss_type", "vanilla", ValueError),
+    ("convention", "openrlhf", ValueError),
+    ("epsilon", 0.0, ValueError), ("epsilon", 1.0, ValueError), ("epsilon", NAN, ValueError),
+    ("epsilon", "x", TypeError), ("epsilon", True, TypeError), ("epsilon", None, TypeError),
+    ("epsilon_low", -0.1, ValueError), ("epsilon_high", 1.5, ValueError), ("epsilon_high", NAN, ValueError),
+    ("delta", 0.0, ValueError), ("delta", NAN, ValueError), ("delta", "x", TypeError),
+    ("beta", -0.1, ValueError), ("beta", NAN, ValueError), ("beta", INF, ValueError), ("beta", "x", TypeError),
+    ("kl_estimator", "k4", ValueError), ("kl_estimator", 5, ValueError),
+    ("use_bias_correction_kl", "yes", TypeError), ("use_bias_correction_kl", None, TypeError),
+    ("importance_sampling_level", "group", ValueError),
+    ("sapo_temperature_pos", 0.0, ValueError), ("sapo_temperature_neg", NAN, ValueError),
+    ("top_entropy_quantile", 0.0, ValueError), ("top_entropy_quantile", 1.5, ValueError),
+    ("top_entropy_quantile", NAN, ValueError), ("top_entropy_quantile", "x", TypeError),
+    ("top_entropy_quantile", True, TypeError),
+    ("entropy_coef", -1.0, ValueError), ("entropy_coef", NAN, ValueError),
+    ("off_policy_mask_threshold", 0.0, ValueError), ("off_policy_mask_threshold", NAN, ValueError),
+    ("gradient_accumulation_steps", 0, ValueError), ("gradient_accumulation_steps", 1.5, ValueError),
+    ("gradient_accumulation_steps", True, ValueError), ("num_processes", 0, ValueError),
+    ("steps_per_generation", 0, ValueError), ("steps_per_generation", "2", ValueError),
+    ("max_completion_length", 0, ValueError), ("max_completion_length", 1.5, ValueError),
+    ("loss_agg_mode", "mean", ValueError), ("dp_size", 0, ValueError), ("dp_size", 2.0, ValueError),
+    ("loss_scale_factor", 0.0, ValueError), ("loss_scale_factor", NAN, ValueError),
+    ("clip_ratio_c", 1.0, ValueError), ("clip_ratio_c", NAN, ValueError), ("clip_ratio_c", "x", TypeError),
+    ("clip_ratio_c", True, TypeError),
+    ("temperature", 0.0, ValueError), ("temperature", "x", TypeError), ("logit_scale", INF, ValueError),
+    ("softcap", -1.0, ValueError),
+]
+for name, value, error in option_cases:
+    case(N, name, repr(value), go(**{name: value}), error)
+    case("GRPOLoss", name, repr(value), (lambda kw: lambda: fastalign.GRPOLoss(**kw))({name: value}), error)
+combos = [
+    ("max_completion_length", dict(loss_type="dr_grpo")),
+    ("epsilon_high", dict(loss_type="cispo", epsilon_high=-1.0)),
+    ("epsilon", dict(convention="verl", loss_type="cispo", epsilon=0.0)),
+    ("delta", dict(convention="verl", loss_type="vanilla", delta=2.0)),
+    ("importance_sampling_level", dict(loss_type="cispo", importance_sampling_level="sequence")),
+    ("importance_sampling_level", dict(convention="verl", loss_type="vanilla", importance_sampling_level="sequence")),
+    ("top_entropy_quantile", dict(convention="verl", loss_type="vanilla", top_entropy_quantile=0.5)),
+    ("off_policy_mask_threshold", dict(convention="verl", loss_type="vanilla", off_policy_mask_threshold=0.5)),
+    ("kl_estimator", dict(kl_estimator="k3+x")),
+    ("kl_estimator", dict(kl_estimator="mse")),  # a verl alias, not a TRL name
+]
+for name, kw in combos:
+    case(N, name, f"combo-{sorted(kw.items())}", go(**kw))
+
+ppo = api(fastalign.ppo_loss, _policy_defaults)
+N = "ppo_loss"
+_policy_level_cases(N, ppo)
+case(N, "ref_logps", "missing", ppo(kl_coef=0.1))
+case(N, "ref_logps", "shape", ppo(kl_coef=0.1, ref_logps=fl(B, T + 1)))
+case(N, "ref_logps", "int", ppo(kl_coef=0.1, ref_logps=torch.zeros(B, T, dtype=torch.long)), TypeError)
+case(N, "entropies", "missing-for-entropy_coef", ppo(entropy_coef=0.01, logits=None, labels=None, logps=fl(B, T)))
+value_inputs = dict(vpreds=fl(B, T), values=fl(B, T), returns=fl(B, T))
+for name in ("vpreds", "values", "returns"):
+    case(N, name, "missing", ppo(**{**value_inputs, name: None}), ValueError, rf"\b{name}\b.*together")
+    case(N, name, "shape", ppo(**{**value_inputs, name: fl(B)}))
+    case(N, name, "int", ppo(**{**value_inputs, name: torch.zeros(B, T, dtype=torch.long)}), TypeError)
+    case(N, name, "list", ppo(**{**value_inputs, name: [[0.0] * T] * B}), TypeError)
+    case(N, name, "device", ppo(**{**value_inputs, name: fl(B, T, device="meta")}))
+case(N, "value_mask", "shape", ppo(**value_inputs, value_mask=ones(B, T + 1)))
+case(N, "value_mask", "list", ppo(**value_inputs, value_mask=[[1] * T] * B), TypeError)
+case(N, "value_mask", "complex", ppo(**value_inputs, value_mask=ones(B, T, dtype=torch.complex64)), TypeError)
+case(N, "value_mask", "without-value-loss", ppo(value_mask=ones(B, T)))
+case(N, "rollout_is_weights", "shape", ppo(rollout_is_weights=fl(B, 2)))
+case(N, "rollout_is_weights", "int", ppo(rollout_is_weights=torch.ones(B, T, dtype=torch.long)), TypeError)
+for value, error in ((None, ValueError), (0, ValueError), (-4.0, ValueError), ("x", TypeError)):
+    case(N, "batch_num_tokens", repr(value), ppo(dp_size=2, batch_num_tokens=value), error)
+    case(N, "global_batch_size", repr(value),
+         ppo(dp_size=2, loss_agg_mode="seq-mean-token-sum", global_batch_size=value), error)
+case(N, "options", "dict", ppo(options={}), TypeError)
+case(N, "options", "grpo-options", ppo(options=fastalign.grpo_options()), TypeError)
+case(N, "options", "with-keywords", ppo(options=fastalign.ppo_options(), kl_coef=0.1))
+
+po = api(fastalign.ppo_options, dict)
+N = "ppo_options"
+ppo_option_cases = [
+    ("convention", "trl2", ValueError), ("epsilon", 0.0, ValueError), ("epsilon", "x", TypeError),
+    ("epsilon_low", 1.0, ValueError), ("epsilon_high", NAN, ValueError),
+    ("dual_clip", 1.0, ValueError), ("dual_clip", NAN, ValueError), ("dual_clip", "x", TypeError),
+    ("dual_clip", True, TypeError),
+    ("kl_coef", -1.0, ValueError), ("kl_coef", NAN, ValueError), ("kl_estimator", "full", ValueError),
+    ("entropy_coef", INF, ValueError), ("vf_coef", -0.1, ValueError), ("vf_coef", "x", TypeError),
+    ("value_clip", 0.0, ValueError), ("value_clip", NAN, ValueError), ("loss_agg_mode", "sum", ValueError),
+    ("dp_size", 0, ValueError), ("loss_scale_factor", -1.0, ValueError), ("temperature", NAN, ValueError),
+    ("logit_scale", "x", TypeError), ("softcap", 0.0, ValueError),
+]
+for name, value, error in ppo_option_cases:
+    case(N, name, repr(value), po(**{name: value}), error)
+    case("PPOLoss", name, repr(value), (lambda kw: lambda: fastalign.PPOLoss(**kw))({name: value}), error)
+case(N, "dual_clip", "with-trl", po(convention="trl", dual_clip=3.0))
+case(N, "kl_estimator", "verl-alias-with-trl", po(convention="trl", kl_estimator="mse"))
+
+
+def _rloo_defaults():
+    return dict(logits=fl(B, T, V), labels=ids(B, T), completion_mask=ones(B, T), advantages=fl(B),
+                old_logps=fl(B) - 8)
+
+
+rloo = api(fastalign.rloo_loss, _rloo_defaults)
+N = "rloo_loss"
+_policy_level_cases(N, rloo, old_shape=(B,))
+case(N, "advantages", "per-token", rloo(advantages=fl(B, T)))
+case(N, "old_logps", "per-token", rloo(old_logps=fl(B, T)))
+for value, error in ((0.0, ValueError), (1.0, ValueError), (NAN, ValueError), ("x", TypeError), (None, TypeError)):
+    case(N, "epsilon", repr(value), rloo(epsilon=value), error)
+for value, error in ((0.0, ValueError), (-1.0, ValueError), (NAN, ValueError), (INF, ValueError), ("x", TypeError)):
+    case(N, "epsilon_high", repr(value), rloo(epsilon_high=value), error)
+case(N, "logit_scale", "nan", rloo(logit_scale=NAN))
+case(N, "gather", "not-callable", rloo(gather=[]), TypeError)
+
+rlm = api(lambda options, **kw: fastalign.RLOOLoss(**options)(**kw), lambda: dict(options={}, **_rloo_defaults()))
+N = "RLOOLoss"
+case(N, "epsilon", "1", rlm(options=dict(epsilon=1.0)))
+case(N, "epsilon_high", "0", rlm(options=dict(epsilon_high=0.0)))
+case(N, "temperature", "negative", rlm(options=dict(temperature=-1.0)))
+case(N, "softcap", "str", rlm(options=dict(softcap="x")), TypeError)
+case(N, "advantages", "batch", rlm(advantages=fl(B + 1)))
+
+vis = api(fastalign.vllm_importance_sampling_ratio,
+          lambda: dict(old_logps=fl(B, T), sampling_logps=fl(B, T), completion_mask=ones(B, T)),
+          ("old_logps", "sampling_logps", "completion_mask"))
+N = "vllm_importance_sampling_ratio"
+case(N, "old_logps", "list", vis(old_logps=[[0.0] * T] * B), TypeError)
+case(N, "old_logps", "1-d", vis(old_logps=fl(B), sampling_logps=fl(B), completion_mask=ones(B)))
+case(N, "old_logps", "3-d", vis(old_logps=fl(B, T, 1), sampling_logps=fl(B, T, 1), completion_mask=ones(B, T, 1)))
+case(N, "old_logps", "int", vis(old_logps=torch.zeros(B, T, dtype=torch.long)), TypeError)
+case(N, "sampling_logps", "shape", vis(sampling_logps=fl(B, T + 1)))
+case(N, "sampling_logps", "int", vis(sampling_logps=torch.zeros(B, T, dtype=torch.long)), TypeError)
+case(N, "sampling_logps", "device", vis(sampling_logps=fl(B, T, device="meta")))
+case(N, "sampling_logps", "list", vis(sampling_logps=[[0.0] * T] * B), TypeError)
+case(N, "completion_mask", "shape", vis(completion_mask=ones(B + 1, T)))
+case(N, "completion_mask", "list", vis(completion_mask=[[1] * T] * B), TypeError)
+case(N, "completion_mask", "complex", vis(completion_mask=ones(B, T, dtype=torch.complex64)), TypeError)
+case(N, "mode", "unknown", vis(mode="token_clip"))
+case(N, "mode", "None", vis(mode=None))
+for name in ("clip_min", "clip_max"):
+    case(N, name, "nan", vis(**{name: NAN}))
+    case(N, name, "str", vis(**{name: "x"}), TypeError)
+    case(N, name, "negative", vis(**{name: -1.0}))
+case(N, "clip_min", "above-clip_max", vis(clip_min=4.0, clip_max=2.0))
+
+
 # --- backends ------------------------------------------------------------------------------------------
 
 def _use(name):
