@@ -29,6 +29,7 @@ import math
 import torch
 
 from . import _native, _triton
+from ._checks import check_flag, values_checkable
 from .backend import current_backend
 from .reference import advantages as reference
 from .reference.advantages import SCALE_GIVEN, SCALE_GROUP, SCALE_NONE
@@ -131,6 +132,8 @@ def _check_mask(mask: object, batch: int, device: torch.device, name: str = "res
         raise ValueError(f"{name}: expected shape [{batch}, T] (one row per reward), got {tuple(mask.shape)}")
     if mask.device != device:
         raise ValueError(f"{name}: expected a tensor on {device} (the rewards' device), got {mask.device}")
+    if mask.is_complex():
+        raise TypeError(f"{name}: expected a bool, integer or float tensor, got {mask.dtype}")
     return mask
 
 
@@ -273,6 +276,7 @@ def group_advantages(
         response_mask = _check_mask(response_mask, batch, rewards.device)
     elif estimator == "reinforce++-baseline":
         raise ValueError("response_mask: estimator 'reinforce++-baseline' whitens over tokens and needs the mask")
+    check_flag("normalize_advantages", normalize_advantages)
     if normalize_advantages and estimator != "rloo":
         raise ValueError("normalize_advantages: TRL's option for RLOO; use scale='batch' for GRPO")
     if aggregation == "normalize_then_sum" and (estimator != "grpo" or convention != "trl"):
@@ -287,6 +291,8 @@ def group_advantages(
                              f"got {tuple(reward_weights.shape)}")
         if reward_weights.device != rewards.device:
             raise ValueError(f"reward_weights: expected a tensor on {rewards.device}, got {reward_weights.device}")
+        if values_checkable(reward_weights) and not bool(torch.isfinite(reward_weights).all()):
+            raise ValueError(f"reward_weights: expected finite weights, got {reward_weights.tolist()}")
     none = rewards.new_empty(0)
     trl_nan = convention == "trl"
 
@@ -360,7 +366,9 @@ def reinforce_plus_plus_advantages(
     if mask.shape != rewards.shape:
         raise ValueError(f"response_mask: expected shape {tuple(rewards.shape)} (that of token_level_rewards), "
                          f"got {tuple(mask.shape)}")
-    if isinstance(gamma, bool) or not isinstance(gamma, (int, float)) or not (0.0 <= gamma <= 1.0):
+    if isinstance(gamma, bool) or not isinstance(gamma, (int, float)):
+        raise TypeError(f"gamma: expected a number in [0, 1], got {type(gamma).__name__}")
+    if not 0.0 <= gamma <= 1.0:
         raise ValueError(f"gamma: expected a number in [0, 1], got {gamma!r}")
     returns = discounted_returns(rewards.contiguous(), mask.to(rewards.dtype).contiguous(), float(gamma))
     return _masked_whiten(returns, mask), returns

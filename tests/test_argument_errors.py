@@ -812,6 +812,93 @@ for name in ("clip_min", "clip_max"):
 case(N, "clip_min", "above-clip_max", vis(clip_min=4.0, clip_max=2.0))
 
 
+# --- advantages ----------------------------------------------------------------------------------------
+
+gae = api(fastalign.gae, lambda: dict(rewards=fl(B, T), values=fl(B, T), mask=ones(B, T), gamma=1.0, lam=0.95),
+          ("rewards", "values", "mask", "gamma", "lam"))
+N = "gae"
+case(N, "rewards", "list", gae(rewards=[[0.0] * T] * B), TypeError)
+case(N, "rewards", "1-d", gae(rewards=fl(T), values=fl(T), mask=None))
+case(N, "rewards", "3-d", gae(rewards=fl(B, T, 1), values=fl(B, T, 1), mask=None))
+case(N, "rewards", "int", gae(rewards=torch.zeros(B, T, dtype=torch.long)), TypeError)
+case(N, "rewards", "bool", gae(rewards=torch.zeros(B, T, dtype=torch.bool)), TypeError)
+case(N, "values", "shape", gae(values=fl(B, T + 1)))
+case(N, "values", "int", gae(values=torch.zeros(B, T, dtype=torch.long)), TypeError)
+case(N, "values", "device", gae(values=fl(B, T, device="meta")))
+case(N, "values", "list", gae(values=[[0.0] * T] * B), TypeError)
+case(N, "mask", "shape", gae(mask=ones(B, T - 1)))
+case(N, "mask", "list", gae(mask=[[1] * T] * B), TypeError)
+case(N, "mask", "device", gae(mask=ones(B, T, device="meta")))
+case(N, "mask", "complex", gae(mask=ones(B, T, dtype=torch.complex64)), TypeError)
+case(N, "mask", "one-valid-token", gae(mask=torch.tensor([[1.0, 0, 0], [0, 0, 0]])))
+for name in ("gamma", "lam"):
+    for value, error in ((-0.1, ValueError), (1.5, ValueError), (NAN, ValueError), ("x", TypeError),
+                         (True, TypeError), (None, TypeError)):
+        case(N, name, repr(value), gae(**{name: value}), error)
+case(N, "semantics", "unknown", gae(semantics="openrlhf"))
+for name in ("whiten", "shift_mean", "unbiased"):
+    case(N, name, "str", gae(**{name: "yes"}), TypeError)
+
+ga = api(fastalign.group_advantages, lambda: dict(rewards=fl(2 * B), group_size=2), ("rewards",))
+N = "group_advantages"
+case(N, "rewards", "list", ga(rewards=[1.0, 2.0]), TypeError)
+case(N, "rewards", "0-d", ga(rewards=torch.tensor(1.0)))
+case(N, "rewards", "3-d", ga(rewards=fl(2 * B, 1, 1)))
+case(N, "rewards", "empty", ga(rewards=fl(0)))
+case(N, "rewards", "bool", ga(rewards=torch.ones(2 * B, dtype=torch.bool)), TypeError)
+case(N, "rewards", "complex", ga(rewards=fl(2 * B, dtype=torch.complex64)), TypeError)
+case(N, "group_size", "0", ga(group_size=0))
+case(N, "group_size", "float", ga(group_size=2.0), TypeError)
+case(N, "group_size", "bool", ga(group_size=True), TypeError)
+case(N, "group_size", "not-dividing", ga(group_size=3))
+case(N, "group_size", "neither", ga(group_size=None), ValueError, r"^group_size, group_index\b")
+case(N, "group_size", "both", ga(group_index=torch.tensor([0, 0, 1, 1])), ValueError, r"^group_size, group_index\b")
+by_id = dict(group_size=None)
+case(N, "group_index", "list", ga(**by_id, group_index=[0, 0, 1, 1]), TypeError)
+case(N, "group_index", "float", ga(**by_id, group_index=torch.tensor([0.0, 0, 1, 1])), TypeError)
+case(N, "group_index", "batch", ga(**by_id, group_index=torch.tensor([0, 0, 1])))
+case(N, "group_index", "device", ga(**by_id, group_index=torch.zeros(2 * B, dtype=torch.long, device="meta")))
+case(N, "estimator", "unknown", ga(estimator="ppo"))
+case(N, "scale", "unknown", ga(scale="global"))
+case(N, "scale", "with-dr_grpo", ga(estimator="dr_grpo", scale="group"))
+for value, error in ((-1e-4, ValueError), (NAN, ValueError), (INF, ValueError), ("x", TypeError), (True, TypeError)):
+    case(N, "eps", repr(value), ga(eps=value), error)
+case(N, "convention", "unknown", ga(convention="openrlhf"))
+case(N, "reward_weights", "list", ga(rewards=fl(2 * B, 2), reward_weights=[1.0, 1.0]), TypeError)
+case(N, "reward_weights", "shape", ga(rewards=fl(2 * B, 2), reward_weights=ones(3)))
+case(N, "reward_weights", "bool", ga(rewards=fl(2 * B, 2), reward_weights=torch.ones(2, dtype=torch.bool)), TypeError)
+case(N, "reward_weights", "device", ga(rewards=fl(2 * B, 2), reward_weights=ones(2, device="meta")))
+case(N, "reward_weights", "nan", ga(rewards=fl(2 * B, 2), reward_weights=torch.tensor([1.0, NAN])))
+case(N, "aggregation", "unknown", ga(aggregation="mean"))
+case(N, "aggregation", "with-rloo", ga(aggregation="normalize_then_sum", estimator="rloo"))
+case(N, "normalize_advantages", "with-grpo", ga(normalize_advantages=True))
+case(N, "normalize_advantages", "str", ga(estimator="rloo", normalize_advantages="yes"), TypeError)
+case(N, "response_mask", "list", ga(response_mask=[[1] * T] * 2 * B), TypeError)
+case(N, "response_mask", "rows", ga(response_mask=ones(2 * B + 1, T)))
+case(N, "response_mask", "1-d", ga(response_mask=ones(2 * B)))
+case(N, "response_mask", "device", ga(response_mask=ones(2 * B, T, device="meta")))
+case(N, "response_mask", "complex", ga(response_mask=ones(2 * B, T, dtype=torch.complex64)), TypeError)
+case(N, "response_mask", "missing-for-reinforce++", ga(estimator="reinforce++-baseline"))
+case(N, "response_mask", "one-token-for-reinforce++",
+     ga(estimator="reinforce++-baseline", response_mask=torch.tensor([[1.0], [0], [0], [0]])))
+
+rpp = api(fastalign.reinforce_plus_plus_advantages,
+          lambda: dict(token_level_rewards=fl(B, T), response_mask=ones(B, T)),
+          ("token_level_rewards", "response_mask"))
+N = "reinforce_plus_plus_advantages"
+case(N, "token_level_rewards", "list", rpp(token_level_rewards=[[0.0] * T] * B), TypeError)
+case(N, "token_level_rewards", "1-d", rpp(token_level_rewards=fl(B)))
+case(N, "token_level_rewards", "bool", rpp(token_level_rewards=torch.zeros(B, T, dtype=torch.bool)), TypeError)
+case(N, "response_mask", "list", rpp(response_mask=[[1] * T] * B), TypeError)
+case(N, "response_mask", "shape", rpp(response_mask=ones(B, T + 1)))
+case(N, "response_mask", "rows", rpp(response_mask=ones(B + 1, T)))
+case(N, "response_mask", "device", rpp(response_mask=ones(B, T, device="meta")))
+case(N, "response_mask", "complex", rpp(response_mask=ones(B, T, dtype=torch.complex64)), TypeError)
+case(N, "response_mask", "one-token", rpp(response_mask=torch.tensor([[1.0, 0, 0], [0, 0, 0]])))
+for value, error in ((1.5, ValueError), (-0.1, ValueError), (NAN, ValueError), ("x", TypeError), (True, TypeError)):
+    case(N, "gamma", repr(value), rpp(gamma=value), error)
+
+
 # --- backends ------------------------------------------------------------------------------------------
 
 def _use(name):
