@@ -913,6 +913,46 @@ for value in ("nope", "cuda", 5, None):
     case("use_backend", "use_backend(name)", repr(value), _use(value), ValueError, r"^use_backend\(name\):")
 
 
+# --- the TRL integration (its arguments are checked before TRL is imported) ----------------------------
+
+def _patch(**kwargs):
+    def call():
+        from fastalign.integrations import trl as fa_trl
+
+        fa_trl.patch(**kwargs)
+        fa_trl.unpatch()  # reached only if the call was wrongly accepted
+
+    return call
+
+
+N = "integrations.trl.patch"
+case(N, "trainers", "unknown", _patch(trainers=("dpo", "sft")))
+case(N, "trainers", "unknown-name", _patch(trainers="ppo"))
+case(N, "trainers", "int", _patch(trainers=5), TypeError)
+case(N, "lm_head", "str", _patch(lm_head="no"), TypeError)
+case(N, "losses", "None", _patch(losses=None), TypeError)
+
+
+def _chunked(**overrides):
+    def call():
+        from fastalign.integrations.trl.lm_head import FastalignChunkedLogProb
+
+        args = dict(hidden=fl(B * T, H), weight=fl(V, H), bias=None, targets=ids(B * T), temperature=1.0)
+        args.update(overrides)
+        return FastalignChunkedLogProb.apply(*args.values())
+
+    return call
+
+
+N = "integrations.trl.FastalignChunkedLogProb"
+case(N, "final_logit_softcapping", "0", _chunked(chunk_size=None, final_logit_softcapping=0.0))
+case(N, "final_logit_softcapping", "str", _chunked(chunk_size=None, final_logit_softcapping="30"), TypeError)
+case(N, "final_logit_softcapping", "nan", _chunked(chunk_size=None, final_logit_softcapping=NAN))
+case(N, "outputs", "unknown", _chunked(chunk_size=None, final_logit_softcapping=None, logit_scale=1.0,
+                                       outputs=("log_probs", "logits")))
+case(N, "labels", "too-large", _chunked(targets=torch.full((B * T,), V)))
+
+
 # --- the sweep -----------------------------------------------------------------------------------------
 
 @pytest.mark.parametrize("backend", ["auto", "reference"])
@@ -920,6 +960,15 @@ for value in ("nope", "cuda", 5, None):
 def test_a_bad_argument_is_named(case, backend):
     with fastalign.use_backend(backend), pytest.raises(case.error, match=case.pattern):
         case.call()
+
+
+def test_every_public_callable_is_swept():
+    # A new public function or class gets its rows in the table above. Left out: result types, and
+    # the two backend queries, which answer for any device name.
+    swept = {c.id.split("-", 1)[0] for c in CASES}
+    public = {name for name in fastalign.__all__ if callable(getattr(fastalign, name))}
+    unswept = {"TokenLogprobs", "GAEOutput", "current_backend", "available_backends"}
+    assert public - unswept <= swept, sorted(public - unswept - swept)
 
 
 def test_the_case_ids_are_unique():

@@ -24,6 +24,7 @@ import importlib
 
 import torch
 
+from ..._checks import check_flag
 from ._patching import Swaps, checked_init
 
 # trainer name -> (TRL module, class, loss method, fastalign module holding `compute_loss` and `check`)
@@ -43,10 +44,22 @@ def is_patched() -> bool:
 
 
 def patch(*, lm_head: bool = True, losses: bool = True, trainers: tuple[str, ...] | None = None) -> None:
-    """Routes TRL's fused LM head (`lm_head`) and the loss methods (`losses`) of `trainers`
-    (default: every trainer in LOSSES) through fastalign. Calling it twice is an error: undo first."""
+    """Routes TRL's fused LM head (`lm_head`) and the loss methods (`losses`) of `trainers` (names
+    from LOSSES, or one name; default: all of them) through fastalign. Calling it twice is an error:
+    undo first."""
     if _SWAPS:
         raise RuntimeError("fastalign.integrations.trl is already patched; call unpatch() first")
+    # Checked before TRL is imported (seconds), so that a typo fails at once and names itself.
+    check_flag("lm_head", lm_head)
+    check_flag("losses", losses)
+    if isinstance(trainers, str):
+        trainers = (trainers,)
+    elif trainers is not None and not isinstance(trainers, (tuple, list, set, frozenset)):
+        raise TypeError(f"trainers: expected trainer names from {sorted(LOSSES)}, got {type(trainers).__name__}")
+    chosen = tuple(LOSSES) if trainers is None else tuple(trainers)
+    unknown = [t for t in chosen if t not in LOSSES]
+    if unknown:
+        raise ValueError(f"trainers: unknown {unknown}; expected names from {sorted(LOSSES)}")
     import trl.trainer.utils as trl_utils
 
     from .lm_head import FastalignChunkedLogProb
@@ -56,10 +69,6 @@ def patch(*, lm_head: bool = True, losses: bool = True, trainers: tuple[str, ...
             raise RuntimeError(
                 f"trl.trainer.utils.{name} not found: fastalign.integrations.trl targets TRL 1.16's fused LM head"
             )
-    chosen = tuple(LOSSES) if trainers is None else tuple(trainers)
-    unknown = [t for t in chosen if t not in LOSSES]
-    if unknown:
-        raise ValueError(f"trainers: unknown {unknown}; expected names from {sorted(LOSSES)}")
     try:
         if lm_head:
             _SWAPS.swap(trl_utils, "_ChunkedLogProbFunction", FastalignChunkedLogProb)

@@ -49,7 +49,10 @@ class FastalignChunkedLogProb:
     def apply(hidden, weight, bias, targets, temperature, chunk_size=None, final_logit_softcapping=None,
               logit_scale=1.0, outputs=FIELDS):
         _check_not_zero3()
-        if final_logit_softcapping is not None and final_logit_softcapping <= 0:
+        cap = final_logit_softcapping
+        if cap is not None and (isinstance(cap, bool) or not isinstance(cap, (int, float))):
+            raise TypeError(f"final_logit_softcapping: expected None or a positive number, got {type(cap).__name__}")
+        if cap is not None and not cap > 0:
             raise ValueError(
                 f"final_logit_softcapping: expected None or a positive cap, got {final_logit_softcapping} "
                 "(TRL would cap at 1.0 here; fastalign does not guess)"
