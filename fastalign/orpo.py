@@ -13,6 +13,11 @@ A completion with no counted token has probability 1, so its odds are infinite a
 undefined. A pair with such a completion adds 0 to the odds-ratio term (and to the `log_odds_ratio`
 and `log_odds_chosen` means, which still divide by B) and gets no gradient from it; its average
 log-prob, logged under `logps/*`, is 0. Chosen sequences with no NLL token give an NLL of 0.
+
+A chosen completion whose every token has log-prob 0 (certain, or rounded to 0 in fp32) has log
+odds +inf: its pair adds log sigmoid(+inf) = 0 and its log-probs get the finite limit of the
+gradient, where TRL's formula gives NaN (0 * inf). A certain rejected completion gives a loss of
++inf, its true value; both certain, NaN, as in TRL.
 """
 
 from __future__ import annotations
@@ -34,6 +39,31 @@ def log1mexp(x: torch.Tensor) -> torch.Tensor:
     return torch.where(x < _LOG1MEXP_SWITCH, torch.log1p(-torch.exp(x)), torch.log(-torch.expm1(x)))
 
 
+class _OddsRatioTerm(torch.autograd.Function):
+    """(log sigmoid(log_odds), log_odds) of average log-probs c (chosen) and r (rejected), with
+    log_odds = (c - log(1 - e^c)) - (r - log(1 - e^r)) as TRL's `odds_ratio_loss` writes it.
+
+    The gradient is written out, with u = 1 - e^c and v = 1 - e^r:
+        d/dc = 1 / (u + e^(c - r) v)        d/dr = -u / (v (u + e^(c - r) v))
+    the same numbers as autograd through TRL's formula wherever that is finite, and finite at c = 0
+    (a chosen completion the policy is certain of, or whose log-probs fp32 rounded to 0), where the
+    chain rule multiplies sigmoid(-inf) = 0 by d log_odds / dc = inf."""
+
+    @staticmethod
+    def forward(ctx, chosen, rejected):
+        ctx.save_for_backward(chosen, rejected)
+        log_odds = (chosen - rejected) - (log1mexp(chosen) - log1mexp(rejected))
+        ctx.mark_non_differentiable(log_odds)
+        return F.logsigmoid(log_odds), log_odds
+
+    @staticmethod
+    def backward(ctx, grad, _):
+        chosen, rejected = ctx.saved_tensors
+        u, v = -torch.expm1(chosen), -torch.expm1(rejected)
+        denominator = u + torch.exp(chosen - rejected) * v
+        return grad / denominator, -grad * u / (v * denominator)
+
+
 def orpo_from_sequences(
     chosen_logps: torch.Tensor,
     rejected_logps: torch.Tensor,
@@ -53,10 +83,10 @@ def orpo_from_sequences(
     stand_in = chosen.new_tensor(-1.0)
     safe_chosen = torch.where(defined, chosen, stand_in)
     safe_rejected = torch.where(defined, rejected, stand_in)
-    log_odds = (safe_chosen - safe_rejected) - (log1mexp(safe_chosen) - log1mexp(safe_rejected))
+    ratio, log_odds = _OddsRatioTerm.apply(safe_chosen, safe_rejected)
     zero = chosen.new_zeros(())
     log_odds = torch.where(defined, log_odds, zero)
-    ratio = torch.where(defined, F.logsigmoid(log_odds), zero)
+    ratio = torch.where(defined, ratio, zero)
 
     nll = -chosen_nll_logps.sum() / chosen_nll_num_tokens.sum().clamp(min=1)
     loss = nll - (beta * ratio).mean()

@@ -46,10 +46,13 @@ def _plain_fields(x: torch.Tensor, labels: torch.Tensor, transform: dict) -> tup
     return logps, entropy
 
 
-def _mask(draw, g: torch.Generator, B: int, T: int) -> torch.Tensor:
+MASK_KINDS = ("ones", "padded", "holes", "empty_row", "empty")
+
+
+def _mask(draw, g: torch.Generator, B: int, T: int, kinds=MASK_KINDS) -> torch.Tensor:
     """A completion mask as trainers build them: all ones, right padding, random holes (tool
     tokens), one sequence with no counted token, or none counted at all; bool, int or float."""
-    kind = draw(st.sampled_from(["ones", "padded", "holes", "empty_row", "empty"]))
+    kind = draw(st.sampled_from(kinds))
     if kind == "ones":
         m = torch.ones(B, T, dtype=torch.bool)
     elif kind == "padded":
@@ -757,3 +760,233 @@ def test_orpo_from_logits_matches_float64_truth_on_every_backend(batch, beta, at
     plain = (plain, plain_grad, loss_scale, float(upstream.abs().max()))
     _check_sequence_loss(run, logits, attended, plain, "orpo", scale,
                          {"log_odds_ratio": odds_scale, "log_odds_chosen": odds_scale})
+
+
+# GAE and REINFORCE++ --------------------------------------------------------------------------------
+
+
+def _assert_elementwise(value, ref, truth, name, terms=0.0):
+    """numerics.py's criterion with its scale raised to `terms`, the size of what each element sums
+    (a return is a discounted sum over the row, a whitened one that divided by the batch's std)."""
+    _assert_gradient(value, ref, truth, name, terms)
+
+
+def _layout(draw, x: torch.Tensor) -> torch.Tensor:
+    """The same [B, T] values in the layouts a trainer hands over: contiguous, a transposed copy's
+    view, or every other column of a wider tensor."""
+    kind = draw(st.sampled_from(["contiguous", "transposed", "strided"]))
+    if kind == "transposed":
+        return x.t().contiguous().t()
+    if kind == "strided":
+        wide = torch.zeros(x.shape[0], 2 * x.shape[1], dtype=x.dtype, device=x.device)
+        wide[:, ::2] = x
+        return wide[:, ::2]
+    return x
+
+
+def _token_rewards(draw, g, counted):
+    """verl's token_level_rewards: the score on each response's last valid token, minus a
+    per-token KL penalty where the reward model's KL is on."""
+    B, T = counted.shape
+    scale = draw(st.sampled_from([1e-3, 1.0, 1e3]))
+    rewards = torch.zeros(B, T, dtype=torch.float64)
+    if T:
+        last = torch.where(counted.cpu(), torch.arange(T), -1).amax(-1)
+        rows = torch.nonzero(last >= 0).squeeze(-1)
+        rewards[rows, last[rows]] = torch.randn(rows.numel(), generator=g, dtype=torch.float64) * scale
+    if draw(st.booleans()):
+        rewards = rewards - 0.05 * torch.randn(B, T, generator=g, dtype=torch.float64).abs() * counted.cpu()
+    return rewards.to(DEVICE)
+
+
+@settings(max_examples=40)
+@given(B=st.integers(0, 4), T=st.integers(0, 7), seed=st.integers(0, 2**16),
+       dtypes=st.sampled_from([(torch.float32, torch.float32), (torch.bfloat16, torch.bfloat16),
+                               (torch.float16, torch.float32), (torch.bfloat16, torch.float32)]),
+       gamma=st.sampled_from([0.0, 0.5, 0.99, 1.0]), lam=st.sampled_from([0.0, 0.95, 1.0]),
+       semantics=st.sampled_from(["verl", "trl"]), whiten=st.booleans(), shift_mean=st.booleans(),
+       unbiased=st.booleans(), data=st.data())
+def test_gae_matches_float64_truth_on_every_backend(B, T, seed, dtypes, gamma, lam, semantics, whiten, shift_mean,
+                                                    unbiased, data):
+    draw = data.draw
+    g = _generator(seed)
+    mask = _mask(draw, g, B, T, kinds=("holes", "padded", "ones", "empty_row", "empty")) \
+        if (B and T and draw(st.booleans())) else None
+    counted = torch.ones(B, T, dtype=torch.bool, device=DEVICE) if mask is None else mask != 0
+    if mask is not None and mask.dtype == torch.float32 and draw(st.booleans()):
+        mask = mask * 0.5  # any nonzero value marks a valid token, none is a weight
+    rewards = _token_rewards(draw, g, counted)
+    values = torch.randn(B, T, generator=g, dtype=torch.float64).to(DEVICE) * draw(st.sampled_from([0.1, 1.0, 100.0]))
+    if semantics == "verl" and mask is not None and draw(st.booleans()):
+        # verl steps over masked tokens: what padding holds never reaches a valid token.
+        rewards = rewards.masked_fill(~counted, math.nan)
+        values = values.masked_fill(~counted, draw(st.sampled_from([math.nan, math.inf, 1e30])))
+    rewards = _layout(draw, rewards.to(dtypes[0]))
+    values = _layout(draw, values.to(dtypes[1]))
+    options = dict(semantics=semantics, whiten=whiten, shift_mean=shift_mean, unbiased=unbiased)
+    if whiten and int(counted.sum()) <= int(unbiased):
+        for backend in BACKENDS + ["reference"]:
+            with fastalign.use_backend(backend), pytest.raises(ValueError, match="mask"):
+                fastalign.gae(rewards, values, mask, gamma, lam, **options)
+        return
+
+    def run(backend, r, v):
+        with fastalign.use_backend(backend):
+            return fastalign.gae(r, v, mask, gamma, lam, **options)
+
+    truth = run("reference", rewards.double(), values.double())
+    ref = run("reference", rewards, values)
+    # What each element sums: up to 1 / (1 - gamma * lam) deltas r + gamma * v' - v, divided by the
+    # batch's std when whitened.
+    horizon = min(T, 1 / (1 - gamma * lam)) if gamma * lam < 1 else T
+    finite = lambda t: torch.where(torch.isfinite(t), t.double(), 0.0).abs()  # noqa: E731
+    delta = float((finite(rewards) + 2 * finite(values)).max()) if B * T else 0.0
+    terms = {"returns": horizon * delta, "advantages": horizon * delta}
+    if whiten:
+        raw = fastalign.gae(rewards.double(), values.double(), mask, gamma, lam, semantics=semantics, whiten=False)
+        a = raw.advantages[counted]
+        std = float(a.std(unbiased=unbiased)) if a.numel() > int(unbiased) else 0.0
+        terms["advantages"] = (horizon * delta + float(a.abs().max())) / math.sqrt(std**2 + 1e-8)
+    for backend in BACKENDS:
+        got = run(backend, rewards, values)
+        for name in ("advantages", "returns"):
+            value = getattr(got, name)
+            assert value.dtype == torch.float32 and value.shape == (B, T), (backend, name)
+            _assert_elementwise(value, getattr(ref, name), getattr(truth, name), f"{backend} {name}", terms[name])
+        if semantics == "trl" and whiten and mask is not None:
+            assert (got.advantages[~counted] == 0).all(), backend
+
+
+@settings(max_examples=40)
+@given(B=st.integers(1, 4), T=st.integers(2, 7), seed=st.integers(0, 2**16),
+       dtype=st.sampled_from([torch.float32, torch.bfloat16, torch.float64]),
+       gamma=st.sampled_from([0.0, 0.5, 0.99, 1.0]), special=st.sampled_from([None, None, None, math.nan, math.inf]),
+       data=st.data())
+def test_reinforce_plus_plus_matches_float64_truth_on_every_backend(B, T, seed, dtype, gamma, special, data):
+    # verl's REINFORCE++: discounted returns over the unmasked tokens (multi-turn holes skipped,
+    # fractional masks blended as verl writes it), whitened over the batch. A NaN or inf reward
+    # propagates exactly as in verl's formula.
+    draw = data.draw
+    g = _generator(seed)
+    mask = _mask(draw, g, B, T, kinds=("holes", "padded", "ones", "empty_row", "empty"))
+    if mask.dtype == torch.float32 and draw(st.booleans()):
+        mask = mask * (0.5 + torch.rand(B, T, generator=g).to(DEVICE)).round(decimals=1)
+    counted = mask != 0
+    rewards = _token_rewards(draw, g, counted)
+    if special is not None and B * T:
+        rewards[torch.randint(0, B, (1,), generator=g), torch.randint(0, T, (1,), generator=g)] = special
+    rewards = _layout(draw, rewards.to(dtype))
+    if float(mask.double().sum()) <= 1:
+        for backend in BACKENDS + ["reference"]:
+            if backend == "triton" and dtype == torch.float64:
+                continue
+            with fastalign.use_backend(backend), pytest.raises(ValueError, match="response_mask"):
+                fastalign.reinforce_plus_plus_advantages(rewards, mask, gamma=gamma)
+        return
+
+    def run(backend, r):
+        with fastalign.use_backend(backend):
+            return fastalign.reinforce_plus_plus_advantages(r, mask, gamma=gamma)
+
+    truth = run("reference", rewards.double())
+    ref = run("reference", rewards)
+    horizon = min(T, 1 / (1 - gamma)) if gamma < 1 else T
+    finite = torch.where(torch.isfinite(rewards.double()), rewards.double(), 0.0).abs()
+    returns_terms = horizon * float(finite.max())
+    m = mask.double()
+    if torch.isfinite(truth[1]).all():
+        mean = (truth[1] * m).sum() / m.sum()
+        std = float(((truth[1] - mean).square() * m).sum() / (m.sum() - 1)) ** 0.5
+    else:
+        std = 1.0
+    terms = ((returns_terms + abs(float(truth[1].nan_to_num().abs().max()))) / math.sqrt(std**2 + 1e-8),
+             returns_terms)
+    out_dtype = torch.float64 if dtype == torch.float64 else torch.float32
+    for backend in BACKENDS:
+        if backend == "triton" and dtype == torch.float64:
+            continue  # the Triton kernels take fp32 (fp64 is for the reference and C++)
+        got = run(backend, rewards)
+        for i, name in enumerate(("advantages", "returns")):
+            assert got[i].dtype == out_dtype and got[i].shape == (B, T), (backend, name)
+            _assert_elementwise(got[i], ref[i], truth[i], f"{backend} {name}", terms[i])
+            assert (got[i][~counted] == 0).all() or not torch.isfinite(truth[i]).all(), (backend, name)
+
+
+@settings(max_examples=30)
+@given(groups=st.integers(1, 4), group_size=st.sampled_from([1, 2, 3, 5]), columns=st.sampled_from([1, 2, 3]),
+       seed=st.integers(0, 2**16), data=st.data())
+def test_group_advantages_options_beyond_one_reward_match_float64_truth(groups, group_size, columns, seed, data):
+    # What tests/test_properties.py leaves out: several reward functions ([B, K] with weights,
+    # TRL's sum-then-normalize and GDPO's normalize-then-sum), RLOO's normalize_advantages, the
+    # token-level result with a response mask, and verl's REINFORCE++-baseline whitening.
+    draw = data.draw
+    g = _generator(seed)
+    B = groups * group_size
+    magnitude = draw(st.sampled_from([1e-3, 1.0, 1e4]))
+    rewards = torch.randn(B, columns, generator=g, dtype=torch.float64) * magnitude
+    if draw(st.booleans()):  # a reward function that could not score some completions (TRL: NaN)
+        rewards[torch.rand(B, columns, generator=g) < 0.2] = math.nan
+    rewards = (rewards if columns > 1 else rewards[:, 0]).to(DEVICE)
+    kwargs = dict(group_size=group_size)
+    if columns > 1 and draw(st.booleans()):
+        kwargs["reward_weights"] = torch.tensor([1.0, 0.5, -2.0][:columns], dtype=torch.float64, device=DEVICE)
+    variant = draw(st.sampled_from(["sum", "gdpo", "rloo_normalized", "masked", "reinforce++-baseline"]))
+    T = draw(st.integers(1, 5))
+    mask = _mask(draw, g, B, T, kinds=("ones", "padded", "holes"))
+    if variant == "gdpo":
+        kwargs.update(aggregation="normalize_then_sum")
+    elif variant == "rloo_normalized":
+        kwargs.update(estimator="rloo", normalize_advantages=True)
+    elif variant == "masked":
+        kwargs.update(response_mask=mask, scale=draw(st.sampled_from(["group", "batch", "none"])))
+    elif variant == "reinforce++-baseline":
+        rewards = torch.nan_to_num(rewards, nan=0.0)  # verl's rewards are always scored
+        kwargs.update(estimator="reinforce++-baseline", response_mask=mask)
+        if float(mask.double().sum()) <= 1:
+            with pytest.raises(ValueError, match="response_mask"):
+                fastalign.group_advantages(rewards.float(), **kwargs)
+            return
+    with fastalign.use_backend("reference"):
+        truth = fastalign.group_advantages(rewards, **kwargs)
+        ref = fastalign.group_advantages(rewards.float(), **kwargs)
+    for backend in BACKENDS:
+        with fastalign.use_backend(backend):
+            got = fastalign.group_advantages(rewards.float(), **kwargs)
+        assert got.dtype == torch.float32 and got.shape == truth.shape, backend
+        assert_as_accurate_as_reference(got, ref, truth, f"{backend} {variant}")
+
+
+@settings(max_examples=20)
+@given(B=st.integers(1, 3), seed=st.integers(0, 2**16), beta=st.sampled_from([0.1, 1.0]),
+       dtype=st.sampled_from([torch.float32, torch.float64]), certain=st.sampled_from(["chosen", "rejected"]))
+def test_orpo_gradient_stays_finite_when_a_completion_is_certain(B, seed, beta, dtype, certain):
+    # A completion whose every token has log-prob 0 (fp32 rounds -exp(-40) to 0; a vocabulary of
+    # one; a token forced by the sampler) has odds of +inf. With only the chosen one certain the
+    # odds ratio's term is log sigmoid(+inf) = 0 and its gradient is finite: d/dc = odds(rejected),
+    # the limit of sigmoid(-log_odds) / (1 - e^c). TRL's formula multiplies 0 by inf there (NaN).
+    # With only the rejected one certain the loss is +inf, as is its true value.
+    g = _generator(seed)
+    counts = torch.randint(1, 6, (2, B), generator=g).to(dtype)
+    sums = -(torch.rand(2, B, generator=g, dtype=dtype) * 3 + 0.1) * counts
+    sums[0 if certain == "chosen" else 1, 0] = 0.0
+    leaves = [t.clone().requires_grad_(True) for t in sums]
+    nll = -torch.rand(B, generator=g, dtype=dtype) * 10
+    out = fastalign.orpo_loss(leaves[0], leaves[1], counts[0], counts[1], nll, counts[0] + 3, beta=beta)
+    grads = torch.autograd.grad(out.loss, leaves)
+    c, r = (s / n for s, n in zip(sums.double(), counts.double()))
+    if certain == "chosen":
+        assert torch.isfinite(out.loss)
+        assert all(torch.isfinite(gr).all() for gr in grads)
+        odds_rejected = torch.exp(r[0]) / -torch.expm1(r[0])
+        torch.testing.assert_close(grads[0][0].double(), -beta / B * odds_rejected / counts[0, 0].double())
+        assert grads[1][0] == 0
+    else:
+        assert out.loss == math.inf
+    # The other pairs are untouched: their gradient is that of TRL's formula.
+    if B > 1:
+        keep = [t[1:].detach().double().requires_grad_(True) for t in sums]
+        a, b = (s / n for s, n in zip(keep, counts[:, 1:].double()))
+        lo = (a - b) - (torch.log1p(-torch.exp(a)) - torch.log1p(-torch.exp(b)))
+        theirs = torch.autograd.grad(-(beta * torch.nn.functional.logsigmoid(lo)).sum() / B, keep)
+        for gr, t in zip(grads, theirs):
+            torch.testing.assert_close(gr[1:].double(), t, rtol=1e-5, atol=1e-7)
