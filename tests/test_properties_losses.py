@@ -990,3 +990,242 @@ def test_orpo_gradient_stays_finite_when_a_completion_is_certain(B, seed, beta, 
         theirs = torch.autograd.grad(-(beta * torch.nn.functional.logsigmoid(lo)).sum() / B, keep)
         for gr, t in zip(grads, theirs):
             torch.testing.assert_close(gr[1:].double(), t, rtol=1e-5, atol=1e-7)
+
+
+# Sequence-level losses in low precision -----------------------------------------------------------
+
+
+@settings(max_examples=40)
+@given(B=st.integers(1, 5), seed=st.integers(0, 2**16), dtype=st.sampled_from([torch.float32, torch.bfloat16,
+                                                                                torch.float16]),
+       spread=st.sampled_from([1e-3, 1.0, 30.0, 1e4]), shape=st.sampled_from(["flat", "column"]),
+       margin=st.sampled_from([None, 0.5, "per_pair"]), center=st.sampled_from([None, 0.0, 0.01]))
+def test_reward_loss_in_low_precision_matches_float64(B, seed, dtype, spread, shape, margin, center):
+    # A reward head's scores (B chosen, then B rejected; [2B] or [2B, 1]) in the head's dtype: the
+    # loss and metrics are computed in fp32 and match fp64 on the same scores; the gradient comes
+    # back in the scores' dtype, as accurate as that dtype allows.
+    g = _generator(seed)
+    scores = torch.randn(2 * B, generator=g, dtype=torch.float64) * spread
+    scores = scores.clamp(-torch.finfo(dtype).max / 2, torch.finfo(dtype).max / 2).to(dtype).to(DEVICE)
+    if shape == "column":
+        scores = scores.unsqueeze(-1)
+    if margin == "per_pair":
+        margin = (torch.rand(B, generator=g) * 2).to(DEVICE)
+
+    def run(x):
+        leaf = x.detach().requires_grad_(True)
+        m = margin.to(x.dtype) if isinstance(margin, torch.Tensor) and x.dtype == torch.float64 else margin
+        out = fastalign.reward_loss(leaf, margin=m, center_rewards_coefficient=center)
+        return out, torch.autograd.grad(out.loss, leaf)[0]
+
+    truth, truth_grad = run(scores.double())
+    out, grad = run(scores)
+    assert out.loss.dtype == torch.float32 and grad.dtype == dtype and grad.shape == scores.shape
+    chosen, rejected = scores.double().reshape(2, B)
+    size = float((chosen.abs() + rejected.abs()).max()) + (0.0 if margin is None else 2.0)
+    loss_scale = size + (center or 0.0) * size**2
+    _assert_aggregate(out.loss, truth.loss, truth.loss, loss_scale, "loss")
+    for name, value in truth.metrics.items():
+        _assert_aggregate(out.metrics[name], value, value, size, name)
+    _assert_gradient(grad, truth_grad, truth_grad, "grad", (1 + 2 * (center or 0.0) * size) / B)
+    # bradley_terry_loss is the same loss on the two halves.
+    same = fastalign.bradley_terry_loss(*scores.reshape(2, B), margin=margin, center_rewards_coefficient=center)
+    assert torch.equal(same.loss, out.loss)
+
+
+def _sequence_inputs(g, B, spread, long):
+    """Per-sequence log-prob sums of completions of 1 to 200 tokens (average log-probs from
+    -1e-6 to -spread), and their token counts."""
+    counts = torch.randint(1, 200 if long else 8, (B,), generator=g).double()
+    averages = -(torch.rand(B, generator=g, dtype=torch.float64) * spread + 1e-6)
+    return (averages * counts).float().double(), counts
+
+
+@settings(max_examples=60)
+@given(loss=st.sampled_from(["kto", "apo_zero_unpaired", "orpo", "sigmoid", "hinge", "ipo", "simpo", "alphapo"]),
+       B=st.integers(1, 5), seed=st.integers(0, 2**16), spread=st.sampled_from([1e-4, 0.5, 5.0, 50.0]),
+       long=st.booleans(), beta=st.sampled_from([0.01, 0.1, 1.0, 10.0]))
+def test_sequence_losses_in_fp32_stay_finite_and_close_to_fp64(loss, B, seed, spread, long, beta):
+    # kto_loss, orpo_loss and cpo_loss on per-sequence sums from near-certain completions to long,
+    # unlikely ones: wherever the float64 loss (on the same fp32 inputs) is finite, the fp32 loss,
+    # gradient and metrics are too, and as accurate as the inputs' sizes allow.
+    g = _generator(seed)
+    chosen, n_chosen = _sequence_inputs(g, B, spread, long)
+    rejected, n_rejected = _sequence_inputs(g, B, spread, long)
+    if loss in ("kto", "apo_zero_unpaired"):
+        ref = (chosen + torch.randn(B, generator=g, dtype=torch.float64) * spread).float().double()
+        desirable = torch.rand(B, generator=g) < 0.5
+        kl = {"kl_logps": rejected, "ref_kl_logps": ref.flip(0)} if loss == "kto" and B > 1 else {}
+        if loss == "kto" and B == 1:
+            kl = {"kl": 0.5}
+
+        def fn(c, r):
+            kw = {k: (v.to(c.dtype) if isinstance(v, torch.Tensor) else v) for k, v in kl.items()}
+            return fastalign.kto_loss(c, ref.to(c.dtype), desirable, beta=beta, loss_type=loss, **kw)
+    elif loss == "orpo":
+        nll, n_nll = _sequence_inputs(g, B, spread, long)
+
+        def fn(c, r):
+            return fastalign.orpo_loss(c, r, n_chosen.to(c.dtype), n_rejected.to(c.dtype), nll.to(c.dtype),
+                                       (n_nll + n_chosen).to(c.dtype), beta=beta)
+    else:
+        options = {"alphapo": dict(alpha=0.25), "simpo": dict(label_smoothing=0.1)}.get(loss, {})
+
+        def fn(c, r):
+            return fastalign.cpo_loss(c, r, n_chosen.to(c.dtype), n_rejected.to(c.dtype), beta=beta, loss_type=loss,
+                                      **options)
+
+    def run(dtype):
+        leaves = [t.to(dtype).requires_grad_(True) for t in (chosen, rejected)]
+        out = fn(*leaves)
+        grads = torch.autograd.grad(out.loss, leaves, allow_unused=True)
+        return out, [torch.zeros_like(t) if gr is None else gr for t, gr in zip(leaves, grads)], leaves
+
+    truth, truth_grads, leaves64 = run(torch.float64)
+    out, grads, _ = run(torch.float32)
+    # Sensitivity of the loss to an ulp of each input, and the largest value the metrics are made
+    # of: the sums (or averages), ORPO's log(1 - e^c) of each average c (its log odds is c - that,
+    # whose slope 1 / (1 - e^c) times c stays near 1), AlphaPO's reward p^-alpha.
+    sizes = torch.cat([chosen.abs(), rejected.abs()])
+    averages = torch.cat([chosen / n_chosen, rejected / n_rejected])
+    sensitivity = float(sum((gr.abs() * t.abs()).sum() for gr, t in zip(truth_grads, (chosen, rejected))))
+    metric_scale = max(1.0, beta) * (1 + float(sizes.max()))
+    if loss == "orpo":
+        metric_scale += max(1.0, beta) * float(torch.log(-torch.expm1(averages)).abs().max())
+    if loss == "alphapo":
+        metric_scale *= float(torch.exp(-0.25 * averages).max())
+    _assert_aggregate(out.loss, truth.loss, truth.loss, sensitivity, f"{loss} loss")
+    for name, value in truth.metrics.items():
+        _assert_aggregate(out.metrics[name], value, value, metric_scale, f"{loss} {name}")
+    for gr, t in zip(grads, truth_grads):
+        assert torch.isfinite(gr[torch.isfinite(t)]).all(), loss
+        _assert_gradient(gr, t, t, f"{loss} grad", float(t.abs().max()), metric_scale)
+
+
+# TRL's fused LM head, served by fastalign ---------------------------------------------------------
+
+TRL_FIELDS = ("entropy", "log_sum_sq_probs", "mean_logits", "is_top1")
+
+
+@st.composite
+def lm_head_calls(draw):
+    """The arguments TRL 1.16's `add_fused_lm_head` passes `_ChunkedLogProbFunction.apply`: the
+    hidden states of the counted tokens [N, H], the lm_head, targets (-100 where not counted),
+    the sampling temperature, its chunk size, the model's softcap and logit scale, the fields."""
+    N = draw(st.integers(0, 9))
+    H = draw(st.sampled_from([1, 4, 16]))
+    V = draw(st.sampled_from([1, 2, 7, 33, 130]))
+    dtype = draw(st.sampled_from([torch.float32, torch.bfloat16]))
+    g = _generator(draw(st.integers(0, 2**16)))
+    hidden = torch.randn(N, H, generator=g).to(dtype).to(DEVICE)
+    weight = (torch.randn(V, H, generator=g) * draw(st.sampled_from([0.1, 1.0, 8.0])) / H**0.5).to(dtype).to(DEVICE)
+    bias = torch.randn(V, generator=g).to(dtype).to(DEVICE) if draw(st.booleans()) else None
+    targets = torch.randint(0, V, (N,), generator=g).to(DEVICE)
+    if draw(st.booleans()):
+        targets[torch.rand(N, generator=g).to(DEVICE) < 0.3] = -100
+    temperature = draw(st.sampled_from([1.0, 0.7, 1.3]))
+    softcap = draw(st.sampled_from([None, None, 30.0, 5.0]))
+    logit_scale = draw(st.sampled_from([1.0, 0.5, -1.0]))
+    outputs = tuple(f for f in TRL_FIELDS if draw(st.booleans()))
+    return hidden, weight, bias, targets, temperature, softcap, logit_scale, outputs
+
+
+def _lm_head_truth(hidden, weight, bias, targets, temperature, softcap, logit_scale, outputs, weights):
+    """The five fields and the gradients of the test's loss in float64, from the logits themselves."""
+    leaves = [t.double().detach().requires_grad_(True) for t in (hidden, weight) + ((bias,) if bias is not None
+                                                                                    else ())]
+    logits = leaves[0] @ leaves[1].t() + (leaves[2] if bias is not None else 0.0)
+    transform = {"temperature": temperature, "logit_scale": logit_scale, "softcap": softcap}
+    z = _transformed(logits, transform)
+    log_p = torch.log_softmax(z, -1)
+    valid = targets != -100
+    logps, entropy = _plain_fields(logits, targets, transform)
+    zero = torch.zeros_like(logps)
+    fields = [torch.where(valid, logps, zero), torch.where(valid, entropy, zero),
+              torch.where(valid, torch.logsumexp(2 * log_p, -1), zero), torch.where(valid, z.mean(-1), zero),
+              valid & (z.argmax(-1) == targets)]
+    loss = (fields[0] * weights).sum() + (fields[1].sum() if "entropy" in outputs else 0.0)
+    grads = torch.autograd.grad(loss, leaves)
+    return [f.detach() for f in fields], grads
+
+
+@settings(max_examples=25)
+@given(call=lm_head_calls(), autocast=st.booleans())
+def test_trl_fused_lm_head_matches_float64_truth_and_trl_on_every_backend(call, autocast):
+    from trl.kernels.chunked_logprob import ChunkedLogProbFunction
+
+    from fastalign.integrations.trl.lm_head import FastalignChunkedLogProb
+
+    hidden, weight, bias, targets, temperature, softcap, logit_scale, outputs = call
+    valid = targets != -100
+    weights = torch.randn(targets.shape, dtype=torch.float64, generator=_generator(7)).to(DEVICE)
+
+    def run(impl, h, w, b, backend="reference", autocast=autocast):
+        leaves = [t.detach().requires_grad_(True) for t in (h, w) + ((b,) if b is not None else ())]
+        with fastalign.use_backend(backend), torch.autocast("cpu", dtype=torch.bfloat16, enabled=autocast):
+            out = impl.apply(leaves[0], leaves[1], leaves[2] if b is not None else None, targets, temperature, 64,
+                             softcap, logit_scale, outputs)
+        loss = (torch.where(valid, out[0].double(), 0.0) * weights).sum()
+        if out[1] is not None:
+            loss = loss + torch.where(valid, out[1].double(), 0.0).sum()
+        grads = torch.autograd.grad(loss, leaves) if loss.requires_grad else [torch.zeros_like(t) for t in leaves]
+        return out, grads
+
+    names = ("logps",) + TRL_FIELDS
+    # TRL's own function (fp32 statistics) on the same call: what fastalign replaces, so the
+    # accuracy fastalign must at least match.
+    theirs, their_grads = run(ChunkedLogProbFunction, hidden, weight, bias)
+    # Under autocast both compute in bf16 whatever the inputs' dtype: the truth takes them rounded.
+    rounded = [None if t is None else (t.to(torch.bfloat16) if autocast else t) for t in (hidden, weight, bias)]
+    truth, truth_grads = _lm_head_truth(*rounded, targets, temperature, softcap, logit_scale, outputs, weights)
+    for backend in BACKENDS:
+        out, grads = run(FastalignChunkedLogProb, hidden, weight, bias, backend)
+        assert len(out) == 5
+        for i, name in enumerate(names):
+            if i and name not in outputs:
+                assert out[i] is None, (backend, name)
+                continue
+            assert out[i].dtype == (torch.bool if name == "is_top1" else torch.float32), (backend, name)
+            assert out[i].shape == targets.shape, (backend, name)
+            if name == "is_top1":
+                assert torch.equal(out[i][valid], truth[i][valid]), backend
+                continue
+            assert_as_accurate_as_reference(out[i][valid], theirs[i][valid], truth[i][valid], f"{backend} {name}",
+                                            slack_eps=16.0)
+            assert (out[i][~valid] == 0).all(), (backend, name)
+        for name, grad, their, true in zip(("hidden", "weight", "bias"), grads, their_grads, truth_grads):
+            leaf = {"hidden": hidden, "weight": weight, "bias": bias}[name]
+            assert grad.dtype == leaf.dtype and grad.shape == leaf.shape, (backend, name)
+            # Under autocast fastalign's gradients are bf16 results cast to the fp32 leaves (as
+            # autocast's own matmuls give), TRL's fp32 sums: bf16 accuracy here, and the
+            # difference is pinned by test_trl_fused_lm_head_gradients_under_autocast_as_trls.
+            slack = 16.0 * (2**16 if autocast and leaf.dtype == torch.float32 else 1)
+            assert_as_accurate_as_reference(grad, their, true, f"{backend} grad {name}", slack_eps=slack)
+        assert (grads[0][~valid] == 0).all(), backend
+
+
+@pytest.mark.xfail(strict=True, reason=(
+    "fastalign.integrations.trl.lm_head casts fp32 hidden states and lm_head to the autocast dtype before "
+    "linear_token_logprobs, so their gradients come back rounded to bf16; TRL's ChunkedLogProbFunction sums "
+    "them in fp32 and returns fp32 sums (about half TRL's error is lost to that rounding)"))
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_trl_fused_lm_head_gradients_under_autocast_as_trls(backend):
+    from trl.kernels.chunked_logprob import ChunkedLogProbFunction
+
+    from fastalign.integrations.trl.lm_head import FastalignChunkedLogProb
+
+    hidden = torch.tensor([[0.6614, 0.2669], [0.0617, 0.6213]], device=DEVICE)
+    weight = torch.tensor([[-0.4519, -0.1661], [-1.5228, 0.3817], [-1.0276, -0.5631]], device=DEVICE)
+    targets = torch.tensor([0, 0], device=DEVICE)
+
+    def weight_grad(impl):
+        leaf = weight.clone().requires_grad_(True)
+        with fastalign.use_backend(backend), torch.autocast("cpu", dtype=torch.bfloat16):
+            logps = impl.apply(hidden, leaf, None, targets, 1.0, 64, None, 1.0, ())[0]
+        return torch.autograd.grad(logps.sum(), leaf)[0]
+
+    w64 = weight.bfloat16().double().requires_grad_(True)
+    truth = torch.log_softmax(hidden.bfloat16().double() @ w64.t(), -1).gather(-1, targets[:, None]).sum()
+    (truth,) = torch.autograd.grad(truth, w64)
+    assert_as_accurate_as_reference(weight_grad(FastalignChunkedLogProb), weight_grad(ChunkedLogProbFunction), truth,
+                                    "weight grad")
