@@ -60,7 +60,7 @@ def linear_token_logprobs_forward(
     flags = (with_entropy, with_log_sum_sq_probs, with_mean_logits, with_is_top1)
     outs = [torch.zeros(n, dtype=acc)]
     outs += [torch.zeros(n if flag else 0, dtype=acc) for flag in flags[:3]]
-    outs += [torch.zeros(n if with_is_top1 else 0, dtype=torch.bool), torch.zeros(n, dtype=acc)]
+    outs += [torch.zeros(n if with_is_top1 else 0, dtype=torch.bool), torch.zeros(n, 2, dtype=acc)]
     rows = _valid_rows(labels, ignore_index)
     step = max(1, min(_rows_per_block(vocab), rows.numel()))
     block_logits = _BlockLogits(step, weight, bias)
@@ -77,11 +77,11 @@ def linear_token_logprobs_forward(
 
 
 def linear_token_logprobs_backward(
-    grad_logps, grad_entropy, hidden, weight, bias, labels, lse, entropy, temperature, logit_scale, softcap,
+    grad_logps, grad_entropy, hidden, weight, bias, labels, norm, entropy, temperature, logit_scale, softcap,
     ignore_index, need_hidden=True, need_weight=True,
 ):
     """Tiles of (tokens x vocabulary columns): each tile's logits are recomputed, turned into its
-    gradient by the C++ row kernel (the forward's logsumexp makes a column block enough), then
+    gradient by the C++ row kernel (the forward's row normalizer makes a column block enough), then
     folded into grad_h and into that column block of grad_W. A tile spans TILE_TOKENS rows, so
     grad_W is read and written once per TILE_TOKENS tokens rather than once per small block."""
     vocab, width = weight.shape
@@ -99,7 +99,7 @@ def linear_token_logprobs_backward(
         return None if t is None or not t.numel() else t.index_select(0, rows)
 
     h_all = hidden.index_select(0, rows)
-    labels_v, lse_v, g_v, gh_v, ent_v = (part(t) for t in (labels, lse, grad_logps, grad_entropy, entropy))
+    labels_v, norm_v, g_v, gh_v, ent_v = (part(t) for t in (labels, norm, grad_logps, grad_entropy, entropy))
     grad_h = torch.zeros(n if need_hidden else 0, width, dtype=acc)
     tokens = min(n, TILE_TOKENS)
     columns = max(MIN_COLUMNS, TILE_ELEMENTS // tokens)
@@ -115,7 +115,7 @@ def linear_token_logprobs_backward(
                 logits += bias[c0:c1]
             dz = torch.ops.fastalign_cpu.token_logprobs_backward_columns(
                 None if g_v is None else g_v[t0:t1], None if gh_v is None else gh_v[t0:t1], logits.unsqueeze(0),
-                labels_v[t0:t1], lse_v[t0:t1], None if ent_v is None else ent_v[t0:t1],
+                labels_v[t0:t1], norm_v[t0:t1], None if ent_v is None else ent_v[t0:t1],
                 temperature, logit_scale, softcap, ignore_index, c0,
             )[0]
             del logits
@@ -132,7 +132,7 @@ def linear_token_logprobs_backward(
 
 
 def _cpu_policy_pass(logits, inputs, with_grad):
-    """The C++ policy pass over a block: (logps, entropy, lse); with_grad, the gradient overwrites the logits."""
+    """The C++ policy pass over a block: (logps, entropy, norm); with_grad, the gradient overwrites the logits."""
     if with_grad:
         return torch.ops.fastalign_cpu.policy_token_forward_(logits, *inputs)
     lp, ent, _, ls = torch.ops.fastalign_cpu.policy_token_forward(logits, *inputs, False)
@@ -152,7 +152,8 @@ def linear_policy_token_forward(
     n, vocab = labels.shape[0], weight.shape[0]
     device = hidden.device
     acc = torch.float64 if hidden.dtype == torch.float64 else torch.float32
-    logps, entropy, lse = (torch.zeros(n, dtype=acc, device=device) for _ in range(3))
+    logps, entropy = (torch.zeros(n, dtype=acc, device=device) for _ in range(2))
+    norm = torch.zeros(n, 2, dtype=acc, device=device)
     need_hidden, need_weight = with_grad and need_hidden, with_grad and need_weight
     grad_hidden = (torch.zeros_like(hidden, memory_format=torch.contiguous_format) if need_hidden
                    else hidden.new_empty(0))
@@ -177,7 +178,7 @@ def linear_policy_token_forward(
         lp, ent, ls = policy_pass(logits, inputs, with_grad)
         logps.index_copy_(0, idx, lp.to(acc))
         entropy.index_copy_(0, idx, ent.to(acc))
-        lse.index_copy_(0, idx, ls.to(acc))
+        norm.index_copy_(0, idx, ls.to(acc))
         if not with_grad:
             continue
         dz = logits[0]
@@ -190,4 +191,4 @@ def linear_policy_token_forward(
                 grad_weight.addmm_(dz.t().to(acc), h.to(acc))
             if grad_bias.numel():
                 grad_bias += dz.sum(0, dtype=acc)
-    return logps, entropy, grad_hidden, grad_weight.to(weight.dtype), grad_bias.to(bias.dtype), lse
+    return logps, entropy, grad_hidden, grad_weight.to(weight.dtype), grad_bias.to(bias.dtype), norm

@@ -59,7 +59,7 @@ def _(hidden, weight, bias, labels, temperature, logit_scale, softcap, ignore_in
         return hidden.new_empty(n if wanted else 0, dtype=dtype)
 
     return (sized(True), sized(with_entropy), sized(with_log_sum_sq_probs), sized(with_mean_logits),
-            sized(with_is_top1, torch.bool), sized(True))
+            sized(with_is_top1, torch.bool), hidden.new_empty((n, 2), dtype=acc))
 
 
 @torch.library.custom_op("fastalign::linear_token_logprobs_backward", mutates_args=())
@@ -70,7 +70,7 @@ def linear_token_logprobs_backward(
     weight: torch.Tensor,
     bias: torch.Tensor,
     labels: torch.Tensor,
-    lse: torch.Tensor,
+    norm: torch.Tensor,
     entropy: torch.Tensor,
     temperature: float,
     logit_scale: float,
@@ -86,13 +86,13 @@ def linear_token_logprobs_backward(
     and a [V, H] fp32 accumulator saved)."""
     impl = _implementation(backend, hidden, "linear_logprobs")
     return impl.linear_token_logprobs_backward(
-        grad_logps, grad_entropy, hidden, weight, bias, labels, lse, entropy,
+        grad_logps, grad_entropy, hidden, weight, bias, labels, norm, entropy,
         temperature, logit_scale, softcap, ignore_index, need_hidden, need_weight,
     )
 
 
 @linear_token_logprobs_backward.register_fake
-def _(grad_logps, grad_entropy, hidden, weight, bias, labels, lse, entropy, temperature, logit_scale, softcap,
+def _(grad_logps, grad_entropy, hidden, weight, bias, labels, norm, entropy, temperature, logit_scale, softcap,
       ignore_index, backend, need_hidden, need_weight):
     return (torch.empty_like(hidden) if need_hidden else hidden.new_empty(0),
             torch.empty_like(weight) if need_weight else weight.new_empty(0),
@@ -101,8 +101,8 @@ def _(grad_logps, grad_entropy, hidden, weight, bias, labels, lse, entropy, temp
 
 def _setup_context(ctx, inputs, output):
     hidden, weight, bias, labels, temperature, logit_scale, softcap, ignore_index, with_entropy, *_ = inputs
-    logps, entropy, _, _, _, lse = output
-    ctx.save_for_backward(hidden, weight, bias, labels, lse, entropy)
+    logps, entropy, _, _, _, norm = output
+    ctx.save_for_backward(hidden, weight, bias, labels, norm, entropy)
     ctx.params = (temperature, logit_scale, softcap, ignore_index)
     ctx.with_entropy = with_entropy
     ctx.backend = current_backend()
@@ -110,7 +110,7 @@ def _setup_context(ctx, inputs, output):
 
 
 def _backward(ctx, grad_logps, grad_entropy, *_unused):
-    hidden, weight, bias, labels, lse, entropy = ctx.saved_tensors
+    hidden, weight, bias, labels, norm, entropy = ctx.saved_tensors
     if not ctx.with_entropy:
         grad_entropy = None
     acc = _acc(hidden)
@@ -123,7 +123,7 @@ def _backward(ctx, grad_logps, grad_entropy, *_unused):
     if not (need_hidden or need_weight):
         return (None,) * 12
     grad_hidden, grad_weight, grad_bias = linear_token_logprobs_backward(
-        grad_logps, grad_entropy, hidden, weight, bias, labels, lse, entropy, *ctx.params, ctx.backend,
+        grad_logps, grad_entropy, hidden, weight, bias, labels, norm, entropy, *ctx.params, ctx.backend,
         need_hidden, need_weight,
     )
     return (
@@ -164,6 +164,8 @@ def check_linear_args(hidden, weight, bias, labels):
         raise ValueError(
             f"weight: expected shape [V, {hidden.shape[-1]}] (H = hidden.shape[-1]), got {tuple(weight.shape)}"
         )
+    if weight.shape[0] == 0:
+        raise ValueError(f"weight: the vocabulary dimension (first) is empty, got shape {tuple(weight.shape)}")
     if weight.dtype != hidden.dtype:
         raise TypeError(f"weight: expected dtype {hidden.dtype} (the hidden states'), got {weight.dtype}")
     if weight.device != hidden.device:

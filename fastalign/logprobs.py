@@ -67,7 +67,8 @@ def token_logprobs_forward(
     with_is_top1: bool,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
     """logits [B, T, V] (any strides), labels [B*T] int64 -> (logps, entropy, log_sum_sq_probs,
-    mean_logits, is_top1, lse), each [B*T] or [0] when not asked for."""
+    mean_logits, is_top1, norm), each [B*T] or [0] when not asked for; norm is [B*T, 2], each row's
+    softmax normalizer (shift, log_s) that the backward takes (reference/logprobs.py: row_normalizer)."""
     impl = _implementation(current_backend(), logits)
     if logits.device.type == "cpu" and impl is not _native:
         check_label_range(labels, logits.shape[-1], ignore_index)  # the C++ kernel checks its own
@@ -88,7 +89,7 @@ def _(logits, labels, temperature, logit_scale, softcap, ignore_index,
 
     return (
         sized(True), sized(with_entropy), sized(with_log_sum_sq_probs), sized(with_mean_logits),
-        sized(with_is_top1, torch.bool), sized(True),
+        sized(with_is_top1, torch.bool), logits.new_empty((n, 2), dtype=acc),
     )
 
 
@@ -98,7 +99,7 @@ def token_logprobs_backward(
     grad_entropy: torch.Tensor | None,
     logits: torch.Tensor,
     labels: torch.Tensor,
-    lse: torch.Tensor,
+    norm: torch.Tensor,
     entropy: torch.Tensor | None,
     temperature: float,
     logit_scale: float,
@@ -109,28 +110,28 @@ def token_logprobs_backward(
     """Gradient w.r.t. logits [B, T, V] (contiguous, logits' dtype); `backend` is the one the forward used."""
     impl = _implementation(backend, logits)
     return impl.token_logprobs_backward(
-        grad_logps, grad_entropy, logits, labels, lse, entropy, temperature, logit_scale, softcap, ignore_index
+        grad_logps, grad_entropy, logits, labels, norm, entropy, temperature, logit_scale, softcap, ignore_index
     )
 
 
 @token_logprobs_backward.register_fake
-def _(grad_logps, grad_entropy, logits, labels, lse, entropy, temperature, logit_scale, softcap, ignore_index,
+def _(grad_logps, grad_entropy, logits, labels, norm, entropy, temperature, logit_scale, softcap, ignore_index,
       backend):
     return torch.empty(logits.shape, dtype=logits.dtype, device=logits.device)
 
 
 def _setup_context(ctx, inputs, output):
     logits, labels, temperature, logit_scale, softcap, ignore_index, with_entropy, *_ = inputs
-    logps, entropy, log_sum_sq_probs, mean_logits, is_top1, lse = output
-    ctx.save_for_backward(logits, labels, lse, entropy if with_entropy else None)
+    logps, entropy, log_sum_sq_probs, mean_logits, is_top1, norm = output
+    ctx.save_for_backward(logits, labels, norm, entropy if with_entropy else None)
     ctx.params = (temperature, logit_scale, softcap, ignore_index)
     # Backward runs on the backend the forward ran on, even if it is called outside `use_backend`.
     ctx.backend = current_backend()
-    ctx.mark_non_differentiable(log_sum_sq_probs, mean_logits, is_top1, lse)
+    ctx.mark_non_differentiable(log_sum_sq_probs, mean_logits, is_top1, norm)
 
 
 def _backward(ctx, grad_logps, grad_entropy, *_unused):
-    logits, labels, lse, entropy = ctx.saved_tensors
+    logits, labels, norm, entropy = ctx.saved_tensors
     if entropy is None:
         grad_entropy = None
     if grad_logps is not None:
@@ -139,7 +140,7 @@ def _backward(ctx, grad_logps, grad_entropy, *_unused):
         grad_entropy = grad_entropy.float() if grad_entropy.dtype != torch.float64 else grad_entropy
     grad = None
     if ctx.needs_input_grad[0]:
-        grad = token_logprobs_backward(grad_logps, grad_entropy, logits, labels, lse, entropy, *ctx.params,
+        grad = token_logprobs_backward(grad_logps, grad_entropy, logits, labels, norm, entropy, *ctx.params,
                                        ctx.backend)
     return grad, None, None, None, None, None, None, None, None, None
 

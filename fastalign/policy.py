@@ -45,7 +45,7 @@ def policy_token_forward(
     with_grad: bool,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
     """logits [B, T, V] (any strides), labels and the per-token vectors [B*T] (absent ones [0]) ->
-    (logps, entropy, grad w.r.t. logits [B, T, V] contiguous or [0], lse)."""
+    (logps, entropy, grad w.r.t. logits [B, T, V] contiguous or [0], norm)."""
     impl = _implementation(current_backend(), logits, "policy")
     if logits.device.type == "cpu":
         check_label_range(labels, logits.shape[-1], ignore_index)
@@ -61,7 +61,7 @@ def _(logits, labels, old_logps, ref_logps, advantages, w_pg, w_kl, grad_entropy
     n = labels.shape[0]
     acc = _acc_dtype(logits)
     grad = torch.empty(logits.shape if with_grad else (0,), dtype=logits.dtype, device=logits.device)
-    return logits.new_empty(n, dtype=acc), logits.new_empty(n, dtype=acc), grad, logits.new_empty(n, dtype=acc)
+    return logits.new_empty(n, dtype=acc), logits.new_empty(n, dtype=acc), grad, logits.new_empty((n, 2), dtype=acc)
 
 
 def _refuse_second_derivative() -> None:
@@ -176,7 +176,7 @@ def linear_policy_token_forward(
     need_weight: bool,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
     """`policy_token_forward` from hidden [N, H] and weight [V, H]: (logps, entropy, grad_hidden,
-    grad_weight, grad_bias, lse); the gradients are [0] without `with_grad`, grad_hidden without
+    grad_weight, grad_bias, norm); the gradients are [0] without `with_grad`, grad_hidden without
     `need_hidden`, grad_weight and grad_bias without `need_weight` (a frozen lm_head: no
     weight-gradient matmul, no [V, H] accumulator)."""
     impl = _implementation(current_backend(), hidden, "linear_logprobs")
@@ -197,8 +197,9 @@ def _(hidden, weight, bias, labels, old_logps, ref_logps, advantages, w_pg, w_kl
     def like(t, needed):
         return torch.empty_like(t) if with_grad and needed else t.new_empty(0)
 
-    vec = [hidden.new_empty(n, dtype=acc) for _ in range(3)]
-    return vec[0], vec[1], like(hidden, need_hidden), like(weight, need_weight), like(bias, need_weight), vec[2]
+    vec = [hidden.new_empty(n, dtype=acc) for _ in range(2)]
+    norm = hidden.new_empty((n, 2), dtype=acc)
+    return vec[0], vec[1], like(hidden, need_hidden), like(weight, need_weight), like(bias, need_weight), norm
 
 
 class _PrecomputedGradients(torch.autograd.Function):

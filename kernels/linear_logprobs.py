@@ -37,7 +37,7 @@ import torch
 import triton
 import triton.language as tl
 
-from .logprobs import LN2, LOG2E, _exp2_shifted, _log2e_split, _transform, _transform_constants
+from .logprobs import LN2, LOG2E, _log2e_split, _pre_scale, _transform_constants, _w_scale
 from .target import is_amd, nvidia_options
 
 # The interpreter multiplies the raw bits of bf16 operands in tl.dot; fp32 operands are exact.
@@ -107,14 +107,16 @@ def _logits_tile(
 
 @triton.jit
 def _tile_dz(
-    x, cols, v_ok, n_ok, label, lse, g_logp, g_h, entropy, in_scale, out_scale, grad_scale,
+    x, cols, v_ok, n_ok, label, shift, log_s, g_logp, g_h, entropy, in_scale, out_scale, grad_scale,
     has_grad_logps, has_grad_entropy, SOFTCAP: tl.constexpr,
 ):
     """d loss / d x for a logits tile, 0 outside the valid rows and the vocabulary. Exponentials
-    in base 2 as in kernels/logprobs.py's backward (log_p below is log2 p)."""
-    z, t = _transform(x, in_scale, out_scale, SOFTCAP)
-    hi, lo = _log2e_split(lse)
-    p, log_p = _exp2_shifted(z, hi[:, None], lo[:, None])
+    in base 2 from the rows' normalizers, as in kernels/logprobs.py's backward (log_p below is
+    log2 p): log2 p = (u - shift) * factor log2(e) - log_s log2(e)."""
+    u = _pre_scale(x, in_scale, SOFTCAP)
+    hi, lo = _log2e_split(log_s)
+    log_p = tl.fma(u - shift[:, None], _w_scale(in_scale, out_scale, SOFTCAP) * LOG2E, -hi[:, None]) - lo[:, None]
+    p = tl.exp2(log_p)
     dz = tl.zeros(x.shape, dtype=tl.float32)
     if has_grad_logps:
         dz += g_logp[:, None] * (tl.where(cols[None, :] == label[:, None], 1.0, 0.0) - p)
@@ -123,7 +125,7 @@ def _tile_dz(
         # p = 0 where log_p = -inf; the clamp keeps 0 * -inf at 0 (NaN logits stay NaN through p).
         dz -= (g_h * LN2)[:, None] * p * (tl.maximum(log_p, -_FLT_MAX) + (entropy * LOG2E)[:, None])
     if SOFTCAP:
-        dz = dz * (1.0 - t * t)
+        dz = dz * (1.0 - u * u)
     dz = dz * grad_scale
     # Padding rows and columns hold duplicated (clamped) logits: they must not contribute.
     return tl.where(n_ok[:, None] & v_ok[None, :], dz, 0.0)
@@ -131,14 +133,15 @@ def _tile_dz(
 
 @triton.jit
 def _row_grads(
-    rows, n_ok, V, labels_ptr, lse_ptr, entropy_ptr, grad_logps_ptr, grad_entropy_ptr,
+    rows, n_ok, V, labels_ptr, norm_ptr, entropy_ptr, grad_logps_ptr, grad_entropy_ptr,
     has_grad_logps, has_grad_entropy,
 ):
     label = tl.load(labels_ptr + rows)
-    lse = tl.load(lse_ptr + rows)
-    g_logp = lse
-    g_h = lse
-    entropy = lse
+    shift = tl.load(norm_ptr + 2 * rows)
+    log_s = tl.load(norm_ptr + 2 * rows + 1)
+    g_logp = log_s
+    g_h = log_s
+    entropy = log_s
     if has_grad_logps:
         g_logp = tl.load(grad_logps_ptr + rows)
         # A label outside the vocabulary has a NaN log-prob; its gradient says so too.
@@ -147,15 +150,15 @@ def _row_grads(
     if has_grad_entropy:
         g_h = tl.load(grad_entropy_ptr + rows)
         entropy = tl.load(entropy_ptr + rows)
-    return label, lse, g_logp, g_h, entropy
+    return label, shift, log_s, g_logp, g_h, entropy
 
 
 @triton.jit
 def _linear_logprobs_fwd_kernel(
     hidden_ptr, weight_ptr, bias_ptr, labels_ptr, order_ptr, count_ptr,
-    logps_ptr, lse_ptr, entropy_ptr, log_sum_sq_probs_ptr, mean_logits_ptr, is_top1_ptr,
+    logps_ptr, norm_ptr, entropy_ptr, log_sum_sq_probs_ptr, mean_logits_ptr, is_top1_ptr,
     V, H, stride_hn, stride_hk, stride_wv, stride_wk,
-    in_scale, out_scale,
+    in_scale, out_scale, w_sign,
     has_bias, with_entropy, with_log_sum_sq_probs, with_mean_logits, with_is_top1,
     SOFTCAP: tl.constexpr,
     BLOCK_N: tl.constexpr, BLOCK_V: tl.constexpr, BLOCK_K: tl.constexpr,
@@ -172,44 +175,51 @@ def _linear_logprobs_fwd_kernel(
     rows = tl.load(order_ptr + tl.where(n_ok, offs_n, 0))
     label = tl.load(labels_ptr + rows)
 
+    # The sweep runs on w = u * w_sign (u: x, or tanh's value under softcap), with z = w * w_scale
+    # and w_scale >= 0, so that the row's largest z is its largest w (kernels/logprobs.py).
+    w_sign = tl.cast(w_sign, tl.float32)
+    w_scale = tl.abs(_w_scale(in_scale, out_scale, SOFTCAP))
+    w_log2e = w_scale * LOG2E
     m = tl.full([BLOCK_N], -float("inf"), dtype=tl.float32)
     max_before = tl.full([BLOCK_N], -float("inf"), dtype=tl.float32)
-    z_label = tl.zeros([BLOCK_N], dtype=tl.float32)
+    w_label = tl.zeros([BLOCK_N], dtype=tl.float32)
     s_acc = tl.zeros([BLOCK_N], dtype=tl.float32)
     h_acc = tl.zeros([BLOCK_N], dtype=tl.float32)
     q_acc = tl.zeros([BLOCK_N], dtype=tl.float32)
-    z_acc = tl.zeros([BLOCK_N], dtype=tl.float32)
+    w_acc = tl.zeros([BLOCK_N], dtype=tl.float32)
     for v0 in range(0, V, BLOCK_V):
         cols = v0 + tl.arange(0, BLOCK_V).to(tl.int64)
         v_ok = cols < V
         x = _logits_tile(hidden_ptr, weight_ptr, bias_ptr, rows, tl.minimum(cols, V - 1), H,
                          stride_hn, stride_hk, stride_wv, stride_wk,
                          BLOCK_N, BLOCK_V, BLOCK_K, has_bias)
-        z, _t = _transform(x, in_scale, out_scale, SOFTCAP)
+        w = _pre_scale(x, in_scale, SOFTCAP) * w_sign
         # After the transform: softcap maps the padding to a finite number.
-        z = tl.where(v_ok[None, :], z, -float("inf"))
+        w = tl.where(v_ok[None, :], w, -float("inf"))
         is_label = cols[None, :] == label[:, None]
-        z_label += tl.sum(tl.where(is_label, z, 0.0), axis=1)
+        w_label += tl.sum(tl.where(is_label, w, 0.0), axis=1)
         if with_is_top1:
-            before = tl.where(cols[None, :] < label[:, None], z, -float("inf"))
+            before = tl.where(cols[None, :] < label[:, None], w, -float("inf"))
             max_before = tl.maximum(max_before, tl.max(before, axis=1))
 
-        m_new = tl.maximum(m, tl.max(z, axis=1))
+        m_new = tl.maximum(m, tl.max(w, axis=1))
         # While a row's max is -inf its accumulators are 0; shifting by 0 instead of -inf keeps
         # exp(-inf - -inf) and -inf * 0 (both NaN) out of them.
         m_shift = tl.where(m_new > -float("inf"), m_new, 0.0)
-        r = tl.exp(m - m_shift)
+        # In base 2: (m - m') * w_scale log2(e).
+        shift2 = tl.where(m > -float("inf"), (m - m_shift) * w_log2e, 0.0)
+        r = tl.where(m > -float("inf"), tl.exp2(shift2), 0.0)
         if with_entropy:
             # sum e'(z - m') = r * (sum e (z - m) + (m - m') * sum e), in units of log2(e)
-            h_acc = r * (h_acc + tl.where(m > -float("inf"), (m - m_shift) * LOG2E, 0.0) * s_acc)
+            h_acc = r * (h_acc + shift2 * s_acc)
         if with_log_sum_sq_probs:
             q_acc = q_acc * (r * r)
         s_acc = s_acc * r
         m = m_new
 
-        # exp(z - m) in base 2, m split exactly (kernels/logprobs.py).
-        hi, lo = _log2e_split(m_shift)
-        e, d = _exp2_shifted(z, hi[:, None], lo[:, None])
+        # exp(z - m) in base 2, (w - m) exact for close logits.
+        d = (w - m_shift[:, None]) * w_log2e
+        e = tl.exp2(d)
         s_acc += tl.sum(e, axis=1)
         if with_entropy:
             # e = 0 where d = -inf; the clamp keeps 0 * -inf from turning into NaN.
@@ -217,30 +227,34 @@ def _linear_logprobs_fwd_kernel(
         if with_log_sum_sq_probs:
             q_acc += tl.sum(e * e, axis=1)
         if with_mean_logits:
-            z_acc += tl.sum(tl.where(v_ok[None, :], z, 0.0), axis=1)
+            w_acc += tl.sum(tl.where(v_ok[None, :], w, 0.0), axis=1)
 
     log_s = tl.log(s_acc)
-    tl.store(lse_ptr + rows, m + log_s, mask=n_ok)
+    # The shift in u (w's sign undone), 0 where the max is not finite, as the reference's.
+    finite = (m > -float("inf")) & (m < float("inf"))
+    tl.store(norm_ptr + 2 * rows, tl.where(finite, m * w_sign, 0.0), mask=n_ok)
+    tl.store(norm_ptr + 2 * rows + 1, log_s, mask=n_ok)
     in_range = (label >= 0) & (label < V)
-    # (z - m) - log s rather than z - lse: exact when z is the max, whatever the logits' magnitude.
-    tl.store(logps_ptr + rows, tl.where(in_range, (z_label - m) - log_s, float("nan")), mask=n_ok)
+    # (w - max w) * w_scale - log s rather than z - lse: exact when z is the max, whatever the
+    # logits' magnitude.
+    tl.store(logps_ptr + rows, tl.where(in_range, (w_label - m) * w_scale - log_s, float("nan")), mask=n_ok)
     if with_entropy:
         # The entropy sum is in units of log2(e).
         tl.store(entropy_ptr + rows, log_s - (h_acc / s_acc) * LN2, mask=n_ok)
     if with_log_sum_sq_probs:
         tl.store(log_sum_sq_probs_ptr + rows, tl.log(q_acc) - 2.0 * log_s, mask=n_ok)
     if with_mean_logits:
-        tl.store(mean_logits_ptr + rows, z_acc / V, mask=n_ok)
+        tl.store(mean_logits_ptr + rows, w_acc * w_scale / V, mask=n_ok)
     if with_is_top1:
         # First argmax: at least the max, and strictly above everything before it.
-        top1 = in_range & (z_label >= m) & (z_label > max_before)
+        top1 = in_range & (w_label >= m) & (w_label > max_before)
         tl.store(is_top1_ptr + rows, top1.to(tl.int8), mask=n_ok)
 
 
 @triton.jit
 def _linear_logprobs_bwd_hidden_kernel(
     hidden_ptr, weight_ptr, bias_ptr, labels_ptr, order_ptr, count_ptr,
-    lse_ptr, entropy_ptr, grad_logps_ptr, grad_entropy_ptr, grad_hidden_ptr,
+    norm_ptr, entropy_ptr, grad_logps_ptr, grad_entropy_ptr, grad_hidden_ptr,
     V, H, stride_hn, stride_hk, stride_wv, stride_wk,
     in_scale, out_scale, grad_scale, has_bias, has_grad_logps, has_grad_entropy,
     SOFTCAP: tl.constexpr,
@@ -256,8 +270,8 @@ def _linear_logprobs_bwd_hidden_kernel(
     offs_n = start + tl.arange(0, BLOCK_N)
     n_ok = offs_n < count
     rows = tl.load(order_ptr + tl.where(n_ok, offs_n, 0))
-    label, lse, g_logp, g_h, entropy = _row_grads(
-        rows, n_ok, V, labels_ptr, lse_ptr, entropy_ptr, grad_logps_ptr, grad_entropy_ptr,
+    label, shift, log_s, g_logp, g_h, entropy = _row_grads(
+        rows, n_ok, V, labels_ptr, norm_ptr, entropy_ptr, grad_logps_ptr, grad_entropy_ptr,
         has_grad_logps, has_grad_entropy)
     offs_k = tl.arange(0, BLOCK_K).to(tl.int64)
     # grad_hidden is a fresh contiguous fp32 [N, H] buffer.
@@ -270,7 +284,7 @@ def _linear_logprobs_bwd_hidden_kernel(
         x = _logits_tile(hidden_ptr, weight_ptr, bias_ptr, rows, cols_in, H,
                          stride_hn, stride_hk, stride_wv, stride_wk,
                          BLOCK_N, BLOCK_V, BLOCK_K, has_bias)
-        dz = _tile_dz(x, cols, v_ok, n_ok, label, lse, g_logp, g_h, entropy, in_scale, out_scale, grad_scale,
+        dz = _tile_dz(x, cols, v_ok, n_ok, label, shift, log_s, g_logp, g_h, entropy, in_scale, out_scale, grad_scale,
                       has_grad_logps, has_grad_entropy, SOFTCAP)
         dz = dz.to(weight_ptr.dtype.element_ty)
         w_base = weight_ptr + cols_in[:, None] * stride_wv
@@ -290,7 +304,7 @@ def _linear_logprobs_bwd_hidden_kernel(
 @triton.jit
 def _linear_logprobs_bwd_weight_kernel(
     hidden_ptr, weight_ptr, bias_ptr, labels_ptr, order_ptr, count_ptr,
-    lse_ptr, entropy_ptr, grad_logps_ptr, grad_entropy_ptr, grad_weight_ptr, grad_bias_ptr,
+    norm_ptr, entropy_ptr, grad_logps_ptr, grad_entropy_ptr, grad_weight_ptr, grad_bias_ptr,
     V, H, stride_hn, stride_hk, stride_wv, stride_wk,
     in_scale, out_scale, grad_scale, has_bias, has_grad_logps, has_grad_entropy,
     SOFTCAP: tl.constexpr,
@@ -312,13 +326,13 @@ def _linear_logprobs_bwd_weight_kernel(
         offs_n = start + tl.arange(0, BLOCK_N)
         n_ok = offs_n < count
         rows = tl.load(order_ptr + tl.where(n_ok, offs_n, 0))
-        label, lse, g_logp, g_h, entropy = _row_grads(
-            rows, n_ok, V, labels_ptr, lse_ptr, entropy_ptr, grad_logps_ptr, grad_entropy_ptr,
+        label, shift, log_s, g_logp, g_h, entropy = _row_grads(
+            rows, n_ok, V, labels_ptr, norm_ptr, entropy_ptr, grad_logps_ptr, grad_entropy_ptr,
             has_grad_logps, has_grad_entropy)
         x = _logits_tile(hidden_ptr, weight_ptr, bias_ptr, rows, cols_in, H,
                          stride_hn, stride_hk, stride_wv, stride_wk,
                          BLOCK_N, BLOCK_V, BLOCK_K, has_bias)
-        dz = _tile_dz(x, cols, v_ok, n_ok, label, lse, g_logp, g_h, entropy, in_scale, out_scale, grad_scale,
+        dz = _tile_dz(x, cols, v_ok, n_ok, label, shift, log_s, g_logp, g_h, entropy, in_scale, out_scale, grad_scale,
                       has_grad_logps, has_grad_entropy, SOFTCAP)
         if has_bias:
             grad_bias += tl.sum(dz, axis=0)
@@ -401,8 +415,9 @@ def linear_token_logprobs_forward(
 ):
     """Per-token log-probs of ``labels`` under ``hidden @ weight.T + bias`` without materializing it.
 
-    Returns ``(logps, entropy, log_sum_sq_probs, mean_logits, is_top1, lse)``, each ``[N]`` (fp32;
-    ``is_top1`` bool); an output not asked for is an empty ``[0]`` tensor. ``bias`` may be empty.
+    Returns ``(logps, entropy, log_sum_sq_probs, mean_logits, is_top1, norm)``, each ``[N]`` (fp32;
+    ``is_top1`` bool; ``norm`` [N, 2], kernels/logprobs.py); an output not asked for is an empty
+    ``[0]`` tensor. ``bias`` may be empty.
     """
     N, H, V = _check_inputs(hidden, weight, bias, labels)
     device = hidden.device
@@ -410,15 +425,16 @@ def linear_token_logprobs_forward(
     def f32(flag: bool = True) -> torch.Tensor:
         return torch.zeros(N if flag else 0, dtype=torch.float32, device=device)
 
-    logps, lse = f32(), f32()
+    logps, norm = f32(), torch.zeros((N, 2), dtype=torch.float32, device=device)
     entropy, log_sum_sq_probs, mean_logits = f32(with_entropy), f32(with_log_sum_sq_probs), f32(with_mean_logits)
     is_top1 = torch.zeros(N if with_is_top1 else 0, dtype=torch.bool, device=device)
     if N == 0 or H == 0:
         if N and H == 0:
             raise ValueError("hidden has an empty hidden dimension")
-        return logps, entropy, log_sum_sq_probs, mean_logits, is_top1, lse
+        return logps, entropy, log_sum_sq_probs, mean_logits, is_top1, norm
 
     in_scale, out_scale = _transform_constants(temperature, logit_scale, softcap)
+    w_sign = -1.0 if softcap == 0.0 and in_scale < 0.0 else 1.0
     order, count = _valid_rows(labels, ignore_index)
     has_bias = bias is not None and bias.numel() != 0
     config = FWD_CONFIGS[hidden.dtype]
@@ -426,14 +442,14 @@ def linear_token_logprobs_forward(
         # Without a bias the weight stands in for its pointer (never read): the same pointer dtype
         # with and without, hence one compilation for both.
         hidden, weight, bias if has_bias else weight, labels, order, count,
-        logps, lse, entropy, log_sum_sq_probs, mean_logits, is_top1,
+        logps, norm, entropy, log_sum_sq_probs, mean_logits, is_top1,
         **_common(hidden, weight, bias, config),
-        in_scale=in_scale, out_scale=out_scale,
+        in_scale=in_scale, out_scale=out_scale, w_sign=w_sign,
         has_bias=has_bias, with_entropy=bool(with_entropy), with_log_sum_sq_probs=bool(with_log_sum_sq_probs),
         with_mean_logits=bool(with_mean_logits), with_is_top1=bool(with_is_top1),
         SOFTCAP=softcap > 0.0,
     )
-    return logps, entropy, log_sum_sq_probs, mean_logits, is_top1, lse
+    return logps, entropy, log_sum_sq_probs, mean_logits, is_top1, norm
 
 
 def linear_token_logprobs_backward(
@@ -443,7 +459,7 @@ def linear_token_logprobs_backward(
     weight: torch.Tensor,
     bias: torch.Tensor,
     labels: torch.Tensor,
-    lse: torch.Tensor,
+    norm: torch.Tensor,
     entropy: torch.Tensor,
     temperature: float,
     logit_scale: float,
@@ -454,7 +470,7 @@ def linear_token_logprobs_backward(
 ):
     """Gradients of ``sum(grad_logps * logps) + sum(grad_entropy * entropy)`` w.r.t. hidden, weight
     and bias (``None`` gradients count as zero): ``(grad_hidden, grad_weight, grad_bias)`` in the
-    inputs' dtypes, ``grad_bias`` empty when ``bias`` is. ``lse`` (and ``entropy`` when
+    inputs' dtypes, ``grad_bias`` empty when ``bias`` is. ``norm`` (and ``entropy`` when
     ``grad_entropy`` is given) are the forward's outputs. Without ``need_hidden`` (``need_weight``)
     grad_hidden (grad_weight and grad_bias) is neither computed nor allocated and comes back empty:
     a frozen lm_head costs no weight-gradient kernel and no [V, H] accumulator.
@@ -475,15 +491,15 @@ def linear_token_logprobs_backward(
         return result()
     if grad_entropy is not None and (entropy is None or entropy.numel() != N):
         raise ValueError("grad_entropy needs the forward's entropy")
-    if lse.shape != (N,):
-        raise ValueError(f"lse must have shape [{N}], got {tuple(lse.shape)}")
+    if norm.shape != (N, 2):
+        raise ValueError(f"norm must be the forward's [{N}, 2] normalizer, got {tuple(norm.shape)}")
 
     has_grad_logps, has_grad_entropy = grad_logps is not None, grad_entropy is not None
-    lse = lse.to(torch.float32).contiguous()
-    # Unused pointer arguments get lse, which keeps the kernel signature the same in every case.
-    grad_logps = lse if grad_logps is None else grad_logps.to(torch.float32).contiguous()
+    norm = norm.to(torch.float32).contiguous()
+    # Unused pointer arguments get norm, which keeps the kernel signature the same in every case.
+    grad_logps = norm if grad_logps is None else grad_logps.to(torch.float32).contiguous()
     if grad_entropy is None:
-        grad_entropy = entropy = lse
+        grad_entropy = entropy = norm
     else:
         grad_entropy = grad_entropy.to(torch.float32).contiguous()
         entropy = entropy.to(torch.float32).contiguous()
@@ -501,13 +517,13 @@ def linear_token_logprobs_backward(
     if need_hidden:
         _linear_logprobs_bwd_hidden_kernel[(triton.cdiv(N, config[0]),)](
             hidden, weight, bias_arg, labels, order, count,
-            lse, entropy, grad_logps, grad_entropy, grad_hidden,
+            norm, entropy, grad_logps, grad_entropy, grad_hidden,
             **common,
         )
     if need_weight:
         _linear_logprobs_bwd_weight_kernel[(triton.cdiv(V, config[1]),)](
             hidden, weight, bias_arg, labels, order, count,
-            lse, entropy, grad_logps, grad_entropy, grad_weight, grad_bias if has_bias else lse,
+            norm, entropy, grad_logps, grad_entropy, grad_weight, grad_bias if has_bias else norm,
             **common,
         )
     return result()
@@ -525,7 +541,7 @@ def linear_policy_token_forward(
 ):
     """The "blocked" policy pass (see ``fastalign.policy.LINEAR_POLICY_PASS``) on CUDA: blocks of
     tokens through cuBLAS and the Triton policy kernel, which writes each block's gradient over
-    its logits. ``(logps, entropy, grad_hidden, grad_weight, grad_bias, lse)`` as
+    its logits. ``(logps, entropy, grad_hidden, grad_weight, grad_bias, norm)`` as
     ``fastalign.policy.linear_policy_token_forward`` documents."""
     from ..linear_blocked import linear_policy_token_forward as blocked
     from .policy import policy_token_forward
@@ -533,10 +549,10 @@ def linear_policy_token_forward(
     _, _, V = _check_inputs(hidden, weight, bias, labels)
 
     def policy_pass(logits, inputs, with_grad):
-        logps, entropy, _, lse = policy_token_forward(
+        logps, entropy, _, norm = policy_token_forward(
             logits, *inputs, with_grad, grad_out=logits if with_grad else None
         )
-        return logps, entropy, lse
+        return logps, entropy, norm
 
     return blocked(
         hidden, weight, bias, labels, old_logps, ref_logps, advantages, w_pg, w_kl, grad_entropy,

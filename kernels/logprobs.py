@@ -8,7 +8,13 @@ inside the loop at all. With a contiguous vocabulary the loads run two chunks ah
 so two chunks of memory traffic are in flight per program.
 
 Backward: a (rows x vocabulary-blocks) grid; each program reads its block of logits once and
-writes its block of the gradient once, from the lse (and entropy) the forward saved.
+writes its block of the gradient once, from the row normalizer (and entropy) the forward saved.
+
+The normalizer of a row is ``(shift, log_s)`` (``norm``, [N, 2]), as in
+``fastalign/reference/logprobs.py``: ``u`` is x without softcap and tanh's value with it, ``z = u *
+factor``, shift is u at the row's largest z (0 where that is not finite) and log p = (u - shift) *
+factor - log_s. A difference of close logits is exact, so the largest probabilities of a row keep
+their precision at any magnitude, where ``z - lse`` with both rounded loses ``|z| * 6e-8``.
 
 Transform, as TRL applies it: ``y = x * logit_scale``; ``y = softcap * tanh(y / softcap)`` when
 ``softcap > 0``; ``z = y / temperature``. The constants are folded on the host in float64 into
@@ -17,14 +23,14 @@ folded constants.
 
 Exponentials in base 2, on w, where z = w * w_scale: w is x itself without softcap (the scale
 is folded into the exponent's constant, and a negative one moved onto the logits by the
-launcher), tanh's value with it. ``exp(z - m)`` is ``exp2(fma(w, w_scale log2 e, -hi) - lo)`` with
-the slot's shift ``max(w) * w_scale log2 e`` split into ``hi + lo`` once per chunk: an FMA, an add
-and one MUFU.EX2 per element, where ``tl.exp`` of z costs a multiply, a subtraction, a multiply,
-a range fix-up and the MUFU. The split keeps it exact where it matters: at the max the argument is
-exactly 0, whatever the magnitude of the logits. The entropy's weighted sum runs over those
-base-2 exponents and turns natural (times ln 2) once per row.
+launcher), tanh's value with it. ``exp(z - m)`` is ``exp2((w - max w) * w_scale log2 e)``: an
+add, a multiply and one MUFU.EX2 per element, where ``tl.exp`` of z costs a multiply, a
+subtraction, a multiply, a range fix-up and the MUFU. The difference is taken before any scaling,
+which keeps it exact where it matters: at the max the argument is exactly 0, and close to it the
+difference of two logits is exact, whatever the magnitude of the logits (up to fp32's limit). The
+entropy's weighted sum runs over those base-2 exponents and turns natural (times ln 2) once per row.
 
-Rows whose label equals ``ignore_index`` give 0 for every output (``is_top1`` False, ``lse`` 0)
+Rows whose label equals ``ignore_index`` give 0 for every output (``is_top1`` False, ``norm`` 0)
 and a zero gradient row; their logits are not read. A label outside ``[0, V)`` that is not
 ``ignore_index`` is never dereferenced: its log-prob is NaN (the other statistics are still the
 row's), and its gradient row is NaN whenever ``grad_logps`` is given (the entropy gradient alone
@@ -78,13 +84,6 @@ def _log2e_split(m):
 
 
 @triton.jit
-def _exp2_shifted(z, hi, lo):
-    """(exp(z - m), its base-2 exponent) for the split of m: at z = m the exponent is exactly 0."""
-    d2 = tl.fma(z, LOG2E, -hi) - lo
-    return tl.exp2(d2), d2
-
-
-@triton.jit
 def _tanh_scaled(a2):
     # tanh(a) from a2 = 2 a log2(e) (the factor rides on the host-folded scale), with
     # E = e^{-2|a|} in (0, 1]: sign(a) (1 - E) / (1 + E), the division as (1 - E) rsqrt((1 + E)^2).
@@ -102,14 +101,20 @@ def _tanh_scaled(a2):
 
 
 @triton.jit
-def _transform(x, in_scale, out_scale, SOFTCAP: tl.constexpr):
-    # Returns z (and tanh's value, which the backward's chain rule needs; x's own z otherwise).
-    if SOFTCAP:
-        t = _tanh_scaled(x * in_scale)
-        return t * out_scale, t
-    else:
-        z = x * in_scale
-        return z, z
+def _store_norm(norm_ptr, row, m_w, log_s):
+    # The shift is 0 where the max is not finite (a row of -inf, or NaN), as the reference's.
+    finite = (m_w > -float("inf")) & (m_w < float("inf"))
+    tl.store(norm_ptr + 2 * row, tl.where(finite, m_w, 0.0))
+    tl.store(norm_ptr + 2 * row + 1, log_s)
+
+
+@triton.jit
+def _log2_prob(u, norm_ptr, row, factor_log2e):
+    """(p, log2 p) of u (x, or tanh's value under softcap) from the row's normalizer:
+    log2 p = (u - shift) * factor log2(e) - log_s log2(e), log_s's product split exactly."""
+    hi, lo = _log2e_split(tl.load(norm_ptr + 2 * row + 1))
+    d2 = tl.fma(u - tl.load(norm_ptr + 2 * row), factor_log2e, -hi) - lo
+    return tl.exp2(d2), d2
 
 
 @triton.jit
@@ -181,10 +186,10 @@ def _fwd_chunk(
     m = m_new
 
     # A slot that is all -inf while m is still -inf must give e = 0, not 2^(-inf + inf) = NaN.
-    hi, lo = _scaled_split(tl.where(m > -float("inf"), m, 0.0), w_log2e)
-    # (w - m) w_log2e as fma(w, w_log2e, -hi) - lo: exactly 0 at the slot's max, whatever the
-    # logits' magnitude.
-    d2 = tl.fma(w, w_log2e, -hi[:, None]) - lo[:, None]
+    m_shift = tl.where(m > -float("inf"), m, 0.0)
+    # (w - m) w_log2e: exactly 0 at the slot's max and exact for logits close to it, whatever the
+    # logits' magnitude (up to fp32's limit: w itself is never scaled, so w log2 e may overflow).
+    d2 = (w - m_shift[:, None]) * w_log2e
     if MASKED:
         # The padding's -inf times a zero scale would be NaN.
         d2 = tl.where(in_vocab, d2, -float("inf"))
@@ -360,7 +365,7 @@ def _fwd_remainder(
 @triton.jit(do_not_specialize=["T", "stride_v", "ignore_index"])
 def _token_logprobs_fwd_kernel(
     logits_ptr, labels_ptr,
-    logps_ptr, lse_ptr, entropy_ptr, log_sum_sq_probs_ptr, mean_logits_ptr, is_top1_ptr,
+    logps_ptr, norm_ptr, entropy_ptr, log_sum_sq_probs_ptr, mean_logits_ptr, is_top1_ptr,
     T, V, stride_b, stride_t, stride_v,
     in_scale, out_scale, ignore_index,
     with_log_sum_sq_probs, with_mean_logits, with_is_top1,
@@ -372,7 +377,8 @@ def _token_logprobs_fwd_kernel(
     label = tl.load(labels_ptr + row)
     if label == ignore_index:
         tl.store(logps_ptr + row, 0.0)
-        tl.store(lse_ptr + row, 0.0)
+        tl.store(norm_ptr + 2 * row, 0.0)
+        tl.store(norm_ptr + 2 * row + 1, 0.0)
         if WITH_ENTROPY:
             tl.store(entropy_ptr + row, 0.0)
         if with_log_sum_sq_probs:
@@ -408,7 +414,7 @@ def _token_logprobs_fwd_kernel(
         with_log_sum_sq_probs, with_mean_logits, with_is_top1, WITH_ENTROPY,
     )
     log_s = tl.log(s)
-    tl.store(lse_ptr + row, m + log_s)
+    _store_norm(norm_ptr, row, m_w, log_s)
 
     in_range = (label >= 0) & (label < V)
     if VOCAB_CONTIGUOUS:
@@ -437,7 +443,7 @@ def _token_logprobs_fwd_kernel(
 
 @triton.jit(do_not_specialize=["T", "stride_v", "ignore_index"])
 def _token_logprobs_bwd_kernel(
-    logits_ptr, labels_ptr, lse_ptr, entropy_ptr, grad_logps_ptr, grad_entropy_ptr, grad_logits_ptr,
+    logits_ptr, labels_ptr, norm_ptr, entropy_ptr, grad_logps_ptr, grad_entropy_ptr, grad_logits_ptr,
     T, V, stride_b, stride_t, stride_v,
     in_scale, out_scale, grad_scale, ignore_index,
     SOFTCAP: tl.constexpr, VOCAB_CONTIGUOUS: tl.constexpr,
@@ -465,9 +471,9 @@ def _token_logprobs_bwd_kernel(
         # The stride can be as large as B * T: index * stride_v in 64 bits.
         ptrs = row_ptr + cols.to(tl.int64) * stride_v
     x = tl.load(ptrs, mask=in_vocab, other=0.0).to(tl.float32)
-    z, t = _transform(x, in_scale, out_scale, SOFTCAP)
-    hi, lo = _log2e_split(tl.load(lse_ptr + row))
-    p, log_p2 = _exp2_shifted(z, hi, lo)
+    # u and its factor: z = u * factor (without softcap the factor is logit_scale / T, any sign).
+    u = _pre_scale(x, in_scale, SOFTCAP)
+    p, log_p2 = _log2_prob(u, norm_ptr, row, _w_scale(in_scale, out_scale, SOFTCAP) * LOG2E)
 
     dz = tl.zeros([BLOCK], dtype=tl.float32)
     if HAS_GRAD_LOGPS:
@@ -483,7 +489,7 @@ def _token_logprobs_bwd_kernel(
         dz -= g_h * p * (tl.maximum(log_p2, -_FLT_MAX) + entropy2)
     # Chain rule back through the transform: dz/dx = (1 - tanh^2) * logit_scale / temperature.
     if SOFTCAP:
-        dz = dz * (1.0 - t * t)
+        dz = dz * (1.0 - u * u)
     dz = dz * grad_scale
     tl.store(out_ptrs, dz.to(grad_logits_ptr.dtype.element_ty), mask=in_vocab)
 
@@ -512,13 +518,13 @@ def _fwd_maxnreg(logits: torch.Tensor) -> int | None:
 
 
 def _forward_operands(logits: torch.Tensor, temperature: float, logit_scale: float, softcap: float):
-    """(logits, in_scale, out_scale) for the forward sweeps, which need a scale of w that is not
-    negative (_pre_scale). Without softcap a negative logit_scale (no model has one, but it is
-    valid) is moved onto the logits: z = (-x) * (-scale) exactly, at the cost of a negated copy."""
+    """(logits, in_scale, out_scale, negated) for the forward sweeps, which need a scale of w that
+    is not negative (_pre_scale). Without softcap a negative logit_scale (no model has one, but it
+    is valid) is moved onto the logits: z = (-x) * (-scale) exactly, at the cost of a negated copy."""
     in_scale, out_scale = _transform_constants(temperature, logit_scale, softcap)
     if softcap == 0.0 and in_scale < 0.0:
-        return logits.neg(), -in_scale, out_scale
-    return logits, in_scale, out_scale
+        return logits.neg(), -in_scale, out_scale, True
+    return logits, in_scale, out_scale, False
 
 
 def _check_inputs(logits: torch.Tensor, labels: torch.Tensor) -> tuple[int, int, int]:
@@ -551,9 +557,10 @@ def token_logprobs_forward(
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
     """Per-token log-probs of ``labels`` under ``logits`` ([B, T, V], any strides, read in place).
 
-    Returns ``(logps, entropy, log_sum_sq_probs, mean_logits, is_top1, lse)``, each of shape
-    ``[B * T]`` (float32; ``is_top1`` bool); an output that was not asked for is an empty tensor
-    of shape ``[0]``. ``softcap == 0`` means no softcap.
+    Returns ``(logps, entropy, log_sum_sq_probs, mean_logits, is_top1, norm)``, each of shape
+    ``[B * T]`` (float32; ``is_top1`` bool; ``norm`` [B * T, 2], the rows' normalizers for the
+    backward); an output that was not asked for is an empty tensor of shape ``[0]``.
+    ``softcap == 0`` means no softcap.
     """
     B, T, V = _check_inputs(logits, labels)
     N = B * T
@@ -562,17 +569,17 @@ def token_logprobs_forward(
     def f32(flag: bool = True) -> torch.Tensor:
         return torch.empty(N if flag else 0, dtype=torch.float32, device=device)
 
-    logps, lse = f32(), f32()
+    logps, norm = f32(), torch.empty((N, 2), dtype=torch.float32, device=device)
     entropy, log_sum_sq_probs, mean_logits = f32(with_entropy), f32(with_log_sum_sq_probs), f32(with_mean_logits)
     is_top1 = torch.empty(N if with_is_top1 else 0, dtype=torch.bool, device=device)
     if N == 0:
-        return logps, entropy, log_sum_sq_probs, mean_logits, is_top1, lse
+        return logps, entropy, log_sum_sq_probs, mean_logits, is_top1, norm
 
-    logits, in_scale, out_scale = _forward_operands(logits, temperature, logit_scale, softcap)
+    logits, in_scale, out_scale, negated = _forward_operands(logits, temperature, logit_scale, softcap)
     stride_b, stride_t, stride_v = logits.stride()
     _token_logprobs_fwd_kernel[(N,)](
         logits, labels,
-        logps, lse, entropy, log_sum_sq_probs, mean_logits, is_top1,
+        logps, norm, entropy, log_sum_sq_probs, mean_logits, is_top1,
         T, V, stride_b, stride_t, stride_v,
         in_scale, out_scale, ignore_index,
         bool(with_log_sum_sq_probs), bool(with_mean_logits), bool(with_is_top1),
@@ -585,7 +592,9 @@ def token_logprobs_forward(
         # Pinned: Triton 3.10 turns FMA contraction off by default.
         enable_fp_fusion=True,
     )
-    return logps, entropy, log_sum_sq_probs, mean_logits, is_top1, lse
+    if negated:  # the kernel saw -x: its max of -x is the shift's negative
+        norm[:, 0].neg_()
+    return logps, entropy, log_sum_sq_probs, mean_logits, is_top1, norm
 
 
 def token_logprobs_backward(
@@ -593,7 +602,7 @@ def token_logprobs_backward(
     grad_entropy: torch.Tensor | None,
     logits: torch.Tensor,
     labels: torch.Tensor,
-    lse: torch.Tensor,
+    norm: torch.Tensor,
     entropy: torch.Tensor | None,
     temperature: float,
     logit_scale: float,
@@ -603,7 +612,7 @@ def token_logprobs_backward(
     """Gradient w.r.t. ``logits`` ([B, T, V], contiguous, ``logits.dtype``) of
     ``sum(grad_logps * logps) + sum(grad_entropy * entropy)``; ``None`` gradients count as zero.
 
-    ``lse`` (and ``entropy`` when ``grad_entropy`` is given) are the forward's outputs.
+    ``norm`` [B * T, 2] (and ``entropy`` when ``grad_entropy`` is given) are the forward's outputs.
     """
     B, T, V = _check_inputs(logits, labels)
     N = B * T
@@ -615,12 +624,14 @@ def token_logprobs_backward(
     if n_blocks > _MAX_GRID_Y:
         raise ValueError(f"vocabulary of {V} entries needs {n_blocks} blocks, more than the grid allows")
 
+    if norm.shape != (N, 2):
+        raise ValueError(f"norm must be the forward's [{N}, 2] normalizer, got {tuple(norm.shape)}")
     has_grad_logps, has_grad_entropy = grad_logps is not None, grad_entropy is not None
-    lse = lse.contiguous()
-    # Unused pointer arguments get lse, which keeps the kernel signature the same in every case.
-    grad_logps = lse if grad_logps is None else grad_logps.to(torch.float32).contiguous()
+    norm = norm.to(torch.float32).contiguous()
+    # Unused pointer arguments get norm, which keeps the kernel signature the same in every case.
+    grad_logps = norm if grad_logps is None else grad_logps.to(torch.float32).contiguous()
     if grad_entropy is None:
-        grad_entropy = entropy = lse
+        grad_entropy = entropy = norm
     else:
         grad_entropy = grad_entropy.to(torch.float32).contiguous()
         entropy = entropy.contiguous()
@@ -628,7 +639,7 @@ def token_logprobs_backward(
     in_scale, out_scale = _transform_constants(temperature, logit_scale, softcap)
     stride_b, stride_t, stride_v = logits.stride()
     _token_logprobs_bwd_kernel[(N, n_blocks)](
-        logits, labels, lse, entropy, grad_logps, grad_entropy, grad_logits,
+        logits, labels, norm, entropy, grad_logps, grad_entropy, grad_logits,
         T, V, stride_b, stride_t, stride_v,
         in_scale, out_scale, logit_scale / temperature, ignore_index,
         SOFTCAP=softcap > 0.0,

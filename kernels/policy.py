@@ -6,7 +6,7 @@ depends on the logits only through each token's log-prob and entropy, so its gra
 written in the forward pass. One program per token row:
 
 1. reads the row once from HBM, folding it into online max / sum-exp / entropy statistics (the
-   chunk math of ``kernels/logprobs.py``), and stores logp, entropy and lse;
+   chunk math of ``kernels/logprobs.py``), and stores logp, entropy and the row normalizer;
 2. turns (logp, old, ref, advantage, w_pg, w_kl) into the coefficient g = d loss / d logp, the
    formula of ``objective_grad``;
 3. reads the row again, now from L2, and writes the gradient once:
@@ -32,8 +32,9 @@ from .logprobs import (
     _fwd_full_chunks,
     _fwd_remainder,
     _pre_scale,
-    _scaled_split,
+    _log2e_split,
     _w_scale,
+    _store_norm,
     _forward_operands,
 )
 from .logprobs import token_logprobs_forward
@@ -129,16 +130,16 @@ def _objective_grad(
 
 @triton.jit
 def _grad_chunk(
-    x, cols, label, hi, lo2, entropy, g, g_h, in_scale, w_log2e, grad_scale,
+    x, cols, label, m, hi, lo2, entropy, g, g_h, in_scale, w_log2e, grad_scale,
     SOFTCAP: tl.constexpr, HAS_GRAD_ENTROPY: tl.constexpr,
 ):
     # The formula of token_logprobs_backward in fastalign/reference/logprobs.py for one chunk, with
     # the exponentials in base 2 and on w, as the first sweep took them (kernels/logprobs.py,
-    # _fwd_chunk): log2 p = fma(w, w_log2e, -hi) - lo2. The caller passes
-    # g_h * ln 2 and the entropy times log2(e), so that p (log p + H) costs nothing for the base
-    # change.
+    # _fwd_chunk): log2 p = (w - m) w_log2e - log2 s, with hi + lo2 = log2 s split exactly. The
+    # caller passes g_h * ln 2 and the entropy times log2(e), so that p (log p + H) costs nothing
+    # for the base change.
     w = _pre_scale(x.to(tl.float32), in_scale, SOFTCAP)
-    log_p = tl.fma(w, w_log2e, -hi) - lo2
+    log_p = tl.fma(w - m, w_log2e, -hi) - lo2
     p = tl.exp2(log_p)
     dz = g * (tl.where(cols == label, 1.0, 0.0) - p)
     if HAS_GRAD_ENTROPY:
@@ -153,7 +154,7 @@ def _grad_chunk(
 
 @triton.jit
 def _grad_remainder_chunk(
-    row_ptr, out_row, j, head, body, V, stride_v, label, hi, lo2, entropy, g, g_h, in_scale, w_log2e,
+    row_ptr, out_row, j, head, body, V, stride_v, label, m, hi, lo2, entropy, g, g_h, in_scale, w_log2e,
     grad_scale, SOFTCAP: tl.constexpr, HAS_GRAD_ENTROPY: tl.constexpr, VOCAB_CONTIGUOUS: tl.constexpr,
 ):
     # Entries j of what the second sweep's chunks left: the tail after them, then the head before.
@@ -164,7 +165,7 @@ def _grad_remainder_chunk(
         x = tl.load(row_ptr + cols, mask=in_vocab, other=0.0)
     else:
         x = tl.load(row_ptr + cols.to(tl.int64) * stride_v, mask=in_vocab, other=0.0)
-    dz = _grad_chunk(x, cols, label, hi, lo2, entropy, g, g_h, in_scale, w_log2e, grad_scale,
+    dz = _grad_chunk(x, cols, label, m, hi, lo2, entropy, g, g_h, in_scale, w_log2e, grad_scale,
                      SOFTCAP, HAS_GRAD_ENTROPY)
     tl.store(out_row + cols, dz.to(out_row.dtype.element_ty), mask=in_vocab)
 
@@ -173,7 +174,7 @@ def _grad_remainder_chunk(
 def _policy_token_kernel(
     logits_ptr, labels_ptr,
     old_ptr, ref_ptr, adv_ptr, w_pg_ptr, w_kl_ptr, grad_entropy_ptr,
-    logps_ptr, entropy_ptr, lse_ptr, grad_logits_ptr,
+    logps_ptr, entropy_ptr, norm_ptr, grad_logits_ptr,
     T, V, stride_b, stride_t, stride_v,
     in_scale, out_scale, grad_scale, ignore_index,
     ratio_low, ratio_high, delta, dual_clip, log_ratio_clamp, tau_pos, tau_neg,
@@ -189,7 +190,8 @@ def _policy_token_kernel(
     if label == ignore_index:
         tl.store(logps_ptr + row, 0.0)
         tl.store(entropy_ptr + row, 0.0)
-        tl.store(lse_ptr + row, 0.0)
+        tl.store(norm_ptr + 2 * row, 0.0)
+        tl.store(norm_ptr + 2 * row + 1, 0.0)
         # The gradient is a fresh contiguous [B, T, V] tensor.
         out_row = grad_logits_ptr + row * V
         cols = tl.arange(0, GRAD_BLOCK)
@@ -242,7 +244,7 @@ def _policy_token_kernel(
     log_s = tl.log(s)
     # The sweep's entropy sum is in units of log2(e) (kernels/logprobs.py).
     entropy = log_s - (h / s) * LN2
-    tl.store(lse_ptr + row, m + log_s)
+    _store_norm(norm_ptr, row, m_w, log_s)
     tl.store(entropy_ptr + row, entropy)
     in_range = (label >= 0) & (label < V)
     if VOCAB_CONTIGUOUS:
@@ -265,11 +267,11 @@ def _policy_token_kernel(
     )
     # A label outside the vocabulary has a NaN log-prob; its gradient row says so too.
     g = tl.where(in_range, g, float("nan"))
-    # The second sweep's scalars, base 2: log2 p = fma(w, w_log2e, -hi) - lo2 with hi + lo the
-    # row's max times w_log2e, split exactly as the first sweep took it, and lo2 = lo + log2 s
-    # (at the row maximum log p stays the forward's -log s).
-    hi, lo = _scaled_split(tl.where(m_w > -float("inf"), m_w, 0.0), w_log2e)
-    lo2 = lo + log_s * LOG2E
+    # The second sweep's scalars, base 2: log2 p = (w - m) w_log2e - (hi + lo2) with m the row's
+    # max of w (0 where that is -inf, as in the first sweep) and hi + lo2 = log s log2(e) split
+    # exactly (at the row maximum log p stays the forward's -log s).
+    m_shift = tl.where(m_w > -float("inf"), m_w, 0.0)
+    hi, lo2 = _log2e_split(log_s)
     entropy2 = entropy * LOG2E
     g_h2 = g_h * LN2
     # In range it fits in 32 bits, and out of range g is NaN whatever the one-hot says.
@@ -296,10 +298,10 @@ def _policy_token_kernel(
     # What the chunks leave, the tail and then the head, first, in a masked chunk (two only when
     # together they pass GRAD_BLOCK).
     if body < V:
-        _grad_remainder_chunk(row_ptr, out_row, cols, head, body, V, stride_v, label32, hi, lo2, entropy2, g, g_h2,
-                              in_scale, w_log2e, grad_scale, SOFTCAP, HAS_GRAD_ENTROPY, VOCAB_CONTIGUOUS)
+        _grad_remainder_chunk(row_ptr, out_row, cols, head, body, V, stride_v, label32, m_shift, hi, lo2, entropy2,
+                              g, g_h2, in_scale, w_log2e, grad_scale, SOFTCAP, HAS_GRAD_ENTROPY, VOCAB_CONTIGUOUS)
     if body + GRAD_BLOCK < V:
-        _grad_remainder_chunk(row_ptr, out_row, GRAD_BLOCK + cols, head, body, V, stride_v, label32, hi, lo2,
+        _grad_remainder_chunk(row_ptr, out_row, GRAD_BLOCK + cols, head, body, V, stride_v, label32, m_shift, hi, lo2,
                               entropy2, g, g_h2, in_scale, w_log2e, grad_scale, SOFTCAP, HAS_GRAD_ENTROPY,
                               VOCAB_CONTIGUOUS)
     if VOCAB_CONTIGUOUS:
@@ -315,15 +317,15 @@ def _policy_token_kernel(
             start = last - i
             x = x_next
             x_next = tl.load(in_ptr + (start - GRAD_BLOCK) + cols, mask=start - GRAD_BLOCK + cols >= 0)
-            dz = _grad_chunk(x, head + start + cols, label32, hi, lo2, entropy2, g, g_h2, in_scale, w_log2e,
-                             grad_scale, SOFTCAP, HAS_GRAD_ENTROPY)
+            dz = _grad_chunk(x, head + start + cols, label32, m_shift, hi, lo2, entropy2, g, g_h2, in_scale,
+                             w_log2e, grad_scale, SOFTCAP, HAS_GRAD_ENTROPY)
             tl.store(out_ptr + start + cols, dz.to(grad_logits_ptr.dtype.element_ty))
     else:
         for i in range(0, body, GRAD_BLOCK):
             start = body - GRAD_BLOCK - i
             x = tl.load(row_ptr + (start + cols).to(tl.int64) * stride_v)
-            dz = _grad_chunk(x, start + cols, label32, hi, lo2, entropy2, g, g_h2, in_scale, w_log2e, grad_scale,
-                             SOFTCAP, HAS_GRAD_ENTROPY)
+            dz = _grad_chunk(x, start + cols, label32, m_shift, hi, lo2, entropy2, g, g_h2, in_scale, w_log2e,
+                             grad_scale, SOFTCAP, HAS_GRAD_ENTROPY)
             tl.store(out_row + start + cols, dz.to(grad_logits_ptr.dtype.element_ty))
 
 
@@ -369,7 +371,7 @@ def policy_token_forward(
     with_grad: bool,
     grad_out: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
-    """``(logps, entropy, grad, lse)`` for logits [B, T, V] (any strides, read in place) and labels [B * T].
+    """``(logps, entropy, grad, norm)`` for logits [B, T, V] (any strides, read in place) and labels [B * T].
 
     ``grad`` ([B, T, V], contiguous, ``logits.dtype``; ``[0]`` without ``with_grad``) is the
     gradient w.r.t. the logits of ``sum(w_pg * surrogate + w_kl * kl) + sum(grad_entropy * entropy)``
@@ -381,10 +383,10 @@ def policy_token_forward(
     writing that chunk's gradient.
     """
     if not with_grad:
-        logps, entropy, _, _, _, lse = token_logprobs_forward(
+        logps, entropy, _, _, _, norm = token_logprobs_forward(
             logits, labels, temperature, logit_scale, softcap, ignore_index, True, False, False, False
         )
-        return logps, entropy, logits.new_empty(0), lse
+        return logps, entropy, logits.new_empty(0), norm
 
     B, T, V = _check_inputs(logits, labels)
     N = B * T
@@ -409,7 +411,7 @@ def policy_token_forward(
 
     logps = torch.empty(N, dtype=torch.float32, device=device)
     entropy = torch.empty(N, dtype=torch.float32, device=device)
-    lse = torch.empty(N, dtype=torch.float32, device=device)
+    norm = torch.empty((N, 2), dtype=torch.float32, device=device)
     if grad_out is None:
         grad = torch.empty((B, T, V), dtype=logits.dtype, device=device)
     elif grad_out.shape != (B, T, V) or grad_out.dtype != logits.dtype or not grad_out.is_contiguous():
@@ -420,7 +422,7 @@ def policy_token_forward(
     else:
         grad = grad_out
     if N == 0:
-        return logps, entropy, grad, lse
+        return logps, entropy, grad, norm
 
     def given(t: torch.Tensor | None) -> torch.Tensor:
         # An absent vector is never read: advantages stands in and keeps the signature fixed.
@@ -428,13 +430,13 @@ def policy_token_forward(
 
     # The second sweep reads the same (possibly negated) logits with the same scale: z is unchanged,
     # and grad_scale is the derivative with respect to the caller's logits.
-    logits, in_scale, out_scale = _forward_operands(logits, temperature, logit_scale, softcap)
+    logits, in_scale, out_scale, negated = _forward_operands(logits, temperature, logit_scale, softcap)
     ratio_low, ratio_high, delta, dual_clip, log_ratio_clamp, tau_pos, tau_neg, straight, bias = map(float, params)
     stride_b, stride_t, stride_v = logits.stride()
     _policy_token_kernel[(N,)](
         logits, labels,
         given(old_logps), given(ref_logps), advantages, w_pg, given(w_kl), given(grad_entropy),
-        logps, entropy, lse, grad,
+        logps, entropy, norm, grad,
         T, V, stride_b, stride_t, stride_v,
         in_scale, out_scale, logit_scale / temperature, ignore_index,
         ratio_low, ratio_high, delta, dual_clip, log_ratio_clamp, tau_pos, tau_neg,
@@ -458,4 +460,6 @@ def policy_token_forward(
         # Pinned: Triton 3.10 turns FMA contraction off by default.
         enable_fp_fusion=True,
     )
-    return logps, entropy, grad, lse
+    if negated:  # the kernel saw -x (kernels/logprobs.py)
+        norm[:, 0].neg_()
+    return logps, entropy, grad, norm

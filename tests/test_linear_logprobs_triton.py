@@ -98,12 +98,12 @@ def oracle_backward(g, g_h, hidden, weight, bias, labels, args, logits_dtype=tor
 
 
 def assert_forward_close(out, truth, labels, valid):
-    logps, entropy, lssp, mean_logits, is_top1, lse = out
-    t_logps, t_entropy, t_lssp, t_mean, t_top1, t_lse = truth
+    logps, entropy, lssp, mean_logits, is_top1, norm = out
+    t_logps, t_entropy, t_lssp, t_mean, t_top1, t_norm = truth
     # The kernels accumulate exact (upcast) inputs in fp32: fp32-level agreement whatever the dtype.
     for name, value, expected in (("logps", logps, t_logps), ("entropy", entropy, t_entropy),
                                   ("log_sum_sq_probs", lssp, t_lssp), ("mean_logits", mean_logits, t_mean),
-                                  ("lse", lse, t_lse)):
+                                  ("norm", norm, t_norm)):
         assert value.dtype == torch.float32, name
         torch.testing.assert_close(value.double(), expected.double(), rtol=2e-5, atol=2e-5, msg=name)
         assert torch.all(value[~valid] == 0), f"{name}: ignored rows are not 0"
@@ -123,7 +123,7 @@ def test_forward_matches_float64(case):
                                                   with_is_top1=True)
     assert_forward_close(out, oracle_forward(hidden, weight, b, labels, args), labels, valid)
 
-    # No optional output: empties, and the same log-probs and lse.
+    # No optional output: empties, and the same log-probs and normalizers.
     bare = kernels().linear_token_logprobs_forward(hidden, weight, b, labels, **args, with_entropy=False,
                                                    with_log_sum_sq_probs=False, with_mean_logits=False,
                                                    with_is_top1=False)

@@ -120,7 +120,7 @@ def test_label_out_of_range_gives_nan_without_reading_out_of_bounds(module):
     logits = torch.randn(1, 3, V)
     labels = torch.tensor([2, V + 5, -100])
     out = module.token_logprobs_forward(logits, labels, 1.0, 1.0, 0.0, -100, True, False, False, False)
-    logps, entropy, lse = out[0], out[1], out[5]
+    logps, entropy, norm = out[0], out[1], out[5]
     assert torch.isfinite(logps[0]) and torch.isnan(logps[1]) and logps[2] == 0
-    grad = module.token_logprobs_backward(torch.ones(3), None, logits, labels, lse, None, 1.0, 1.0, 0.0, -100)
+    grad = module.token_logprobs_backward(torch.ones(3), None, logits, labels, norm, None, 1.0, 1.0, 0.0, -100)
     assert torch.isfinite(grad[0, 0]).all() and torch.isnan(grad[0, 1]).all() and (grad[0, 2] == 0).all()

@@ -108,7 +108,7 @@ def call(fn, logits, inputs, obj, temperature, logit_scale, softcap, with_grad=T
     )
 
 
-NAMES = ("logps", "entropy", "grad", "lse")
+NAMES = ("logps", "entropy", "grad", "norm")
 
 
 def check(obj, dtype=torch.float32, V=37, T=T_FULL, layout="contiguous", with_old=True, with_grad_entropy=False,
@@ -121,7 +121,7 @@ def check(obj, dtype=torch.float32, V=37, T=T_FULL, layout="contiguous", with_ol
     assert got[2].dtype == logits.dtype and got[2].shape == logits.shape and got[2].is_contiguous()
     valid = inputs["labels"] != IGNORE
     assert (got[2][~valid.view(2, T)] == 0).all()
-    for name in ("logps", "entropy", "lse"):
+    for name in ("logps", "entropy", "norm"):
         assert (got[NAMES.index(name)][~valid] == 0).all(), name
     for g, r in zip(got, ref):
         assert g.dtype == r.dtype and g.shape == r.shape
@@ -215,7 +215,7 @@ def test_without_grad_gives_the_same_forward_fields():
     with_grad = call(kernels().policy_token_forward, logits, inputs, obj, 0.7, 1.0, 0.0)
     without = call(kernels().policy_token_forward, logits, inputs, obj, 0.7, 1.0, 0.0, with_grad=False)
     assert without[2].numel() == 0 and without[2].dtype == logits.dtype
-    for name in ("logps", "entropy", "lse"):
+    for name in ("logps", "entropy", "norm"):
         i = NAMES.index(name)
         torch.testing.assert_close(without[i], with_grad[i], rtol=0, atol=0, msg=lambda m: f"{name}: {m}")
 
@@ -247,10 +247,10 @@ def test_label_out_of_range_gives_nan_without_reading_out_of_bounds():
     logits = make_logits(1, 3, V, torch.float32, "contiguous")
     inputs = make_inputs(logits, obj, True, True, 1.0, 1.0, 0.0)
     inputs["labels"] = torch.tensor([2, V + 5, IGNORE], device=DEVICE)
-    logps, entropy, grad, lse = call(kernels().policy_token_forward, logits, inputs, obj, 1.0, 1.0, 0.0)
+    logps, entropy, grad, norm = call(kernels().policy_token_forward, logits, inputs, obj, 1.0, 1.0, 0.0)
     assert torch.isfinite(logps[0]) and torch.isnan(logps[1]) and logps[2] == 0
     # The row's other statistics are still its own.
-    assert torch.isfinite(entropy[:2]).all() and torch.isfinite(lse[:2]).all()
+    assert torch.isfinite(entropy[:2]).all() and torch.isfinite(norm[:2]).all()
     assert torch.isfinite(grad[0, 0]).all() and torch.isnan(grad[0, 1]).all() and (grad[0, 2] == 0).all()
 
 

@@ -175,11 +175,11 @@ def _launcher_calls(module):
             module.token_logprobs_forward(logits, labels, **common, with_entropy=flags[0],
                                           with_log_sum_sq_probs=flags[1], with_mean_logits=flags[2],
                                           with_is_top1=flags[3])
-        lse = torch.zeros(B * T)
+        norm = torch.zeros(B * T, 2)
         for with_logps, with_entropy in itertools.product((False, True), repeat=2):
             module.token_logprobs_backward(torch.ones(B * T) if with_logps else None,
                                            torch.ones(B * T) if with_entropy else None,
-                                           logits, labels, lse, torch.zeros(B * T), **common)
+                                           logits, labels, norm, torch.zeros(B * T), **common)
 
 
 def _policy_launcher_calls(module):
@@ -280,12 +280,12 @@ def _linear_launcher_calls(module):
             module.linear_token_logprobs_forward(hidden, weight, bias, labels, **common, with_entropy=flags[0],
                                                  with_log_sum_sq_probs=flags[1], with_mean_logits=flags[2],
                                                  with_is_top1=flags[3])
-        lse = torch.zeros(N)
+        norm = torch.zeros(N, 2)
         for with_logps, with_entropy in itertools.product((False, True), repeat=2):
             if with_logps or with_entropy:
                 module.linear_token_logprobs_backward(torch.ones(N) if with_logps else None,
                                                       torch.ones(N) if with_entropy else None,
-                                                      hidden, weight, bias, labels, lse, torch.zeros(N), **common)
+                                                      hidden, weight, bias, labels, norm, torch.zeros(N), **common)
 
 
 # Which launcher calls and which offset rules go with a kernels file, by its name.

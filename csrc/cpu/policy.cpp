@@ -116,19 +116,19 @@ struct Vectors {
 template <typename scalar_t, typename acc_t>
 void policy_rows(const at::Tensor& logits, const int64_t* labels, int64_t ignore_index, const Transform<acc_t>& tf,
                  const Objective<acc_t>& ob, const Vectors& in, bool with_grad, at::Tensor& logps_t,
-                 at::Tensor& entropy_t, at::Tensor& lse_t, at::Tensor& grad) {
+                 at::Tensor& entropy_t, at::Tensor& norm_t, at::Tensor& grad) {
   const int64_t T = logits.size(1), V = logits.size(2);
   const int64_t N = logits.size(0) * T;
   const int64_t sb = logits.stride(0), st_ = logits.stride(1), sv = logits.stride(2);
   const scalar_t* base = logits.const_data_ptr<scalar_t>();
   scalar_t* grad_base = with_grad ? grad.mutable_data_ptr<scalar_t>() : nullptr;
-  const bool linear = sv == 1 && !tf.has_softcap() && tf.linear_factor() > 0;
+  const bool in_place = tf.in_place(sv);
   auto data = [](const at::Tensor& t) { return t.numel() ? t.const_data_ptr<acc_t>() : nullptr; };
   const acc_t *old = data(in.old_logps), *ref = data(in.ref_logps), *adv = data(in.advantages),
               *w_pg = data(in.w_pg), *w_kl = data(in.w_kl), *g_entropy = data(in.grad_entropy);
   acc_t* logps = logps_t.mutable_data_ptr<acc_t>();
   acc_t* entropy = entropy_t.mutable_data_ptr<acc_t>();
-  acc_t* lse = lse_t.mutable_data_ptr<acc_t>();
+  acc_t* norm = norm_t.mutable_data_ptr<acc_t>();  // [N, 2]: (max, log s)
 
   at::parallel_for(0, N, row_grain(V), [&](int64_t begin, int64_t end) {
     std::unique_ptr<acc_t[]> buffer(new acc_t[kChunk]);
@@ -141,33 +141,35 @@ void policy_rows(const at::Tensor& logits, const int64_t* labels, int64_t ignore
       const int64_t label = labels[r];
       scalar_t* grad_row = with_grad ? grad_base + r * V : nullptr;
       if (label == ignore_index) {
-        logps[r] = entropy[r] = lse[r] = 0;
+        logps[r] = entropy[r] = norm[2 * r] = norm[2 * r + 1] = 0;
         if (grad_row) std::fill(grad_row, grad_row + V, scalar_t(0));
         continue;
       }
       const scalar_t* row = base + (r / T) * sb + (r % T) * st_;
       if (!grad_row) {
         const RowStats<acc_t> s =
-            forward_row<scalar_t, acc_t, true, false>(row, sv, V, label, tf, linear, false, false, buffer.get());
+            forward_row<scalar_t, acc_t, true, false>(row, sv, V, label, tf, in_place, false, false, buffer.get());
         logps[r] = s.logp;
         entropy[r] = s.entropy;
-        lse[r] = s.lse;
+        norm[2 * r] = tf.stored_shift(s.max_w);
+        norm[2 * r + 1] = s.log_s;
         continue;
       }
-      const RowStats<acc_t> s = forward_row<scalar_t, acc_t, true, false, true>(row, sv, V, label, tf, linear, false,
+      const RowStats<acc_t> s = forward_row<scalar_t, acc_t, true, false, true>(row, sv, V, label, tf, in_place, false,
                                                                                 false, buffer.get(), kept);
       logps[r] = s.logp;
       entropy[r] = s.entropy;
-      lse[r] = s.lse;
+      norm[2 * r] = tf.stored_shift(s.max_w);
+      norm[2 * r + 1] = s.log_s;
       const acc_t g = objective_grad<acc_t>(s.logp, old ? old + r : nullptr, ref ? ref + r : nullptr, adv[r],
                                             w_pg[r], w_kl ? w_kl[r] : acc_t(0), ob);
       const acc_t gh = g_entropy ? g_entropy[r] : acc_t(0);
       if (gh != 0) {
-        backward_row<scalar_t, acc_t, true, true>(row, sv, V, label, tf, linear, g, gh, s.entropy, s.lse, grad_row,
-                                                  buffer.get(), out_buffer.get(), kept);
+        backward_row<scalar_t, acc_t, true, true>(row, sv, V, label, tf, in_place, g, gh, s.entropy, s.max_w,
+                                                  s.log_s, grad_row, buffer.get(), out_buffer.get(), kept);
       } else {
-        backward_row<scalar_t, acc_t, false, true>(row, sv, V, label, tf, linear, g, gh, s.entropy, s.lse,
-                                                   grad_row, buffer.get(), out_buffer.get(), kept);
+        backward_row<scalar_t, acc_t, false, true>(row, sv, V, label, tf, in_place, g, gh, s.entropy, s.max_w,
+                                                   s.log_s, grad_row, buffer.get(), out_buffer.get(), kept);
       }
     }
     stream_fence();
@@ -199,7 +201,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> policy_pass(
   TORCH_CHECK(kl == kNone || (in.ref_logps.numel() && in.w_kl.numel()),
               "policy_token_forward: a KL term needs ref_logps and w_kl");
   const auto opts = logits.options().dtype(acc_type);
-  at::Tensor logps = at::empty({N}, opts), entropy = at::empty({N}, opts), lse = at::empty({N}, opts);
+  at::Tensor logps = at::empty({N}, opts), entropy = at::empty({N}, opts), norm = at::empty({N, 2}, opts);
   at::Tensor grad = !with_grad ? at::empty({0}, logits.options())
                    : in_place    ? logits
                                  : empty_huge_pages(logits.sizes(), logits.options());
@@ -210,9 +212,9 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> policy_pass(
     const Objective<acc_t> ob{surrogate, kl,   p(0), p(1), p(2), p(3), p(4), p(5), p(6),
                               params[7] != 0, params[8] != 0};
     policy_rows<scalar_t, acc_t>(logits, labels.const_data_ptr<int64_t>(), ignore_index, tf, ob, in, with_grad, logps,
-                                 entropy, lse, grad);
+                                 entropy, norm, grad);
   });
-  return {logps, entropy, grad, lse};
+  return {logps, entropy, grad, norm};
 }
 
 std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> policy_token_forward(
@@ -231,10 +233,10 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> policy_token_forward_(
     double temperature, double logit_scale, double softcap, int64_t ignore_index, int64_t surrogate, int64_t kl,
     std::vector<double> params) {
   TORCH_CHECK(logits.is_contiguous(), "policy_token_forward_: logits must be contiguous to take the gradient in place");
-  auto [logps, entropy, grad, lse] = policy_pass(logits, labels, old_logps, ref_logps, advantages, w_pg, w_kl,
+  auto [logps, entropy, grad, norm] = policy_pass(logits, labels, old_logps, ref_logps, advantages, w_pg, w_kl,
                                                  grad_entropy, temperature, logit_scale, softcap, ignore_index,
                                                  surrogate, kl, params, true, true);
-  return {logps, entropy, lse};
+  return {logps, entropy, norm};
 }
 
 }  // namespace

@@ -59,21 +59,30 @@ inline T hmax(const Vectorized<T>& v) {
 }
 
 // The logit transform applied to every logit, in TRL's order:
-// z = softcap * tanh(x * logit_scale / softcap) / temperature   (without softcap: x * scale / T).
+// z = softcap * tanh(x * logit_scale / softcap) / temperature   (without softcap: x * scale / T),
+// taken as z = w * factor with factor >= 0. The passes work on w: w = x (read in place), -x when
+// scale / T is negative, or tanh(x * scale / softcap) with softcap; the row's max is kept in w and
+// each exponent is (w - max w) * factor. The difference of two close logits is exact, so the
+// largest probabilities keep full precision at any magnitude (rounding z = x * k first would
+// shift them by |z| * 6e-8: 6e-4 at |z| = 1e4). factor is split into hi + lo so that the product
+// keeps the accuracy of one rounding (1 / 0.7 rounded to fp32 alone is off by 1e-8 relative).
 template <typename acc_t>
 struct Transform {
   acc_t scale;
   acc_t softcap;  // 0 means no softcap
-  acc_t inv_t;
-  // Without softcap the transform is a multiplication by k = scale / T. When k is positive it
-  // commutes with max, so the passes read the logits in place and apply k with FMAs instead of
-  // staging a transformed copy. k is split into hi + lo so that x * k - m keeps the accuracy of a
-  // single rounding (1 / 0.7 rounded to fp32 alone would shift z by ~1e-6 at |z| ~ 20).
+  acc_t chain;    // dz/dx apart from the tanh term: scale / T
   acc_t factor_hi;
   acc_t factor_lo;
+  bool negate;  // w = -x (no softcap, scale / T < 0)
 
   bool has_softcap() const { return softcap > 0; }
-  acc_t linear_factor() const { return factor_hi; }
+  // Whether a row of element stride `sv` is read in place (w = x) instead of staged.
+  bool in_place(int64_t sv) const { return sv == 1 && !has_softcap() && !negate; }
+  // The row's max in w, as the forward stores it (in x or tanh units: -w when negated).
+  acc_t stored_shift(acc_t max_w) const {
+    return std::isfinite(max_w) ? (negate ? -max_w : max_w) : acc_t(0);
+  }
+  acc_t sweep_shift(acc_t stored) const { return negate ? -stored : stored; }
 };
 
 // Copies n logits (element stride `stride`) into `dst` as acc_t.
@@ -163,50 +172,49 @@ inline void store_from_acc(const acc_t* src, int64_t n, scalar_t* dst, bool stre
   }
 }
 
-// Applies the full transform in place to a staged chunk.
+// Turns a staged chunk of logits into w in place: -x, or tanh(x * scale / softcap).
 template <typename acc_t>
-inline void transform_in_place(acc_t* z, int64_t n, const Transform<acc_t>& tf) {
+inline void sweep_values_in_place(acc_t* w, int64_t n, const Transform<acc_t>& tf) {
   using Vec = Vectorized<acc_t>;
   int64_t i = 0;
   if (tf.has_softcap()) {
-    const Vec scale_over_cap(tf.scale / tf.softcap), cap_over_t(tf.softcap * tf.inv_t);
-    for (; i + Vec::size() <= n; i += Vec::size()) {
-      ((Vec::loadu(z + i) * scale_over_cap).tanh() * cap_over_t).store(z + i);
-    }
-    for (; i < n; ++i) z[i] = std::tanh(z[i] * (tf.scale / tf.softcap)) * (tf.softcap * tf.inv_t);
-  } else {
-    // x * (hi + lo) rounded once; infinities take x * hi (x * lo could be an opposite infinity).
-    const Vec vhi(tf.factor_hi), vlo(tf.factor_lo), vinf(std::numeric_limits<acc_t>::infinity());
-    for (; i + Vec::size() <= n; i += Vec::size()) {
-      const Vec x = Vec::loadu(z + i);
-      Vec::blendv(at::vec::fmadd(x, vhi, x * vlo), x * vhi, x.abs() == vinf).store(z + i);
-    }
-    for (; i < n; ++i) z[i] = std::isinf(z[i]) ? z[i] * tf.factor_hi : std::fma(z[i], tf.factor_hi, z[i] * tf.factor_lo);
+    const Vec scale_over_cap(tf.scale / tf.softcap);
+    for (; i + Vec::size() <= n; i += Vec::size()) (Vec::loadu(w + i) * scale_over_cap).tanh().store(w + i);
+    for (; i < n; ++i) w[i] = std::tanh(w[i] * (tf.scale / tf.softcap));
+  } else if (tf.negate) {
+    const Vec vzero(acc_t(0));
+    for (; i + Vec::size() <= n; i += Vec::size()) (vzero - Vec::loadu(w + i)).store(w + i);
+    for (; i < n; ++i) w[i] = -w[i];
   }
 }
 
-// A chunk of a row, ready for the passes: values x with z = x * (factor + factor_lo).
+// A chunk of a row, ready for the passes: values w with z = w * (factor + factor_lo).
 template <typename acc_t>
 struct ChunkView {
   const acc_t* x;
   acc_t factor;
   acc_t factor_lo;
 
-  // x * factor - shift, rounded once. x = -inf is clamped first: -inf * factor_lo could meet
-  // +inf and give NaN, while the clamped value still yields exp(...) = 0.
-  acc_t shifted(acc_t value, acc_t shift) const {
-    value = std::max(value, std::numeric_limits<acc_t>::lowest());
-    return std::fma(value, factor, std::fma(value, factor_lo, -shift));
+  // (w - shift) * factor = z - z_shift, the product rounded once. The difference is clamped to
+  // the lowest finite value: a -inf one times factor_lo = 0 would be NaN, the clamped one still
+  // yields exp(...) = 0 (NaN stays NaN).
+  acc_t shifted(acc_t w, acc_t shift) const {
+    const acc_t diff = std::max(w - shift, std::numeric_limits<acc_t>::lowest());
+    return std::fma(diff, factor, diff * factor_lo);
+  }
+  // The same minus c, with one rounding less.
+  acc_t shifted_minus(acc_t w, acc_t shift, acc_t c) const {
+    const acc_t diff = std::max(w - shift, std::numeric_limits<acc_t>::lowest());
+    return std::fma(diff, factor, std::fma(diff, factor_lo, -c));
   }
 };
 
-// With a linear transform (`linear`: unit stride, no softcap, positive scale / T) the passes
-// apply the factor themselves: fp32/fp64 logits are read in place, bf16/fp16 are only widened
-// into `buffer`. Otherwise the fully transformed chunk is staged in `buffer`.
+// Read in place (`in_place`: unit stride, w = x) fp32/fp64 logits are used where they lie and
+// bf16/fp16 are only widened into `buffer`; otherwise w is staged in `buffer`.
 template <typename scalar_t, typename acc_t>
 inline ChunkView<acc_t> view_chunk(const scalar_t* row, int64_t stride, int64_t start, int64_t n,
-                                   const Transform<acc_t>& tf, bool linear, acc_t* buffer) {
-  if (linear) {
+                                   const Transform<acc_t>& tf, bool in_place, acc_t* buffer) {
+  if (in_place) {
     if constexpr (std::is_same_v<scalar_t, acc_t>) {
       return {row + start, tf.factor_hi, tf.factor_lo};
     } else {
@@ -215,14 +223,14 @@ inline ChunkView<acc_t> view_chunk(const scalar_t* row, int64_t stride, int64_t 
     }
   }
   load_as_acc<scalar_t, acc_t>(row + start * stride, stride, n, buffer);
-  transform_in_place(buffer, n, tf);
-  return {buffer, acc_t(1), acc_t(0)};
+  sweep_values_in_place(buffer, n, tf);
+  return {buffer, tf.factor_hi, tf.factor_lo};
 }
 
 template <typename acc_t>
 struct SoftmaxState {
-  acc_t m = neg_inf<acc_t>();  // running max of z
-  acc_t s = 0;                 // sum of exp(z - m)
+  acc_t m = neg_inf<acc_t>();  // running max of w
+  acc_t s = 0;                 // sum of exp(z - z(m))
   acc_t xs = 0;                // sum of exp(z - m) * (z - m): entropy without cancellation at |z| ~ 1e4
   acc_t sq = 0;                // sum of exp(z - m)^2
 };
@@ -253,7 +261,7 @@ inline acc_t prefix_max(const acc_t* x, int64_t n) {
   return mx;
 }
 
-// Folds one chunk (z = x * factor, chunk max `cmax` already known and not -inf) into the state.
+// Folds one chunk (z = w * factor, chunk max `cmax` of w already known and not -inf) into the state.
 // KEEP: also stores each e = exp(z - m) into `kept`, for a gradient that follows at once.
 template <typename acc_t, bool ENTROPY, bool SQ, bool KEEP = false>
 inline void fold_chunk(const ChunkView<acc_t>& c, int64_t n, acc_t cmax, SoftmaxState<acc_t>& st,
@@ -261,7 +269,7 @@ inline void fold_chunk(const ChunkView<acc_t>& c, int64_t n, acc_t cmax, Softmax
   using Vec = Vectorized<acc_t>;
   if (!(cmax <= st.m)) {  // a new maximum, or NaN
     if (st.s > 0) {
-      const acc_t shift = st.m - cmax;
+      const acc_t shift = c.shifted(st.m, cmax);
       const acc_t r = std::exp(shift);
       if constexpr (ENTROPY) st.xs = r * (st.xs + shift * st.s);
       if constexpr (SQ) st.sq *= r * r;
@@ -269,12 +277,12 @@ inline void fold_chunk(const ChunkView<acc_t>& c, int64_t n, acc_t cmax, Softmax
     }
     st.m = cmax;
   }
-  const Vec vk(c.factor), vk_lo(c.factor_lo), vneg_m(-st.m), vlowest(std::numeric_limits<acc_t>::lowest());
+  const Vec vk(c.factor), vk_lo(c.factor_lo), vm(st.m), vlowest(std::numeric_limits<acc_t>::lowest());
   Vec vs(acc_t(0)), vxs(acc_t(0)), vsq(acc_t(0));
   int64_t i = 0;
   for (; i + Vec::size() <= n; i += Vec::size()) {
-    const Vec x = at::vec::maximum(Vec::loadu(c.x + i), vlowest);
-    const Vec d = at::vec::fmadd(x, vk, at::vec::fmadd(x, vk_lo, vneg_m));
+    const Vec diff = at::vec::maximum(Vec::loadu(c.x + i) - vm, vlowest);
+    const Vec d = at::vec::fmadd(diff, vk, diff * vk_lo);
     const Vec e = d.exp();
     if constexpr (KEEP) e.store(kept + i);
     vs += e;
@@ -298,46 +306,44 @@ inline void fold_chunk(const ChunkView<acc_t>& c, int64_t n, acc_t cmax, Softmax
 
 template <typename acc_t>
 struct RowStats {
-  acc_t logp = 0, lse = 0, entropy = 0, log_sum_sq = 0, mean = 0;
+  acc_t logp = 0, max_w = 0, log_s = 0, entropy = 0, log_sum_sq = 0, mean = 0;
   bool top1 = false;
 };
 
-// What a forward pass keeps for a gradient computed right after it: e_j = exp(z_j - m_c) for every
-// logit (V values) and the shift m_c its chunk used, so that p_j = e_j * exp(m_c - lse) costs a
-// multiply instead of a second exp.
+// What a forward pass keeps for a gradient computed right after it: e_j = exp(z_j - z(m_c)) for
+// every logit (V values) and the shift m_c (in w) its chunk used, so that
+// p_j = e_j * exp(z(m_c) - z(m) - log s) costs a multiply instead of a second exp.
 template <typename acc_t>
 struct KeptExp {
   acc_t* e;        // V values
   acc_t* shift;    // one per chunk; -inf for a chunk of -inf logits (its e are 0)
 };
 
-// One pass over a row (V logits, element stride sv): log p(label), logsumexp, and the fields
-// asked for. `buffer` holds kChunk acc_t values. KEEP fills `kept` (see KeptExp).
+// One pass over a row (V logits, element stride sv): log p(label), the normalizer (max of w and
+// log s), and the fields asked for. `buffer` holds kChunk acc_t values. KEEP fills `kept` (see KeptExp).
 template <typename scalar_t, typename acc_t, bool ENTROPY, bool SQ, bool KEEP = false>
 inline RowStats<acc_t> forward_row(const scalar_t* row, int64_t sv, int64_t V, int64_t label,
-                                   const Transform<acc_t>& tf, bool linear, bool want_mean, bool want_top1,
+                                   const Transform<acc_t>& tf, bool in_place, bool want_mean, bool want_top1,
                                    acc_t* buffer, KeptExp<acc_t> kept = {nullptr, nullptr}) {
   SoftmaxState<acc_t> state;
   acc_t z_sum = 0, max_before_label = neg_inf<acc_t>();
-  // The label's logit as read (x) with its chunk's factors, so logp = x * k - lse rounds once.
-  acc_t x_label = 0, k_label = 0, k_label_lo = 0;
+  acc_t w_label = 0;  // in w, like the max
+  ChunkView<acc_t> label_chunk{nullptr, tf.factor_hi, tf.factor_lo};
   for (int64_t start = 0; start < V; start += kChunk) {
     const int64_t n = std::min(kChunk, V - start);
-    const ChunkView<acc_t> c = view_chunk<scalar_t, acc_t>(row, sv, start, n, tf, linear, buffer);
+    const ChunkView<acc_t> c = view_chunk<scalar_t, acc_t>(row, sv, start, n, tf, in_place, buffer);
     acc_t cmax, csum;
     if (want_mean) {
       std::tie(cmax, csum) = max_and_sum<acc_t, true>(c.x, n);
-      z_sum += csum * c.factor;
+      z_sum += csum;
     } else {
       cmax = max_and_sum<acc_t, false>(c.x, n).first;
     }
-    cmax *= c.factor;
     if (label >= start && label < start + n) {
-      x_label = c.x[label - start];
-      k_label = c.factor;
-      k_label_lo = c.factor_lo;
+      w_label = c.x[label - start];
+      label_chunk = c;
       // argmax takes the first maximum: a tie with an earlier token is not a top-1 hit.
-      if (want_top1) max_before_label = nan_max(state.m, prefix_max(c.x, label - start) * c.factor);
+      if (want_top1) max_before_label = nan_max(state.m, prefix_max(c.x, label - start));
     }
     if (cmax == neg_inf<acc_t>()) {  // an all -inf chunk adds nothing
       if constexpr (KEEP) {
@@ -351,35 +357,36 @@ inline RowStats<acc_t> forward_row(const scalar_t* row, int64_t sv, int64_t V, i
   }
   RowStats<acc_t> out;
   const acc_t log_s = std::log(state.s);
-  out.lse = state.m + log_s;
-  // (z - m) - log s, with z - m taken as the sums' exponents were (x * k - m rounded once): at the
-  // row maximum it is the same tiny residual of m's rounding that the maximum's exponential
-  // carries, so the log-prob of the only finite entry is 0, not that residual. An infinite label
-  // logit takes x * k alone: x * k_lo is -inf * 0 = NaN when k is exact.
-  const acc_t z_minus_m = std::isinf(x_label) ? x_label * k_label - state.m
-                                              : std::fma(x_label, k_label, std::fma(x_label, k_label_lo, -state.m));
-  out.logp = z_minus_m - log_s;
+  out.max_w = state.m;
+  out.log_s = log_s;
+  // (z - max z) - log s, with z - max z taken as the sums' exponents were: 0 at the maximum. A
+  // label logit of -inf gives -inf (the clamped difference would give a huge finite number).
+  const acc_t diff = w_label - state.m;
+  out.logp = (diff == neg_inf<acc_t>() ? diff * tf.factor_hi : label_chunk.shifted(w_label, state.m)) - log_s;
   if constexpr (ENTROPY) out.entropy = log_s - state.xs / state.s;
   if constexpr (SQ) out.log_sum_sq = std::log(state.sq) - 2 * log_s;
-  out.mean = z_sum / static_cast<acc_t>(V);
-  const acc_t z_label = x_label * k_label;
-  out.top1 = z_label >= state.m && z_label > max_before_label;
+  out.mean = z_sum * tf.factor_hi / static_cast<acc_t>(V);
+  out.top1 = w_label >= state.m && w_label > max_before_label;
   return out;
 }
 
 // Writes d/dx of  g * logp_label + gh * H  for one row into grad_row (contiguous, V values):
 // dz_j = g * (1[j = label] - p_j) - gH * p_j * (log p_j + H), then back through the transform:
 // * scale / T, times (1 - tanh^2) under softcap. `buffer` and `out_buffer` hold kChunk values.
-// KEPT: p_j = e_j * exp(m_c - lse) from the exps a KEEP forward stored in `kept`, a multiply
-// instead of an exp; the logits are then read only where the formula needs them (entropy
-// gradient, softcap). Otherwise p_j = exp(z_j - lse) from the logits.
+// The row's normalizer is (max_w, log_s) as forward_row found it: log p_j = (w_j - max_w) * factor
+// - log_s. KEPT: p_j = e_j * exp(z(m_c) - z(max_w) - log_s) from the exps a KEEP forward stored in
+// `kept`, a multiply instead of an exp; the logits are then read only where the formula needs them
+// (entropy gradient, softcap). Otherwise p_j = exp(log p_j) from the logits.
 template <typename scalar_t, typename acc_t, bool ENTROPY_GRAD, bool KEPT = false>
 inline void backward_row(const scalar_t* row, int64_t sv, int64_t V, int64_t label, const Transform<acc_t>& tf,
-                         bool linear, acc_t g, acc_t gh, acc_t h, acc_t lse, scalar_t* grad_row, acc_t* buffer,
-                         acc_t* out_buffer, KeptExp<acc_t> kept = {nullptr, nullptr}) {
+                         bool in_place, acc_t g, acc_t gh, acc_t h, acc_t max_w, acc_t log_s, scalar_t* grad_row,
+                         acc_t* buffer, acc_t* out_buffer, KeptExp<acc_t> kept = {nullptr, nullptr}) {
   using Vec = Vectorized<acc_t>;
-  const acc_t chain = tf.linear_factor();
-  const acc_t inv_cap_t = tf.has_softcap() ? acc_t(1) / (tf.softcap * tf.inv_t) : acc_t(0);
+  if (!(log_s > neg_inf<acc_t>())) {  // no finite logit, or NaN: a NaN log-prob, a NaN gradient
+    std::fill(grad_row, grad_row + V, static_cast<scalar_t>(std::numeric_limits<acc_t>::quiet_NaN()));
+    return;
+  }
+  const acc_t chain = tf.chain;
   const bool need_x = !KEPT || ENTROPY_GRAD || tf.has_softcap();
   alignas(64) acc_t lanes[Vec::size()];
   // Chunks start at multiples of kChunk, so an aligned row keeps every vector store aligned.
@@ -391,25 +398,25 @@ inline void backward_row(const scalar_t* row, int64_t sv, int64_t V, int64_t lab
     const acc_t t = std::tanh(static_cast<acc_t>(row[label * sv]) * (tf.scale / tf.softcap));
     label_term *= (1 - t * t);
   }
-  const Vec vg(g), vgh(gh), vh(h), vneg_lse(-lse), vzero(acc_t(0)), vchain(chain), vone(acc_t(1)),
-      vinv_cap_t(inv_cap_t), vlowest(std::numeric_limits<acc_t>::lowest());
+  const Vec vg(g), vgh(gh), vh(h), vm(max_w), vneg_log_s(-log_s), vzero(acc_t(0)), vchain(chain), vone(acc_t(1)),
+      vlowest(std::numeric_limits<acc_t>::lowest());
   for (int64_t start = 0; start < V; start += kChunk) {
     const int64_t n = std::min(kChunk, V - start);
-    ChunkView<acc_t> c{nullptr, acc_t(1), acc_t(0)};
-    if (need_x) c = view_chunk<scalar_t, acc_t>(row, sv, start, n, tf, linear, buffer);
+    ChunkView<acc_t> c{nullptr, tf.factor_hi, tf.factor_lo};
+    if (need_x) c = view_chunk<scalar_t, acc_t>(row, sv, start, n, tf, in_place, buffer);
     acc_t* dz = std::is_same_v<scalar_t, acc_t> ? reinterpret_cast<acc_t*>(grad_row + start) : out_buffer;
     const bool stream_dz = stream && std::is_same_v<scalar_t, acc_t>;
     const int64_t label_at = label - start;  // the label's offset in this chunk, if it is here
     const acc_t* e = KEPT ? kept.e + start : nullptr;
-    const acc_t scale = KEPT ? std::exp(kept.shift[start / kChunk] - lse) : acc_t(0);
+    const acc_t scale = KEPT ? std::exp(c.shifted_minus(kept.shift[start / kChunk], max_w, log_s)) : acc_t(0);
     const Vec vk(c.factor), vk_lo(c.factor_lo), vscale(scale);
     int64_t i = 0;
     for (; i + Vec::size() <= n; i += Vec::size()) {
       Vec raw, logp, p;
       if (need_x) {
         raw = Vec::loadu(c.x + i);
-        const Vec x = at::vec::maximum(raw, vlowest);
-        logp = at::vec::fmadd(x, vk, at::vec::fmadd(x, vk_lo, vneg_lse));
+        const Vec diff = at::vec::maximum(raw - vm, vlowest);
+        logp = at::vec::fmadd(diff, vk, at::vec::fmadd(diff, vk_lo, vneg_log_s));
       }
       if constexpr (KEPT) {
         p = Vec::loadu(e + i) * vscale;
@@ -424,8 +431,7 @@ inline void backward_row(const scalar_t* row, int64_t sv, int64_t V, int64_t lab
         d = p * vg;
       }
       if (tf.has_softcap()) {
-        const Vec t = raw * vk * vinv_cap_t;
-        d = (vzero - d) * vchain * (vone - t * t);
+        d = (vzero - d) * vchain * (vone - raw * raw);  // raw is tanh's value
       } else {
         d = (vzero - d) * vchain;
       }
@@ -437,14 +443,11 @@ inline void backward_row(const scalar_t* row, int64_t sv, int64_t V, int64_t lab
       store_vec(dz + i, d, stream_dz);
     }
     for (; i < n; ++i) {
-      const acc_t logp = need_x ? c.shifted(c.x[i], lse) : acc_t(0);
+      const acc_t logp = need_x ? c.shifted_minus(c.x[i], max_w, log_s) : acc_t(0);
       const acc_t p = KEPT ? e[i] * scale : std::exp(logp);
       acc_t d = ENTROPY_GRAD ? (p == 0 ? acc_t(0) : p * (g + gh * (logp + h))) : p * g;
       d = -d * chain;
-      if (tf.has_softcap()) {
-        const acc_t t = c.x[i] * c.factor * inv_cap_t;
-        d *= (1 - t * t);
-      }
+      if (tf.has_softcap()) d *= (1 - c.x[i] * c.x[i]);
       dz[i] = i == label_at ? d + label_term : d;
     }
     if constexpr (!std::is_same_v<scalar_t, acc_t>) {
@@ -456,9 +459,11 @@ inline void backward_row(const scalar_t* row, int64_t sv, int64_t V, int64_t lab
 template <typename acc_t>
 Transform<acc_t> make_transform(double temperature, double logit_scale, double softcap) {
   const double k = logit_scale / temperature;
-  const acc_t hi = static_cast<acc_t>(k);
-  const acc_t lo = std::is_same_v<acc_t, double> ? acc_t(0) : static_cast<acc_t>(k - static_cast<double>(hi));
-  return {static_cast<acc_t>(logit_scale), static_cast<acc_t>(softcap), static_cast<acc_t>(1.0 / temperature), hi, lo};
+  const bool negate = !(softcap > 0) && k < 0;
+  const double factor = softcap > 0 ? softcap / temperature : std::abs(k);
+  const acc_t hi = static_cast<acc_t>(factor);
+  const acc_t lo = std::is_same_v<acc_t, double> ? acc_t(0) : static_cast<acc_t>(factor - static_cast<double>(hi));
+  return {static_cast<acc_t>(logit_scale), static_cast<acc_t>(softcap), static_cast<acc_t>(k), hi, lo, negate};
 }
 
 // Checks of the op contract: logits [B, T, V] on CPU, labels [B*T] int64 in range.

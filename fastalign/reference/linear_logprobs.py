@@ -4,7 +4,7 @@
 
     linear_token_logprobs_forward(hidden [N, H], weight [V, H], bias [V] or [0], labels [N], ...)
         -> the six outputs of token_logprobs_forward
-    linear_token_logprobs_backward(grad_logps, grad_entropy, hidden, weight, bias, labels, lse, entropy, ...)
+    linear_token_logprobs_backward(grad_logps, grad_entropy, hidden, weight, bias, labels, norm, entropy, ...)
         -> (grad_hidden [N, H], grad_weight [V, H], grad_bias [V] or [0])
 """
 
@@ -33,13 +33,13 @@ def linear_token_logprobs_forward(
 
 
 def linear_token_logprobs_backward(
-    grad_logps, grad_entropy, hidden, weight, bias, labels, lse, entropy, temperature, logit_scale, softcap,
+    grad_logps, grad_entropy, hidden, weight, bias, labels, norm, entropy, temperature, logit_scale, softcap,
     ignore_index, need_hidden=True, need_weight=True,
 ):
     """(grad_hidden, grad_weight, grad_bias); the ones not needed come back as [0], uncomputed."""
     logits = lm_head_logits(hidden, weight, bias).unsqueeze(0)
     grad_logits = token_reference.token_logprobs_backward(
-        grad_logps, grad_entropy, logits, labels, lse, entropy, temperature, logit_scale, softcap, ignore_index
+        grad_logps, grad_entropy, logits, labels, norm, entropy, temperature, logit_scale, softcap, ignore_index
     )[0]
     acc = torch.float64 if hidden.dtype == torch.float64 else torch.float32
     g = grad_logits.to(acc)
@@ -55,21 +55,21 @@ def linear_policy_token_forward(
     need_hidden=True, need_weight=True,
 ):
     """`policy_token_forward` on hidden @ weight.T + bias: (logps, entropy, grad_hidden,
-    grad_weight, grad_bias, lse), the gradients of the policy objective ([0] without with_grad, or
+    grad_weight, grad_bias, norm), the gradients of the policy objective ([0] without with_grad, or
     without need_hidden / need_weight)."""
     from .policy import policy_token_forward
 
     logits = lm_head_logits(hidden, weight, bias).unsqueeze(0)
-    logps, entropy, grad_logits, lse = policy_token_forward(
+    logps, entropy, grad_logits, norm = policy_token_forward(
         logits, labels, old_logps, ref_logps, advantages, w_pg, w_kl, grad_entropy,
         temperature, logit_scale, softcap, ignore_index, surrogate_id, kl_id, params, with_grad,
     )
     if not with_grad:
         empty = hidden.new_empty(0)
-        return logps, entropy, empty, empty, empty, lse
+        return logps, entropy, empty, empty, empty, norm
     acc = torch.float64 if hidden.dtype == torch.float64 else torch.float32
     g = grad_logits[0].to(acc)
     grad_hidden = (g @ weight.to(acc)).to(hidden.dtype) if need_hidden else hidden.new_empty(0)
     grad_weight = (g.t() @ hidden.to(acc)).to(weight.dtype) if need_weight else weight.new_empty(0)
     grad_bias = g.sum(0).to(bias.dtype) if bias.numel() and need_weight else bias.new_empty(0)
-    return logps, entropy, grad_hidden, grad_weight, grad_bias, lse
+    return logps, entropy, grad_hidden, grad_weight, grad_bias, norm

@@ -285,17 +285,17 @@ def policy_token_forward(
     logits, labels, old_logps, ref_logps, advantages, w_pg, w_kl, grad_entropy,
     temperature, logit_scale, softcap, ignore_index, surrogate_id, kl_id, params, with_grad,
 ):
-    """(logps, entropy, grad w.r.t. logits or [0], lse): one pass over each row in the kernels.
+    """(logps, entropy, grad w.r.t. logits or [0], norm): one pass over each row in the kernels.
 
     grad = d/dlogits of  sum(w_pg * surrogate + w_kl * kl) + sum(grad_entropy * entropy)."""
     from ..token_objective import KL_ESTIMATORS, SURROGATES
     from .logprobs import token_logprobs_backward, token_logprobs_forward
 
-    logps, entropy, _, _, _, lse = token_logprobs_forward(
+    logps, entropy, _, _, _, norm = token_logprobs_forward(
         logits, labels, temperature, logit_scale, softcap, ignore_index, True, False, False, False
     )
     if not with_grad:
-        return logps, entropy, logits.new_empty(0), lse
+        return logps, entropy, logits.new_empty(0), norm
     obj = TokenObjective(
         SURROGATES[surrogate_id], *params[:7], kl=KL_ESTIMATORS[kl_id],
         kl_straight_through=bool(params[7]), kl_bias_correction=bool(params[8]),
@@ -308,9 +308,9 @@ def policy_token_forward(
     g = objective_grad(logps, present(old_logps), present(ref_logps), advantages, obj, w_pg, present(w_kl))
     g = torch.where(valid, g, 0.0)
     grad = token_logprobs_backward(
-        g, present(grad_entropy), logits, labels, lse, entropy, temperature, logit_scale, softcap, ignore_index
+        g, present(grad_entropy), logits, labels, norm, entropy, temperature, logit_scale, softcap, ignore_index
     )
-    return logps, entropy, grad, lse
+    return logps, entropy, grad, norm
 
 
 def clipped_value_loss(
