@@ -46,7 +46,7 @@ def _plain_fields(x: torch.Tensor, labels: torch.Tensor, transform: dict) -> tup
     return logps, entropy
 
 
-MASK_KINDS = ("ones", "padded", "holes", "empty_row", "empty")
+MASK_KINDS = ("ones", "padded", "holes", "empty_row", "padded", "holes", "empty")
 
 
 def _mask(draw, g: torch.Generator, B: int, T: int, kinds=MASK_KINDS) -> torch.Tensor:
@@ -68,15 +68,16 @@ def _mask(draw, g: torch.Generator, B: int, T: int, kinds=MASK_KINDS) -> torch.T
     return m.to(draw(st.sampled_from([torch.bool, torch.int64, torch.float32]))).to(DEVICE)
 
 
-def _close_to_truth(value, truth, name, rtol=1e-6):
+def _close_to_truth(value, truth, name, rtol=1e-6, terms=0.0):
     """Two float64 computations of the same quantity that differ in method (and, for per-token
-    inputs the op rounds to fp32, by that rounding): equal NaN pattern, close elsewhere."""
+    inputs the op rounds to fp32, by that rounding): equal NaN pattern, close elsewhere, relative
+    to the result or to `terms`, the size of what it sums."""
     value, truth = value.detach().double(), truth.detach().double()
     assert torch.equal(torch.isnan(value), torch.isnan(truth)), f"{name}: NaN at different positions"
     finite = torch.isfinite(truth)
     assert torch.equal(value[~finite & ~torch.isnan(truth)], truth[~finite & ~torch.isnan(truth)]), name
     if finite.any():
-        scale = float(truth[finite].abs().max())
+        scale = max(float(truth[finite].abs().max()), terms)
         err = float((value - truth)[finite].abs().max())
         assert err <= rtol * (1.0 + scale), f"{name}: {err:.3g} apart (scale {scale:.3g})"
 
@@ -97,7 +98,7 @@ AGG_MODES = ("token-mean", "token-sum", "seq-mean-token-mean", "seq-mean-token-s
 @st.composite
 def ppo_cases(draw):
     B = draw(st.integers(1, 3))
-    T = draw(st.integers(1, 6))
+    T = draw(st.sampled_from([1, 2, 3, 4, 5, 6, 0]))
     V = draw(st.sampled_from([1, 2, 7, 33, 130]))
     dtype = draw(st.sampled_from([torch.float32, torch.bfloat16]))
     g = _generator(draw(st.integers(0, 2**16)))
@@ -342,15 +343,21 @@ def test_ppo_loss_metrics_and_gradients_match_float64_truth_on_every_backend(cas
     inputs, labels, mask, adv, old, ref, options, extra, value = case
     truth, truth_grads = _run_ppo(*case, "reference", to=torch.float64)
     plain, plain_grads, upstream = _run_ppo_plain(*case)
-    _close_to_truth(plain.loss, truth.loss, "float64 loss: reference backend vs plain autograd")
+    magnitude = _ppo_magnitudes(*case)
+    # From logits the per-token inputs and weights are fp32 even for fp64 logits, so the two float64
+    # computations differ by that rounding, relative to the size of the terms summed.
+    _close_to_truth(plain.loss, truth.loss, "float64 loss: reference backend vs plain autograd",
+                    terms=magnitude["loss"])
     if torch.isfinite(truth.loss):  # verl's seq-mean modes over a batch without a counted token: 0/0
         for name in truth_grads:
-            _close_to_truth(plain_grads[name], truth_grads[name], f"float64 grad {name}: reference vs plain autograd")
+            _close_to_truth(plain_grads[name], truth_grads[name], f"float64 grad {name}: reference vs plain autograd",
+                            terms=_term_scale(name, inputs, upstream, options["transform"]))
     ref_out, ref_grads = _run_ppo(*case, "reference")
-    magnitude = _ppo_magnitudes(*case)
     slack = 16.0 if "hidden" in inputs else 4.0
     counted = mask != 0
     for backend in BACKENDS:
+        if backend != "reference" and labels.numel() == 0 and options["kl_coef"] and "logits" in inputs:
+            continue  # see test_policy_losses_with_a_kl_term_take_completions_of_no_token
         out, grads = _run_ppo(*case, backend)
         _assert_aggregate(out.loss, ref_out.loss, truth.loss, magnitude["loss"], f"{backend} loss", slack)
         assert set(out.metrics) == set(truth.metrics), backend
@@ -375,6 +382,31 @@ def test_ppo_loss_metrics_and_gradients_match_float64_truth_on_every_backend(cas
             assert (grads["vpreds"][~vmask] == 0).all(), backend
 
 
+EMPTY_KL_DEFECT = pytest.mark.xfail(strict=True, reason=(
+    "the fused policy pass marks an absent per-token vector by [0], so with no token at all (T = 0) a present "
+    "ref_logps looks absent: the C++ and Triton kernels raise 'a KL term needs ref_logps and w_kl' where the "
+    "loss is 0"))
+
+
+@pytest.mark.parametrize("backend", [b if b == "reference" else pytest.param(b, marks=EMPTY_KL_DEFECT)
+                                     for b in BACKENDS])
+@pytest.mark.parametrize("loss", ["ppo", "grpo"])
+def test_policy_losses_with_a_kl_term_take_completions_of_no_token(backend, loss):
+    # A batch of completions of length 0 (a [B, 0] slice of a padded batch) gives a loss of 0 and
+    # an empty gradient, with or without the KL term.
+    logits = torch.zeros(1, 0, 2, device=DEVICE, requires_grad=True)
+    common = dict(completion_mask=torch.ones(1, 0, device=DEVICE), advantages=torch.zeros(1, device=DEVICE),
+                  ref_logps=torch.zeros(1, 0, device=DEVICE))
+    labels = torch.zeros(1, 0, dtype=torch.long, device=DEVICE)
+    with fastalign.use_backend(backend):
+        if loss == "ppo":
+            out = fastalign.ppo_loss(logits, labels, kl_coef=0.1, **common)
+        else:
+            out = fastalign.grpo_loss(logits, labels, beta=0.1, loss_type="grpo", **common)
+        (grad,) = torch.autograd.grad(out.loss, logits)
+    assert out.loss == 0 and grad.shape == logits.shape
+
+
 @st.composite
 def padded_logps_cases(draw):
     """Per-token log-probs as TRL's and verl's trainers hand them to the loss ([B, T] over the
@@ -393,7 +425,7 @@ def padded_logps_cases(draw):
     return logps, entropies, mask, old, ref, adv, pad
 
 
-@settings(max_examples=30)
+@settings(max_examples=60)
 @given(case=padded_logps_cases(), convention=st.sampled_from(["verl", "trl"]),
        kl_estimator=st.sampled_from(["k1", "k3", "low_var_kl", "k2"]), dtype=st.sampled_from([torch.float32,
                                                                                                torch.float64]))
@@ -431,7 +463,7 @@ def test_ppo_from_logps_ignores_whatever_padding_holds(case, convention, kl_esti
 def rloo_cases(draw):
     groups = draw(st.integers(1, 2))
     G = draw(st.sampled_from([1, 2, 3]))
-    B, T = groups * G, draw(st.integers(1, 5))
+    B, T = groups * G, draw(st.sampled_from([1, 2, 3, 5, 0]))
     V = draw(st.sampled_from([1, 2, 7, 33, 130]))
     dtype = draw(st.sampled_from([torch.float32, torch.bfloat16]))
     g = _generator(draw(st.integers(0, 2**16)))
@@ -543,7 +575,7 @@ def sequence_batches(draw, rows_per_example=1):
     """Logits [R, T, V] and the label layout of TRL's collators: per row a prompt, a completion and
     right padding, any of them possibly empty; R = B (KTO) or 2B, chosen rows then rejected."""
     B = draw(st.integers(1, 3))
-    R, T = B * rows_per_example, draw(st.integers(1, 6))
+    R, T = B * rows_per_example, draw(st.sampled_from([1, 2, 3, 4, 5, 6, 0]))
     V = draw(st.sampled_from([1, 2, 7, 33, 130]))
     dtype = draw(st.sampled_from([torch.float32, torch.bfloat16]))
     g = _generator(draw(st.integers(0, 2**16)))
@@ -654,7 +686,7 @@ def test_cpo_family_from_logits_matches_float64_truth_on_every_backend(batch, op
     (plain_grad,) = torch.autograd.grad(token, x64, upstream)
     means = _transformed(logits.double(), {}).mean(-1)
     plain.metrics.update(_completion_logits(means, in_completion))
-    plain = (plain, plain_grad, loss_scale, float(upstream.abs().max()))
+    plain = (plain, plain_grad, loss_scale, float(upstream.abs().max()) if upstream.numel() else 0.0)
     _check_sequence_loss(run, logits, in_completion, plain, options["loss_type"],
                          _sequence_metric_scale(token, in_completion, beta))
 
@@ -714,7 +746,7 @@ def test_kto_from_logits_matches_float64_truth_on_every_backend(batch, loss_type
         "logits/rejected": torch.where(counted & ~good, means, 0.0).sum() / (counted & ~good).sum(),
     })
     ent_scale = float(torch.where(counted, 1 + entropy.abs(), 0.0).sum() / counted.sum().clamp(min=1))
-    plain = (plain, plain_grad, loss_scale, float(upstream.abs().max()))
+    plain = (plain, plain_grad, loss_scale, float(upstream.abs().max()) if upstream.numel() else 0.0)
     _check_sequence_loss(run, logits, in_completion, plain, loss_type,
                          _sequence_metric_scale(token, in_completion, beta), {"entropy": ent_scale})
 
@@ -727,6 +759,13 @@ def test_orpo_from_logits_matches_float64_truth_on_every_backend(batch, beta, at
     # the odds ratio over the completion tokens, from one pass; padding either masked by
     # attention_mask or labelled -100.
     logits, ids, in_completion, attended, _ = batch
+    # A completion the policy is near certain of, whose log-probs round to exactly 0 (in fp32, or
+    # even in fp64), has infinite odds: test_orpo_with_a_near_certain_completion_in_fp32 pins that.
+    if logits.shape[-1] > 1:
+        with fastalign.use_backend("reference"):
+            rounded = [torch.where(in_completion, fastalign.token_logprobs(logits.to(dtype), ids).logps, 0.0).sum(-1)
+                       for dtype in (torch.float32, torch.float64)]
+        hypothesis.assume(not any(((r == 0) & in_completion.any(-1)).any() for r in rounded))
     if attention == "none":
         labels, attention_mask = ids.masked_fill(~attended, -100), None
     else:
@@ -757,7 +796,7 @@ def test_orpo_from_logits_matches_float64_truth_on_every_backend(batch, beta, at
     slope = float(torch.where(has_tokens, 1 / torch.expm1(averages).abs(), 0.0).nan_to_num(posinf=0.0).max())
     scale = _sequence_metric_scale(token, attended, beta)
     odds_scale = scale * (1 + slope)
-    plain = (plain, plain_grad, loss_scale, float(upstream.abs().max()))
+    plain = (plain, plain_grad, loss_scale, float(upstream.abs().max()) if upstream.numel() else 0.0)
     _check_sequence_loss(run, logits, attended, plain, "orpo", scale,
                          {"log_odds_ratio": odds_scale, "log_odds_chosen": odds_scale})
 
@@ -857,7 +896,7 @@ def test_gae_matches_float64_truth_on_every_backend(B, T, seed, dtypes, gamma, l
             assert (got.advantages[~counted] == 0).all(), backend
 
 
-@settings(max_examples=40)
+@settings(max_examples=80)
 @given(B=st.integers(1, 4), T=st.integers(2, 7), seed=st.integers(0, 2**16),
        dtype=st.sampled_from([torch.float32, torch.bfloat16, torch.float64]),
        gamma=st.sampled_from([0.0, 0.5, 0.99, 1.0]), special=st.sampled_from([None, None, None, math.nan, math.inf]),
@@ -912,7 +951,7 @@ def test_reinforce_plus_plus_matches_float64_truth_on_every_backend(B, T, seed, 
             assert (got[i][~counted] == 0).all() or not torch.isfinite(truth[i]).all(), (backend, name)
 
 
-@settings(max_examples=30)
+@settings(max_examples=60)
 @given(groups=st.integers(1, 4), group_size=st.sampled_from([1, 2, 3, 5]), columns=st.sampled_from([1, 2, 3]),
        seed=st.integers(0, 2**16), data=st.data())
 def test_group_advantages_options_beyond_one_reward_match_float64_truth(groups, group_size, columns, seed, data):
@@ -956,6 +995,33 @@ def test_group_advantages_options_beyond_one_reward_match_float64_truth(groups, 
         assert_as_accurate_as_reference(got, ref, truth, f"{backend} {variant}")
 
 
+@pytest.mark.xfail(strict=True, reason=(
+    "every backend rounds the log-prob of a near-certain token to exactly 0 (fp32: the normalizer is "
+    "log(1 + 4e-11), computed without log1p), though fp32 holds -4e-11; ORPO's odds of an average log-prob "
+    "of 0 are infinite: log_odds_chosen is inf where its float64 value is 23 (a certain chosen completion), "
+    "the loss inf and the rejected logits' gradient NaN where the float64 loss is 2.61 (a certain rejected one)"))
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("certain", ["chosen", "rejected"])
+def test_orpo_with_a_near_certain_completion_in_fp32(backend, certain):
+    near, far = [0.0, 24.0], [0.0, 1.0]
+    logits = torch.tensor([[near], [far]] if certain == "chosen" else [[far], [near]], device=DEVICE)
+    labels = torch.ones(2, 1, dtype=torch.long, device=DEVICE)
+    mask = torch.ones(2, 1, device=DEVICE)
+
+    def run(x, backend):
+        leaf = x.detach().requires_grad_(True)
+        with fastalign.use_backend(backend):
+            out = fastalign.orpo_loss_from_logits(leaf, labels, completion_mask=mask)
+        return out, torch.autograd.grad(out.loss, leaf)[0]
+
+    truth, truth_grad = run(logits.double(), "reference")
+    out, grad = run(logits, backend)
+    torch.testing.assert_close(out.loss.double(), truth.loss.double())
+    torch.testing.assert_close(grad.double(), truth_grad)
+    for name in ("log_odds_chosen", "log_odds_ratio"):
+        torch.testing.assert_close(out.metrics[name].double(), truth.metrics[name].double())
+
+
 @settings(max_examples=20)
 @given(B=st.integers(1, 3), seed=st.integers(0, 2**16), beta=st.sampled_from([0.1, 1.0]),
        dtype=st.sampled_from([torch.float32, torch.float64]), certain=st.sampled_from(["chosen", "rejected"]))
@@ -995,7 +1061,7 @@ def test_orpo_gradient_stays_finite_when_a_completion_is_certain(B, seed, beta, 
 # Sequence-level losses in low precision -----------------------------------------------------------
 
 
-@settings(max_examples=40)
+@settings(max_examples=80)
 @given(B=st.integers(1, 5), seed=st.integers(0, 2**16), dtype=st.sampled_from([torch.float32, torch.bfloat16,
                                                                                 torch.float16]),
        spread=st.sampled_from([1e-3, 1.0, 30.0, 1e4]), shape=st.sampled_from(["flat", "column"]),
@@ -1041,7 +1107,7 @@ def _sequence_inputs(g, B, spread, long):
     return (averages * counts).float().double(), counts
 
 
-@settings(max_examples=60)
+@settings(max_examples=100)
 @given(loss=st.sampled_from(["kto", "apo_zero_unpaired", "orpo", "sigmoid", "hinge", "ipo", "simpo", "alphapo"]),
        B=st.integers(1, 5), seed=st.integers(0, 2**16), spread=st.sampled_from([1e-4, 0.5, 5.0, 50.0]),
        long=st.booleans(), beta=st.sampled_from([0.01, 0.1, 1.0, 10.0]))

@@ -302,7 +302,8 @@ def policy_token_forward(
     )
 
     def present(t):
-        return t if t.numel() else None
+        # [0] marks an absent vector, unless there is no token at all: then every vector is [0].
+        return t if t.numel() or not labels.numel() else None
 
     valid = labels != ignore_index
     g = objective_grad(logps, present(old_logps), present(ref_logps), advantages, obj, w_pg, present(w_kl))
