@@ -378,6 +378,8 @@ def _sequence_log_ratio(logps, old_logps, mask, convention):
     """GSPO's log-ratio: TRL uses the sequence mean itself ([B, 1]); verl keeps a per-token
     sg(mean) + logp - sg(logp), clamped at 10 (compute_policy_loss_gspo)."""
     token = logps - (logps.detach() if old_logps is None else old_logps)
+    # Selected, not multiplied: padding may hold NaN or inf (0 * NaN would poison the sequence).
+    token = torch.where(mask != 0, token, 0.0)
     mean = (token * mask).sum(-1) / mask.sum(-1).clamp(min=1.0)
     if convention == "trl":
         return mean.unsqueeze(-1)

@@ -47,6 +47,13 @@ def policy_token_forward(
     """logits [B, T, V] (any strides), labels and the per-token vectors [B*T] (absent ones [0]) ->
     (logps, entropy, grad w.r.t. logits [B, T, V] contiguous or [0], norm)."""
     impl = _implementation(current_backend(), logits, "policy")
+    if labels.numel() == 0:
+        # No token (completions of length 0): every per-token vector is [0], present or not, so
+        # the kernels' "absent" marker is ambiguous; there is nothing to compute anyway.
+        acc = _acc_dtype(logits)
+        grad = torch.zeros(logits.shape if with_grad else (0,), dtype=logits.dtype, device=logits.device)
+        empty = logits.new_empty(0, dtype=acc)
+        return empty, empty.clone(), grad, logits.new_empty((0, 2), dtype=acc)
     if logits.device.type == "cpu":
         check_label_range(labels, logits.shape[-1], ignore_index)
     return impl.policy_token_forward(

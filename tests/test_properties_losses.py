@@ -390,14 +390,7 @@ def test_ppo_loss_metrics_and_gradients_match_float64_truth_on_every_backend(cas
             assert (grads["vpreds"][~vmask] == 0).all(), backend
 
 
-EMPTY_KL_DEFECT = pytest.mark.xfail(strict=True, reason=(
-    "the fused policy pass marks an absent per-token vector by [0], so with no token at all (T = 0) a present "
-    "ref_logps looks absent: the C++ and Triton kernels raise 'a KL term needs ref_logps and w_kl' where the "
-    "loss is 0"))
-
-
-@pytest.mark.parametrize("backend", [b if b == "reference" else pytest.param(b, marks=EMPTY_KL_DEFECT)
-                                     for b in BACKENDS])
+@pytest.mark.parametrize("backend", BACKENDS)
 @pytest.mark.parametrize("loss", ["ppo", "grpo"])
 def test_policy_losses_with_a_kl_term_take_completions_of_no_token(backend, loss):
     # A batch of completions of length 0 (a [B, 0] slice of a padded batch) gives a loss of 0 and
@@ -482,9 +475,8 @@ def test_policy_losses_from_logps_ignore_whatever_padding_holds(case, loss, kl_e
         torch.testing.assert_close(grad, benign, rtol=0, atol=0)
 
 
-@pytest.mark.xfail(strict=True, reason=(
-    "GSPO's sequence log-ratio in fastalign/grpo.py (_sequence_log_ratio) sums (logps - old_logps) * mask, so "
-    "NaN or inf padding in old_logps makes the loss NaN (0 * NaN), as verl's and TRL's own GSPO do"))
+# GSPO's sequence log-ratio once multiplied the padding by the mask (0 * NaN), as verl's and
+# TRL's own GSPO do: NaN or inf padding in old_logps made the loss NaN.
 @pytest.mark.parametrize("convention", ["trl", "verl"])
 @pytest.mark.parametrize("pad", [math.nan, math.inf])
 def test_gspo_from_logps_ignores_whatever_padding_holds(convention, pad):
