@@ -69,5 +69,6 @@ class FastalignChunkedLogProb:
                 ignore_index=IGNORE_INDEX, outputs=wanted,
             )
         fields = (out.logps, out.entropy, out.log_sum_sq_probs, out.mean_logits, out.is_top1)
-        # TRL's outputs are fp32 whatever the compute dtype (fastalign keeps fp64 for fp64 inputs).
+        # TRL's outputs are fp32 whatever the compute dtype; fastalign's op keeps fp64 for fp64 inputs, so
+        # those are cast to match TRL.
         return tuple(x if x is None or x.dtype in (torch.float32, torch.bool) else x.float() for x in fields)
