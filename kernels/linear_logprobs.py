@@ -37,7 +37,7 @@ import torch
 import triton
 import triton.language as tl
 
-from .logprobs import LN2, LOG2E, _log2e_split, _pre_scale, _transform_constants, _w_scale
+from .logprobs import LN2, LOG2E, _log2_prob, _log2e_split, _pre_scale, _transform_constants, _w_scale
 from .target import is_amd, nvidia_options
 
 # The interpreter multiplies the raw bits of bf16 operands in tl.dot; fp32 operands are exact.
@@ -115,7 +115,7 @@ def _tile_dz(
     log2 p): log2 p = (u - shift) * factor log2(e) - log_s log2(e)."""
     u = _pre_scale(x, in_scale, SOFTCAP)
     hi, lo = _log2e_split(log_s)
-    log_p = tl.fma(u - shift[:, None], _w_scale(in_scale, out_scale, SOFTCAP) * LOG2E, -hi[:, None]) - lo[:, None]
+    log_p = _log2_prob(u, shift[:, None], hi[:, None], lo[:, None], _w_scale(in_scale, out_scale, SOFTCAP) * LOG2E)
     p = tl.exp2(log_p)
     dz = tl.zeros(x.shape, dtype=tl.float32)
     if has_grad_logps:

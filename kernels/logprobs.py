@@ -109,12 +109,11 @@ def _store_norm(norm_ptr, row, m_w, log_s):
 
 
 @triton.jit
-def _log2_prob(u, norm_ptr, row, factor_log2e):
-    """(p, log2 p) of u (x, or tanh's value under softcap) from the row's normalizer:
-    log2 p = (u - shift) * factor log2(e) - log_s log2(e), log_s's product split exactly."""
-    hi, lo = _log2e_split(tl.load(norm_ptr + 2 * row + 1))
-    d2 = tl.fma(u - tl.load(norm_ptr + 2 * row), factor_log2e, -hi) - lo
-    return tl.exp2(d2), d2
+def _log2_prob(u, shift, hi, lo, factor_log2e):
+    """log2 p of u (x, or tanh's value under softcap) from its row's normalizer (shift, log s),
+    with hi + lo = log s * log2(e) split exactly (_log2e_split, once per row): (u - shift) *
+    factor log2(e) - hi - lo. Every backward sweep takes its exponent here."""
+    return tl.fma(u - shift, factor_log2e, -hi) - lo
 
 
 @triton.jit
@@ -473,7 +472,9 @@ def _token_logprobs_bwd_kernel(
     x = tl.load(ptrs, mask=in_vocab, other=0.0).to(tl.float32)
     # u and its factor: z = u * factor (without softcap the factor is logit_scale / T, any sign).
     u = _pre_scale(x, in_scale, SOFTCAP)
-    p, log_p2 = _log2_prob(u, norm_ptr, row, _w_scale(in_scale, out_scale, SOFTCAP) * LOG2E)
+    hi, lo = _log2e_split(tl.load(norm_ptr + 2 * row + 1))
+    log_p2 = _log2_prob(u, tl.load(norm_ptr + 2 * row), hi, lo, _w_scale(in_scale, out_scale, SOFTCAP) * LOG2E)
+    p = tl.exp2(log_p2)
 
     dz = tl.zeros([BLOCK], dtype=tl.float32)
     if HAS_GRAD_LOGPS:

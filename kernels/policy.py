@@ -32,6 +32,7 @@ from .logprobs import (
     _fwd_full_chunks,
     _fwd_remainder,
     _pre_scale,
+    _log2_prob,
     _log2e_split,
     _w_scale,
     _store_norm,
@@ -139,7 +140,7 @@ def _grad_chunk(
     # caller passes g_h * ln 2 and the entropy times log2(e), so that p (log p + H) costs nothing
     # for the base change.
     w = _pre_scale(x.to(tl.float32), in_scale, SOFTCAP)
-    log_p = tl.fma(w - m, w_log2e, -hi) - lo2
+    log_p = _log2_prob(w, m, hi, lo2, w_log2e)
     p = tl.exp2(log_p)
     dz = g * (tl.where(cols == label, 1.0, 0.0) - p)
     if HAS_GRAD_ENTROPY:
