@@ -1,4 +1,4 @@
-"""Command line: `python -m fastalign info`."""
+"""Command line: `python -m fastalign [info]`."""
 
 import argparse
 import sys
@@ -6,7 +6,9 @@ import sys
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m fastalign", description="fastalign utilities")
-    parser.add_argument("command", choices=["info"], help="info: versions, devices and live backends")
+    # `info` is the only command, so a bare `python -m fastalign` (what a newcomer types first) runs it.
+    parser.add_argument("command", nargs="?", default="info", choices=["info"],
+                        help="info (the default): versions, devices and live backends")
     parser.parse_args(argv)
     from .info import report
 

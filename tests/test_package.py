@@ -44,6 +44,14 @@ def test_info_lists_every_backend():
         assert word in proc.stdout, (word, proc.stdout)
 
 
+def test_info_is_the_default_command():
+    bare = subprocess.run([sys.executable, "-m", "fastalign"], capture_output=True, text=True, timeout=300)
+    assert bare.returncode == 0, bare.stderr
+    assert "backends for cpu tensors" in bare.stdout, bare.stdout
+    wrong = subprocess.run([sys.executable, "-m", "fastalign", "bogus"], capture_output=True, text=True, timeout=300)
+    assert wrong.returncode == 2 and "invalid choice" in wrong.stderr, wrong.stderr
+
+
 @pytest.fixture
 def package_without_extension(tmp_path):
     """A copy of the Python sources with no compiled fastalign._C and no fastalign.kernels."""
