@@ -9,9 +9,19 @@ FASTALIGN_PORTABLE=1 to build without `-march=native` (for wheels that travel).
 
 import os
 import subprocess
+import sys
 
 from setuptools import find_packages, setup
-from torch.utils.cpp_extension import BuildExtension, CppExtension
+
+try:
+    from torch.utils.cpp_extension import BuildExtension, CppExtension
+except ModuleNotFoundError as exc:
+    # pip's default isolated build has no torch (pyproject.toml leaves it out on purpose): say the
+    # fix in one line instead of a traceback.
+    if exc.name != "torch":
+        raise
+    sys.exit("fastalign: building needs the torch you will run it with; install torch first, then "
+             "`pip install --no-build-isolation .` (pip's isolated build has no torch)")
 
 
 def _native_macros() -> set[str]:
