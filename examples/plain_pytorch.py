@@ -1,10 +1,11 @@
-"""fastalign in a hand-written training loop, no trainer library: DPO, then GRPO, on a tiny Llama.
+"""fastalign in a hand-written training loop, no trainer library: DPO, then GRPO, on a tiny causal LM.
 
     python examples/plain_pytorch.py --steps 10
 
-Runs offline on a CPU in seconds (random weights, random token ids, rule-based preferences and
-rewards). Both losses take the model's last hidden states and its lm_head weight, so the
-[batch, seq, vocab] logits are never materialized:
+Needs only torch and fastalign. Runs offline on a CPU in seconds: the model (two causal
+self-attention blocks, built from torch.nn with random weights), the token ids, the preferences and
+the rewards are all made here. Both losses take the model's last hidden states and its lm_head
+weight, so the [batch, seq, vocab] logits are never materialized:
 
 * DPO: `fastalign.linear_token_logprobs` gives the frozen reference's sequence log-probs;
   `fastalign.DPOLoss(hidden=, weight=)` the policy's loss and TRL's metrics. The chosen
@@ -21,33 +22,38 @@ from __future__ import annotations
 
 import argparse
 import copy
-import os
 
-# Nothing here needs the hub; never wait on it.
-os.environ.setdefault("HF_HUB_OFFLINE", "1")
-os.environ.setdefault("HF_HUB_DISABLE_TELEMETRY", "1")
+import torch
 
-import torch  # noqa: E402
-
-import fastalign  # noqa: E402
+import fastalign
 
 VOCAB = 1000
 EOS = 2
 FIRST_WORD = 4  # ids below are special tokens (pad, bos, eos, unk); data and rewards use the rest
+MAX_LEN = 64
 
 
-def tiny_llama():
-    from transformers import LlamaConfig, LlamaForCausalLM
+class TinyCausalLM(torch.nn.Module):
+    """Token and position embeddings, pre-norm causal self-attention blocks, a final norm, an lm_head."""
 
-    config = LlamaConfig(vocab_size=VOCAB, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
-                         num_attention_heads=4, num_key_value_heads=4, max_position_embeddings=64,
-                         pad_token_id=0, bos_token_id=1, eos_token_id=EOS, tie_word_embeddings=False)
-    return LlamaForCausalLM(config)
+    def __init__(self, vocab: int = VOCAB, hidden: int = 64, layers: int = 2, heads: int = 4):
+        super().__init__()
+        self.embed = torch.nn.Embedding(vocab, hidden)
+        self.position = torch.nn.Embedding(MAX_LEN, hidden)
+        # No dropout: the policy (train mode) and its frozen copy (eval mode) must start out equal.
+        block = torch.nn.TransformerEncoderLayer(hidden, heads, dim_feedforward=2 * hidden, dropout=0.0,
+                                                 batch_first=True, norm_first=True)
+        self.blocks = torch.nn.TransformerEncoder(block, layers, enable_nested_tensor=False)
+        self.norm = torch.nn.LayerNorm(hidden)
+        self.lm_head = torch.nn.Linear(hidden, vocab, bias=False)
 
 
-def hidden_states(model, input_ids: torch.Tensor) -> torch.Tensor:
-    """The last layer's output after the final norm: what the lm_head would turn into logits."""
-    return model.model(input_ids=input_ids).last_hidden_state
+def hidden_states(model: TinyCausalLM, input_ids: torch.Tensor) -> torch.Tensor:
+    """The last block's output after the final norm: what the lm_head would turn into logits."""
+    length = input_ids.shape[1]
+    x = model.embed(input_ids) + model.position(torch.arange(length, device=input_ids.device))
+    causal = torch.nn.Transformer.generate_square_subsequent_mask(length, device=input_ids.device)
+    return model.norm(model.blocks(x, mask=causal, is_causal=True))
 
 
 # The preference DPO learns: completions made of these tokens are chosen over ones made of those.
@@ -143,7 +149,7 @@ def main() -> None:
     parser.add_argument("--steps", type=int, default=10, help="optimizer steps of each phase (default 10)")
     args = parser.parse_args()
     torch.manual_seed(0)
-    policy = tiny_llama().train()
+    policy = TinyCausalLM().train()
     train_dpo(policy, args.steps)
     train_grpo(policy, args.steps)
 
