@@ -2,10 +2,14 @@
 #
 #   make venv      create .venv (reusing a torch already installed system-wide) and the dev tools
 #   make install   editable install; compiles fastalign._C when setup.py or csrc/ change
-#   make test      the test suite
-#   make bench     the benchmark suite; prints a markdown table, writes bench/results/<device>.*
-#                  (BENCH_ARGS="-k fwd" narrows it and FASTALIGN_BENCH_QUICK=1 shrinks the shapes;
-#                  both write to build/bench/ instead)
+#   make test      the test suite, a line per test file (about 16 minutes on a quiet 2-core CPU
+#                  from a fresh clone, 3 of them installing dependencies)
+#   make bench     the headline benchmarks (about 10 minutes on a quiet 2-core CPU): a line per row
+#                  as it finishes, each row kept in build/bench/last-run.jsonl at once, then markdown
+#                  tables and a chart in bench/results/<device>*. FULL=1 adds the hidden-states and
+#                  training-step suites (about 40 minutes in all). BENCH_ARGS="-k fwd" narrows the
+#                  set and FASTALIGN_BENCH_QUICK=1 shrinks the shapes; both write to build/bench/.
+#                  A stopped run still gets its report, from the rows it finished.
 #   make gpu-check the first thing to run on a new GPU: one script (about 8 minutes) that checks
 #                  every op on the device against float64, runs the tests there, times the anchor
 #                  workloads and writes bench/results/cuda-<gpu>.md. Needs only torch, triton and
@@ -47,9 +51,16 @@ INSTALL_STAMP := $(VENV)/.stamp-install
 # Directories too: their mtime changes when a source file is added or removed.
 BUILD_INPUTS := setup.py $(wildcard pyproject.toml setup.cfg) $(shell find csrc 2>/dev/null)
 
-BENCH_JSON := build/bench/last-run.json
+# Each row is appended here as it finishes (bench/conftest.py), so a stopped run loses nothing.
+BENCH_ROWS := build/bench/last-run.jsonl
 BENCH_ARGS ?=
-# A narrowed or quick run goes next to its JSON, not over the full results kept in the repository.
+# The headline set is what the README's main table and chart show; FULL=1 is every benchmark.
+ifeq ($(FULL),1)
+BENCH_SET :=
+else
+BENCH_SET := -m headline
+endif
+# A narrowed or quick run goes next to its row log, not over the results kept in the repository.
 ifneq ($(strip $(BENCH_ARGS)),)
 BENCH_OUT ?= build/bench
 else ifeq ($(FASTALIGN_BENCH_QUICK),1)
@@ -91,7 +102,7 @@ $(OLD_TRITON_STAMP): | $(DEPS_STAMP)
 	@touch $@
 
 test: install $(OLD_TRITON_STAMP)
-	FASTALIGN_REQUIRE_OLD_TRITON=1 $(PY) -m pytest tests -q
+	FASTALIGN_REQUIRE_OLD_TRITON=1 $(PY) -m pytest tests
 
 gate: install $(OLD_TRITON_STAMP)
 	$(PY) tests/triton_compile_gate.py
@@ -103,14 +114,15 @@ gpu-report: install
 gpu-check:
 	FASTALIGN_DISABLE_NATIVE=1 $(GPU_PY) bench/gpu_check.py $(if $(filter 1,$(DRY_RUN)),--dry-run) $(GPU_CHECK_ARGS)
 
-# The report runs even when a benchmark fails, so the rows that did run are not lost; the exit
-# status still says something failed.
+# The report runs even when a benchmark fails or the run is stopped (Ctrl-C, or SIGTERM, which
+# the benchmarks treat as Ctrl-C): the shell notes the signal instead of dying with pytest, and
+# the report is made from the rows finished so far. The exit status still says what happened.
 bench: install
-	@mkdir -p $(dir $(BENCH_JSON)) && rm -f $(BENCH_JSON)
-	@status=0; \
-	$(PY) -m pytest bench -q $(BENCH_ARGS) --benchmark-json=$(BENCH_JSON) || status=$$?; \
-	if [ -f $(BENCH_JSON) ]; then $(PY) bench/report.py $(BENCH_JSON) --out-dir $(BENCH_OUT) || status=1; \
-	else echo "no benchmark results written" >&2; [ $$status -ne 0 ] || status=1; fi; \
+	@mkdir -p $(dir $(BENCH_ROWS)) && rm -f $(BENCH_ROWS)
+	@status=0; trap 'status=130' INT TERM; \
+	$(PY) -m pytest bench -q --benchmark-quiet $(BENCH_SET) $(BENCH_ARGS) --bench-rows=$(BENCH_ROWS) || status=$$?; \
+	if [ -s $(BENCH_ROWS) ]; then $(PY) bench/report.py $(BENCH_ROWS) --out-dir $(BENCH_OUT) || status=1; \
+	else echo "no benchmark rows written" >&2; [ $$status -ne 0 ] || status=1; fi; \
 	exit $$status
 
 clean:

@@ -1,18 +1,20 @@
-"""Turns a pytest-benchmark JSON from `bench/` into a markdown table (and a chart).
+"""Turns a run of `bench/` into markdown tables (and charts).
 
-    python bench/report.py RUN.json                       # print the table
-    python bench/report.py RUN.json --out-dir bench/results
-        # also write <device>.md, <device>.json (the raw data) and <device>.png
+    python bench/report.py build/bench/last-run.jsonl     # print the tables
+    python bench/report.py RUN --out-dir bench/results
+        # also write <device>.md, <device>.json (the rows) and <device>.png, one set per suite:
+        # <device> for the headline ops, <device>-linear (from hidden states), <device>-trainer
 
-Only the standard library is needed (matplotlib for the chart, if installed), so a JSON made on a
-GPU machine can be turned into a table anywhere.
+RUN is the row log `make bench` writes as each row finishes (`--bench-rows`, JSON lines; a run
+that was stopped or failed still has every row measured before) or a pytest-benchmark JSON
+(`--benchmark-json`). Only the standard library is needed (matplotlib for the chart, if
+installed), so a run made on a GPU machine can be turned into a table anywhere.
 """
 
 from __future__ import annotations
 
 import argparse
 import json
-import shutil
 import sys
 from collections import defaultdict
 from pathlib import Path
@@ -125,8 +127,57 @@ LEGEND = [
 ]
 
 
+# Ops reported in files of their own, by name suffix: each suite is its own table and chart.
+SUITES = (("-linear", lambda op: op.startswith("linear_")), ("-trainer", lambda op: op.endswith("_train_step")))
+
+
+def suite(op: str) -> str:
+    return next((suffix for suffix, belongs in SUITES if belongs(op)), "")
+
+
+def _from_row_log(text: str) -> dict:
+    """The run as pytest-benchmark's JSON would hold it, from conftest's row log, plus how far it got."""
+    data = {"machine_info": {}, "commit_info": {}, "datetime": "", "benchmarks": [], "fastalign_not_run": []}
+    planned, end = None, None
+    for line in text.splitlines():
+        try:
+            record = json.loads(line)
+        except json.JSONDecodeError:
+            continue  # the last line of a run killed while writing it
+        kind = record.pop("kind", None)
+        if kind == "run":
+            planned = record.pop("planned", None)
+            data.update(record)
+        elif kind == "benchmark":
+            data["benchmarks"].append(record)
+        elif kind == "not_run":
+            data["fastalign_not_run"].append(record)
+        elif kind == "end":
+            end = record
+    if end and end.get("others_busy") is not None:
+        data["machine_info"].setdefault("fastalign", {})["others_busy"] = end["others_busy"]
+    data["fastalign_progress"] = {
+        "planned": planned,
+        "done": len(data["benchmarks"]) + len(data["fastalign_not_run"]),
+        "exitstatus": None if end is None else end.get("exitstatus"),
+    }
+    return data
+
+
+def read_run(path: Path) -> dict:
+    text = Path(path).read_text()
+    try:
+        data = json.loads(text)
+    except json.JSONDecodeError:
+        data = None
+    # A row log of one line (a run stopped before its first row) also parses as one object.
+    if isinstance(data, dict) and "kind" not in data:
+        return data
+    return _from_row_log(text)
+
+
 def load(path: Path) -> dict:
-    data = json.loads(Path(path).read_text())
+    data = read_run(path)
     rows = []
     for b in data.get("benchmarks", []):
         x = b.get("extra_info", {})
@@ -157,7 +208,40 @@ def load(path: Path) -> dict:
         "datetime": data.get("datetime", ""),
         "rows": rows,
         "not_run": data.get("fastalign_not_run", []),
+        "progress": data.get("fastalign_progress"),
+        "raw": data,
     }
+
+
+def split_suites(run: dict) -> dict[str, dict]:
+    """suffix -> the part of `run` whose ops belong to that suite (only suites with rows)."""
+    parts = {}
+    for suffix in dict.fromkeys(suite(r["op"]) for r in run["rows"]):
+        raw = dict(run["raw"])
+        raw["benchmarks"] = [b for b in raw.get("benchmarks", [])
+                             if suite(b.get("extra_info", {}).get("op", b.get("group") or b["name"])) == suffix]
+        raw["fastalign_not_run"] = [n for n in run["not_run"] if suite(n.get("op", "")) == suffix]
+        parts[suffix] = {
+            **run,
+            "rows": [r for r in run["rows"] if suite(r["op"]) == suffix],
+            "not_run": raw["fastalign_not_run"],
+            "raw": raw,
+        }
+    return parts
+
+
+def progress_line(run: dict) -> str | None:
+    """Says so when the run did not finish every benchmark it collected."""
+    progress = run.get("progress")
+    if not progress:
+        return None
+    status = progress.get("exitstatus")
+    if status == 0:
+        return None
+    done, planned = progress.get("done"), progress.get("planned")
+    how = {None: "was cut off", 1: "had failures", 2: "was interrupted"}.get(status, f"ended with status {status}")
+    return (f"**Partial run**: the run {how} after {done}{f' of {planned}' if planned else ''} benchmarks "
+            "(all suites together); this table holds the rows measured before that.")
 
 
 def _case_key(r: dict):
@@ -296,7 +380,7 @@ def render(run: dict, table_only: bool = False) -> str:
     )
     commit = run["commit"] or {}
     commit_txt = ""
-    if commit.get("id") and commit["id"] != "unknown":
+    if commit.get("id") and commit["id"] not in ("unknown", "unversioned"):
         commit_txt = f" · commit {commit['id'][:10]}{' (dirty)' if commit.get('dirty') else ''}"
     counts = sorted({r["rounds"] for r in rows if r["rounds"]})
     rounds = f"{counts[0]}–{counts[-1]}" if len(counts) > 1 else (counts[0] if counts else "?")
@@ -311,9 +395,11 @@ def render(run: dict, table_only: bool = False) -> str:
     if busy is not None and info.get("type") == "cpu":
         busy_txt = f" Other processes kept {busy:.0%} of the CPUs busy during the run"
         busy_txt += "; timings are shaken by that, rerun on a quiet machine." if busy > 0.1 else "."
+    partial = progress_line(run)
     out = [
         f"### Benchmarks on {info.get('type', '?')}: {where}",
         "",
+        *([partial, ""] if partial else []),
         f"{versions}{commit_txt} · {run['datetime'][:19].replace('T', ' ')}",
         "",
         f"Median of {rounds} rounds{' (more for faster rows)' if len(counts) > 1 else ''} after warm-up; ratios are median time over the "
@@ -400,8 +486,8 @@ def chart(run: dict, path: Path) -> bool:
 
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("json", type=Path, help="pytest-benchmark JSON written with --benchmark-json")
-    p.add_argument("--out-dir", type=Path, help="write <device>.md, <device>.json and <device>.png here")
+    p.add_argument("json", type=Path, help="the row log (--bench-rows) or a pytest-benchmark JSON (--benchmark-json)")
+    p.add_argument("--out-dir", type=Path, help="write <device>.md, <device>.json and <device>.png here, per suite")
     p.add_argument("--name", help="file name stem to use instead of the device name")
     p.add_argument("--table-only", action="store_true", help="just the table and target lines (for the README)")
     p.add_argument("--no-chart", action="store_true")
@@ -411,21 +497,24 @@ def main(argv=None) -> int:
     if not run["rows"]:
         print(f"{args.json}: no fastalign benchmarks in this file", file=sys.stderr)
         return 1
-    text = render(run, table_only=args.table_only)
-    print(text, end="")
-    if args.out_dir:
-        args.out_dir.mkdir(parents=True, exist_ok=True)
-        stem = args.name or describe(run["machine"])["slug"]
-        md = args.out_dir / f"{stem}.md"
-        md.write_text(text)
-        raw = args.out_dir / f"{stem}.json"
-        if args.json.resolve() != raw.resolve():
-            shutil.copyfile(args.json, raw)
-        written = [md, raw]
-        png = args.out_dir / f"{stem}.png"
-        if not args.no_chart and chart(run, png):
-            written.append(png)
-        print("\nwrote " + ", ".join(map(str, written)), file=sys.stderr)
+    written = []
+    for suffix, part in split_suites(run).items():
+        text = render(part, table_only=args.table_only)
+        print(text)
+        if args.out_dir:
+            args.out_dir.mkdir(parents=True, exist_ok=True)
+            stem = (args.name or describe(run["machine"])["slug"]) + suffix
+            md = args.out_dir / f"{stem}.md"
+            md.write_text(text)
+            raw = args.out_dir / f"{stem}.json"
+            if args.json.resolve() != raw.resolve():
+                raw.write_text(json.dumps(part["raw"], indent=2) + "\n")
+            written += [md, raw]
+            png = args.out_dir / f"{stem}.png"
+            if not args.no_chart and chart(part, png):
+                written.append(png)
+    if written:
+        print("wrote " + ", ".join(map(str, written)), file=sys.stderr)
     return 0
 
 
