@@ -125,7 +125,7 @@ def _impl(impl: str, case: dict):
         not_run(case, impl, "CPU runs Triton only under the interpreter; not a performance path")
 
     def fn(rewards, values, mask):
-        return fastalign.gae(rewards, values, mask, GAMMA, LAM, semantics=semantics)
+        return fastalign.gae(rewards, values, mask, GAMMA, LAM, convention=semantics)
 
     return fn, lambda: fastalign.use_backend(backend), f"fastalign {backend} ({semantics} semantics)"
 

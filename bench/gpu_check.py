@@ -396,7 +396,7 @@ def check_advantages(report: Report, device: str, small: bool) -> None:
     mask = torch.rand(B, T, device=device) > 0.2
     for semantics in ("verl", "trl"):
         def fn(r, v, semantics=semantics):
-            out = fastalign.gae(r, v, mask, 0.99, 0.95, semantics=semantics)
+            out = fastalign.gae(r, v, mask, 0.99, 0.95, convention=semantics)
             return {"advantages": out.advantages, "returns": out.returns, "weighted": []}
 
         _check_three_ways(report, "gae", semantics, lambda r, v, fn=fn: fn(r, v), [rewards, values])

@@ -40,6 +40,9 @@ def require() -> None:
         raise RuntimeError(f"fastalign backend 'native' is not available: {why}")
 
 
+# The backend contract (fastalign/backend.py): one function per op, under the op's name.
+
+
 def token_logprobs_forward(*args):
     require()
     return torch.ops.fastalign_cpu.token_logprobs_forward(*args)
@@ -74,3 +77,19 @@ def linear_policy_token_forward(*args):
     from . import linear_blocked
 
     return linear_blocked.linear_policy_token_forward(*args)
+
+
+def gae_forward(*args):
+    require()
+    return torch.ops.fastalign_cpu.gae_forward(*args)
+
+
+def group_advantages_forward(*args):
+    require()
+    return torch.ops.fastalign_cpu.group_advantages_forward(*args)
+
+
+def discounted_returns(rewards, mask, gamma):
+    require()
+    # The C++ kernel reads the mask in the rewards' dtype.
+    return torch.ops.fastalign_cpu.discounted_returns(rewards, mask.to(rewards.dtype), gamma)

@@ -36,22 +36,33 @@ def _checkout_kernels() -> bool:
 
 
 @functools.lru_cache(maxsize=None)
+def _kernels_package() -> str:
+    """Makes `fastalign.kernels` importable (installed, or the checkout's kernels/ folder); returns
+    "" or ", kernels from the source checkout". Imports no kernel, so needs no Triton."""
+    try:
+        importlib.import_module("fastalign.kernels")
+    except ModuleNotFoundError as exc:
+        if exc.name != "fastalign.kernels" or not _checkout_kernels():
+            raise
+        return ", kernels from the source checkout"
+    return ""
+
+
+def contract():
+    """`fastalign.kernels.contract`: the ids and parameter order fastalign passes to the kernels."""
+    _kernels_package()
+    return importlib.import_module("fastalign.kernels.contract")
+
+
+@functools.lru_cache(maxsize=None)
 def _import_status() -> tuple[bool, str]:
     try:
         import triton
     except ImportError as exc:
         return False, f"triton is not installed ({exc}); `pip install triton`"
-    where = ""
     try:
+        where = _kernels_package()
         importlib.import_module("fastalign.kernels.logprobs")
-    except ModuleNotFoundError as exc:
-        if exc.name != "fastalign.kernels" or not _checkout_kernels():
-            return False, f"fastalign.kernels failed to import: {exc}"
-        try:
-            importlib.import_module("fastalign.kernels.logprobs")
-        except ImportError as exc2:
-            return False, f"fastalign.kernels (the checkout's kernels/) failed to import: {exc2}"
-        where = ", kernels from the source checkout"
     except ImportError as exc:
         return False, f"fastalign.kernels failed to import: {exc}"
     return True, f"triton {triton.__version__}{where}"
@@ -79,3 +90,59 @@ def kernels(module: str = "logprobs"):
     if not ok:
         raise RuntimeError(f"fastalign backend 'triton' is not available: {why}")
     return importlib.import_module(f"fastalign.kernels.{module}")
+
+
+# The backend contract (fastalign/backend.py): one function per op, under the op's name, each
+# forwarding to the kernels module that holds it (imported on first call, so that importing
+# fastalign never imports triton).
+
+
+def _forward_to(module: str, op: str):
+    def call(*args, **kwargs):
+        return getattr(kernels(module), op)(*args, **kwargs)
+
+    call.__name__ = call.__qualname__ = op
+    call.__doc__ = f"`fastalign.kernels.{module}.{op}`"
+    return call
+
+
+token_logprobs_forward = _forward_to("logprobs", "token_logprobs_forward")
+token_logprobs_backward = _forward_to("logprobs", "token_logprobs_backward")
+policy_token_forward = _forward_to("policy", "policy_token_forward")
+linear_token_logprobs_forward = _forward_to("linear_logprobs", "linear_token_logprobs_forward")
+linear_token_logprobs_backward = _forward_to("linear_logprobs", "linear_token_logprobs_backward")
+gae_forward = _forward_to("gae", "gae_forward")
+group_advantages_forward = _forward_to("advantages", "group_advantages_forward")
+discounted_returns = _forward_to("advantages", "discounted_returns")
+
+# Logits per block of the blocked policy pass from hidden states (64 MiB in fp32), and at least
+# 256 tokens per block.
+POLICY_BLOCK_ELEMENTS = 16 * 1024 * 1024
+POLICY_MIN_BLOCK_ROWS = 256
+
+
+def linear_policy_token_forward(
+    hidden, weight, bias, labels, old_logps, ref_logps, advantages, w_pg, w_kl, grad_entropy,
+    temperature, logit_scale, softcap, ignore_index, surrogate_id, kl_id, params, with_grad,
+    need_hidden=True, need_weight=True,
+):
+    """The "blocked" policy pass (``fastalign.policy.LINEAR_POLICY_PASS``) on the Triton backend:
+    blocks of tokens through cuBLAS matmuls (``fastalign.linear_blocked``) and the Triton policy
+    kernel, which writes each block's gradient over its logits."""
+    from .linear_blocked import linear_policy_token_forward as blocked
+
+    kernels("linear_logprobs").check_linear_inputs(hidden, weight, bias, labels)
+    policy = kernels("policy")
+
+    def policy_pass(logits, inputs, with_grad):
+        logps, entropy, _, norm = policy.policy_token_forward(
+            logits, *inputs, with_grad, grad_out=logits if with_grad else None
+        )
+        return logps, entropy, norm
+
+    rows_per_block = max(POLICY_MIN_BLOCK_ROWS, POLICY_BLOCK_ELEMENTS // max(weight.shape[0], 1))
+    return blocked(
+        hidden, weight, bias, labels, old_logps, ref_logps, advantages, w_pg, w_kl, grad_entropy,
+        temperature, logit_scale, softcap, ignore_index, surrogate_id, kl_id, params, with_grad,
+        need_hidden, need_weight, policy_pass=policy_pass, rows_per_block=rows_per_block,
+    )

@@ -28,10 +28,8 @@ import math
 
 import torch
 
-from . import _native, _triton
 from ._checks import check_flag, values_checkable
-from .backend import current_backend
-from .reference import advantages as reference
+from .backend import resolve
 from .reference.advantages import SCALE_GIVEN, SCALE_GROUP, SCALE_NONE
 
 ESTIMATORS = ("grpo", "dr_grpo", "rloo", "reinforce++-baseline")
@@ -41,29 +39,6 @@ AGGREGATIONS = ("sum_then_normalize", "normalize_then_sum")
 DEFAULT_EPS = {"trl": 1e-4, "verl": 1e-6}
 # verl's masked_whiten adds this to the variance before the square root.
 WHITEN_EPS = 1e-8
-
-
-def _implementation(backend: str, tensor: torch.Tensor):
-    device = tensor.device.type
-    if backend == "auto":
-        if device == "cpu" and _native.status()[0]:
-            return _native
-        if device == "cuda" and tensor.dtype == torch.float32 and _triton.status("cuda")[0]:
-            return _triton.kernels("advantages")
-        return reference
-    if backend == "reference":
-        return reference
-    if backend == "native":
-        if device != "cpu":
-            raise RuntimeError(f"fastalign backend 'native' serves CPU tensors; the rewards are on {tensor.device}")
-        _native.require()
-        return _native
-    ok, why = _triton.status(device)
-    if not ok:
-        raise RuntimeError(f"fastalign backend 'triton' cannot run on {tensor.device}: {why}")
-    if tensor.dtype != torch.float32:
-        raise TypeError(f"rewards: the triton backend takes float32, got {tensor.dtype}")
-    return _triton.kernels("advantages")
 
 
 @torch.library.custom_op("fastalign::group_advantages_forward", mutates_args=())
@@ -81,12 +56,8 @@ def group_advantages_forward(
 ) -> torch.Tensor:
     """values [N] fp32/fp64 -> advantages [N]; groups are runs of `group_size` when `order` is
     empty, else segments `offsets` of the permutation `order`. Formula: reference/advantages.py."""
-    impl = _implementation(current_backend(), values)
-    if impl is _native:
-        return torch.ops.fastalign_cpu.group_advantages_forward(
-            values, order, offsets, group_size, rloo, scale, denom, eps, verl, nan_to_zero
-        )
-    return impl.group_advantages_forward(values, order, offsets, group_size, rloo, scale, denom, eps, verl, nan_to_zero)
+    _, forward = resolve("group_advantages_forward", rewards=values)
+    return forward(values, order, offsets, group_size, rloo, scale, denom, eps, verl, nan_to_zero)
 
 
 @group_advantages_forward.register_fake
@@ -97,10 +68,8 @@ def _(values, order, offsets, group_size, rloo, scale, denom, eps, verl, nan_to_
 @torch.library.custom_op("fastalign::discounted_returns", mutates_args=())
 def discounted_returns(rewards: torch.Tensor, mask: torch.Tensor, gamma: float) -> torch.Tensor:
     """rewards [B, T] fp32/fp64, mask [B, T] -> REINFORCE++ returns [B, T] (reference/advantages.py)."""
-    impl = _implementation(current_backend(), rewards)
-    if impl is _native:
-        return torch.ops.fastalign_cpu.discounted_returns(rewards, mask.to(rewards.dtype), gamma)
-    return impl.discounted_returns(rewards, mask, gamma)
+    _, forward = resolve("discounted_returns", rewards=rewards)
+    return forward(rewards, mask, gamma)
 
 
 @discounted_returns.register_fake

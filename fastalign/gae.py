@@ -15,49 +15,17 @@ from typing import NamedTuple
 
 import torch
 
-from . import _native, _triton
 from ._checks import FLOAT_DTYPES
-from .backend import current_backend
-from .reference import gae as reference
+from ._deprecation import renamed_option
+from .backend import resolve
 
-TRITON_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
-SEMANTICS = ("verl", "trl")
+CONVENTIONS = ("verl", "trl")
+SEMANTICS = CONVENTIONS  # the earlier name
 
 
 class GAEOutput(NamedTuple):
     advantages: torch.Tensor
     returns: torch.Tensor
-
-
-def _native_impl():
-    return torch.ops.fastalign_cpu
-
-
-def _implementation(backend: str, rewards: torch.Tensor, values: torch.Tensor):
-    """The object whose `gae_forward` serves `backend` for these inputs."""
-    device = rewards.device.type
-    triton_dtypes = rewards.dtype in TRITON_DTYPES and values.dtype in TRITON_DTYPES
-    if backend == "auto":
-        if device == "cpu" and _native.status()[0]:
-            return _native_impl()
-        if device == "cuda" and triton_dtypes and _triton.status("cuda")[0]:
-            return _triton.kernels("gae")
-        return reference
-    if backend == "reference":
-        return reference
-    if backend == "native":
-        if device != "cpu":
-            raise RuntimeError(f"fastalign backend 'native' serves CPU tensors; the rewards are on {rewards.device}")
-        _native.require()
-        return _native_impl()
-    ok, why = _triton.status(device)
-    if not ok:
-        raise RuntimeError(f"fastalign backend 'triton' cannot run on {rewards.device}: {why}")
-    if not triton_dtypes:
-        raise TypeError(
-            f"rewards/values: the triton backend takes float32, bfloat16 or float16, got {rewards.dtype} and {values.dtype}"
-        )
-    return _triton.kernels("gae")
 
 
 def _acc_dtype(rewards: torch.Tensor, values: torch.Tensor) -> torch.dtype:
@@ -88,10 +56,10 @@ def gae_forward(
     unbiased: bool,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """rewards, values [B, T] (any strides), mask [B, T] or None -> (advantages, returns) [B, T]."""
-    impl = _implementation(current_backend(), rewards, values)
-    if whiten and impl is not _native_impl():
+    backend, forward = resolve("gae_forward", rewards=rewards, values=values)
+    if whiten and backend != "native":
         _check_whiten_count(rewards, mask, unbiased)  # the C++ kernel counts while it scans
-    return impl.gae_forward(rewards, values, mask, gamma, lam, trl, whiten, shift_mean, unbiased)
+    return forward(rewards, values, mask, gamma, lam, trl, whiten, shift_mean, unbiased)
 
 
 @gae_forward.register_fake
@@ -108,7 +76,7 @@ def _check_unit_interval(name: str, value: object) -> float:
     return float(value)
 
 
-def _check_gae_args(rewards, values, mask, gamma, lam, semantics, whiten, shift_mean, unbiased):
+def _check_gae_args(rewards, values, mask, gamma, lam, convention, whiten, shift_mean, unbiased):
     for name, x in (("rewards", rewards), ("values", values)):
         if not isinstance(x, torch.Tensor):
             raise TypeError(f"{name}: expected a torch.Tensor, got {type(x).__name__}")
@@ -131,8 +99,8 @@ def _check_gae_args(rewards, values, mask, gamma, lam, semantics, whiten, shift_
             raise TypeError(f"mask: expected a bool, integer or float tensor, got {mask.dtype}")
     gamma = _check_unit_interval("gamma", gamma)
     lam = _check_unit_interval("lam", lam)
-    if semantics not in SEMANTICS:
-        raise ValueError(f"semantics: expected one of {', '.join(repr(s) for s in SEMANTICS)}; got {semantics!r}")
+    if convention not in CONVENTIONS:
+        raise ValueError(f"convention: expected one of {', '.join(repr(c) for c in CONVENTIONS)}; got {convention!r}")
     for name, flag in (("whiten", whiten), ("shift_mean", shift_mean), ("unbiased", unbiased)):
         if not isinstance(flag, bool):
             raise TypeError(f"{name}: expected a bool, got {type(flag).__name__}")
@@ -146,10 +114,11 @@ def gae(
     gamma: float,
     lam: float,
     *,
-    semantics: str = "verl",
+    convention: str = "verl",
     whiten: bool = True,
     shift_mean: bool = True,
     unbiased: bool = True,
+    semantics: str | None = None,
 ) -> GAEOutput:
     """Generalized advantage estimation over token rows, as PPO trainers compute it.
 
@@ -160,7 +129,7 @@ def gae(
             other than 0 and 1 count as valid, not as weights.
         gamma: discount in [0, 1].
         lam: GAE lambda in [0, 1].
-        semantics: how masked positions enter the recurrence.
+        convention: how masked positions enter the recurrence.
             "verl" (`verl.trainer.ppo.core_algos.compute_gae_advantage_return`): the scan steps
             over masked tokens. With `nv` the value of the next valid token (0 past the end) and
             `A` the advantage carried from the right, at each t from T-1 down to 0:
@@ -173,6 +142,7 @@ def gae(
         whiten: whiten the advantages over every valid token of the batch (trainers' default).
         shift_mean: as `masked_whiten(shift_mean=...)`; False adds the mean back after scaling.
         unbiased: Bessel-corrected variance (both trainers' choice) or the biased one.
+        semantics: the earlier name of `convention` (deprecated).
 
     Returns:
         GAEOutput(advantages, returns): `[B, T]` fp32 (fp64 when an input is fp64).
@@ -186,9 +156,10 @@ def gae(
     Forward only: the inputs are detached, since trainers treat advantages and returns as
     constants (`torch.no_grad()`).
     """
-    gamma, lam = _check_gae_args(rewards, values, mask, gamma, lam, semantics, whiten, shift_mean, unbiased)
+    convention = renamed_option("semantics", semantics, "convention", convention, "verl")
+    gamma, lam = _check_gae_args(rewards, values, mask, gamma, lam, convention, whiten, shift_mean, unbiased)
     advantages, returns = gae_forward(
         rewards.detach(), values.detach(), None if mask is None else mask.detach(), gamma, lam,
-        semantics == "trl", whiten, shift_mean, unbiased,
+        convention == "trl", whiten, shift_mean, unbiased,
     )
     return GAEOutput(advantages, returns)

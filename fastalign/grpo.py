@@ -37,7 +37,8 @@ from .policy_inputs import (
     check_transform,
     policy_token_inputs,
 )
-from .reference import policy as reference
+from .aggregation import trl_weights, verl_weights
+from .masked import masked_mean, masked_sum
 from .sequence import metric
 from .token_objective import TokenObjective, kl_estimator_name
 from .types import LossOutput
@@ -217,7 +218,7 @@ def grpo_options(
 def _weights(o: GRPOOptions, mask, num_items_in_batch, batch_num_tokens, global_batch_size, pg: bool,
              mask_dtype: torch.dtype | None = None):
     if o.convention == "trl":
-        return reference.trl_weights(
+        return trl_weights(
             mask, o.loss_type, max_completion_length=o.max_completion_length,
             num_items_in_batch=num_items_in_batch, num_processes=o.num_processes,
             gradient_accumulation_steps=o.gradient_accumulation_steps,
@@ -225,7 +226,7 @@ def _weights(o: GRPOOptions, mask, num_items_in_batch, batch_num_tokens, global_
         )
     # verl's SAPO aggregates its policy term by seq-mean-token-mean whatever the configured mode.
     mode = "seq-mean-token-mean" if (pg and o.loss_type == "sapo") else o.loss_agg_mode
-    return reference.verl_weights(
+    return verl_weights(
         mask, mode, dp_size=o.dp_size, batch_num_tokens=batch_num_tokens,
         global_batch_size=global_batch_size, loss_scale_factor=o.loss_scale_factor, verl_mask_dtype=mask_dtype,
     )
@@ -387,85 +388,87 @@ def _sequence_log_ratio(logps, old_logps, mask, convention):
 
 
 def _metrics(o, obj, pieces, token_logps, old_logps, entropies, mask, adv, w_pg, w_kl, w_entropy, gather=None):
-    ratio = pieces["ratio"].detach()
-    pg = pieces["pg"].detach()
-    pg_loss = reference.masked_total(pg, w_pg).detach()
-    kl_loss = reference.masked_total(pieces["kl"].detach(), w_kl) if w_kl is not None else None
-    out = {}
+    """The trainer's metrics under the option's convention (TRL's or verl's names and reductions)."""
+    pg_loss = masked_sum(pieces["pg"].detach(), w_pg).detach()
+    kl_loss = masked_sum(pieces["kl"].detach(), w_kl) if w_kl is not None else None
     if o.convention == "trl":
-        def global_mean(x):
-            # TRL's global_masked_mean: summed and counted over every process, then divided.
-            if x.shape[-1] == 1:
-                total, count = x.sum(), torch.tensor(float(x.shape[0]), device=x.device)
-            else:
-                x, m = torch.broadcast_tensors(x, mask)
-                total, count = torch.where(m != 0, x * m, 0.0).sum(), m.sum().float()
-            totals = torch.stack([total, count.to(total.dtype)])
-            if gather is not None:
-                totals = gather(totals.view(1, 2)).sum(0)
-            return totals[0] / totals[1].clamp(min=1.0)
-
-        def seq_means(x):
-            if x.shape[-1] == 1:
-                seq = x.squeeze(-1)
-            else:
-                seq = (x * mask).sum(-1) / mask.sum(-1)
-            return seq if gather is None else gather(seq)
-
-        if o.beta != 0:
-            out["kl"] = global_mean(pieces["kl"].detach())
-        if entropies is not None:
-            out["entropy"] = global_mean(entropies.detach())
-        if o.loss_type in CLIP_TYPES:
-            coef = ratio.clamp(max=o.delta) if o.delta is not None else ratio
-            low = ((coef < 1 - o.epsilon_low) & (adv < 0)).float()
-            high = ((coef > 1 + o.epsilon_high) & (adv > 0)).float()
-            region = ((low + high) > 0).float()
-            out["clip_ratio/low_mean"] = global_mean(low)
-            out["clip_ratio/high_mean"] = global_mean(high)
-            out["clip_ratio/region_mean"] = global_mean(region)
-            low_seq, high_seq = seq_means(low), seq_means(high)
-            out["clip_ratio/low_min"] = _nan_extreme(low_seq, torch.min)
-            out["clip_ratio/high_max"] = _nan_extreme(high_seq, torch.max)
-        elif o.loss_type == "cispo":
-            out["cispo_clip_ratio"] = global_mean(((ratio > o.epsilon_high) & (adv > 0)).float())
-        if o.entropy_coef != 0:
-            policy = pg_loss + (kl_loss if kl_loss is not None else 0.0)
-            if o.loss_type in TRL_GA_SCALED:
-                policy = policy * o.gradient_accumulation_steps
-            out["policy_loss"] = policy if gather is None else gather(policy.view(1)).nanmean()
-            out["entropy_coef"] = torch.tensor(o.entropy_coef)
+        out = _trl_metrics(o, pieces, entropies, mask, adv, pg_loss, kl_loss, gather)
     else:
-        log_ratio_ = pieces["log_ratio"].detach()
-
-        def verl_mean(x):
-            x, m = torch.broadcast_tensors(x, mask)
-            return torch.where(m != 0, x * m, 0.0).sum() / (m.sum() + 1e-8)
-
-        if o.loss_type == "gspo":
-            # verl's ppo_kl for GSPO is the plain token log-ratio, not the sequence one.
-            log_ratio_ = token_logps.detach() - old_logps if old_logps is not None else torch.zeros_like(token_logps)
-        if o.loss_type in ("vanilla", "gspo"):
-            loss1 = -adv * ratio
-            loss2 = -adv * ratio.clamp(obj.ratio_low, obj.ratio_high)
-            out["actor/pg_clipfrac"] = verl_mean((loss2 > loss1).float())
-        elif o.loss_type == "cispo":
-            out["actor/pg_clipfrac"] = verl_mean((ratio != ratio.clamp(obj.ratio_low, obj.ratio_high)).float())
-        else:
-            out["actor/pg_clipfrac"] = torch.zeros(())
-        if o.loss_type == "vanilla":
-            best = torch.maximum(-adv * ratio, -adv * ratio.clamp(obj.ratio_low, obj.ratio_high))
-            out["actor/pg_clipfrac_lower"] = verl_mean(((best > -adv * obj.dual_clip) & (adv < 0)).float())
-        else:
-            out["actor/pg_clipfrac_lower"] = torch.zeros(())
-        out["actor/ppo_kl"] = verl_mean(-log_ratio_)
-        out["actor/pg_loss"] = pg_loss
-        if entropies is not None and w_entropy is not None:
-            out["actor/entropy_loss"] = reference.masked_total(entropies.detach(), w_entropy / o.entropy_coef)
-        if kl_loss is not None:
-            out["kl_loss"] = kl_loss / o.beta
-            out["kl_coef"] = torch.tensor(o.beta)
+        out = _verl_metrics(o, obj, pieces, token_logps, old_logps, entropies, mask, adv, w_entropy, pg_loss, kl_loss)
     return {name: metric(value) for name, value in out.items() if value is not None}
+
+
+def _trl_metrics(o, pieces, entropies, mask, adv, pg_loss, kl_loss, gather):
+    """GRPOTrainer's metrics: token means over every process (`gather`), per-sequence extremes."""
+    ratio = pieces["ratio"].detach()
+
+    def global_mean(x):
+        # TRL's global_masked_mean; a per-sequence value [B, 1] counts once per sequence.
+        return masked_mean(x, torch.ones_like(x) if x.shape[-1] == 1 else mask, gather=gather)
+
+    def seq_means(x):
+        seq = x.squeeze(-1) if x.shape[-1] == 1 else (x * mask).sum(-1) / mask.sum(-1)
+        return seq if gather is None else gather(seq)
+
+    out = {}
+    if o.beta != 0:
+        out["kl"] = global_mean(pieces["kl"].detach())
+    if entropies is not None:
+        out["entropy"] = global_mean(entropies.detach())
+    if o.loss_type in CLIP_TYPES:
+        coef = ratio.clamp(max=o.delta) if o.delta is not None else ratio
+        low = ((coef < 1 - o.epsilon_low) & (adv < 0)).float()
+        high = ((coef > 1 + o.epsilon_high) & (adv > 0)).float()
+        region = ((low + high) > 0).float()
+        out["clip_ratio/low_mean"] = global_mean(low)
+        out["clip_ratio/high_mean"] = global_mean(high)
+        out["clip_ratio/region_mean"] = global_mean(region)
+        out["clip_ratio/low_min"] = _nan_extreme(seq_means(low), torch.min)
+        out["clip_ratio/high_max"] = _nan_extreme(seq_means(high), torch.max)
+    elif o.loss_type == "cispo":
+        out["cispo_clip_ratio"] = global_mean(((ratio > o.epsilon_high) & (adv > 0)).float())
+    if o.entropy_coef != 0:
+        policy = pg_loss + (kl_loss if kl_loss is not None else 0.0)
+        if o.loss_type in TRL_GA_SCALED:
+            policy = policy * o.gradient_accumulation_steps
+        out["policy_loss"] = policy if gather is None else gather(policy.view(1)).nanmean()
+        out["entropy_coef"] = torch.tensor(o.entropy_coef)
+    return out
+
+
+def _verl_metrics(o, obj, pieces, token_logps, old_logps, entropies, mask, adv, w_entropy, pg_loss, kl_loss):
+    """verl's actor metrics (`compute_policy_loss_*`, the KL loss) under its names."""
+    ratio = pieces["ratio"].detach()
+    log_ratio_ = pieces["log_ratio"].detach()
+
+    def verl_mean(x):
+        return masked_mean(x, mask, eps=1e-8)  # verl's masked_mean
+
+    out = {}
+    if o.loss_type == "gspo":
+        # verl's ppo_kl for GSPO is the plain token log-ratio, not the sequence one.
+        log_ratio_ = token_logps.detach() - old_logps if old_logps is not None else torch.zeros_like(token_logps)
+    if o.loss_type in ("vanilla", "gspo"):
+        loss1 = -adv * ratio
+        loss2 = -adv * ratio.clamp(obj.ratio_low, obj.ratio_high)
+        out["actor/pg_clipfrac"] = verl_mean((loss2 > loss1).float())
+    elif o.loss_type == "cispo":
+        out["actor/pg_clipfrac"] = verl_mean((ratio != ratio.clamp(obj.ratio_low, obj.ratio_high)).float())
+    else:
+        out["actor/pg_clipfrac"] = torch.zeros(())
+    if o.loss_type == "vanilla":
+        best = torch.maximum(-adv * ratio, -adv * ratio.clamp(obj.ratio_low, obj.ratio_high))
+        out["actor/pg_clipfrac_lower"] = verl_mean(((best > -adv * obj.dual_clip) & (adv < 0)).float())
+    else:
+        out["actor/pg_clipfrac_lower"] = torch.zeros(())
+    out["actor/ppo_kl"] = verl_mean(-log_ratio_)
+    out["actor/pg_loss"] = pg_loss
+    if entropies is not None and w_entropy is not None:
+        out["actor/entropy_loss"] = masked_sum(entropies.detach(), w_entropy / o.entropy_coef)
+    if kl_loss is not None:
+        out["kl_loss"] = kl_loss / o.beta
+        out["kl_coef"] = torch.tensor(o.beta)
+    return out
 
 
 def _nan_extreme(values: torch.Tensor, reduce) -> torch.Tensor:

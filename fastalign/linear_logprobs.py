@@ -15,8 +15,7 @@ from collections.abc import Sequence
 import torch
 
 from ._checks import FLOAT_DTYPES, check_label_range, check_token_logprobs_args, flat_labels
-from .backend import current_backend
-from .logprobs import _implementation
+from .backend import current_backend, resolve
 from .types import TokenLogprobs
 
 
@@ -40,10 +39,10 @@ def linear_token_logprobs_forward(
     with_is_top1: bool,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
     """hidden [N, H], weight [V, H], bias [V] or [0], labels [N] -> token_logprobs_forward's outputs."""
-    impl = _implementation(current_backend(), hidden, "linear_logprobs")
+    _, forward = resolve("linear_token_logprobs_forward", hidden=hidden)
     if hidden.device.type == "cpu":
         check_label_range(labels, weight.shape[0], ignore_index)
-    return impl.linear_token_logprobs_forward(
+    return forward(
         hidden, weight, bias, labels, temperature, logit_scale, softcap, ignore_index,
         with_entropy, with_log_sum_sq_probs, with_mean_logits, with_is_top1,
     )
@@ -84,8 +83,8 @@ def linear_token_logprobs_backward(
     A gradient nobody needs is not computed and comes back as [0]: grad_hidden without
     `need_hidden`, grad_weight and grad_bias without `need_weight` (a frozen lm_head: one matmul
     and a [V, H] fp32 accumulator saved)."""
-    impl = _implementation(backend, hidden, "linear_logprobs")
-    return impl.linear_token_logprobs_backward(
+    _, backward = resolve("linear_token_logprobs_backward", backend, hidden=hidden)
+    return backward(
         grad_logps, grad_entropy, hidden, weight, bias, labels, norm, entropy,
         temperature, logit_scale, softcap, ignore_index, need_hidden, need_weight,
     )

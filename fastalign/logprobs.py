@@ -9,45 +9,14 @@ C++ kernels for CPU tensors, the reference PyTorch otherwise or when forced (see
 
 from __future__ import annotations
 
-import importlib
 import math
 from collections.abc import Sequence
 
 import torch
 
-from . import _native, _triton
 from ._checks import check_label_range, check_token_logprobs_args, flat_labels
-from .backend import current_backend
+from .backend import current_backend, resolve
 from .types import TokenLogprobs
-
-TRITON_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
-
-
-def _implementation(backend: str, logits: torch.Tensor, op: str = "logprobs"):
-    """The module that serves `backend` for these logits: `fastalign.kernels.<op>`, fastalign._C, or
-    `fastalign.reference.<op>`; each holds the same functions under the same names."""
-    device = logits.device.type
-    ground_truth = importlib.import_module(f"fastalign.reference.{op}")
-    if backend == "auto":
-        if device == "cpu" and _native.status()[0]:
-            return _native
-        if device == "cuda" and logits.dtype in TRITON_DTYPES and _triton.status("cuda")[0]:
-            return _triton.kernels(op)
-        return ground_truth
-    if backend == "reference":
-        return ground_truth
-    if backend == "native":
-        if device != "cpu":
-            raise RuntimeError(f"fastalign backend 'native' serves CPU tensors; the logits are on {logits.device}")
-        _native.require()
-        return _native
-    ok, why = _triton.status(device)
-    if not ok:
-        raise RuntimeError(f"fastalign backend 'triton' cannot run on {logits.device}: {why}")
-    if logits.dtype not in TRITON_DTYPES:
-        raise TypeError(f"logits: the triton backend takes float32, bfloat16 or float16, got {logits.dtype}")
-    return _triton.kernels(op)
-
 
 def _acc_dtype(logits: torch.Tensor) -> torch.dtype:
     return torch.float64 if logits.dtype == torch.float64 else torch.float32
@@ -69,10 +38,10 @@ def token_logprobs_forward(
     """logits [B, T, V] (any strides), labels [B*T] int64 -> (logps, entropy, log_sum_sq_probs,
     mean_logits, is_top1, norm), each [B*T] or [0] when not asked for; norm is [B*T, 2], each row's
     softmax normalizer (shift, log_s) that the backward takes (reference/logprobs.py: row_normalizer)."""
-    impl = _implementation(current_backend(), logits)
-    if logits.device.type == "cpu" and impl is not _native:
+    backend, forward = resolve("token_logprobs_forward", logits=logits)
+    if logits.device.type == "cpu" and backend != "native":
         check_label_range(labels, logits.shape[-1], ignore_index)  # the C++ kernel checks its own
-    return impl.token_logprobs_forward(
+    return forward(
         logits, labels, temperature, logit_scale, softcap, ignore_index,
         with_entropy, with_log_sum_sq_probs, with_mean_logits, with_is_top1,
     )
@@ -108,8 +77,8 @@ def token_logprobs_backward(
     backend: str,
 ) -> torch.Tensor:
     """Gradient w.r.t. logits [B, T, V] (contiguous, logits' dtype); `backend` is the one the forward used."""
-    impl = _implementation(backend, logits)
-    return impl.token_logprobs_backward(
+    _, backward = resolve("token_logprobs_backward", backend, logits=logits)
+    return backward(
         grad_logps, grad_entropy, logits, labels, norm, entropy, temperature, logit_scale, softcap, ignore_index
     )
 

@@ -3,7 +3,7 @@
 The op reads each row of logits once and returns the token's log-prob and entropy together with
 the gradient of the whole loss w.r.t. that row (`fastalign/token_objective.py` describes the
 objective; the weights carry the aggregation). The loss value and every metric are then computed
-from those log-probs by `fastalign.reference.policy` (a few elementwise ops on [B, T]), and the
+from those log-probs by `fastalign.policy_objective` (a few elementwise ops on [B, T]), and the
 gradient is handed to autograd as is: backward never reads the logits again.
 
 Objectives that are not token-local (GSPO's sequence ratio, the top-entropy-quantile mask,
@@ -19,9 +19,9 @@ import os
 import torch
 
 from ._checks import check_label_range, flat_labels
-from .backend import current_backend
-from .logprobs import _acc_dtype, _as_rows, _implementation
-from .reference import policy as reference
+from .backend import resolve
+from .logprobs import _acc_dtype, _as_rows
+from .policy_objective import objective
 from .token_objective import TokenObjective
 
 
@@ -46,7 +46,7 @@ def policy_token_forward(
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
     """logits [B, T, V] (any strides), labels and the per-token vectors [B*T] (absent ones [0]) ->
     (logps, entropy, grad w.r.t. logits [B, T, V] contiguous or [0], norm)."""
-    impl = _implementation(current_backend(), logits, "policy")
+    _, forward = resolve("policy_token_forward", logits=logits)
     if labels.numel() == 0:
         # No token (completions of length 0): every per-token vector is [0], present or not, so
         # the kernels' "absent" marker is ambiguous; there is nothing to compute anyway.
@@ -56,7 +56,7 @@ def policy_token_forward(
         return empty, empty.clone(), grad, logits.new_empty((0, 2), dtype=acc)
     if logits.device.type == "cpu":
         check_label_range(labels, logits.shape[-1], ignore_index)
-    return impl.policy_token_forward(
+    return forward(
         logits, labels, old_logps, ref_logps, advantages, w_pg, w_kl, grad_entropy,
         temperature, logit_scale, softcap, ignore_index, surrogate, kl, params, with_grad,
     )
@@ -151,7 +151,7 @@ def fused_objective(
     )
     logps, entropy = logps.view(shape), entropy.view(shape)
     with torch.no_grad():
-        pieces = reference.objective(
+        pieces = objective(
             logps, old_logps, ref_logps, advantages, obj, w_pg, w_kl, entropy, w_entropy
         )
     if with_grad:
@@ -186,10 +186,10 @@ def linear_policy_token_forward(
     grad_weight, grad_bias, norm); the gradients are [0] without `with_grad`, grad_hidden without
     `need_hidden`, grad_weight and grad_bias without `need_weight` (a frozen lm_head: no
     weight-gradient matmul, no [V, H] accumulator)."""
-    impl = _implementation(current_backend(), hidden, "linear_logprobs")
+    _, forward = resolve("linear_policy_token_forward", hidden=hidden)
     if hidden.device.type == "cpu":
         check_label_range(labels, weight.shape[0], ignore_index)
-    return impl.linear_policy_token_forward(
+    return forward(
         hidden, weight, bias, labels, old_logps, ref_logps, advantages, w_pg, w_kl, grad_entropy,
         temperature, logit_scale, softcap, ignore_index, surrogate, kl, params, with_grad, need_hidden, need_weight,
     )
@@ -245,11 +245,11 @@ LINEAR_POLICY_PASS = os.environ.get("FASTALIGN_LINEAR_POLICY", "blocked")
 
 
 def fused_linear_supported(hidden: torch.Tensor) -> bool:
-    """Whether the backend serving `hidden` runs the three-matmul policy pass (else: two passes)."""
+    """Whether a token-local objective from `hidden` takes the three-matmul policy pass (every
+    backend provides it) or the two passes of `linear_token_logprobs`."""
     if LINEAR_POLICY_PASS not in ("blocked", "tiled"):
         raise ValueError(f"FASTALIGN_LINEAR_POLICY: expected 'blocked' or 'tiled', got {LINEAR_POLICY_PASS!r}")
-    impl = _implementation(current_backend(), hidden, "linear_logprobs")
-    return LINEAR_POLICY_PASS == "blocked" and hasattr(impl, "linear_policy_token_forward")
+    return LINEAR_POLICY_PASS == "blocked"
 
 
 def fused_linear_objective(
@@ -281,7 +281,7 @@ def fused_linear_objective(
     )
     logps, entropy = logps.view(shape), entropy.view(shape)
     with torch.no_grad():
-        pieces = reference.objective(logps, old_logps, ref_logps, advantages, obj, w_pg, w_kl, entropy, w_entropy)
+        pieces = objective(logps, old_logps, ref_logps, advantages, obj, w_pg, w_kl, entropy, w_entropy)
     if with_grad:
         bias_leaf = bias if bias is not None else hidden.new_empty(0)
         pieces["loss"] = _PrecomputedGradients.apply(
@@ -352,7 +352,7 @@ def run_objective(
     log_ratio_ = None
     if adjust is not None:
         w_pg, w_entropy, log_ratio_ = adjust(logps, entropies)
-    pieces = reference.objective(
+    pieces = objective(
         logps, old_logps, ref_logps, advantages, obj, w_pg, w_kl, entropies, w_entropy, log_ratio_
     )
     return pieces, logps, entropies

@@ -20,6 +20,7 @@ from dataclasses import dataclass
 
 import torch
 
+from ._deprecation import renamed_option
 from .grpo import AGG_MODES
 from .policy import run_objective
 from .policy_inputs import (
@@ -35,7 +36,9 @@ from .policy_inputs import (
     check_transform,
     policy_token_inputs,
 )
-from .reference import policy as reference
+from .aggregation import verl_weights
+from .masked import masked_mean, masked_sum
+from .policy_objective import clipped_value_loss
 from .sequence import metric
 from .token_objective import TokenObjective, kl_estimator_name
 from .types import LossOutput
@@ -134,15 +137,22 @@ def ppo_loss(
     values: torch.Tensor | None = None,
     returns: torch.Tensor | None = None,
     value_mask: torch.Tensor | None = None,
-    rollout_is_weights: torch.Tensor | None = None,
+    importance_sampling_ratio: torch.Tensor | None = None,
     batch_num_tokens: torch.Tensor | float | None = None,
     global_batch_size: torch.Tensor | float | None = None,
     options: PPOOptions | None = None,
+    rollout_is_weights: torch.Tensor | None = None,
     **option_kwargs,
 ) -> LossOutput:
     """PPO policy + value loss. `vpreds` [B, T] (the value head, differentiable), `values` [B, T]
     (the rollout's values) and `returns` [B, T] come together or not at all; `value_mask`
-    defaults to `completion_mask` (TRL's PPOTrainer masks values one position further)."""
+    defaults to `completion_mask` (TRL's PPOTrainer masks values one position further).
+    `importance_sampling_ratio` [B, T] or [B, 1]: the rollout-correction weights on the policy
+    term (verl's `rollout_is_weights`, grpo_loss's argument of the same name);
+    `rollout_is_weights=` is its earlier, deprecated name."""
+    importance_sampling_ratio = renamed_option(
+        "rollout_is_weights", rollout_is_weights, "importance_sampling_ratio", importance_sampling_ratio, None
+    )
     check_options(options, PPOOptions, "ppo_options")
     if options is not None and option_kwargs:
         raise ValueError(f"options: pass either options= or keyword options, not both ({sorted(option_kwargs)})")
@@ -171,16 +181,17 @@ def ppo_loss(
             raise ValueError(f"global_batch_size: required when dp_size > 1 with loss_agg_mode={o.loss_agg_mode!r}")
 
     def weights(m, given_dtype):
-        return reference.verl_weights(
+        return verl_weights(
             m, o.loss_agg_mode, dp_size=o.dp_size, batch_num_tokens=batch_num_tokens,
             global_batch_size=global_batch_size, loss_scale_factor=o.loss_scale_factor, verl_mask_dtype=given_dtype,
         )
 
     w = weights(mask_f, mask.dtype)
     w_pg = w
-    if rollout_is_weights is not None:
-        w_pg = w * as_float(check_tokens("rollout_is_weights", rollout_is_weights, shape, device, per_sequence=True),
-                            like)
+    if importance_sampling_ratio is not None:
+        w_pg = w * as_float(
+            check_tokens("importance_sampling_ratio", importance_sampling_ratio, shape, device, per_sequence=True), like
+        )
     w_kl = o.kl_coef * w if o.kl_coef != 0 else None
     w_entropy = o.entropy_coef * w if o.entropy_coef != 0 else None
     obj = o.objective()
@@ -198,16 +209,16 @@ def ppo_loss(
         vpreds_ = check_tokens("vpreds", vpreds, shape, device)
         values_ = check_tokens("values", values, shape, device).detach()
         returns_ = check_tokens("returns", returns, shape, device).detach()
-        # Past a response's end the rollout may leave anything (NaN returns): masked_total never reads
+        # Past a response's end the rollout may leave anything (NaN returns): masked_sum never reads
         # those tokens, but the squared error's gradient there would be 0 * NaN.
         kept = vmask != 0
         values_ = torch.where(kept, values_, vpreds_.detach())
         returns_ = torch.where(kept, returns_, vpreds_.detach())
-        per_token, clipped = reference.clipped_value_loss(vpreds_, values_, returns_, o.value_clip)
-        vf_loss = 0.5 * reference.masked_total(per_token, weights(vmask, vmask_dtype))
+        per_token, clipped = clipped_value_loss(vpreds_, values_, returns_, o.value_clip)
+        vf_loss = 0.5 * masked_sum(per_token, weights(vmask, vmask_dtype))
         loss = loss + o.vf_coef * vf_loss
         metrics["vf_loss"] = metric(vf_loss)
-        metrics["vf_clipfrac"] = metric(reference.masked_mean(clipped.float(), vmask))
+        metrics["vf_clipfrac"] = metric(masked_mean(clipped.float(), vmask))
     return LossOutput(loss, metrics)
 
 
@@ -217,20 +228,20 @@ def _policy_metrics(o, obj, pieces, entropies, mask, adv, w_pg, w_kl, w):
     loss1 = -adv * ratio
     loss2 = -adv * ratio.clamp(obj.ratio_low, obj.ratio_high)
     out = {
-        "pg_loss": reference.masked_total(pieces["pg"].detach(), w_pg),
-        "approx_kl": reference.masked_mean(0.5 * log_ratio_.square(), mask),
-        "ppo_kl": reference.masked_mean(-log_ratio_, mask),
-        "clipfrac": reference.masked_mean((loss2 > loss1).float(), mask),
+        "pg_loss": masked_sum(pieces["pg"].detach(), w_pg),
+        "approx_kl": masked_mean(0.5 * log_ratio_.square(), mask),
+        "ppo_kl": masked_mean(-log_ratio_, mask),
+        "clipfrac": masked_mean((loss2 > loss1).float(), mask),
     }
     if o.dual_clip is not None:
         best = torch.maximum(loss1, loss2)
-        out["pg_clipfrac_lower"] = reference.masked_mean(((best > -adv * o.dual_clip) & (adv < 0)).float(), mask)
+        out["pg_clipfrac_lower"] = masked_mean(((best > -adv * o.dual_clip) & (adv < 0)).float(), mask)
     else:
         out["pg_clipfrac_lower"] = torch.zeros(())
     if entropies is not None:
-        out["entropy"] = reference.masked_mean(entropies.detach(), mask)
+        out["entropy"] = masked_mean(entropies.detach(), mask)
     if w_kl is not None:
-        out["kl"] = reference.masked_total(pieces["kl"].detach(), w)
+        out["kl"] = masked_sum(pieces["kl"].detach(), w)
     return {name: metric(value) for name, value in out.items()}
 
 

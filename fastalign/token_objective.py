@@ -7,7 +7,7 @@ is, per completion token with log-prob l, old log-prob o, reference log-prob q, 
 
 with per-token weights that depend on the mask and the aggregation only (never on l). The
 kernels receive this description (`TokenObjective`) plus the three weight vectors; the loss
-value and the metrics are computed from their log-probs by `fastalign.reference.policy`, the
+value and the metrics are computed from their log-probs by `fastalign.policy_objective`, the
 one place the math is written as the trainers write it.
 """
 
@@ -16,8 +16,12 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass
 
-SURROGATES = ("clip", "cispo", "sapo")
-KL_ESTIMATORS = ("none", "k1", "abs", "k2", "k3", "low_var_kl")
+from ._triton import contract
+
+# By kernel id, and the order of the kernels' float parameters (kernels/contract.py).
+SURROGATES = contract().SURROGATES
+KL_ESTIMATORS = contract().KL_ESTIMATORS
+OBJECTIVE_PARAMS = contract().OBJECTIVE_PARAMS
 
 
 @dataclass(frozen=True)
@@ -47,11 +51,9 @@ class TokenObjective:
     kl_bias_correction: bool = False
 
     def kernel_args(self) -> tuple[int, int, list[float]]:
-        """(surrogate id, kl id, float parameters) in the order every kernel reads them."""
-        params = [
-            self.ratio_low, self.ratio_high, self.delta, self.dual_clip, self.log_ratio_clamp,
-            self.tau_pos, self.tau_neg, float(self.kl_straight_through), float(self.kl_bias_correction),
-        ]
+        """(surrogate id, kl id, float parameters) in the order every kernel reads them
+        (kernels/contract.py)."""
+        params = [float(getattr(self, name)) for name in OBJECTIVE_PARAMS]
         return SURROGATES.index(self.surrogate), KL_ESTIMATORS.index(self.kl), params
 
 

@@ -20,7 +20,11 @@ import torch
 import triton
 import triton.language as tl
 
+from . import contract
 from .target import nvidia_options, warps
+
+SCALE_GROUP_ID = tl.constexpr(contract.SCALE_GROUP)
+SCALE_GIVEN_ID = tl.constexpr(contract.SCALE_GIVEN)
 
 # Launch configurations; tests/triton_compile_gate.py compiles every kernel as the launchers call it.
 MAX_BLOCK = 1024
@@ -88,9 +92,9 @@ def _group_advantages_kernel(
         single = length == 1
         mean = tl.where(single, 0.0, mean)
         std = tl.where(single, 1.0, std)
-    if SCALE == 1:
+    if SCALE == SCALE_GROUP_ID:
         divisor = std + eps
-    elif SCALE == 2:
+    elif SCALE == SCALE_GIVEN_ID:
         divisor = tl.load(denom_ptr).to(tl.float64) + eps
     else:
         divisor = 1.0
@@ -171,7 +175,7 @@ def group_advantages_forward(
         n_groups = n // group_size
         block = min(MAX_BLOCK, triton.next_power_of_2(group_size))
         order = offsets = values  # unused pointers: keeps the signature the same in every case
-    if scale != 2:
+    if scale != contract.SCALE_GIVEN:
         denom = values
     _group_advantages_kernel[(n_groups,)](
         values, order, offsets, denom, out, group_size, float(eps),

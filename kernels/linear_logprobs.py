@@ -354,7 +354,7 @@ def _linear_logprobs_bwd_weight_kernel(
 _FLOAT_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 
 
-def _check_inputs(hidden, weight, bias, labels) -> tuple[int, int, int]:
+def check_linear_inputs(hidden, weight, bias, labels) -> tuple[int, int, int]:
     if hidden.dim() != 2 or weight.dim() != 2:
         raise ValueError(f"hidden must be [N, H] and weight [V, H], got {tuple(hidden.shape)} and {tuple(weight.shape)}")
     N, H = hidden.shape
@@ -419,7 +419,7 @@ def linear_token_logprobs_forward(
     ``is_top1`` bool; ``norm`` [N, 2], kernels/logprobs.py); an output not asked for is an empty
     ``[0]`` tensor. ``bias`` may be empty.
     """
-    N, H, V = _check_inputs(hidden, weight, bias, labels)
+    N, H, V = check_linear_inputs(hidden, weight, bias, labels)
     device = hidden.device
 
     def f32(flag: bool = True) -> torch.Tensor:
@@ -475,7 +475,7 @@ def linear_token_logprobs_backward(
     grad_hidden (grad_weight and grad_bias) is neither computed nor allocated and comes back empty:
     a frozen lm_head costs no weight-gradient kernel and no [V, H] accumulator.
     """
-    N, H, V = _check_inputs(hidden, weight, bias, labels)
+    N, H, V = check_linear_inputs(hidden, weight, bias, labels)
     device = hidden.device
     has_bias = bias is not None and bias.numel() != 0
     # fp32 accumulators, each row owned by one program; cast to the input dtypes at the end.
@@ -527,35 +527,3 @@ def linear_token_logprobs_backward(
             **common,
         )
     return result()
-
-
-# Logits per block of the "blocked" pass (64 MiB in fp32), and at least 256 tokens per block.
-POLICY_BLOCK_ELEMENTS = 16 * 1024 * 1024
-POLICY_MIN_BLOCK_ROWS = 256
-
-
-def linear_policy_token_forward(
-    hidden, weight, bias, labels, old_logps, ref_logps, advantages, w_pg, w_kl, grad_entropy,
-    temperature, logit_scale, softcap, ignore_index, surrogate_id, kl_id, params, with_grad,
-    need_hidden=True, need_weight=True,
-):
-    """The "blocked" policy pass (see ``fastalign.policy.LINEAR_POLICY_PASS``) on CUDA: blocks of
-    tokens through cuBLAS and the Triton policy kernel, which writes each block's gradient over
-    its logits. ``(logps, entropy, grad_hidden, grad_weight, grad_bias, norm)`` as
-    ``fastalign.policy.linear_policy_token_forward`` documents."""
-    from ..linear_blocked import linear_policy_token_forward as blocked
-    from .policy import policy_token_forward
-
-    _, _, V = _check_inputs(hidden, weight, bias, labels)
-
-    def policy_pass(logits, inputs, with_grad):
-        logps, entropy, _, norm = policy_token_forward(
-            logits, *inputs, with_grad, grad_out=logits if with_grad else None
-        )
-        return logps, entropy, norm
-
-    return blocked(
-        hidden, weight, bias, labels, old_logps, ref_logps, advantages, w_pg, w_kl, grad_entropy,
-        temperature, logit_scale, softcap, ignore_index, surrogate_id, kl_id, params, with_grad,
-        need_hidden, need_weight, policy_pass=policy_pass, rows_per_block=max(POLICY_MIN_BLOCK_ROWS, POLICY_BLOCK_ELEMENTS // max(V, 1)),
-    )

@@ -22,6 +22,7 @@ import torch
 import triton
 import triton.language as tl
 
+from . import contract
 from .logprobs import (
     LN2,
     LOG2E,
@@ -48,6 +49,14 @@ from .target import nvidia_arch, nvidia_options, warps
 # sm_80's 2-byte variants past 64 registers and ptxas spilled 8 bytes to stay there; at 2048 every
 # contiguous-vocabulary variant fits in 64 registers, two programs per SM.
 THREADS = FWD_THREADS
+# The ids of kernels/contract.py as compile-time constants of the kernels.
+SURROGATE_CLIP_ID = tl.constexpr(contract.SURROGATE_CLIP)
+SURROGATE_CISPO_ID = tl.constexpr(contract.SURROGATE_CISPO)
+KL_NONE_ID = tl.constexpr(contract.KL_NONE)
+KL_K1_ID = tl.constexpr(contract.KL_K1)
+KL_ABS_ID = tl.constexpr(contract.KL_ABS)
+KL_K2_ID = tl.constexpr(contract.KL_K2)
+KL_K3_ID = tl.constexpr(contract.KL_K3)
 GRAD_BLOCK = 2048
 
 _FLT_MAX = tl.constexpr(3.4028234663852886e38)
@@ -79,7 +88,7 @@ def _objective_grad(
         lr = tl.zeros_like(l)
     in_clamp = tl.where(tl.abs(lr) <= log_ratio_clamp, 1.0, 0.0)
     r = tl.exp(_clamp(lr, -log_ratio_clamp, log_ratio_clamp))
-    if surrogate_id == 0:  # clip
+    if surrogate_id == SURROGATE_CLIP_ID:
         d1 = -a * r * in_clamp * tl.where(r <= delta, 1.0, 0.0)
         d2 = -a * r * in_clamp * tl.where((r >= ratio_low) & (r <= ratio_high), 1.0, 0.0)
         loss1 = -a * tl.where(r > delta, delta, r)
@@ -91,7 +100,7 @@ def _objective_grad(
         dual = tl.where(loss3 < best, 0.0, tl.where(loss3 > best, d, 0.5 * d))
         # An infinite dual_clip means none.
         d = tl.where((a < 0) & (tl.abs(dual_clip) < float("inf")), dual, d)
-    elif surrogate_id == 1:  # cispo: the clamped ratio is a detached weight on A * l
+    elif surrogate_id == SURROGATE_CISPO_ID:  # the clamped ratio is a detached weight on A * l
         d = -_clamp(r, ratio_low, ratio_high) * a
     else:  # sapo
         tau = tl.where(a > 0, tau_pos, tau_neg)
@@ -99,19 +108,19 @@ def _objective_grad(
         d = -4.0 * a * s * (1.0 - s) * r * in_clamp
     # A zero weight (a padded or ignored token) contributes 0 even where d is inf or NaN.
     grad = tl.where(w_pg != 0, d * w_pg, 0.0)
-    if kl_id != 0:
+    if kl_id != KL_NONE_ID:
         diff = l - q
         x = q - l
-        if kl_id == 1:  # k1
+        if kl_id == KL_K1_ID:
             value = diff
             dk = tl.full(diff.shape, 1.0, tl.float32)
-        elif kl_id == 2:  # abs; sign(0) = 0, sign(NaN) = NaN
+        elif kl_id == KL_ABS_ID:  # sign(0) = 0, sign(NaN) = NaN
             value = tl.abs(diff)
             dk = tl.where(diff > 0, 1.0, tl.where(diff < 0, -1.0, diff))
-        elif kl_id == 3:  # k2
+        elif kl_id == KL_K2_ID:
             value = 0.5 * (diff * diff)
             dk = diff
-        elif kl_id == 4:  # k3
+        elif kl_id == KL_K3_ID:
             ex = tl.exp(x)
             value = ex - x - 1.0
             dk = 1.0 - ex
@@ -392,17 +401,17 @@ def policy_token_forward(
     B, T, V = _check_inputs(logits, labels)
     N = B * T
     device = logits.device
-    if surrogate_id not in (0, 1, 2):
-        raise ValueError(f"surrogate_id must be 0 (clip), 1 (cispo) or 2 (sapo), got {surrogate_id}")
-    if kl_id not in range(6):
-        raise ValueError(f"kl_id must be in 0..5 (none, k1, abs, k2, k3, low_var_kl), got {kl_id}")
-    if len(params) != 9:
-        raise ValueError(f"params must hold 9 values (TokenObjective.kernel_args), got {len(params)}")
+    if surrogate_id not in range(len(contract.SURROGATES)):
+        raise ValueError(f"surrogate_id must be the id of one of {contract.SURROGATES} (kernels/contract.py), got {surrogate_id}")
+    if kl_id not in range(len(contract.KL_ESTIMATORS)):
+        raise ValueError(f"kl_id must be the id of one of {contract.KL_ESTIMATORS} (kernels/contract.py), got {kl_id}")
+    if len(params) != len(contract.OBJECTIVE_PARAMS):
+        raise ValueError(f"params must hold {len(contract.OBJECTIVE_PARAMS)} values {contract.OBJECTIVE_PARAMS}, got {len(params)}")
     advantages = _per_token("advantages", advantages, N, device, optional=False)
     w_pg = _per_token("w_pg", w_pg, N, device, optional=False)
     old_logps = _per_token("old_logps", old_logps, N, device, optional=True)
     grad_entropy = _per_token("grad_entropy", grad_entropy, N, device, optional=True)
-    if kl_id != 0:
+    if kl_id != contract.KL_NONE:
         ref_logps = _per_token("ref_logps", ref_logps, N, device, optional=True)
         w_kl = _per_token("w_kl", w_kl, N, device, optional=True)
         if ref_logps is None or w_kl is None:

@@ -87,3 +87,77 @@ def test_torch_compile_fullgraph(backend, compiler):
     torch.testing.assert_close(loss, eager_loss)
     torch.testing.assert_close(grad, eager_grad)
     assert torch.equal(top1, eager_top1)
+
+
+@pytest.mark.parametrize("backend", ["reference", "native", "triton"])
+@pytest.mark.parametrize("op", sorted(fastalign.backend.OPS))
+def test_every_backend_exposes_every_op(backend, op):
+    """The backend contract (fastalign/backend.py): each backend serves each op under its name."""
+    module = fastalign.backend.backend_module(backend, op)
+    assert callable(getattr(module, op, None)), f"{module.__name__} lacks {op}"
+
+
+def test_the_triton_backend_forwards_to_functions_that_exist():
+    pytest.importorskip("triton")
+    from fastalign import _triton
+
+    for op in fastalign.backend.OPS:
+        function = getattr(_triton, op)
+        if function.__doc__.startswith("`fastalign.kernels."):
+            module, name = function.__doc__.strip("`").rsplit(".", 1)
+            assert callable(getattr(_triton.kernels(module.rsplit(".", 1)[1]), name))
+
+
+def test_ops_are_registered_for_each_entry_of_the_table():
+    for op in fastalign.backend.OPS:
+        assert hasattr(torch.ops.fastalign, op), op
+
+
+def test_the_kernels_package_imports_nothing_from_fastalign():
+    import ast
+    from pathlib import Path
+
+    for path in (Path(__file__).resolve().parent.parent / "kernels").glob("*.py"):
+        for node in ast.walk(ast.parse(path.read_text())):
+            if isinstance(node, ast.ImportFrom):
+                assert node.level <= 1 and not (node.module or "").startswith("fastalign"), f"{path.name}: {ast.unparse(node)}"
+            elif isinstance(node, ast.Import):
+                assert not any(a.name.startswith("fastalign") for a in node.names), f"{path.name}: {ast.unparse(node)}"
+
+
+def _camel(name: str) -> str:
+    return "".join(part.capitalize() for part in name.lower().split("_"))
+
+
+def test_kernel_ids_agree_with_the_cpp_enums():
+    """kernels/contract.py defines the ids; csrc/ mirrors them; the Triton kernels import them."""
+    import re
+    from pathlib import Path
+
+    from fastalign._triton import contract
+
+    ids = contract()
+    csrc = Path(__file__).resolve().parent.parent / "csrc" / "cpu"
+    policy = (csrc / "policy.cpp").read_text()
+    enum = {name: int(value) for name, value in re.findall(r"\bk(\w+) = (\d+)", policy)}
+    for i, name in enumerate(ids.SURROGATES):
+        assert enum[_camel(name)] == i == getattr(ids, f"SURROGATE_{name.upper()}"), name
+    for i, name in enumerate(ids.KL_ESTIMATORS):
+        assert enum[_camel(name)] == i == getattr(ids, f"KL_{name.upper()}"), name
+    for i, name in enumerate(ids.OBJECTIVE_PARAMS):
+        assert enum[_camel(name)] == i, name
+    assert enum["NumParams"] == len(ids.OBJECTIVE_PARAMS)
+    advantages = dict(re.findall(r"constexpr int64_t kScale(\w+) = (\d+);", (csrc / "advantages.cpp").read_text()))
+    assert int(advantages["Group"]) == ids.SCALE_GROUP and int(advantages["Given"]) == ids.SCALE_GIVEN
+
+
+def test_token_objective_passes_the_contract_ids():
+    from fastalign._triton import contract
+    from fastalign.token_objective import TokenObjective
+
+    ids = contract()
+    surrogate, kl, params = TokenObjective(surrogate="sapo", kl="low_var_kl", tau_neg=2.5,
+                                           kl_bias_correction=True).kernel_args()
+    assert (surrogate, kl) == (ids.SURROGATE_SAPO, ids.KL_LOW_VAR_KL)
+    assert params[ids.OBJECTIVE_PARAMS.index("tau_neg")] == 2.5
+    assert params[ids.OBJECTIVE_PARAMS.index("kl_bias_correction")] == 1.0

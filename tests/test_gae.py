@@ -147,7 +147,7 @@ def test_reference_equals_trainer_loops(semantics, mask_kind, gamma, lam):
                                          (True, True, False)]:
         want_adv, want_ret = TRAINERS[semantics](rewards, values, mask.double(), gamma, lam, whiten, shift_mean,
                                                  unbiased)
-        got_adv, got_ret = reference.gae(rewards, values, mask, gamma, lam, semantics=semantics, whiten=whiten,
+        got_adv, got_ret = reference.gae(rewards, values, mask, gamma, lam, convention=semantics, whiten=whiten,
                                          shift_mean=shift_mean, unbiased=unbiased)
         # verl's 1e-8 in the masked mean's count is the only difference: ~1e-9 relative.
         torch.testing.assert_close(got_adv, want_adv, rtol=1e-7, atol=1e-7)
@@ -157,10 +157,10 @@ def test_reference_equals_trainer_loops(semantics, mask_kind, gamma, lam):
 def test_semantics_differ_only_through_the_mask():
     rewards, values, mask = make_inputs(4, 20, "holes")
     verl = reference.gae(rewards, values, None, 0.99, 0.95, whiten=False)
-    trl = reference.gae(rewards, values, None, 0.99, 0.95, semantics="trl", whiten=False)
+    trl = reference.gae(rewards, values, None, 0.99, 0.95, convention="trl", whiten=False)
     torch.testing.assert_close(verl, trl, rtol=0, atol=0)
     verl = reference.gae(rewards, values, mask, 0.99, 0.95, whiten=False)
-    trl = reference.gae(rewards, values, mask, 0.99, 0.95, semantics="trl", whiten=False)
+    trl = reference.gae(rewards, values, mask, 0.99, 0.95, convention="trl", whiten=False)
     assert not torch.allclose(verl[0], trl[0])
 
 
@@ -210,7 +210,7 @@ def check_backend(backend, rewards, values, mask, gamma, lam, **kwargs):
 @pytest.mark.parametrize("whiten", [False, True])
 def test_backends_match_ground_truth(backend, semantics, mask_kind, whiten):
     rewards, values, mask = make_inputs(6, 300, mask_kind, torch.float32)
-    check_backend(backend, rewards, values, mask, 0.99, 0.95, semantics=semantics, whiten=whiten)
+    check_backend(backend, rewards, values, mask, 0.99, 0.95, convention=semantics, whiten=whiten)
 
 
 @pytest.mark.parametrize("backend", backend_params())
@@ -218,16 +218,16 @@ def test_backends_match_ground_truth(backend, semantics, mask_kind, whiten):
 def test_backends_coefficients(backend, gamma, lam):
     rewards, values, mask = make_inputs(4, 200, "holes", torch.float32)
     check_backend(backend, rewards, values, mask, gamma, lam)
-    check_backend(backend, rewards, values, mask, gamma, lam, semantics="trl")
+    check_backend(backend, rewards, values, mask, gamma, lam, convention="trl")
 
 
 @pytest.mark.parametrize("backend", backend_params())
 def test_backends_whitening_options(backend):
     rewards, values, mask = make_inputs(5, 150, "right_pad", torch.float32)
     for semantics in ("verl", "trl"):
-        check_backend(backend, rewards, values, mask, 0.99, 0.95, semantics=semantics, shift_mean=False)
-        check_backend(backend, rewards, values, mask, 0.99, 0.95, semantics=semantics, unbiased=False)
-        check_backend(backend, rewards, values, None, 0.99, 0.95, semantics=semantics)
+        check_backend(backend, rewards, values, mask, 0.99, 0.95, convention=semantics, shift_mean=False)
+        check_backend(backend, rewards, values, mask, 0.99, 0.95, convention=semantics, unbiased=False)
+        check_backend(backend, rewards, values, None, 0.99, 0.95, convention=semantics)
 
 
 @pytest.mark.parametrize("backend", backend_params())
@@ -238,7 +238,7 @@ def test_backends_dtypes(backend, dtype):
     rewards, values, mask = make_inputs(4, 130, "random", dtype)
     check_backend(backend, rewards, values, mask, 0.99, 0.95)
     # Mixed: bf16 rewards with fp32 values.
-    check_backend(backend, rewards, values.float(), mask, 0.99, 0.95, semantics="trl")
+    check_backend(backend, rewards, values.float(), mask, 0.99, 0.95, convention="trl")
 
 
 @pytest.mark.parametrize("backend", backend_params())
@@ -250,7 +250,7 @@ def test_backends_strided_inputs_and_mask_dtypes(backend):
     assert not values_view.is_contiguous() or not rewards_t.is_contiguous()
     for m in (mask, mask.long(), mask.float(), mask.to(torch.int32), mask.t().contiguous().t()):
         check_backend(backend, rewards_t, values_view, m, 0.99, 0.95)
-        check_backend(backend, rewards_t, values_view, m, 0.99, 0.95, semantics="trl")
+        check_backend(backend, rewards_t, values_view, m, 0.99, 0.95, convention="trl")
 
 
 @pytest.mark.parametrize("backend", backend_params())
@@ -260,7 +260,7 @@ def test_backends_long_rows(backend):
     T = 5000 if backend == "triton" and DEVICE == "cpu" else 32768
     rewards, values, mask = make_inputs(2, T, "holes", torch.float32)
     check_backend(backend, rewards, values, mask, 1.0, 1.0)
-    check_backend(backend, rewards, values, mask, 0.999, 0.95, semantics="trl")
+    check_backend(backend, rewards, values, mask, 0.999, 0.95, convention="trl")
 
 
 def test_native_long_rows_equal_verl_loop():
@@ -341,7 +341,7 @@ def _bad_calls():
         ("gamma", ValueError, r"\[0, 1\]", dict(gamma=float("nan"))),
         ("lam", ValueError, r"\[0, 1\]", dict(lam=1.01)),
         ("lam", TypeError, "number", dict(lam="0.9")),
-        ("semantics", ValueError, "'verl', 'trl'", dict(semantics="ppo")),
+        ("convention", ValueError, "'verl', 'trl'", dict(convention="ppo")),
         ("whiten", TypeError, "bool", dict(whiten=1)),
     ], r, v, m
 
@@ -353,7 +353,7 @@ BAD, _R, _V, _M = _bad_calls()
 def test_bad_input_names_the_argument(name, error, message, change):
     args = dict(rewards=_R, values=_V, mask=_M, gamma=0.99, lam=0.95)
     args.update(change)
-    kwargs = {k: args.pop(k) for k in ("semantics", "whiten") if k in args}
+    kwargs = {k: args.pop(k) for k in ("convention", "whiten") if k in args}
     with pytest.raises(error, match=message) as info:
         fastalign.gae(args["rewards"], args["values"], args["mask"], args["gamma"], args["lam"], **kwargs)
     assert str(info.value).startswith(f"{name}:"), str(info.value)
@@ -363,3 +363,13 @@ def test_values_on_another_device_is_named():
     meta = torch.randn(2, 5, device="meta")
     with pytest.raises(ValueError, match="^values: expected a tensor on"):
         fastalign.gae(torch.randn(2, 5), meta, None, 0.99, 0.95)
+
+
+def test_semantics_is_the_deprecated_name_of_convention():
+    rewards, values, mask = make_inputs(2, 7, "holes", torch.float32)
+    want = fastalign.gae(rewards, values, mask, 0.99, 0.95, convention="trl")
+    with pytest.warns(DeprecationWarning, match="semantics= is deprecated; pass convention="):
+        got = fastalign.gae(rewards, values, mask, 0.99, 0.95, semantics="trl")
+    torch.testing.assert_close(got.advantages, want.advantages, rtol=0, atol=0)
+    with pytest.raises(ValueError, match="semantics / convention: pass convention= only"):
+        fastalign.gae(rewards, values, mask, 0.99, 0.95, semantics="trl", convention="trl")

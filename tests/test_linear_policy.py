@@ -103,10 +103,9 @@ def test_triton_policy_passes(monkeypatch, mode, dtype):
         pytest.skip(f"triton not live on {DEVICE}: {why}")
     from fastalign import _triton, linear_blocked
 
-    kernels = _triton.kernels("linear_logprobs")
     monkeypatch.setattr(fastalign.policy, "LINEAR_POLICY_PASS", mode)
-    monkeypatch.setattr(kernels, "POLICY_BLOCK_ELEMENTS", V * 4)
-    monkeypatch.setattr(kernels, "POLICY_MIN_BLOCK_ROWS", 1)
+    monkeypatch.setattr(_triton, "POLICY_BLOCK_ELEMENTS", V * 4)
+    monkeypatch.setattr(_triton, "POLICY_MIN_BLOCK_ROWS", 1)
     calls = []
     blocked = linear_blocked.linear_policy_token_forward
     monkeypatch.setattr(linear_blocked, "linear_policy_token_forward", lambda *a, **k: calls.append(k) or blocked(*a, **k))

@@ -80,10 +80,10 @@ def test_unknown_backend_in_environment(monkeypatch):
 
 def test_forcing_native_on_a_non_cpu_tensor():
     # Meta tensors never reach an op body (they take the fake implementation), so ask the resolver.
-    from fastalign.logprobs import _implementation
+    from fastalign.backend import resolve
 
     with pytest.raises(RuntimeError, match="backend 'native' serves CPU tensors; the logits are on meta"):
-        _implementation("native", torch.empty(2, V, device="meta"))
+        resolve("token_logprobs_forward", "native", logits=torch.empty(2, V, device="meta"))
 
 
 def test_forcing_triton_where_it_cannot_run(monkeypatch):

@@ -226,3 +226,19 @@ def test_ppo_gradient_matches_float64_truth(backend, dtype, convention):
     loss, grad = run(logits64.to(dtype), backend)
     assert_as_accurate_as_reference(loss, ref_loss, truth_loss, "loss")
     assert_as_accurate_as_reference(grad, ref_grad, truth_grad, "grad")
+
+
+def test_rollout_is_weights_is_the_deprecated_name_of_importance_sampling_ratio():
+    g = torch.Generator().manual_seed(3)
+    logps = -torch.rand(2, 5, generator=g, dtype=torch.float64)
+    mask = torch.ones(2, 5, dtype=torch.bool)
+    common = dict(logps=logps, completion_mask=mask, advantages=torch.randn(2, generator=g, dtype=torch.float64),
+                  old_logps=logps - 0.1)
+    weights = torch.rand(2, 5, generator=g, dtype=torch.float64)
+    want = fastalign.ppo_loss(**common, importance_sampling_ratio=weights)
+    with pytest.warns(DeprecationWarning, match="rollout_is_weights= is deprecated; pass importance_sampling_ratio="):
+        got = fastalign.ppo_loss(**common, rollout_is_weights=weights)
+    assert torch.equal(got.loss, want.loss)
+    assert not torch.equal(want.loss, fastalign.ppo_loss(**common).loss)
+    with pytest.raises(ValueError, match="rollout_is_weights / importance_sampling_ratio"):
+        fastalign.ppo_loss(**common, rollout_is_weights=weights, importance_sampling_ratio=weights)

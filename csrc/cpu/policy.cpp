@@ -25,8 +25,21 @@ namespace {
 
 using namespace rows;
 
+// The ids and the order of `params` of kernels/contract.py (tests/test_backend.py checks they agree).
 enum Surrogate : int64_t { kClip = 0, kCispo = 1, kSapo = 2 };
 enum Kl : int64_t { kNone = 0, kK1 = 1, kAbs = 2, kK2 = 3, kK3 = 4, kLowVarKl = 5 };
+enum Param : int {
+  kRatioLow = 0,
+  kRatioHigh = 1,
+  kDelta = 2,
+  kDualClip = 3,
+  kLogRatioClamp = 4,
+  kTauPos = 5,
+  kTauNeg = 6,
+  kKlStraightThrough = 7,
+  kKlBiasCorrection = 8,
+  kNumParams = 9
+};
 
 // TokenObjective.kernel_args(), in acc_t.
 template <typename T>
@@ -186,7 +199,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> policy_pass(
   check_inputs(logits, labels);
   const int64_t N = labels.numel(), V = logits.size(2);
   check_label_range(labels.const_data_ptr<int64_t>(), N, V, ignore_index);
-  TORCH_CHECK(params.size() == 9, "policy_token_forward: expected 9 objective parameters, got ", params.size());
+  TORCH_CHECK(params.size() == kNumParams, "policy_token_forward: expected ", int(kNumParams),
+              " objective parameters, got ", params.size());
   TORCH_CHECK(surrogate >= kClip && surrogate <= kSapo, "policy_token_forward: unknown surrogate id ", surrogate);
   TORCH_CHECK(kl >= kNone && kl <= kLowVarKl, "policy_token_forward: unknown KL id ", kl);
   const auto acc_type = logits.scalar_type() == at::kDouble ? at::kDouble : at::kFloat;
@@ -209,8 +223,17 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> policy_pass(
     using acc_t = std::conditional_t<std::is_same_v<scalar_t, double>, double, float>;
     const auto tf = make_transform<acc_t>(temperature, logit_scale, softcap);
     auto p = [&](int i) { return static_cast<acc_t>(params[i]); };
-    const Objective<acc_t> ob{surrogate, kl,   p(0), p(1), p(2), p(3), p(4), p(5), p(6),
-                              params[7] != 0, params[8] != 0};
+    const Objective<acc_t> ob{surrogate,
+                              kl,
+                              p(kRatioLow),
+                              p(kRatioHigh),
+                              p(kDelta),
+                              p(kDualClip),
+                              p(kLogRatioClamp),
+                              p(kTauPos),
+                              p(kTauNeg),
+                              params[kKlStraightThrough] != 0,
+                              params[kKlBiasCorrection] != 0};
     policy_rows<scalar_t, acc_t>(logits, labels.const_data_ptr<int64_t>(), ignore_index, tf, ob, in, with_grad, logps,
                                  entropy, norm, grad);
   });

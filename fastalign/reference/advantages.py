@@ -25,7 +25,9 @@ from __future__ import annotations
 
 import torch
 
-SCALE_NONE, SCALE_GROUP, SCALE_GIVEN = 0, 1, 2
+from .._triton import contract
+
+SCALE_NONE, SCALE_GROUP, SCALE_GIVEN = contract().SCALE_NONE, contract().SCALE_GROUP, contract().SCALE_GIVEN
 
 
 def _group_ids(n: int, order: torch.Tensor, offsets: torch.Tensor, group_size: int, device) -> tuple[torch.Tensor, int]:

@@ -1,12 +1,14 @@
 """Generalized advantage estimation in plain PyTorch: the ground truth for the kernels.
 
 The reverse loop over time is the trainers' own loop, written once for both masking rules (see
-`fastalign.gae` for the semantics); it runs in fp32, or fp64 when an input is fp64.
+`fastalign.gae` for the two conventions); it runs in fp32, or fp64 when an input is fp64.
 """
 
 from __future__ import annotations
 
 import torch
+
+from .._deprecation import renamed_option
 
 WHITEN_EPS = 1e-8
 
@@ -44,18 +46,20 @@ def gae(
     gamma: float,
     lam: float,
     *,
-    semantics: str = "verl",
+    convention: str = "verl",
     whiten: bool = True,
     shift_mean: bool = True,
     unbiased: bool = True,
+    semantics: str | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """(advantages, returns), each [B, T] fp32 (fp64 for fp64 input); arguments as `fastalign.gae`."""
+    convention = renamed_option("semantics", semantics, "convention", convention, "verl")
     acc = _acc_dtype(rewards, values)
     r = rewards.to(acc)
     v = values.to(acc)
     B, T = r.shape
     valid = torch.ones(B, T, dtype=torch.bool, device=r.device) if mask is None else mask != 0
-    carry_mask = valid if semantics == "verl" else torch.ones_like(valid)
+    carry_mask = valid if convention == "verl" else torch.ones_like(valid)
     next_values = torch.zeros(B, dtype=acc, device=r.device)
     last = torch.zeros(B, dtype=acc, device=r.device)
     advantages = torch.empty(B, T, dtype=acc, device=r.device)
@@ -68,7 +72,7 @@ def gae(
     returns = advantages + v
     if whiten:
         advantages = masked_whiten(advantages, valid, shift_mean=shift_mean, unbiased=unbiased)
-        if semantics == "trl" and mask is not None:
+        if convention == "trl" and mask is not None:
             advantages = advantages.masked_fill(~valid, 0.0)
     return advantages, returns
 
@@ -76,6 +80,6 @@ def gae(
 def gae_forward(rewards, values, mask, gamma, lam, trl, whiten, shift_mean, unbiased):
     """The op-level entry point every backend shares (see `fastalign.gae.gae_forward`)."""
     return gae(
-        rewards, values, mask, gamma, lam, semantics="trl" if trl else "verl",
+        rewards, values, mask, gamma, lam, convention="trl" if trl else "verl",
         whiten=whiten, shift_mean=shift_mean, unbiased=unbiased,
     )
