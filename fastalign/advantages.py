@@ -312,7 +312,7 @@ def reinforce_plus_plus_advantages(
     token_level_rewards: torch.Tensor, response_mask: torch.Tensor, *, gamma: float = 1.0
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """verl 0.9.1's REINFORCE++ (`compute_reinforce_plus_plus_outcome_advantage`,
-    verl/trainer/ppo/core_algos.py:694-731): discounted returns `G_t = r_t + gamma * G_{t+1}` over
+    in verl/trainer/ppo/core_algos.py): discounted returns `G_t = r_t + gamma * G_{t+1}` over
     the unmasked tokens, scanned from the right, then whitened over every unmasked token of the
     batch and masked. Masked tokens (tool observations inside a multi-turn response, padding) are
     skipped as verl skips them: their reward is dropped, their return is 0, and the running return

@@ -132,8 +132,9 @@ def _discounted_returns_kernel(r_ptr, m_ptr, out_ptr, B, T, gamma, BLOCK_ROWS: t
         t = T - 1 - k
         r = tl.load(r_ptr + base + t, mask=live, other=0.0).to(tl.float32)
         m = tl.load(m_ptr + base + t, mask=live, other=0.0).to(tl.float32)
-        # verl 0.9.1's scan (core_algos.py:720-726): a masked token returns 0 and passes the
-        # running return on unchanged; written as verl writes it so fractional masks match too.
+        # verl 0.9.1's scan (compute_reinforce_plus_plus_outcome_advantage): a masked token returns 0
+        # and passes the running return on unchanged; written as verl writes it so fractional masks
+        # match too.
         new = r + gamma * running
         tl.store(out_ptr + base + t, new * m, mask=live)
         running = new * m + running * (1.0 - m)

@@ -121,7 +121,7 @@ def verl_reinforce_pp_baseline(token_level_rewards, response_mask, index):
 
 
 def verl_reinforce_pp(token_level_rewards, response_mask, gamma):
-    """verl 0.9.1 compute_reinforce_plus_plus_outcome_advantage (verl/trainer/ppo/core_algos.py:694-731),
+    """verl 0.9.1 compute_reinforce_plus_plus_outcome_advantage,
     line for line: masked (observation) tokens are skipped, the running return carried across them."""
     with torch.no_grad():
         returns = torch.zeros_like(token_level_rewards)

@@ -121,7 +121,7 @@ at::Tensor group_advantages_forward(const at::Tensor& values, const at::Tensor& 
 }
 
 // REINFORCE++ returns as verl 0.9.1 computes them (compute_reinforce_plus_plus_outcome_advantage,
-// verl/trainer/ppo/core_algos.py:720-726), one row scanned from the right:
+// in verl/trainer/ppo/core_algos.py), one row scanned from the right:
 //   new = r_t + gamma * running;  G_t = new * m_t;  running = new * m_t + running * (1 - m_t).
 // A masked token (a tool observation inside a multi-turn response, or padding) returns 0 and the
 // running return is carried across it unchanged. The expression is kept as verl writes it (no

@@ -246,8 +246,9 @@ def compute_fastalign_reinforce_plus_plus_advantage(token_level_rewards, respons
     """verl's "reinforce_plus_plus": discounted returns over the response tokens (`algorithm.gamma`),
     whitened over the batch's response tokens."""
     gamma = _setting(_require(config, "fastalign_reinforce_plus_plus"), "gamma")
-    # fastalign's scan is verl 0.9.1's (core_algos.py:694-731): masked tokens (tool observations
-    # inside a multi-turn response) are skipped and their returns are 0, so the call is direct.
+    # fastalign's scan is verl 0.9.1's (compute_reinforce_plus_plus_outcome_advantage): masked tokens
+    # (tool observations inside a multi-turn response) are skipped and their returns are 0, so the
+    # call is direct.
     with _verl_names():
         advantages, returns = reinforce_plus_plus_advantages(token_level_rewards, response_mask, gamma=gamma)
     # verl scans into a zeros_like(rewards) buffer, so its returns keep the rewards' dtype.

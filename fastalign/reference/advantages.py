@@ -93,7 +93,7 @@ def group_advantages_forward(
 
 def discounted_returns(rewards: torch.Tensor, mask: torch.Tensor, gamma: float) -> torch.Tensor:
     """verl 0.9.1's REINFORCE++ return (`compute_reinforce_plus_plus_outcome_advantage`,
-    verl/trainer/ppo/core_algos.py:694-731; the scan is lines 720-726), from the right:
+    in verl/trainer/ppo/core_algos.py; its scan over the tokens), from the right:
 
         new      = r_t + gamma * running
         G_t      = new * mask[t]
