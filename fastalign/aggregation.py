@@ -78,3 +78,11 @@ def verl_weights(
             denominator = (counts.float() + 1e-8).to(m.dtype)
         return m / denominator * has_tokens / sequences * dp_size
     raise ValueError(f"unknown verl loss_agg_mode {loss_agg_mode!r}")
+
+
+def sequence_mean_weights(mask: torch.Tensor) -> torch.Tensor:
+    """[B, 1]: 1/B per sequence, for a per-sequence loss averaged over the batch (TRL RLOOTrainer's
+    `.mean()`; a completion without a counted token still counts, as there)."""
+    b = mask.shape[0]
+    dtype = torch.float64 if mask.dtype == torch.float64 else torch.float32
+    return torch.full((b, 1), 1.0 / max(b, 1), dtype=dtype, device=mask.device)

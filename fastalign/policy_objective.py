@@ -191,6 +191,15 @@ def objective_grad(
     return grad
 
 
+def sequence_log_ratio(logps: torch.Tensor, old_logps: torch.Tensor | None, mask: torch.Tensor) -> torch.Tensor:
+    """[B, 1]: log(pi(y) / pi_old(y)) of each completion, its token log-probs summed over the
+    counted tokens (TRL RLOOTrainer's ratio; `old_logps` [B, 1] are already summed). Without them,
+    s - sg(s): a ratio of 1 that keeps the on-policy gradient. A sum, where GSPO's sequence ratio
+    is a mean: the two differ as soon as a completion has more than one token."""
+    s = masked_sum(logps, mask, dim=-1).unsqueeze(-1)
+    return s - (s.detach() if old_logps is None else old_logps)
+
+
 def clipped_value_loss(
     vpreds: torch.Tensor, values: torch.Tensor, returns: torch.Tensor, clip: float | None
 ) -> tuple[torch.Tensor, torch.Tensor]:
