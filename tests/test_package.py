@@ -54,8 +54,11 @@ def test_info_is_the_default_command():
 
 @pytest.fixture
 def package_without_extension(tmp_path):
-    """A copy of the Python sources with no compiled fastalign._C and no fastalign.kernels."""
-    shutil.copytree(ROOT / "fastalign", tmp_path / "fastalign", ignore=shutil.ignore_patterns("*.so", "__pycache__"))
+    """A copy of the Python sources laid out as installed (kernels/ as fastalign.kernels, whose
+    contract.py fastalign reads at import) with no compiled fastalign._C."""
+    skip = shutil.ignore_patterns("*.so", "__pycache__")
+    shutil.copytree(ROOT / "fastalign", tmp_path / "fastalign", ignore=skip)
+    shutil.copytree(ROOT / "kernels", tmp_path / "fastalign" / "kernels", ignore=skip)
     return str(tmp_path)
 
 
