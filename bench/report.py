@@ -449,28 +449,31 @@ def chart(run: dict, path: Path) -> bool:
     except ImportError:
         return False
     rows = sorted(run["rows"], key=_sort_key)
-    cases, impls = [], []
-    for r in rows:
-        case = _chart_case(r)
-        if case not in cases:
-            cases.append(case)
-        if r["label"] not in impls:
-            impls.append(r["label"])
     if not rows:
         return False
-    height = 1.0 / (len(impls) + 1)
-    fig, ax = plt.subplots(figsize=(11, 1.0 + 0.3 * len(cases) * (len(impls) + 1)))
-    for j, label in enumerate(impls):
-        ys, xs = [], []
-        for r in rows:
-            if r["label"] != label:
-                continue
+    # One bar per row of the table, a case's bars together with a gap after them; a slot for
+    # every implementation in every case would leave most of the chart empty.
+    impls = list(dict.fromkeys(r["label"] for r in rows))
+    bars_of = {label: ([], []) for label in impls}
+    ticks, y, case = [], 0, None
+    for r in rows:
+        if _chart_case(r) != case:
+            if case is not None:
+                y += 1
             case = _chart_case(r)
-            ys.append(cases.index(case) + j * height)
-            xs.append(r["median_ms"])
-        bars = ax.barh(ys, xs, height=height, label=label)
+            ticks.append([y, y, case])
+        ys, xs = bars_of[r["label"]]
+        ys.append(y)
+        xs.append(r["median_ms"])
+        ticks[-1][1] = y
+        y += 1
+    fig, ax = plt.subplots(figsize=(11, 1.5 + 0.22 * y))
+    colors = plt.get_cmap("tab20")
+    for j, label in enumerate(impls):
+        ys, xs = bars_of[label]
+        bars = ax.barh(ys, xs, height=0.8, label=label, color=colors(j % 20))
         ax.bar_label(bars, labels=[_ms(x) for x in xs], padding=2, fontsize=7)
-    ax.set_yticks([i + height * (len(impls) - 1) / 2 for i in range(len(cases))], cases)
+    ax.set_yticks([(first + last) / 2 for first, last, _ in ticks], [name for _, _, name in ticks], fontsize=8)
     ax.invert_yaxis()
     ax.set_xscale("log")
     ax.set_xlabel("median ms (log scale, lower is better)")
