@@ -4,7 +4,7 @@ never deep in a kernel."""
 from __future__ import annotations
 
 import math
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 
 import torch
 
@@ -189,3 +189,46 @@ def check_token_mask(name: str, mask: object, labels: torch.Tensor) -> None:
         raise ValueError(f"{name}: expected a tensor on {labels.device} (that of labels), got {mask.device}")
     if mask.is_complex():
         raise TypeError(f"{name}: expected a bool, integer or float tensor, got {mask.dtype}")
+
+
+# The calling conventions every loss shares.
+
+
+def options_from(options: object, option_kwargs: dict, kind: type, builder: Callable) -> object:
+    """A loss's checked options: `options` (a `kind` that `builder` made) or the keyword options
+    `option_kwargs` checked by `builder`; both at once is an error, not a merge."""
+    if options is not None and not isinstance(options, kind):
+        raise TypeError(
+            f"options: expected a {kind.__name__} from {builder.__name__}(...), or None; got {type(options).__name__}"
+        )
+    if options is None:
+        return builder(**option_kwargs)
+    if option_kwargs:
+        raise ValueError(f"options: pass either options= or keyword options, not both ({sorted(option_kwargs)})")
+    return options
+
+
+def policy_logits(logits: object, hidden: object, weight: object, bias: object, labels: object) -> object:
+    """What a loss reads for the policy: `logits`, or the hidden states `hidden` with the lm_head
+    `weight` (and `bias`), returned as a `HiddenStates` so that the logits are never materialized.
+
+    An FSDP2-sharded weight or bias (a DTensor) is gathered here, differentiably. A `HiddenStates`
+    passed as `logits` is the earlier spelling of hidden=, weight=, bias=: still read, with a
+    DeprecationWarning."""
+    from ._keyword_only import warn_deprecated
+    from .types import HiddenStates
+
+    if isinstance(logits, HiddenStates):
+        warn_deprecated("logits: passing HiddenStates(hidden, weight, bias) as logits is deprecated; "
+                        "pass hidden=, weight=, bias= instead")
+    if hidden is None and weight is None and bias is None:
+        return logits
+    if logits is not None:
+        raise ValueError("logits / hidden: pass either logits= or hidden= (with weight=), not both")
+    if hidden is None or weight is None:
+        raise ValueError("hidden / weight: the hidden-states level needs both hidden= and weight=")
+    from .linear_logprobs import check_linear_args, gather_sharded
+
+    weight, bias = gather_sharded(weight), gather_sharded(bias)
+    check_linear_args(hidden, weight, bias, labels)
+    return HiddenStates(hidden, weight, bias)

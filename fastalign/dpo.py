@@ -10,8 +10,13 @@ sums over each completion and token counts, in `DPOPairs`): a level that starts 
 and the `lm_head` weight reduces its per-token output with `pairs_from_tokens` and calls it
 unchanged.
 
-Every formula is TRL 1.16's `DPOTrainer._compute_loss` (trl/trainer/dpo_trainer.py; the line
-numbers below are that file's), except DPOP (Pal et al. 2024, arXiv:2402.13228), which TRL lacks.
+Every formula is TRL 1.16's `DPOTrainer._compute_loss` (trl/trainer/dpo_trainer.py; each loss
+type is its branch of that method's `loss_type` loop), except DPOP (Pal et al. 2024,
+arXiv:2402.13228), which TRL lacks.
+
+Options follow one convention (as GRPO's): `dpo_options(...)` checks them into a `DPOOptions`;
+every function takes them as keywords or as `options=` (not both), and `DPOLoss(**options)`
+checks them once. Their descriptions live in `fastalign.option_docs.DPO`.
 """
 
 from __future__ import annotations
@@ -25,7 +30,16 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ._checks import check_finite, check_ignore_index, check_positive_finite, check_sequence_values
+from . import option_docs
+from ._checks import (
+    check_finite,
+    check_ignore_index,
+    check_positive_finite,
+    check_sequence_values,
+    options_from,
+    policy_logits,
+)
+from ._keyword_only import keyword_only, parameter_names
 from .sequence import completion_logits_metrics, masked_mean, sequence_logprobs
 from .types import HiddenStates, LossOutput, TokenLogprobs
 
@@ -53,7 +67,7 @@ METRIC_NAMES = (
 
 @dataclass(frozen=True)
 class DPOOptions:
-    """Checked DPO options; `dpo_options(...)` builds them from the keyword arguments of `dpo_loss`."""
+    """Checked DPO options, built by `dpo_options(...)`; `loss_types` and `loss_weights` are tuples."""
 
     beta: float
     loss_types: tuple[str, ...]
@@ -97,7 +111,12 @@ def dpo_options(
     dpop_lambda: float = 0.0,
     reference_free: bool = False,
 ) -> DPOOptions:
-    """Checks the options once (each error names its option) and returns them as `DPOOptions`."""
+    """Checks the options once (each error names its option) and returns them as `DPOOptions`,
+    for `options=` of `dpo_loss` and `dpo_loss_from_logits`.
+
+    Options:
+        {options}
+    """
     beta = check_positive_finite("beta", beta)
     loss_types = (loss_type,) if isinstance(loss_type, str) else _as_tuple("loss_type", loss_type, "loss type names")
     if not loss_types:
@@ -203,7 +222,7 @@ class DPOPairs(NamedTuple):
 
 
 def _f_divergence_scores(options: DPOOptions, logratios: torch.Tensor) -> torch.Tensor:
-    """f'(pi / pi_ref) as a function of the log-ratio (TRL lines 1353-1381)."""
+    """f'(pi / pi_ref) as a function of the log-ratio (the `f_divergence_type` branches of TRL's `_compute_loss`)."""
     kind = options.f_divergence_type
     if kind == "forward_kl":
         return 1 - torch.exp(-logratios)
@@ -225,56 +244,56 @@ def _smoothed_sigmoid(logits: torch.Tensor, smoothing: float) -> torch.Tensor:
 def _per_sequence_loss(loss_type: str, options: DPOOptions, s: dict) -> torch.Tensor:
     """One loss type's [B] loss; `s` holds the [B] quantities `dpo_from_sequences` derived."""
     beta, eps = options.beta, options.label_smoothing
-    if loss_type == "sigmoid":  # TRL line 1387
+    if loss_type == "sigmoid":
         delta = s["delta_score"]
         if options.dpop_lambda > 0:
             # DPOP (Pal et al. 2024, Eq. 3): lambda * max(0, log pi_ref(y_w) - log pi(y_w)) inside the logit.
             delta = delta - options.dpop_lambda * torch.relu(-s["chosen_logratios"])
         return -F.logsigmoid(beta * delta)
-    if loss_type == "hinge":  # TRL line 1390
+    if loss_type == "hinge":
         return torch.relu(1 - beta * s["delta_score"])
-    if loss_type == "ipo":  # TRL line 1393: scores averaged per token (TRL's length normalization), Eq. 17
+    if loss_type == "ipo":  # scores averaged per token (TRL's length normalization), Eq. 17
         delta = s["chosen_scores"] / s["chosen_norm_len"] - s["rejected_scores"] / s["rejected_norm_len"]
         return (delta - 1 / (2 * beta)) ** 2
-    if loss_type == "exo_pair":  # TRL line 1406 (EXO, Eq. 16): KL(softmax(beta * scores) || [1 - eps, eps])
+    if loss_type == "exo_pair":  # EXO, Eq. 16: KL(softmax(beta * scores) || [1 - eps, eps])
         logit = beta * s["delta_score"]
         return (
             torch.sigmoid(logit) * (F.logsigmoid(logit) - math.log1p(-eps))
             + torch.sigmoid(-logit) * (F.logsigmoid(-logit) - math.log(eps))
         )
-    if loss_type == "nca_pair":  # TRL line 1419
+    if loss_type == "nca_pair":
         chosen, rejected = beta * s["chosen_logratios"], beta * s["rejected_logratios"]
         return -F.logsigmoid(chosen) - 0.5 * F.logsigmoid(-chosen) - 0.5 * F.logsigmoid(-rejected)
-    if loss_type == "robust":  # TRL line 1428: unbiased under a label-flip rate eps
+    if loss_type == "robust":  # unbiased under a label-flip rate eps
         logit = beta * s["delta_score"]
         return (-(1 - eps) * F.logsigmoid(logit) + eps * F.logsigmoid(-logit)) / (1 - 2 * eps)
-    if loss_type == "bco_pair":  # TRL line 1433
+    if loss_type == "bco_pair":
         return -F.logsigmoid(beta * s["chosen_logratios"]) - F.logsigmoid(-beta * s["rejected_logratios"])
-    if loss_type == "sppo_hard":  # TRL line 1438: P = 1 for the winner, 0 for the loser
+    if loss_type == "sppo_hard":  # P = 1 for the winner, 0 for the loser
         return (s["chosen_logratios"] - 0.5 / beta) ** 2 + (s["rejected_logratios"] + 0.5 / beta) ** 2
-    if loss_type == "aot":  # TRL line 1447: sorted policy margins against sorted reference margins
+    if loss_type == "aot":  # sorted policy margins against sorted reference margins
         policy = torch.sort(s["chosen_logps"] - s["rejected_logps"], dim=0).values
         reference = torch.sort(s["ref_chosen_logps"] - s["ref_rejected_logps"], dim=0).values
         return _smoothed_sigmoid(beta * (policy - reference), eps)
-    if loss_type == "aot_unpaired":  # TRL line 1458: sorted chosen ratios against sorted rejected ratios
+    if loss_type == "aot_unpaired":  # sorted chosen ratios against sorted rejected ratios
         chosen = torch.sort(s["chosen_logratios"], dim=0).values
         rejected = torch.sort(s["rejected_logratios"], dim=0).values
         return _smoothed_sigmoid(beta * (chosen - rejected), eps)
-    if loss_type == "apo_zero":  # TRL line 1467 (APO, Eq. 7)
+    if loss_type == "apo_zero":  # APO, Eq. 7
         return 1 - torch.sigmoid(beta * s["chosen_logratios"]) + torch.sigmoid(beta * s["rejected_logratios"])
-    if loss_type == "apo_down":  # TRL line 1475 (APO, Eq. 8)
+    if loss_type == "apo_down":  # APO, Eq. 8
         chosen, rejected = s["chosen_logratios"], s["rejected_logratios"]
         return torch.sigmoid(beta * chosen) + 1 - torch.sigmoid(beta * (chosen - rejected))
-    if loss_type == "discopop":  # TRL line 1483 (DiscoPOP, Eq. 5): logistic/exponential mix gated by the margin
+    if loss_type == "discopop":  # DiscoPOP, Eq. 5: logistic/exponential mix gated by the margin
         logit = beta * s["delta_score"]
         gate = torch.sigmoid(logit / options.discopop_tau)
         # gate * exp(-logit) as one exponential: TRL's product overflows to 0 * inf = NaN for a large
         # negative margin, where the true value is finite (0 for tau < 1).
         return -F.logsigmoid(logit) * (1 - gate) + torch.exp(F.logsigmoid(logit / options.discopop_tau) - logit)
-    if loss_type == "sft":  # TRL line 1495: token mean over every chosen completion of the batch
+    if loss_type == "sft":  # token mean over every chosen completion of the batch
         total = s["chosen_full_logps"].sum() / s["chosen_num_tokens"].sum().clamp(min=1)
         return (-total).expand(s["chosen_full_logps"].shape[0])
-    if loss_type == "sigmoid_norm":  # TRL line 1504
+    if loss_type == "sigmoid_norm":
         delta = s["chosen_scores"] / s["chosen_norm_len"] - s["rejected_scores"] / s["rejected_norm_len"]
         return -F.logsigmoid(beta * delta)
     raise ValueError(f"loss_type: unknown {loss_type!r}; expected any of {', '.join(LOSS_TYPES)}")
@@ -300,7 +319,8 @@ def dpo_from_sequences(
     chosen_full, rejected_full = up(pairs.chosen_logps), up(pairs.rejected_logps)
     chosen_logps, rejected_logps = chosen_full, rejected_full
     if options.ld_alpha is not None:
-        # LD-DPO (TRL lines 1303-1315): shared + alpha * tail, i.e. the full sum less (1 - alpha) * tail.
+        # LD-DPO (the `ld_alpha` branch of TRL's `_compute_loss`): shared + alpha * tail, i.e. the full sum
+        # less (1 - alpha) * tail.
         chosen_logps = chosen_full - (1 - options.ld_alpha) * up(pairs.chosen_tail_logps)
         rejected_logps = rejected_full - (1 - options.ld_alpha) * up(pairs.rejected_tail_logps)
     if options.reference_free:
@@ -332,7 +352,7 @@ def dpo_from_sequences(
 
     weights = None
     if options.use_weighting:
-        # WPO (TRL line 1518, Eq. 2 of the paper): exp of each sequence's mean of log p - log sum p^2,
+        # WPO (TRL's `use_weighting` branch, Eq. 2 of the paper): exp of each sequence's mean of log p - log sum p^2,
         # chosen times rejected, as a constant.
         with torch.no_grad():
             chosen_w = torch.exp((chosen_full - up(pairs.chosen_log_sum_sq_probs)) / s["chosen_len"])
@@ -346,8 +366,9 @@ def dpo_from_sequences(
             per_sequence = per_sequence * weights
         loss = loss + per_sequence.mean() * loss_weight
 
-    # Metrics (TRL lines 1581-1601): rewards are beta * log-ratio (not the f-divergence score); means
-    # over the pairs of every process when `gather` is given (TRL gathers each per-pair value).
+    # Metrics (as the end of TRL's `_compute_loss` logs them): rewards are beta * log-ratio (not the
+    # f-divergence score); means over the pairs of every process when `gather` is given (TRL gathers
+    # each per-pair value).
     per_pair = [chosen_logps.detach(), rejected_logps.detach()]
     if has_reference:
         per_pair += [options.beta * s["chosen_logratios"].detach(), options.beta * s["rejected_logratios"].detach()]
@@ -421,7 +442,7 @@ def check_pairs(pairs: DPOPairs, options: DPOOptions) -> None:
 
 def ld_tail_mask(mask: torch.Tensor) -> torch.Tensor:
     """[2B, T] bool: the completion tokens past the length of the shorter completion of each pair (LD-DPO,
-    TRL lines 1306-1313). `mask` marks the counted tokens, rows B chosen then B rejected."""
+    the `ld_alpha` branch of TRL's `_compute_loss`). `mask` marks the counted tokens, rows B chosen then B rejected."""
     position = mask.cumsum(dim=1)
     lengths = mask.sum(dim=1)
     chosen_lengths, rejected_lengths = lengths.chunk(2, dim=0)
@@ -464,7 +485,8 @@ def pairs_from_tokens(
     pairs = DPOPairs(
         chosen_logps, rejected_logps, *halves(ref_logps), *halves(num_tokens), *halves(tail_logps), *halves(lssp)
     )
-    # TRL lines 1554-1568: the mean over all chosen (rejected) completion tokens of the per-token mean logit.
+    # As TRL's `_compute_loss` logs logits/*: the mean over all chosen (rejected) completion tokens of the
+    # per-token mean logit.
     return pairs, completion_logits_metrics(token.mean_logits, mask, gather)
 
 
@@ -562,39 +584,17 @@ def _dpo_from_logits(
     return LossOutput(out.loss, _ordered({**out.metrics, **logit_metrics}))
 
 
-_DOC_OPTIONS = """
-        beta: the KL coefficient (> 0); IPO's tau.
-        loss_type: one of, or a list of, "sigmoid", "hinge", "ipo", "exo_pair", "nca_pair", "robust",
-            "bco_pair", "sppo_hard", "aot", "aot_unpaired", "apo_zero", "apo_down", "discopop",
-            "sft", "sigmoid_norm" (TRL 1.16's DPOTrainer losses).
-        loss_weights: one weight per loss type (default 1.0 each); the loss is their weighted sum.
-        label_smoothing: epsilon of exo_pair (> 0 required), robust (< 0.5) and aot/aot_unpaired; an
-            error for loss types that do not use it.
-        f_divergence_type: "reverse_kl" (DPO), "forward_kl", "js_divergence", "alpha_divergence"
-            (f-DPO); other than reverse_kl only for sigmoid, sigmoid_norm, hinge, ipo, exo_pair,
-            robust, discopop, sft.
-        f_alpha_divergence_coef: alpha of "alpha_divergence".
-        use_weighting: WPO: each pair's loss times exp(mean over the completion of
-            log p - log sum_v p_v^2) of chosen times rejected, without gradient. Not with aot or
-            aot_unpaired. An sft term is weighted like the others (TRL 1.16 fails on that combination).
-        ld_alpha: LD-DPO, in [0, 1]: tokens past the shorter completion of the pair count alpha times.
-        discopop_tau: the temperature of "discopop" (> 0).
-        dpop_lambda: DPOP (Pal et al. 2024): subtracts lambda * max(0, log pi_ref(y_w) - log pi(y_w))
-            from the sigmoid loss's margin; needs "sigmoid" in loss_type.
-        reference_free: take the reference log-probs as 0 (an implicit uniform reference)."""
+_EMPTY = """A fully masked completion (no counted token) is legal and gives a finite loss: its log-prob is 0
+(the empty sum), its token count 0; ipo, sigmoid_norm and WPO divide by max(count, 1) as TRL
+does, an sft term with no chosen token is 0, and no gradient reaches that sequence's logits.
+The pair still counts in the batch mean (with policy = reference its sigmoid loss is ln 2).
 
-_DOC_EMPTY = """
-    A fully masked completion (no counted token) is legal and gives a finite loss: its log-prob is 0
-    (the empty sum), its token count 0; ipo, sigmoid_norm and WPO divide by max(count, 1) as TRL
-    does, an sft term with no chosen token is 0, and no gradient reaches that sequence's logits.
-    The pair still counts in the batch mean (with policy = reference its sigmoid loss is ln 2).
-
-    Metrics (detached 0-d fp32 tensors, TRL's names and meanings): rewards/chosen, rewards/rejected
-    (mean of beta * (log pi - log pi_ref)), rewards/accuracies (share of pairs whose chosen reward
-    is higher), rewards/margins, logps/chosen, logps/rejected (mean sequence log-probs, LD-weighted
-    under ld_alpha), and from logits logits/chosen, logits/rejected (mean over the completion
-    tokens of the per-token mean logit). The rewards/* metrics need reference log-probs (or
-    reference_free) and are absent without them."""
+Metrics (detached 0-d fp32 tensors, TRL's names and meanings): rewards/chosen, rewards/rejected
+(mean of beta * (log pi - log pi_ref)), rewards/accuracies (share of pairs whose chosen reward
+is higher), rewards/margins, logps/chosen, logps/rejected (mean sequence log-probs, LD-weighted
+under ld_alpha), and from logits logits/chosen, logits/rejected (mean over the completion
+tokens of the per-token mean logit). The rewards/* metrics need reference log-probs (or
+reference_free) and are absent without them."""
 
 
 def dpo_loss(
@@ -609,35 +609,10 @@ def dpo_loss(
     rejected_tail_logps: torch.Tensor | None = None,
     chosen_log_sum_sq_probs: torch.Tensor | None = None,
     rejected_log_sum_sq_probs: torch.Tensor | None = None,
-    beta: float = 0.1,
-    loss_type: str | Sequence[str] = "sigmoid",
-    loss_weights: Sequence[float] | None = None,
-    label_smoothing: float = 0.0,
-    f_divergence_type: str = "reverse_kl",
-    f_alpha_divergence_coef: float = 0.5,
-    use_weighting: bool = False,
-    ld_alpha: float | None = None,
-    discopop_tau: float = 0.05,
-    dpop_lambda: float = 0.0,
-    reference_free: bool = False,
+    options: DPOOptions | None = None,
+    **option_kwargs,
 ) -> LossOutput:
-    options = dpo_options(
-        beta=beta, loss_type=loss_type, loss_weights=loss_weights, label_smoothing=label_smoothing,
-        f_divergence_type=f_divergence_type, f_alpha_divergence_coef=f_alpha_divergence_coef,
-        use_weighting=use_weighting, ld_alpha=ld_alpha, discopop_tau=discopop_tau, dpop_lambda=dpop_lambda,
-        reference_free=reference_free,
-    )
-    pairs = DPOPairs(
-        policy_chosen_logps, policy_rejected_logps, ref_chosen_logps, ref_rejected_logps,
-        chosen_num_tokens, rejected_num_tokens, chosen_tail_logps, rejected_tail_logps,
-        chosen_log_sum_sq_probs, rejected_log_sum_sq_probs,
-    )
-    check_pairs(pairs, options)
-    return dpo_from_sequences(pairs, options)
-
-
-# The docstrings are assembled so that both entry points describe the options in the same words.
-dpo_loss.__doc__ = """A DPO-family loss from per-sequence log-probs the caller already has.
+    """A DPO-family loss from per-sequence log-probs the caller already has.
 
     Args:
         policy_chosen_logps, policy_rejected_logps: [B] sums of the policy's token log-probs over
@@ -650,59 +625,64 @@ dpo_loss.__doc__ = """A DPO-family loss from per-sequence log-probs the caller a
             the shorter completion of the pair; needed by ld_alpha (`ld_tail_mask` marks them).
         chosen_log_sum_sq_probs, rejected_log_sum_sq_probs: [B] sums over each completion of the
             per-token log sum_v p_v^2 (`token_logprobs(..., outputs=("log_sum_sq_probs",))`); needed
-            by use_weighting.""" + _DOC_OPTIONS + """
+            by use_weighting.
+        options: the options below, checked once by `dpo_options(...)`; or pass them as keywords.
+
+    Options (keywords, or options=dpo_options(...), not both):
+        {options}
 
     Returns:
         LossOutput(loss, metrics): the scalar loss (fp32, fp64 for fp64 inputs) and TRL's metrics
         (no logits/* here: they need the logits).
-""" + _DOC_EMPTY
+
+    {empty}
+    """
+    options = options_from(options, option_kwargs, DPOOptions, dpo_options)
+    pairs = DPOPairs(
+        policy_chosen_logps, policy_rejected_logps, ref_chosen_logps, ref_rejected_logps,
+        chosen_num_tokens, rejected_num_tokens, chosen_tail_logps, rejected_tail_logps,
+        chosen_log_sum_sq_probs, rejected_log_sum_sq_probs,
+    )
+    check_pairs(pairs, options)
+    return dpo_from_sequences(pairs, options)
 
 
+@keyword_only("completion_mask", "ref_chosen_logps", "ref_rejected_logps")
 def dpo_loss_from_logits(
-    logits: torch.Tensor,
-    labels: torch.Tensor,
+    logits: torch.Tensor | None = None,
+    labels: torch.Tensor | None = None,
+    *,
     completion_mask: torch.Tensor | None = None,
     ref_chosen_logps: torch.Tensor | None = None,
     ref_rejected_logps: torch.Tensor | None = None,
-    *,
     ref_logits: torch.Tensor | None = None,
+    hidden: torch.Tensor | None = None,
+    weight: torch.Tensor | None = None,
+    bias: torch.Tensor | None = None,
     ignore_index: int = -100,
-    beta: float = 0.1,
-    loss_type: str | Sequence[str] = "sigmoid",
-    loss_weights: Sequence[float] | None = None,
-    label_smoothing: float = 0.0,
-    f_divergence_type: str = "reverse_kl",
-    f_alpha_divergence_coef: float = 0.5,
-    use_weighting: bool = False,
-    ld_alpha: float | None = None,
-    discopop_tau: float = 0.05,
-    dpop_lambda: float = 0.0,
-    reference_free: bool = False,
+    options: DPOOptions | None = None,
+    **option_kwargs,
 ) -> LossOutput:
-    options = dpo_options(
-        beta=beta, loss_type=loss_type, loss_weights=loss_weights, label_smoothing=label_smoothing,
-        f_divergence_type=f_divergence_type, f_alpha_divergence_coef=f_alpha_divergence_coef,
-        use_weighting=use_weighting, ld_alpha=ld_alpha, discopop_tau=discopop_tau, dpop_lambda=dpop_lambda,
-        reference_free=reference_free,
-    )
-    return _dpo_from_logits(
-        options, logits, labels, completion_mask, ref_chosen_logps, ref_rejected_logps, ref_logits, ignore_index
-    )
-
-
-dpo_loss_from_logits.__doc__ = """A DPO-family loss from the policy's logits: one pass forward, one backward.
+    """A DPO-family loss from the policy's logits (or hidden states): one pass forward, one backward.
 
     Args:
         logits: [2B, T, V] fp32/bf16/fp16, rows B chosen then B rejected, aligned with `labels`:
             logits[b, t] scores labels[b, t]. For a causal LM pass `logits[:, :-1]`,
             `input_ids[:, 1:]` and `completion_mask[:, 1:]`; the view is read in place, not copied.
+        hidden, weight, bias: in place of `logits`, the policy's hidden states [2B, T, H] and its
+            lm_head `weight` [V, H] (and `bias` [V]): the logits are never materialized. An
+            FSDP2-sharded weight (a DTensor) is gathered.
         labels: [2B, T] int64/int32 token ids; `ignore_index` positions do not count.
         completion_mask: optional [2B, T]; only positions where it is nonzero count (the completion).
         ref_chosen_logps, ref_rejected_logps: [B] the reference model's sequence log-probs, as TRL
             precomputes them (LD-weighted under ld_alpha). Or:
         ref_logits: [2B, T, V] the reference model's logits, reduced under no_grad like the policy's.
             Neither is needed for loss_type "sft" alone or with reference_free=True.
-        ignore_index: the label value that marks a position as not counted.""" + _DOC_OPTIONS + """
+        ignore_index: the label value that marks a position as not counted.
+        options: the options below, checked once by `dpo_options(...)`; or pass them as keywords.
+
+    Options (keywords, or options=dpo_options(...), not both):
+        {options}
 
     Returns:
         LossOutput(loss, metrics): the scalar loss (fp32) and TRL's metrics.
@@ -711,7 +691,14 @@ dpo_loss_from_logits.__doc__ = """A DPO-family loss from the policy's logits: on
     one pass over the vocabulary (`fastalign.token_logprobs`, on the backend in force); the
     backward pass reads the logits once more and writes their gradient once. No [2B*T, V] fp32
     buffer is made on the native and Triton backends.
-""" + _DOC_EMPTY
+
+    {empty}
+    """
+    options = options_from(options, option_kwargs, DPOOptions, dpo_options)
+    logits = policy_logits(logits, hidden, weight, bias, labels)
+    return _dpo_from_logits(
+        options, logits, labels, completion_mask, ref_chosen_logps, ref_rejected_logps, ref_logits, ignore_index
+    )
 
 
 class DPOLoss(nn.Module):
@@ -720,65 +707,41 @@ class DPOLoss(nn.Module):
     loss_fn = DPOLoss(beta=0.1, loss_type=["sigmoid", "sft"], loss_weights=[1.0, 0.5])
     out = loss_fn(logits=logits, labels=labels, completion_mask=mask,
                   ref_chosen_logps=ref_chosen, ref_rejected_logps=ref_rejected)   # or ref_logits=...
+    out = loss_fn(hidden=hidden, weight=lm_head.weight, labels=labels, ...)    # the logits never built
     out.loss.backward(); out.metrics["rewards/margins"]
 
     Inputs are aligned (logits[b, t] scores labels[b, t]: pass `logits[:, :-1]`, `input_ids[:, 1:]`,
     `completion_mask[:, 1:]`); rows are B chosen then B rejected. See `dpo_loss_from_logits` for
-    every option, the metrics and what a fully masked completion gives.
+    the inputs, the metrics and what a fully masked completion gives.
+
+    Options (keywords; `ignore_index`, the label value not counted, besides):
+        {options}
     """
 
-    def __init__(
-        self,
-        beta: float = 0.1,
-        loss_type: str | Sequence[str] = "sigmoid",
-        loss_weights: Sequence[float] | None = None,
-        label_smoothing: float = 0.0,
-        f_divergence_type: str = "reverse_kl",
-        f_alpha_divergence_coef: float = 0.5,
-        use_weighting: bool = False,
-        ld_alpha: float | None = None,
-        discopop_tau: float = 0.05,
-        dpop_lambda: float = 0.0,
-        reference_free: bool = False,
-        ignore_index: int = -100,
-    ) -> None:
+    @keyword_only(*parameter_names(dpo_options), "ignore_index")
+    def __init__(self, *, ignore_index: int = -100, **options) -> None:
         super().__init__()
-        self.options = dpo_options(
-            beta=beta, loss_type=loss_type, loss_weights=loss_weights, label_smoothing=label_smoothing,
-            f_divergence_type=f_divergence_type, f_alpha_divergence_coef=f_alpha_divergence_coef,
-            use_weighting=use_weighting, ld_alpha=ld_alpha, discopop_tau=discopop_tau, dpop_lambda=dpop_lambda,
-            reference_free=reference_free,
-        )
+        self.options = dpo_options(**options)
         self.ignore_index = check_ignore_index(ignore_index)
 
+    @keyword_only("completion_mask", "ref_chosen_logps", "ref_rejected_logps")
     def forward(
         self,
         logits: torch.Tensor | None = None,
         labels: torch.Tensor | None = None,
+        *,
         completion_mask: torch.Tensor | None = None,
         ref_chosen_logps: torch.Tensor | None = None,
         ref_rejected_logps: torch.Tensor | None = None,
-        *,
         ref_logits: torch.Tensor | None = None,
         hidden: torch.Tensor | None = None,
         weight: torch.Tensor | None = None,
         bias: torch.Tensor | None = None,
     ) -> LossOutput:
-        """`hidden=` [2B, T, H] with `weight=` [V, H] (and `bias=`) in place of `logits=`: the
-        policy's log-probs straight from the hidden states, the logits never materialized."""
-        if hidden is not None or weight is not None or bias is not None:
-            if logits is not None:
-                raise ValueError("logits / hidden: pass either logits= or hidden= (with weight=), not both")
-            if hidden is None or weight is None:
-                raise ValueError("hidden / weight: the hidden-states level needs both hidden= and weight=")
-            from .linear_logprobs import check_linear_args, gather_sharded
-
-            weight, bias = gather_sharded(weight), gather_sharded(bias)
-            check_linear_args(hidden, weight, bias, labels)
-            logits = HiddenStates(hidden, weight, bias)
-        return _dpo_from_logits(
-            self.options, logits, labels, completion_mask, ref_chosen_logps, ref_rejected_logps, ref_logits,
-            self.ignore_index,
+        return dpo_loss_from_logits(
+            logits, labels, completion_mask=completion_mask, ref_chosen_logps=ref_chosen_logps,
+            ref_rejected_logps=ref_rejected_logps, ref_logits=ref_logits, hidden=hidden, weight=weight, bias=bias,
+            ignore_index=self.ignore_index, options=self.options,
         )
 
     def extra_repr(self) -> str:
@@ -792,3 +755,6 @@ class DPOLoss(nn.Module):
             if getattr(o, name) != default:
                 text += f", {name}={getattr(o, name)!r}"
         return text
+
+
+option_docs.document(option_docs.DPO, dpo_options, dpo_options, dpo_loss, dpo_loss_from_logits, DPOLoss, empty=_EMPTY)

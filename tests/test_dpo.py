@@ -83,7 +83,8 @@ def make_batch(dtype, seed=0, ref_noise=0.3):
 def run(fn, logits, labels, mask, ref_chosen, ref_rejected, options, ref_logits=None):
     leaf = logits.detach().clone().requires_grad_(True)
     refs = (None, None) if ref_logits is not None or not uses_reference(options) else (ref_chosen, ref_rejected)
-    out = fn(leaf, labels, mask, *refs, ref_logits=ref_logits, **options)
+    out = fn(leaf, labels, completion_mask=mask, ref_chosen_logps=refs[0], ref_rejected_logps=refs[1],
+             ref_logits=ref_logits, **options)
     (grad,) = torch.autograd.grad(out.loss, leaf)
     return out, grad
 
@@ -240,10 +241,11 @@ def test_reference_equals_trl_dpo_trainer(case, precompute):
 def test_policy_equal_to_reference_gives_ln2_and_zero_rewards(backend, dtype):
     logits, labels, mask, *_ = make_batch(dtype)
     with fastalign.use_backend(backend):
-        from_logits = fastalign.DPOLoss(beta=0.1)(logits, labels, mask, ref_logits=logits)
+        from_logits = fastalign.DPOLoss(beta=0.1)(logits, labels, completion_mask=mask, ref_logits=logits)
         seq = sequence_logprobs(logits, labels, completion_mask=mask)
         chosen, rejected = seq.logps.chunk(2)
-        from_ref_logps = fastalign.DPOLoss(beta=0.1)(logits, labels, mask, chosen, rejected)
+        from_ref_logps = fastalign.DPOLoss(beta=0.1)(logits, labels, completion_mask=mask, ref_chosen_logps=chosen,
+                                                     ref_rejected_logps=rejected)
     ln2 = torch.tensor(math.log(2.0))
     for out in (from_logits, from_ref_logps):
         assert torch.equal(out.loss, ln2)
@@ -259,8 +261,10 @@ def test_swapping_chosen_and_rejected_flips_the_margins(backend):
         return torch.cat(x.chunk(2)[::-1])
 
     with fastalign.use_backend(backend):
-        out = fastalign.dpo_loss_from_logits(logits, labels, mask, rc, rr)
-        swapped = fastalign.dpo_loss_from_logits(swap(logits), swap(labels), swap(mask), rr, rc)
+        out = fastalign.dpo_loss_from_logits(logits, labels, completion_mask=mask, ref_chosen_logps=rc,
+                                             ref_rejected_logps=rr)
+        swapped = fastalign.dpo_loss_from_logits(swap(logits), swap(labels), completion_mask=swap(mask),
+                                                 ref_chosen_logps=rr, ref_rejected_logps=rc)
     m = out.metrics
     assert m["rewards/margins"] != 0
     assert torch.equal(swapped.metrics["rewards/margins"], -m["rewards/margins"])
@@ -290,7 +294,7 @@ def test_fully_masked_pair_documented_values():
     logits, labels, _, *_ = make_batch(torch.float32)
     mask = torch.zeros(2 * B, T, dtype=torch.long, device=DEVICE)
     out = fastalign.dpo_loss_from_logits(
-        logits, labels, mask, ref_logits=logits, loss_type=["sigmoid", "sft", "ipo"], use_weighting=True
+        logits, labels, completion_mask=mask, ref_logits=logits, loss_type=["sigmoid", "sft", "ipo"], use_weighting=True
     )
     # sigmoid: ln 2; sft over no token: 0; ipo with zero scores: (0 - 1 / (2 beta))^2; WPO weights exp(0) = 1.
     assert out.loss.item() == pytest.approx(math.log(2) + 0 + (1 / 0.2) ** 2)
@@ -300,7 +304,8 @@ def test_fully_masked_pair_documented_values():
 def test_metrics_follow_trl_definitions():
     logits, labels, mask, rc, rr, _ = make_batch(torch.float32)
     beta = 0.3
-    out = fastalign.dpo_loss_from_logits(logits, labels, mask, rc, rr, beta=beta)
+    out = fastalign.dpo_loss_from_logits(logits, labels, completion_mask=mask, ref_chosen_logps=rc,
+                                         ref_rejected_logps=rr, beta=beta)
     assert list(out.metrics) == list(METRIC_NAMES)
     token = fastalign.token_logprobs(logits, labels, mask=mask, outputs=("mean_logits",))
     chosen, rejected = token.logps.sum(-1).chunk(2)
@@ -323,12 +328,12 @@ def test_metrics_follow_trl_definitions():
 
 def test_loss_types_that_need_no_reference_run_without_one():
     logits, labels, mask, *_ = make_batch(torch.float32)
-    out = fastalign.dpo_loss_from_logits(logits, labels, mask, loss_type="sft")
+    out = fastalign.dpo_loss_from_logits(logits, labels, completion_mask=mask, loss_type="sft")
     assert set(out.metrics) == {"logps/chosen", "logps/rejected", "logits/chosen", "logits/rejected"}
     counted = (labels != -100) & (mask != 0)
     chosen_token = fastalign.token_logprobs(logits, labels, mask=mask).logps[:B]
     torch.testing.assert_close(out.loss, -chosen_token[counted[:B]].mean())
-    free = fastalign.dpo_loss_from_logits(logits, labels, mask, reference_free=True)
+    free = fastalign.dpo_loss_from_logits(logits, labels, completion_mask=mask, reference_free=True)
     torch.testing.assert_close(free.metrics["rewards/chosen"], 0.1 * free.metrics["logps/chosen"])
 
 
@@ -390,7 +395,7 @@ def test_compiles_without_graph_breaks(backend):
     module = fastalign.DPOLoss(loss_type=["sigmoid", "sft"], ld_alpha=0.5, use_weighting=True)
 
     def step(x):
-        out = module(x, labels, mask, rc, rr)
+        out = module(x, labels, completion_mask=mask, ref_chosen_logps=rc, ref_rejected_logps=rr)
         return out.loss, out.metrics
 
     torch._dynamo.reset()
@@ -414,7 +419,8 @@ def test_module_equals_functional_and_validates_at_construction():
     options = {"beta": 0.2, "loss_type": ["sigmoid", "sft"], "loss_weights": [1.0, 0.5]}
     module = fastalign.DPOLoss(**options)
     out = module(logits=logits, labels=labels, completion_mask=mask, ref_chosen_logps=rc, ref_rejected_logps=rr)
-    want = fastalign.dpo_loss_from_logits(logits, labels, mask, rc, rr, **options)
+    want = fastalign.dpo_loss_from_logits(logits, labels, completion_mask=mask, ref_chosen_logps=rc,
+                                          ref_rejected_logps=rr, **options)
     assert torch.equal(out.loss, want.loss)
     assert "loss_type=['sigmoid', 'sft']" in repr(module)
     with pytest.raises(ValueError, match="beta"):
@@ -480,7 +486,8 @@ def test_bad_options_name_the_option(entry, options, error, match):
         if entry == "module":
             fastalign.DPOLoss(**options)
         elif entry == "from_logits":
-            fastalign.dpo_loss_from_logits(logits, labels, mask, rc, rr, **options)
+            fastalign.dpo_loss_from_logits(logits, labels, completion_mask=mask, ref_chosen_logps=rc,
+                                           ref_rejected_logps=rr, **options)
         else:
             fastalign.dpo_loss(rc, rr, rc, rr, **options)
 
