@@ -9,11 +9,15 @@ Three entry points share one piece of math, `cpo_from_sequences`, which takes pe
 and token counts, so a path that produces those sums without logits reuses it unchanged:
 
 - `cpo_loss`: from per-sequence log-prob sums and token counts of the chosen and rejected completions;
-- `cpo_loss_from_logits`: from `[2B, T, V]` logits (B chosen rows, then B rejected), one pass over
-  the vocabulary;
+- `cpo_loss_from_logits`: from `[2B, T, V]` logits (B chosen rows, then B rejected), or from the
+  hidden states and the lm_head weight (`hidden=`, `weight=`, `bias=`), one pass over the vocabulary;
 - `CPOLoss`: the `nn.Module` form of `cpo_loss_from_logits`. SimPO and AlphaPO are loss types of the
   same loss, as in TRL: `CPOLoss(loss_type="simpo", cpo_alpha=0)`,
   `CPOLoss(loss_type="alphapo", alpha=...)`.
+
+Options follow every loss's convention: `cpo_options(...)` checks them into a `CPOOptions`, the
+functions take them as keywords or as `options=` (not both), and `CPOLoss(**options)` checks them
+once; they are described in `fastalign.option_docs.CPO`.
 
 A completion with no counted token has a log-prob sum of 0 and, where the loss type averages over
 tokens, an average of 0 (the count is taken as at least 1): the empty sequence has probability 1.
@@ -23,12 +27,13 @@ completions are all empty is 0.
 
 from __future__ import annotations
 
-from typing import NamedTuple
+from dataclasses import dataclass, fields
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
+from . import option_docs
 from ._checks import (
     check_finite,
     check_ignore_index,
@@ -36,7 +41,10 @@ from ._checks import (
     check_positive_finite,
     check_sequence_values,
     check_token_mask,
+    options_from,
+    policy_logits,
 )
+from ._keyword_only import keyword_only, parameter_names
 from .sequence import (
     SequenceLogprobs,
     check_logits_batch,
@@ -57,8 +65,10 @@ DEFAULT_SIMPO_GAMMA = 0.5
 # CPO / SimPO / AlphaPO ------------------------------------------------------------------------------
 
 
-class CPOOptions(NamedTuple):
-    """Checked hyper-parameters; `loss_type` "alphapo" is kept, with the SimPO margin and cpo_alpha resolved."""
+@dataclass(frozen=True)
+class CPOOptions:
+    """Checked options, built by `cpo_options(...)`; `loss_type` "alphapo" is kept, with the SimPO
+    margin and cpo_alpha resolved."""
 
     beta: float
     loss_type: str
@@ -72,7 +82,9 @@ class CPOOptions(NamedTuple):
         return self.loss_type in LENGTH_NORMALISED
 
 
+@keyword_only("beta", "loss_type", "label_smoothing", "cpo_alpha", "simpo_gamma", "alpha")
 def cpo_options(
+    *,
     beta: float = 0.1,
     loss_type: str = "sigmoid",
     label_smoothing: float = 0.0,
@@ -80,8 +92,13 @@ def cpo_options(
     simpo_gamma: float | None = None,
     alpha: float = 0.0,
 ) -> CPOOptions:
-    """Checks CPOConfig-style options. TRL ignores (with a warning) or silently overrides the combinations
-    that are rejected here, so a setting that would have no effect fails instead."""
+    """Checks CPOConfig-style options into `CPOOptions`, for `options=` of `cpo_loss` and
+    `cpo_loss_from_logits`. TRL ignores (with a warning) or silently overrides the combinations
+    that are rejected here, so a setting that would have no effect fails instead.
+
+    Options:
+        {options}
+    """
     beta = check_positive_finite("beta", beta)
     loss_type = check_loss_type(loss_type, LOSS_TYPES)
     label_smoothing = check_finite("label_smoothing", label_smoothing)
@@ -180,12 +197,8 @@ def cpo_loss(
     chosen_num_tokens: torch.Tensor,
     rejected_num_tokens: torch.Tensor,
     *,
-    beta: float = 0.1,
-    loss_type: str = "sigmoid",
-    label_smoothing: float = 0.0,
-    cpo_alpha: float | None = None,
-    simpo_gamma: float | None = None,
-    alpha: float = 0.0,
+    options: CPOOptions | None = None,
+    **option_kwargs,
 ) -> LossOutput:
     """CPO / SimPO / AlphaPO loss from per-sequence log-probs.
 
@@ -193,20 +206,17 @@ def cpo_loss(
         chosen_logps, rejected_logps: `[B]` sums of per-token log-probs over each completion (not averages:
             the loss types that average, "ipo", "simpo" and "alphapo", divide by the counts themselves).
         chosen_num_tokens, rejected_num_tokens: `[B]` counted completion tokens (float or integer).
-        beta: inverse temperature (> 0); for "ipo", TRL's regularisation strength tau.
-        loss_type: "sigmoid" (CPO), "hinge", "ipo", "simpo" or "alphapo" (SimPO without the NLL term;
-            set `alpha`).
-        label_smoothing: in [0, 1]; "sigmoid", "simpo" and "alphapo" only.
-        cpo_alpha: weight of the NLL on the chosen completions (>= 0); default 1, or 0 for "alphapo".
-        simpo_gamma: SimPO's target margin ("simpo"/"alphapo" only); default 0.5.
-        alpha: AlphaPO's reward shape; 0 uses the log-probs as rewards.
+        options: the options below, checked once by `cpo_options(...)`; or pass them as keywords.
+
+    Options (keywords, or options=cpo_options(...), not both):
+        {options}
 
     Returns:
         LossOutput: `loss = mean(losses) + cpo_alpha * nll_loss` and TRL's metrics `rewards/chosen`,
         `rewards/rejected`, `rewards/accuracies`, `rewards/margins`, `logps/chosen`, `logps/rejected`
         (averages for the length-normalised types) and `nll_loss` (0 when cpo_alpha is 0, as TRL logs it).
     """
-    options = cpo_options(beta, loss_type, label_smoothing, cpo_alpha, simpo_gamma, alpha)
+    options = options_from(options, option_kwargs, CPOOptions, cpo_options)
     like = (chosen_logps, "chosen_logps")
     chosen = check_sequence_values("chosen_logps", chosen_logps)
     rejected = check_sequence_values("rejected_logps", rejected_logps, *like)
@@ -222,28 +232,32 @@ def _paired_sequences(seq: SequenceLogprobs) -> tuple[torch.Tensor, ...]:
 
 
 def cpo_loss_from_logits(
-    logits: torch.Tensor,
-    labels: torch.Tensor,
+    logits: torch.Tensor | None = None,
+    labels: torch.Tensor | None = None,
     *,
     completion_mask: torch.Tensor | None = None,
+    hidden: torch.Tensor | None = None,
+    weight: torch.Tensor | None = None,
+    bias: torch.Tensor | None = None,
     ignore_index: int = -100,
-    beta: float = 0.1,
-    loss_type: str = "sigmoid",
-    label_smoothing: float = 0.0,
-    cpo_alpha: float | None = None,
-    simpo_gamma: float | None = None,
-    alpha: float = 0.0,
+    options: CPOOptions | None = None,
+    **option_kwargs,
 ) -> LossOutput:
     """CPO / SimPO / AlphaPO loss from logits, reading the vocabulary once.
 
     `logits` `[2B, T, V]` (B chosen rows, then their B rejected rows, as TRL concatenates them) and
     `labels` `[2B, T]` are aligned: pass `logits[:, :-1]`, `input_ids[:, 1:]` (the view is read in
-    place). A position counts when its label is not `ignore_index` and `completion_mask` (if given,
-    `[2B, T]`) is nonzero: TRL's `concatenated_labels[:, 1:]` with -100 on the prompt and padding works
-    as is. The other options and the returned metrics are those of `cpo_loss`, plus
-    `logits/chosen` and `logits/rejected` (see `completion_logits_metrics`).
+    place). Or, in place of `logits`, `hidden` `[2B, T, H]` with the lm_head `weight` `[V, H]` (and
+    `bias`): the logits are never materialized. A position counts when its label is not
+    `ignore_index` and `completion_mask` (if given, `[2B, T]`) is nonzero: TRL's
+    `concatenated_labels[:, 1:]` with -100 on the prompt and padding works as is. The metrics are
+    those of `cpo_loss`, plus `logits/chosen` and `logits/rejected` (see `completion_logits_metrics`).
+
+    Options (keywords, or options=cpo_options(...), not both):
+        {options}
     """
-    options = cpo_options(beta, loss_type, label_smoothing, cpo_alpha, simpo_gamma, alpha)
+    options = options_from(options, option_kwargs, CPOOptions, cpo_options)
+    logits = policy_logits(logits, hidden, weight, bias, labels)
     return _cpo_from_logits(logits, labels, completion_mask, ignore_index, options)
 
 
@@ -265,31 +279,41 @@ def _cpo_from_logits(
 
 
 class CPOLoss(nn.Module):
-    """CPO / SimPO / AlphaPO loss on `[2B, T, V]` logits (see `cpo_loss_from_logits`).
+    """CPO / SimPO / AlphaPO loss on `[2B, T, V]` logits or `[2B, T, H]` hidden states (see
+    `cpo_loss_from_logits`).
 
     `CPOLoss()` is CPO, `CPOLoss(loss_type="simpo", cpo_alpha=0)` is SimPO as its paper states it
     (TRL keeps `cpo_alpha=1`, CPO-SimPO, unless told otherwise), `CPOLoss(loss_type="alphapo", alpha=0.25)`
     is AlphaPO. Options are checked here, so a bad configuration fails when the module is built.
+
+    Options (keywords; `ignore_index`, the label value not counted, besides):
+        {options}
     """
 
-    def __init__(
-        self,
-        beta: float = 0.1,
-        loss_type: str = "sigmoid",
-        label_smoothing: float = 0.0,
-        cpo_alpha: float | None = None,
-        simpo_gamma: float | None = None,
-        alpha: float = 0.0,
-        ignore_index: int = -100,
-    ) -> None:
+    @keyword_only(*parameter_names(cpo_options), "ignore_index")
+    def __init__(self, *, ignore_index: int = -100, **options) -> None:
         super().__init__()
-        self.options = cpo_options(beta, loss_type, label_smoothing, cpo_alpha, simpo_gamma, alpha)
+        self.options = cpo_options(**options)
         self.ignore_index = check_ignore_index(ignore_index)
 
+    @keyword_only("completion_mask")
     def forward(
-        self, logits: torch.Tensor, labels: torch.Tensor, completion_mask: torch.Tensor | None = None
+        self,
+        logits: torch.Tensor | None = None,
+        labels: torch.Tensor | None = None,
+        *,
+        completion_mask: torch.Tensor | None = None,
+        hidden: torch.Tensor | None = None,
+        weight: torch.Tensor | None = None,
+        bias: torch.Tensor | None = None,
     ) -> LossOutput:
-        return _cpo_from_logits(logits, labels, completion_mask, self.ignore_index, self.options)
+        return cpo_loss_from_logits(
+            logits, labels, completion_mask=completion_mask, hidden=hidden, weight=weight, bias=bias,
+            ignore_index=self.ignore_index, options=self.options,
+        )
 
     def extra_repr(self) -> str:
-        return ", ".join(f"{k}={v!r}" for k, v in self.options._asdict().items())
+        return ", ".join(f"{f.name}={getattr(self.options, f.name)!r}" for f in fields(self.options))
+
+
+option_docs.document(option_docs.CPO, cpo_options, cpo_options, cpo_loss, cpo_loss_from_logits, CPOLoss)
