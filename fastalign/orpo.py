@@ -7,7 +7,10 @@ attended token of the chosen sequences, prompt included) and `get_batch_loss_met
 
 `orpo_from_sequences` is the math on per-sequence sums and counts; `orpo_loss` takes those sums,
 `orpo_loss_from_logits` gets both token sets (completion and NLL) from one pass over the
-vocabulary, and `ORPOLoss` is its `nn.Module` form.
+vocabulary (from logits, or from the hidden states and the lm_head weight: `hidden=`, `weight=`,
+`bias=`), and `ORPOLoss` is its `nn.Module` form. Its one option, `beta`, follows every loss's
+convention: `orpo_options(...)` checks it into `ORPOOptions`, the functions take it as a keyword or
+as `options=`, and `ORPOLoss(**options)` checks it once.
 
 A completion with no counted token has probability 1, so its odds are infinite and the odds ratio
 undefined. A pair with such a completion adds 0 to the odds-ratio term (and to the `log_odds_ratio`
@@ -22,16 +25,43 @@ gradient, where TRL's formula gives NaN (0 * inf). A certain rejected completion
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ._checks import check_ignore_index, check_positive_finite, check_sequence_values, check_token_mask
+from . import option_docs
+from ._checks import (
+    check_ignore_index,
+    check_positive_finite,
+    check_sequence_values,
+    check_token_mask,
+    options_from,
+    policy_logits,
+)
+from ._keyword_only import keyword_only, parameter_names
 from .sequence import check_logits_batch, completion_logits_metrics, metric, sequence_logprobs, split_pairs
 from .types import LossOutput
 
 # log1mexp's switch point, -ln 2: below it log1p(-exp(x)) is accurate, above it log(-expm1(x)) is.
 _LOG1MEXP_SWITCH = -0.6931471805599453
+
+
+@dataclass(frozen=True)
+class ORPOOptions:
+    """Checked ORPO options, built by `orpo_options(...)`."""
+
+    beta: float
+
+
+def orpo_options(*, beta: float = 0.1) -> ORPOOptions:
+    """Checks the options into `ORPOOptions`, for `options=` of `orpo_loss` and `orpo_loss_from_logits`.
+
+    Options:
+        {options}
+    """
+    return ORPOOptions(check_positive_finite("beta", beta))
 
 
 def log1mexp(x: torch.Tensor) -> torch.Tensor:
@@ -115,7 +145,8 @@ def orpo_loss(
     chosen_nll_logps: torch.Tensor,
     chosen_nll_num_tokens: torch.Tensor,
     *,
-    beta: float = 0.1,
+    options: ORPOOptions | None = None,
+    **option_kwargs,
 ) -> LossOutput:
     """ORPO loss from per-sequence log-probs.
 
@@ -126,7 +157,10 @@ def orpo_loss(
         chosen_nll_logps: `[B]` sums of log-probs over every attended token of each chosen sequence,
             prompt and completion (TRL computes ORPO's NLL over both).
         chosen_nll_num_tokens: `[B]` the number of those tokens.
-        beta: weight of the odds-ratio term (> 0; TRL's ORPOConfig.beta, the paper's lambda).
+        options: the options below, checked once by `orpo_options(...)`; or pass them as keywords.
+
+    Options (keywords, or options=orpo_options(...), not both):
+        {options}
 
     Returns:
         LossOutput: `loss = nll_loss - mean(beta * log_odds_ratio)` and TRL's metrics `rewards/chosen`,
@@ -134,7 +168,7 @@ def orpo_loss(
         (per-token averages), `nll_loss`, `log_odds_ratio` (mean logsigmoid of the log odds ratio) and
         `log_odds_chosen` (mean log odds ratio).
     """
-    beta = check_positive_finite("beta", beta)
+    beta = options_from(options, option_kwargs, ORPOOptions, orpo_options).beta
     like, like_name = chosen_logps, "chosen_logps"
     values = [check_sequence_values("chosen_logps", chosen_logps)]
     values.append(check_sequence_values("rejected_logps", rejected_logps, like, like_name))
@@ -146,31 +180,41 @@ def orpo_loss(
 
 
 def orpo_loss_from_logits(
-    logits: torch.Tensor,
-    labels: torch.Tensor,
+    logits: torch.Tensor | None = None,
+    labels: torch.Tensor | None = None,
     *,
     completion_mask: torch.Tensor,
     attention_mask: torch.Tensor | None = None,
+    hidden: torch.Tensor | None = None,
+    weight: torch.Tensor | None = None,
+    bias: torch.Tensor | None = None,
     ignore_index: int = -100,
-    beta: float = 0.1,
+    options: ORPOOptions | None = None,
+    **option_kwargs,
 ) -> LossOutput:
     """ORPO loss from logits, reading the vocabulary once for both of its token sets.
 
     Args:
         logits: `[2B, T, V]`, B chosen rows then their B rejected rows, aligned with `labels`
             (pass `logits[:, :-1]`; the view is read in place).
+        hidden, weight, bias: in place of `logits`, the hidden states `[2B, T, H]` and the lm_head
+            `weight` `[V, H]` (and `bias` `[V]`): the logits are never materialized.
         labels: `[2B, T]` the next tokens (`input_ids[:, 1:]`), prompt tokens included: the NLL scores them.
         completion_mask: `[2B, T]` nonzero on completion tokens, those the odds ratio scores.
         attention_mask: `[2B, T]` (`attention_mask[:, 1:]`) nonzero on the tokens the NLL scores; None
             scores every position whose label is not `ignore_index`.
         ignore_index: label value never scored.
-        beta: as in `orpo_loss`.
+        options: the options below, checked once by `orpo_options(...)`; or pass them as keywords.
+
+    Options (keywords, or options=orpo_options(...), not both):
+        {options}
 
     Returns:
         LossOutput: as `orpo_loss`, plus `logits/chosen` and `logits/rejected`
-        (see `fastalign.cpo.completion_logits_metrics`).
+        (see `fastalign.sequence.completion_logits_metrics`).
     """
-    beta = check_positive_finite("beta", beta)
+    beta = options_from(options, option_kwargs, ORPOOptions, orpo_options).beta
+    logits = policy_logits(logits, hidden, weight, bias, labels)
     return _orpo_from_logits(logits, labels, completion_mask, attention_mask, ignore_index, beta)
 
 
@@ -195,21 +239,42 @@ def _orpo_from_logits(logits, labels, completion_mask, attention_mask, ignore_in
 
 
 class ORPOLoss(nn.Module):
-    """ORPO loss on `[2B, T, V]` logits (see `orpo_loss_from_logits`); `beta` is checked when built."""
+    """ORPO loss on `[2B, T, V]` logits or `[2B, T, H]` hidden states (see `orpo_loss_from_logits`);
+    the options are checked when it is built.
 
-    def __init__(self, beta: float = 0.1, ignore_index: int = -100) -> None:
+    Options (keywords; `ignore_index`, the label value never scored, besides):
+        {options}
+    """
+
+    @keyword_only(*parameter_names(orpo_options), "ignore_index")
+    def __init__(self, *, ignore_index: int = -100, **options) -> None:
         super().__init__()
-        self.beta = check_positive_finite("beta", beta)
+        self.options = orpo_options(**options)
         self.ignore_index = check_ignore_index(ignore_index)
 
+    @property
+    def beta(self) -> float:
+        return self.options.beta
+
+    @keyword_only("completion_mask", "attention_mask")
     def forward(
         self,
-        logits: torch.Tensor,
-        labels: torch.Tensor,
+        logits: torch.Tensor | None = None,
+        labels: torch.Tensor | None = None,
+        *,
         completion_mask: torch.Tensor,
         attention_mask: torch.Tensor | None = None,
+        hidden: torch.Tensor | None = None,
+        weight: torch.Tensor | None = None,
+        bias: torch.Tensor | None = None,
     ) -> LossOutput:
-        return _orpo_from_logits(logits, labels, completion_mask, attention_mask, self.ignore_index, self.beta)
+        return orpo_loss_from_logits(
+            logits, labels, completion_mask=completion_mask, attention_mask=attention_mask, hidden=hidden,
+            weight=weight, bias=bias, ignore_index=self.ignore_index, options=self.options,
+        )
 
     def extra_repr(self) -> str:
-        return f"beta={self.beta}"
+        return f"beta={self.options.beta}"
+
+
+option_docs.document(option_docs.ORPO, orpo_options, orpo_options, orpo_loss, orpo_loss_from_logits, ORPOLoss)

@@ -275,6 +275,6 @@ def test_bad_logits_and_masks():
     with pytest.raises(ValueError, match=r"completion_mask: expected shape \(4, 6\)"):
         orpo_loss_from_logits(logits, labels, completion_mask=mask[:, 1:])
     with pytest.raises(ValueError, match=r"attention_mask: expected shape \(4, 6\)"):
-        ORPOLoss()(logits, labels, mask, attention_mask=mask[:2])
+        ORPOLoss()(logits, labels, completion_mask=mask, attention_mask=mask[:2])
     with pytest.raises(ValueError, match=r"labels: expected shape \(4, 6\)"):
         orpo_loss_from_logits(logits, labels[:, 1:], completion_mask=mask)
