@@ -27,7 +27,10 @@ by counts over every process.
 
 `kto_from_sequences` is the math on per-sequence tensors; `kto_loss` takes them,
 `kto_loss_from_logits` computes the policy's log-probs (and the entropy and logits metrics) in one
-pass over the vocabulary, and `KTOLoss` is its `nn.Module` form.
+pass over the vocabulary, from logits or from the hidden states and the lm_head weight (`hidden=`,
+`weight=`, `bias=`), and `KTOLoss` is its `nn.Module` form. Options follow every loss's convention:
+`kto_options(...)` checks them into `KTOOptions`, the functions take them as keywords or as
+`options=` (not both), and `KTOLoss(**options)` checks them once.
 
 A batch with no desirable (or no undesirable) completion is fine for the loss, which is per
 completion; the metrics of the missing group (`rewards/*`, `logps/*`, `logits/*` and
@@ -38,11 +41,12 @@ a log-prob sum of 0.
 from __future__ import annotations
 
 from collections.abc import Callable
-from typing import NamedTuple
+from dataclasses import dataclass, fields
 
 import torch
 from torch import nn
 
+from . import option_docs
 from ._checks import (
     check_finite,
     check_gather,
@@ -51,8 +55,11 @@ from ._checks import (
     check_positive_finite,
     check_sequence_values,
     check_token_mask,
+    options_from,
+    policy_logits,
     values_checkable,
 )
+from ._keyword_only import keyword_only, parameter_names
 from .sequence import metric, sequence_logprobs
 from .types import HiddenStates, LossOutput
 
@@ -60,16 +67,25 @@ LOSS_TYPES = ("kto", "apo_zero_unpaired")
 Gather = Callable[[torch.Tensor], torch.Tensor]
 
 
-class KTOOptions(NamedTuple):
+@dataclass(frozen=True)
+class KTOOptions:
+    """Checked KTO options, built by `kto_options(...)`."""
+
     beta: float
     loss_type: str
     desirable_weight: float
     undesirable_weight: float
 
 
+@keyword_only("beta", "loss_type", "desirable_weight", "undesirable_weight")
 def kto_options(
-    beta: float = 0.1, loss_type: str = "kto", desirable_weight: float = 1.0, undesirable_weight: float = 1.0
+    *, beta: float = 0.1, loss_type: str = "kto", desirable_weight: float = 1.0, undesirable_weight: float = 1.0
 ) -> KTOOptions:
+    """Checks the options into `KTOOptions`, for `options=` of `kto_loss` and `kto_loss_from_logits`.
+
+    Options:
+        {options}
+    """
     beta = check_positive_finite("beta", beta)
     loss_type = check_loss_type(loss_type, LOSS_TYPES)
     weights = []
@@ -272,11 +288,9 @@ def kto_loss(
     kl_logps: torch.Tensor | None = None,
     ref_kl_logps: torch.Tensor | None = None,
     kl: torch.Tensor | float | None = None,
-    beta: float = 0.1,
-    loss_type: str = "kto",
-    desirable_weight: float = 1.0,
-    undesirable_weight: float = 1.0,
     gather: Gather | None = None,
+    options: KTOOptions | None = None,
+    **option_kwargs,
 ) -> LossOutput:
     """KTO / unpaired APO-zero loss from per-sequence log-probs.
 
@@ -288,18 +302,19 @@ def kto_loss(
             completions ("kto" only; B_kl >= 2). Detached here.
         kl: instead of those, the baseline estimate itself (e.g. already averaged across ranks);
             detached and clamped at 0 here.
-        beta: > 0.
-        loss_type: "kto" or "apo_zero_unpaired".
-        desirable_weight, undesirable_weight: >= 0, not both 0.
         gather: every process's tensor concatenated along dim 0, for metrics (and a KL baseline from
             kl_logps) over every process; see the module docstring. None: this process's.
+        options: the options below, checked once by `kto_options(...)`; or pass them as keywords.
+
+    Options (keywords, or options=kto_options(...), not both):
+        {options}
 
     Returns:
         LossOutput: the weighted per-completion losses averaged over B, and TRL's metrics `kl`,
         `rewards/chosen`, `logps/chosen`, `rewards/rejected`, `logps/rejected`, `rewards/margins`
         (NaN for a group with no completion in the batch).
     """
-    options = kto_options(beta, loss_type, desirable_weight, undesirable_weight)
+    options = options_from(options, option_kwargs, KTOOptions, kto_options)
     check_gather(gather)
     policy = check_sequence_values("policy_logps", policy_logps)
     reference = check_sequence_values("ref_logps", ref_logps, policy_logps, "policy_logps")
@@ -309,30 +324,37 @@ def kto_loss(
 
 
 def kto_loss_from_logits(
-    logits: torch.Tensor,
-    labels: torch.Tensor,
-    ref_logps: torch.Tensor,
-    desirable: torch.Tensor,
+    logits: torch.Tensor | None = None,
+    labels: torch.Tensor | None = None,
+    ref_logps: torch.Tensor | None = None,
+    desirable: torch.Tensor | None = None,
     *,
     completion_mask: torch.Tensor | None = None,
+    hidden: torch.Tensor | None = None,
+    weight: torch.Tensor | None = None,
+    bias: torch.Tensor | None = None,
     ignore_index: int = -100,
     kl_logps: torch.Tensor | None = None,
     ref_kl_logps: torch.Tensor | None = None,
     kl: torch.Tensor | float | None = None,
-    beta: float = 0.1,
-    loss_type: str = "kto",
-    desirable_weight: float = 1.0,
-    undesirable_weight: float = 1.0,
     gather: Gather | None = None,
+    options: KTOOptions | None = None,
+    **option_kwargs,
 ) -> LossOutput:
     """KTO / unpaired APO-zero loss from the policy's logits, reading the vocabulary once.
 
     `logits` `[B, T, V]` and `labels` `[B, T]` are aligned (pass `logits[:, :-1]`, `input_ids[:, 1:]`;
-    the view is read in place); a position counts when its label is not `ignore_index` and
-    `completion_mask` (if given, `completion_mask[:, 1:]`) is nonzero. The rest is as in
-    `kto_loss`; the metrics add `kto_token_metrics`' `entropy`, `logits/chosen` and `logits/rejected`.
+    the view is read in place); or, in place of `logits`, `hidden` `[B, T, H]` with the lm_head
+    `weight` `[V, H]` (and `bias`), the logits never materialized. A position counts when its
+    label is not `ignore_index` and `completion_mask` (if given, `completion_mask[:, 1:]`) is
+    nonzero. `ref_logps` and `desirable` (both required) and the rest are as in `kto_loss`; the
+    metrics add `kto_token_metrics`' `entropy`, `logits/chosen` and `logits/rejected`.
+
+    Options (keywords, or options=kto_options(...), not both):
+        {options}
     """
-    options = kto_options(beta, loss_type, desirable_weight, undesirable_weight)
+    options = options_from(options, option_kwargs, KTOOptions, kto_options)
+    logits = policy_logits(logits, hidden, weight, bias, labels)
     return _kto_from_logits(logits, labels, ref_logps, desirable, completion_mask, ignore_index,
                             kl_logps, ref_kl_logps, kl, options, gather)
 
@@ -360,34 +382,44 @@ def _kto_from_logits(logits, labels, ref_logps, desirable, completion_mask, igno
 
 
 class KTOLoss(nn.Module):
-    """KTO / unpaired APO-zero loss on `[B, T, V]` policy logits (see `kto_loss_from_logits`)."""
+    """KTO / unpaired APO-zero loss on `[B, T, V]` policy logits or `[B, T, H]` hidden states (see
+    `kto_loss_from_logits`); the options are checked when it is built.
 
-    def __init__(
-        self,
-        beta: float = 0.1,
-        loss_type: str = "kto",
-        desirable_weight: float = 1.0,
-        undesirable_weight: float = 1.0,
-        ignore_index: int = -100,
-    ) -> None:
+    Options (keywords; `ignore_index`, the label value not counted, besides):
+        {options}
+    """
+
+    @keyword_only(*parameter_names(kto_options), "ignore_index")
+    def __init__(self, *, ignore_index: int = -100, **options) -> None:
         super().__init__()
-        self.options = kto_options(beta, loss_type, desirable_weight, undesirable_weight)
+        self.options = kto_options(**options)
         self.ignore_index = check_ignore_index(ignore_index)
 
+    @keyword_only("completion_mask", "kl_logps", "ref_kl_logps", "kl", "gather")
     def forward(
         self,
-        logits: torch.Tensor,
-        labels: torch.Tensor,
-        ref_logps: torch.Tensor,
-        desirable: torch.Tensor,
+        logits: torch.Tensor | None = None,
+        labels: torch.Tensor | None = None,
+        ref_logps: torch.Tensor | None = None,
+        desirable: torch.Tensor | None = None,
+        *,
         completion_mask: torch.Tensor | None = None,
         kl_logps: torch.Tensor | None = None,
         ref_kl_logps: torch.Tensor | None = None,
         kl: torch.Tensor | float | None = None,
         gather: Gather | None = None,
+        hidden: torch.Tensor | None = None,
+        weight: torch.Tensor | None = None,
+        bias: torch.Tensor | None = None,
     ) -> LossOutput:
-        return _kto_from_logits(logits, labels, ref_logps, desirable, completion_mask, self.ignore_index,
-                                kl_logps, ref_kl_logps, kl, self.options, gather)
+        return kto_loss_from_logits(
+            logits, labels, ref_logps, desirable, completion_mask=completion_mask, hidden=hidden, weight=weight,
+            bias=bias, ignore_index=self.ignore_index, kl_logps=kl_logps, ref_kl_logps=ref_kl_logps, kl=kl,
+            gather=gather, options=self.options,
+        )
 
     def extra_repr(self) -> str:
-        return ", ".join(f"{k}={v!r}" for k, v in self.options._asdict().items())
+        return ", ".join(f"{f.name}={getattr(self.options, f.name)!r}" for f in fields(self.options))
+
+
+option_docs.document(option_docs.KTO, kto_options, kto_options, kto_loss, kto_loss_from_logits, KTOLoss)

@@ -26,14 +26,20 @@ _GROUP_METRICS = ("logits/chosen", "logits/rejected", "rewards/chosen", "logps/c
                   "logps/rejected", "rewards/margins")
 
 
-def check(trainer) -> None:
-    """The options fastalign's KTO loss cannot serve, named."""
+def _options(trainer):
+    # Read from the trainer's attributes, as TRL's loss reads them.
     try:
-        kto_options(trainer.beta, trainer.loss_type, trainer.desirable_weight, trainer.undesirable_weight)
+        return kto_options(beta=trainer.beta, loss_type=trainer.loss_type, desirable_weight=trainer.desirable_weight,
+                           undesirable_weight=trainer.undesirable_weight)
     except ValueError as error:
         raise ValueError(
             f"KTOConfig.{error}; unpatch fastalign.integrations.trl to train with TRL's own loss"
         ) from error
+
+
+def check(trainer) -> None:
+    """The options fastalign's KTO loss cannot serve, named."""
+    _options(trainer)
 
 
 def _metrics_gather(accelerator):
@@ -61,7 +67,7 @@ def _reference_logps(self, batch, model_kwargs, labels, seq_len):
 
 
 def compute_loss(self, model, inputs, return_outputs):
-    check(self)
+    options = _options(self)
     mode = "train" if self.model.training else "eval"
     batch = {k: (v.to(self.accelerator.device) if isinstance(v, torch.Tensor) else v) for k, v in inputs.items()}
     gather = _metrics_gather(self.accelerator)
@@ -92,10 +98,7 @@ def compute_loss(self, model, inputs, return_outputs):
         kl = (kl_logps - ref_kl_logps).mean().detach()
         if gather is not None:
             kl = gather(kl.reshape(1)).mean()
-    out = kto_loss(
-        per_token_logps.sum(-1), ref_logps, desirable, kl=kl, gather=gather, beta=self.beta,
-        loss_type=self.loss_type, desirable_weight=self.desirable_weight, undesirable_weight=self.undesirable_weight,
-    )
+    out = kto_loss(per_token_logps.sum(-1), ref_logps, desirable, kl=kl, gather=gather, options=options)
     token_metrics = kto_token_metrics(outputs.entropy[:, -seq_len:], outputs.mean_logits[:, -seq_len:],
                                       batch["completion_mask"][:, 1:], desirable, gather=gather)
     values = {**out.metrics, **token_metrics}
