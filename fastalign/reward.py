@@ -13,15 +13,27 @@ inputs are scores. `bradley_terry_loss` takes the chosen and rejected scores, `r
 `[2B]` or `[2B, 1]` head output (B chosen rows, then B rejected, as TRL's collator stacks them), and
 `RewardLoss` is the `nn.Module` form of `reward_loss`. The math runs in fp32 (fp64 stays fp64)
 whatever the scores' dtype; the gradient comes back in it.
+
+Unlike the other losses there is no `hidden=, weight=, bias=` level: a reward head projects hidden
+states to one score, not to a vocabulary, so there is no [V]-wide softmax to fuse and no logits
+tensor to avoid; the scores it outputs are this loss's input.
+
+Its one option, `center_rewards_coefficient`, follows every loss's convention: `reward_options(...)`
+checks it into `RewardOptions`, the functions take it as a keyword or as `options=` (not both), and
+`RewardLoss(**options)` checks it once.
 """
 
 from __future__ import annotations
+
+from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ._checks import check_finite, check_sequence_values
+from . import option_docs
+from ._checks import check_finite, check_sequence_values, options_from
+from ._keyword_only import keyword_only, parameter_names
 from .sequence import metric, split_pairs
 from .types import LossOutput
 
@@ -34,6 +46,22 @@ def check_center_rewards_coefficient(center_rewards_coefficient: float | None) -
     if value < 0:
         raise ValueError(f"center_rewards_coefficient: expected a number >= 0 or None, got {value}")
     return value
+
+
+@dataclass(frozen=True)
+class RewardOptions:
+    """Checked reward-loss options, built by `reward_options(...)`."""
+
+    center_rewards_coefficient: float | None
+
+
+def reward_options(*, center_rewards_coefficient: float | None = None) -> RewardOptions:
+    """Checks the options into `RewardOptions`, for `options=` of `reward_loss` and `bradley_terry_loss`.
+
+    Options:
+        {options}
+    """
+    return RewardOptions(check_center_rewards_coefficient(center_rewards_coefficient))
 
 
 def _check_margin(margin: object, like: torch.Tensor, like_name: str) -> torch.Tensor | float | None:
@@ -71,7 +99,8 @@ def bradley_terry_loss(
     rejected_rewards: torch.Tensor,
     *,
     margin: torch.Tensor | float | None = None,
-    center_rewards_coefficient: float | None = None,
+    options: RewardOptions | None = None,
+    **option_kwargs,
 ) -> LossOutput:
     """Bradley–Terry loss on `[B]` chosen and `[B]` rejected scores.
 
@@ -79,13 +108,17 @@ def bradley_terry_loss(
         chosen_rewards, rejected_rewards: `[B]` scores of each pair's chosen and rejected sequence.
         margin: a target margin subtracted from each difference, `[B]` (TRL's per-example `margin`
             column) or a number; None for none.
-        center_rewards_coefficient: weight (>= 0) of the mean squared sum of each pair's scores, which
-            pulls the rewards towards mean 0; None for none.
+        options: the options below, checked once by `reward_options(...)`; or pass them as keywords.
+
+    Options (keywords, or options=reward_options(...), not both):
+        {options}
 
     Returns:
         LossOutput: the loss and TRL's metrics `min_reward`, `mean_reward`, `max_reward`, `accuracy`, `margin`.
+
+    Scores, not logits: there is no `hidden=, weight=, bias=` level (see the module docstring).
     """
-    center = check_center_rewards_coefficient(center_rewards_coefficient)
+    center = options_from(options, option_kwargs, RewardOptions, reward_options).center_rewards_coefficient
     chosen = check_sequence_values("chosen_rewards", chosen_rewards)
     rejected = check_sequence_values("rejected_rewards", rejected_rewards, chosen_rewards, "chosen_rewards")
     margin = _check_margin(margin, chosen_rewards, "chosen_rewards")
@@ -111,13 +144,19 @@ def reward_loss(
     rewards: torch.Tensor,
     *,
     margin: torch.Tensor | float | None = None,
-    center_rewards_coefficient: float | None = None,
+    options: RewardOptions | None = None,
+    **option_kwargs,
 ) -> LossOutput:
     """Bradley–Terry loss on a reward head's output `[2B]` or `[2B, 1]`: B chosen scores, then B rejected.
 
-    See `bradley_terry_loss` for `margin` (`[B]` or a number), `center_rewards_coefficient` and the metrics.
+    See `bradley_terry_loss` for `margin` (`[B]` or a number) and the metrics. It takes the head's
+    scores, not logits, so it has no `hidden=, weight=, bias=` level: the reward head projects to
+    one score, with no vocabulary to fuse over.
+
+    Options (keywords, or options=reward_options(...), not both):
+        {options}
     """
-    center = check_center_rewards_coefficient(center_rewards_coefficient)
+    center = options_from(options, option_kwargs, RewardOptions, reward_options).center_rewards_coefficient
     chosen, rejected = _split_rewards(rewards)
     if not rewards.is_floating_point():
         raise TypeError(f"rewards: expected a floating-point tensor, got {rewards.dtype}")
@@ -128,14 +167,27 @@ def reward_loss(
 
 
 class RewardLoss(nn.Module):
-    """Bradley–Terry reward-model loss on `[2B]` or `[2B, 1]` scores (see `reward_loss`)."""
+    """Bradley–Terry reward-model loss on `[2B]` or `[2B, 1]` scores (see `reward_loss`); the
+    options are checked when it is built.
 
-    def __init__(self, center_rewards_coefficient: float | None = None) -> None:
+    Options (keywords):
+        {options}
+    """
+
+    @keyword_only(*parameter_names(reward_options))
+    def __init__(self, **options) -> None:
         super().__init__()
-        self.center_rewards_coefficient = check_center_rewards_coefficient(center_rewards_coefficient)
+        self.options = reward_options(**options)
+
+    @property
+    def center_rewards_coefficient(self) -> float | None:
+        return self.options.center_rewards_coefficient
 
     def forward(self, rewards: torch.Tensor, margin: torch.Tensor | float | None = None) -> LossOutput:
-        return reward_loss(rewards, margin=margin, center_rewards_coefficient=self.center_rewards_coefficient)
+        return reward_loss(rewards, margin=margin, options=self.options)
 
     def extra_repr(self) -> str:
-        return f"center_rewards_coefficient={self.center_rewards_coefficient}"
+        return f"center_rewards_coefficient={self.options.center_rewards_coefficient}"
+
+
+option_docs.document(option_docs.REWARD, reward_options, reward_options, bradley_terry_loss, reward_loss, RewardLoss)

@@ -10,17 +10,21 @@ from __future__ import annotations
 
 import torch
 
-from ...reward import check_center_rewards_coefficient, reward_loss
+from ...reward import reward_loss, reward_options
 
 
-def check(trainer) -> None:
-    """The options fastalign's reward loss cannot serve, named."""
+def _options(trainer):
     try:
-        check_center_rewards_coefficient(trainer.args.center_rewards_coefficient)
+        return reward_options(center_rewards_coefficient=trainer.args.center_rewards_coefficient)
     except ValueError as error:
         raise ValueError(
             f"RewardConfig.{error}; unpatch fastalign.integrations.trl to train with TRL's own loss"
         ) from error
+
+
+def check(trainer) -> None:
+    """The options fastalign's reward loss cannot serve, named."""
+    _options(trainer)
 
 
 def _across_processes(accelerator, metrics: dict[str, torch.Tensor]) -> list[float]:
@@ -38,13 +42,12 @@ def _across_processes(accelerator, metrics: dict[str, torch.Tensor]) -> list[flo
 
 
 def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
-    check(self)
+    options = _options(self)
     mode = "train" if self.model.training else "eval"
     # As TRL: the cache would only cost memory (and warn under gradient checkpointing).
     inputs["use_cache"] = False
     outputs = model(**inputs)
-    out = reward_loss(outputs.logits, margin=inputs.get("margin"),
-                      center_rewards_coefficient=self.args.center_rewards_coefficient)
+    out = reward_loss(outputs.logits, margin=inputs.get("margin"), options=options)
 
     if mode == "train":
         num_tokens_in_batch = self.accelerator.gather_for_metrics(inputs["attention_mask"].sum()).sum().item()
