@@ -2,7 +2,7 @@
 `RLOOTrainer._compute_loss` and the metrics it logs.
 
 A PPO-clip surrogate per sequence whose ratio compares *summed* completion log-probs with the
-rollout's (`fastalign.reference.rloo`), averaged over the sequences. Metrics, under TRL's names:
+rollout's (`fastalign.policy_objective.sequence_log_ratio`), averaged over the sequences. Metrics, under TRL's names:
 `entropy` (mean over the counted tokens) and `clip_ratio/low_mean`, `low_min`, `high_mean`,
 `high_max`, `region_mean` (per-sequence flags: ratio below 1 - eps_low with A < 0, above
 1 + eps_high with A > 0, either; mean / min / max over the sequences).
@@ -11,15 +11,24 @@ The ratio needs every log-prob of a sequence before any gradient exists, so from
 hidden states) this is `token_logprobs`' forward, the sequence math, then its backward: the
 two-pass path of `fastalign/policy.py`. The leave-one-out advantages themselves come from
 `fastalign.group_advantages(estimator="rloo", convention="trl")`.
+
+Options follow every loss's convention (GRPO's): `rloo_options(...)` checks them into
+`RLOOOptions`, `rloo_loss` takes them as keywords or as `options=` (not both), and
+`RLOOLoss(**options)` checks them once.
 """
 
 from __future__ import annotations
 
 from collections.abc import Callable
+from dataclasses import dataclass
 
 import torch
 
-from ._checks import check_gather, check_positive_finite
+from . import option_docs
+from ._checks import check_gather, check_positive_finite, options_from
+from ._keyword_only import keyword_only, parameter_names
+from .aggregation import sequence_mean_weights
+from .masked import masked_sum
 from .policy import run_objective
 from .policy_inputs import (
     as_float,
@@ -30,8 +39,7 @@ from .policy_inputs import (
     check_transform,
     token_shape,
 )
-from .reference import policy as policy_reference
-from .reference import rloo as reference
+from .policy_objective import sequence_log_ratio
 from .sequence import metric
 from .token_objective import TokenObjective
 from .types import LossOutput
@@ -45,6 +53,33 @@ def clip_range(epsilon: float, epsilon_high: float | None = None, *, prefix: str
     low = check_epsilon(f"{prefix}epsilon", epsilon)
     high = low if epsilon_high is None else check_positive_finite(f"{prefix}epsilon_high", epsilon_high)
     return low, high
+
+
+@dataclass(frozen=True)
+class RLOOOptions:
+    """Checked RLOO options, built by `rloo_options(...)`: the clipping range and the logit transform
+    (temperature, logit_scale, softcap)."""
+
+    epsilon_low: float
+    epsilon_high: float
+    transform: tuple[float, float, float | None]
+
+
+def rloo_options(
+    *,
+    epsilon: float = 0.2,
+    epsilon_high: float | None = None,
+    temperature: float = 1.0,
+    logit_scale: float = 1.0,
+    softcap: float | None = None,
+) -> RLOOOptions:
+    """Checks every option once (at construction for `RLOOLoss`) and names the bad one.
+
+    Options:
+        {options}
+    """
+    epsilon_low, epsilon_high = clip_range(epsilon, epsilon_high)
+    return RLOOOptions(epsilon_low, epsilon_high, check_transform(temperature, logit_scale, softcap))
 
 
 def _per_sequence(name: str, value: object, batch: int, device: torch.device, what: str) -> torch.Tensor:
@@ -74,12 +109,9 @@ def rloo_loss(
     completion_mask: torch.Tensor,
     advantages: torch.Tensor,
     old_logps: torch.Tensor | None = None,
-    epsilon: float = 0.2,
-    epsilon_high: float | None = None,
-    temperature: float = 1.0,
-    logit_scale: float = 1.0,
-    softcap: float | None = None,
+    options: RLOOOptions | None = None,
     gather: Callable[[torch.Tensor], torch.Tensor] | None = None,
+    **option_kwargs,
 ) -> LossOutput:
     """The RLOO policy loss and the trainer's metrics.
 
@@ -88,18 +120,18 @@ def rloo_loss(
     `logps` [B, T] (with `entropies` [B, T] for the entropy metric). `completion_mask` [B, T];
     `advantages` [B]; `old_logps` [B]: the rollout policy's completion log-probs, *summed* over
     the counted tokens as TRL stores them (None: on-policy, a ratio of 1 with its gradient).
-    `temperature`, `logit_scale`, `softcap` transform logits and hidden states as TRL's fused
-    LM head does. `gather` (several processes): a function returning every process's tensor
-    concatenated along dim 0 (lengths may differ), e.g.
-    `fastalign.integrations.trl.gather_for(accelerator)`; the metrics are then global, as TRL's
-    trainer logs them. Without it they are this process's.
+    `gather` (several processes): a function returning every process's tensor concatenated along
+    dim 0 (lengths may differ), e.g. `fastalign.integrations.trl.gather_for(accelerator)`; the
+    metrics are then global, as TRL's trainer logs them. Without it they are this process's.
+
+    Options (keywords, or options=rloo_options(...), not both):
+        {options}
     """
-    epsilon_low, epsilon_high = clip_range(epsilon, epsilon_high)
+    o = options_from(options, option_kwargs, RLOOOptions, rloo_options)
+    epsilon_low, epsilon_high = o.epsilon_low, o.epsilon_high
     check_gather(gather)
     lm_head = (hidden, weight, bias) if (hidden is not None or weight is not None or bias is not None) else None
-    shape, device, transform = token_shape(
-        logits, labels, logps, check_transform(temperature, logit_scale, softcap), lm_head
-    )
+    shape, device, transform = token_shape(logits, labels, logps, o.transform, lm_head)
     check_batch_not_empty(shape, logits, logps)
     batch = shape[0]
     mask = check_tokens("completion_mask", completion_mask, shape, device, floating=False)
@@ -120,11 +152,11 @@ def rloo_loss(
             raise ValueError("entropies: only used with logps; from logits the entropy is computed in the same pass")
         entropies = check_tokens("entropies", entropies, shape, device)
     mask_f = as_float(mask, like)
-    weights = reference.sequence_weights(mask_f)
+    weights = sequence_mean_weights(mask_f)
     obj = TokenObjective(surrogate="clip", ratio_low=1 - epsilon_low, ratio_high=1 + epsilon_high)
 
     def sequence_ratio(logps_, entropies_):
-        return weights, None, reference.log_ratio(logps_, old_logps, mask_f)
+        return weights, None, sequence_log_ratio(logps_, old_logps, mask_f)
 
     pieces, _, token_entropies = run_objective(
         logits=logits, labels=labels, lm_head=lm_head, logps=logps, entropies=entropies, mask=mask,
@@ -140,7 +172,7 @@ def _metrics(ratio, adv, entropies, mask, epsilon_low, epsilon_high, gather):
     out = {}
     if entropies is not None:
         # TRL reduces (sum, count) over the processes, then divides: a global token mean.
-        total = policy_reference.masked_total(entropies.detach(), mask)
+        total = masked_sum(entropies.detach(), mask)
         stats = torch.stack([total, mask.sum().to(total.dtype)])
         if gather is not None:
             stats = gather(stats.view(1, 2)).sum(0)
@@ -167,15 +199,18 @@ class RLOOLoss(torch.nn.Module):
 
     >>> loss_fn = RLOOLoss(epsilon=0.2, epsilon_high=0.28, temperature=0.9)
     >>> out = loss_fn(logits=logits, labels=ids, completion_mask=mask, advantages=adv, old_logps=old)
+
+    Options (keywords):
+        {options}
     """
 
-    def __init__(self, epsilon: float = 0.2, epsilon_high: float | None = None, *, temperature: float = 1.0,
-                 logit_scale: float = 1.0, softcap: float | None = None):
+    @keyword_only(*parameter_names(rloo_options))
+    def __init__(self, **options):
         super().__init__()
-        clip_range(epsilon, epsilon_high)
-        check_transform(temperature, logit_scale, softcap)
-        self.options = dict(epsilon=epsilon, epsilon_high=epsilon_high, temperature=temperature,
-                            logit_scale=logit_scale, softcap=softcap)
+        self.options = rloo_options(**options)
 
     def forward(self, logits=None, labels=None, **inputs) -> LossOutput:
-        return rloo_loss(logits, labels, **self.options, **inputs)
+        return rloo_loss(logits, labels, options=self.options, **inputs)
+
+
+option_docs.document(option_docs.RLOO, rloo_options, rloo_options, rloo_loss, RLOOLoss)
