@@ -7,17 +7,19 @@ kernels for CPU tensors and a reference PyTorch implementation (the ground truth
 from . import reference
 from .advantages import group_advantages, reinforce_plus_plus_advantages
 from .backend import BACKENDS, available_backends, current_backend, use_backend
-from .cpo import CPOLoss, cpo_loss, cpo_loss_from_logits
-from .dpo import DPOLoss, dpo_loss, dpo_loss_from_logits
+from .cpo import CPOLoss, cpo_loss, cpo_loss_from_logits, cpo_options
+from .dpo import DPOLoss, dpo_loss, dpo_loss_from_logits, dpo_options
 from .gae import GAEOutput, gae
 from .linear_logprobs import linear_token_logprobs
 from .grpo import GRPOLoss, grpo_loss, grpo_options, vllm_importance_sampling_ratio
 from .ppo import PPOLoss, ppo_loss, ppo_options
-from .kto import KTOLoss, kto_loss, kto_loss_from_logits
+from .kto import KTOLoss, kto_loss, kto_loss_from_logits, kto_options
 from .logprobs import token_logprobs
-from .orpo import ORPOLoss, orpo_loss, orpo_loss_from_logits
-from .reward import RewardLoss, bradley_terry_loss, reward_loss
-from .rloo import RLOOLoss, rloo_loss
+from .orpo import ORPOLoss, orpo_loss, orpo_loss_from_logits, orpo_options
+from .reward import RewardLoss, bradley_terry_loss, reward_loss, reward_options
+from .rloo import RLOOLoss, rloo_loss, rloo_options
+# Internal since the losses take hidden=, weight=, bias=; importable for code that built it (passing it
+# as logits is deprecated).
 from .types import HiddenStates, TokenLogprobs
 
 __version__ = "0.1.0"
@@ -36,11 +38,12 @@ __all__ = [
     "bradley_terry_loss",
     "cpo_loss",
     "cpo_loss_from_logits",
+    "cpo_options",
     "current_backend",
     "dpo_loss",
     "dpo_loss_from_logits",
+    "dpo_options",
     "gae",
-    "HiddenStates",
     "linear_token_logprobs",
     "GRPOLoss",
     "grpo_loss",
@@ -52,12 +55,16 @@ __all__ = [
     "group_advantages",
     "kto_loss",
     "kto_loss_from_logits",
+    "kto_options",
     "orpo_loss",
     "orpo_loss_from_logits",
+    "orpo_options",
     "reference",
     "reinforce_plus_plus_advantages",
     "reward_loss",
+    "reward_options",
     "rloo_loss",
+    "rloo_options",
     "token_logprobs",
     "use_backend",
 ]

@@ -36,9 +36,13 @@ class LossOutput(NamedTuple):
 
 
 class HiddenStates(NamedTuple):
-    """Logits given as hidden states and the lm_head (`hidden @ weight.T + bias`), for the losses
-    that take `logits`: they are never materialized. Quacks like the [..., V] logits it stands for
-    where the losses check shapes and devices."""
+    """Logits given as hidden states and the lm_head (`hidden @ weight.T + bias`), never
+    materialized. Quacks like the [..., V] logits it stands for where the losses check shapes and
+    devices.
+
+    Internal: the losses build it from their `hidden=, weight=, bias=` arguments
+    (`fastalign._checks.policy_logits`). Passing one as a loss's `logits` still works, with a
+    DeprecationWarning; pass hidden=, weight=, bias= instead."""
 
     hidden: torch.Tensor
     weight: torch.Tensor

@@ -10,6 +10,7 @@ that are not tensors). Each runs on the default backend and on the reference one
 
 from __future__ import annotations
 
+import inspect
 import math
 import re
 from collections.abc import Callable
@@ -73,6 +74,29 @@ def case(fn_name: str, arg: str, what: str, call, error=ValueError, pattern: str
     several arguments at once)."""
     pattern = pattern if pattern is not None else rf"^{re.escape(arg)}\b"
     CASES.append(Case(f"{fn_name}-{arg}-{what}", call, error, pattern))
+
+
+def options_cases(fn_name: str, call, builder: Callable, other: Callable):
+    """Options come as keywords or as `options=builder(...)`, not both; another object, or an
+    unknown keyword, is named."""
+    first, parameter = next(iter(inspect.signature(builder).parameters.items()))
+    case(fn_name, "options", "dict", call(options={}), TypeError)
+    case(fn_name, "options", other.__name__, call(options=other()), TypeError)
+    case(fn_name, "options", "with-keywords", call(options=builder(), **{first: parameter.default}))
+    case(fn_name, "unknown_option", "typo", call(not_an_option=1.0), TypeError, r"not_an_option")
+
+
+def hidden_cases(fn_name: str, call, rows: int):
+    """The hidden-states level of a loss from logits: hidden= with weight= (and bias=), in place of logits."""
+    head = dict(logits=None, hidden=fl(rows, T, H), weight=fl(V, H))
+    case(fn_name, "logits", "with-hidden", call(hidden=fl(rows, T, H), weight=fl(V, H)))
+    case(fn_name, "hidden", "without-weight", call(logits=None, hidden=fl(rows, T, H)))
+    case(fn_name, "hidden", "weight-alone", call(logits=None, weight=fl(V, H)))
+    case(fn_name, "hidden", "bias-alone", call(logits=None, bias=fl(V)))
+    case(fn_name, "hidden", "int", call(**{**head, "hidden": torch.zeros(rows, T, H, dtype=torch.long)}), TypeError)
+    case(fn_name, "weight", "hidden-size", call(**{**head, "weight": fl(V, H + 1)}))
+    case(fn_name, "weight", "device", call(**{**head, "weight": fl(V, H, device="meta")}))
+    case(fn_name, "bias", "shape", call(**head, bias=fl(V + 1)))
 
 
 # --- token_logprobs and linear_token_logprobs ----------------------------------------------------------
@@ -570,6 +594,50 @@ case(N, "rewards", "odd", rm(rewards=fl(3)))
 case(N, "margin", "batch", rm(margin=fl(B + 1)))
 
 
+# --- the conventions every preference loss shares: options, hidden states ---------------------------------
+
+options_cases("dpo_loss", dpo, fastalign.dpo_options, fastalign.cpo_options)
+options_cases("dpo_loss_from_logits", dpol, fastalign.dpo_options, fastalign.kto_options)
+options_cases("cpo_loss", cpo, fastalign.cpo_options, fastalign.dpo_options)
+options_cases("cpo_loss_from_logits", cpol, fastalign.cpo_options, fastalign.orpo_options)
+options_cases("orpo_loss", orpo, fastalign.orpo_options, fastalign.cpo_options)
+options_cases("orpo_loss_from_logits", orpol, fastalign.orpo_options, fastalign.dpo_options)
+options_cases("kto_loss", kto, fastalign.kto_options, fastalign.dpo_options)
+options_cases("kto_loss_from_logits", ktol, fastalign.kto_options, fastalign.reward_options)
+options_cases("reward_loss", rl, fastalign.reward_options, fastalign.kto_options)
+options_cases("bradley_terry_loss", bt, fastalign.reward_options, fastalign.rloo_options)
+hidden_cases("dpo_loss_from_logits", dpol, 2 * B)
+hidden_cases("cpo_loss_from_logits", cpol, 2 * B)
+hidden_cases("CPOLoss", cpom, 2 * B)
+hidden_cases("orpo_loss_from_logits", orpol, 2 * B)
+hidden_cases("ORPOLoss", orpom, 2 * B)
+hidden_cases("kto_loss_from_logits", ktol, B)
+hidden_cases("KTOLoss", ktom, B)
+for module in (fastalign.DPOLoss, fastalign.CPOLoss, fastalign.ORPOLoss, fastalign.KTOLoss, fastalign.RewardLoss,
+               fastalign.RLOOLoss):
+    case(module.__name__, "unknown_option", "typo", (lambda m: lambda: m(not_an_option=1.0))(module), TypeError,
+         r"not_an_option")
+option_builder_cases = [
+    (fastalign.dpo_options, "beta", 0.0, ValueError), (fastalign.dpo_options, "loss_type", "nope", ValueError),
+    (fastalign.dpo_options, "use_weighting", "yes", TypeError),
+    (fastalign.cpo_options, "beta", -1.0, ValueError), (fastalign.cpo_options, "loss_type", "dpo", ValueError),
+    (fastalign.cpo_options, "alpha", "x", TypeError),
+    (fastalign.orpo_options, "beta", INF, ValueError), (fastalign.orpo_options, "beta", None, TypeError),
+    (fastalign.kto_options, "beta", 0.0, ValueError), (fastalign.kto_options, "desirable_weight", -1.0, ValueError),
+    (fastalign.kto_options, "undesirable_weight", "x", TypeError),
+    (fastalign.reward_options, "center_rewards_coefficient", -0.1, ValueError),
+    (fastalign.reward_options, "center_rewards_coefficient", "x", TypeError),
+    (fastalign.rloo_options, "epsilon", 1.0, ValueError), (fastalign.rloo_options, "epsilon_high", 0.0, ValueError),
+    (fastalign.rloo_options, "temperature", 0.0, ValueError), (fastalign.rloo_options, "softcap", "x", TypeError),
+]
+for builder, name, value, error in option_builder_cases:
+    case(builder.__name__, name, repr(value), (lambda b, kw: lambda: b(**kw))(builder, {name: value}), error)
+for builder in (fastalign.dpo_options, fastalign.cpo_options, fastalign.orpo_options, fastalign.kto_options,
+                fastalign.reward_options, fastalign.rloo_options):
+    case(builder.__name__, "unknown_option", "typo", (lambda b: lambda: b(not_an_option=1.0))(builder), TypeError,
+         r"not_an_option")
+
+
 # --- policy losses: GRPO, PPO, RLOO --------------------------------------------------------------------
 
 def _policy_defaults():
@@ -780,6 +848,7 @@ for value, error in ((0.0, ValueError), (-1.0, ValueError), (NAN, ValueError), (
     case(N, "epsilon_high", repr(value), rloo(epsilon_high=value), error)
 case(N, "logit_scale", "nan", rloo(logit_scale=NAN))
 case(N, "gather", "not-callable", rloo(gather=[]), TypeError)
+options_cases(N, rloo, fastalign.rloo_options, fastalign.grpo_options)
 
 rlm = api(lambda options, **kw: fastalign.RLOOLoss(**options)(**kw), lambda: dict(options={}, **_rloo_defaults()))
 N = "RLOOLoss"
