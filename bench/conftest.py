@@ -52,6 +52,7 @@ class RowLog:
 
     def __init__(self, path: str, config):
         Path(path).parent.mkdir(parents=True, exist_ok=True)
+        self._path = path
         self._file = open(path, "w")  # one run per file: a rerun must not mix with the last one
         self._config = config
         self._start = time.monotonic()
@@ -67,6 +68,12 @@ class RowLog:
     def start(self, planned: int, **header) -> None:
         self._planned = planned
         self._write({"kind": "run", "planned": planned, **header})
+        # The first row can take a minute (inputs, compilation): say at once what is coming.
+        self._say(f"{planned} benchmarks; each is printed as it finishes and kept in {self._path}")
+
+    def _say(self, line: str) -> None:
+        # Looked up here: pytest registers its terminal reporter after this conftest's configure.
+        self._config.pluginmanager.get_plugin("terminalreporter").write_line(line, flush=True)
 
     def benchmark(self, nodeid: str, row: dict) -> None:
         self._write({"kind": "benchmark", **row})
@@ -94,9 +101,7 @@ class RowLog:
                 line = f"{name}: median {median * 1e3:.4g} ms of {rounds} rounds, {report.duration:.1f} s"
             else:
                 line = f"{test}: passed without a measurement"
-            # Looked up here: pytest registers its terminal reporter after this conftest's configure.
-            terminal = self._config.pluginmanager.get_plugin("terminalreporter")
-            terminal.write_line(f"{where} {line}", flush=True)
+            self._say(f"{where} {line}")
 
     def finish(self, exitstatus: int, others_busy: float | None) -> None:
         self._write({"kind": "end", "exitstatus": exitstatus, "others_busy": others_busy})

@@ -85,6 +85,7 @@ def test_each_row_is_logged_with_a_progress_line(fake_run):
     assert records[0]["planned"] == 5 and records[0]["machine_info"]["fastalign"]["type"] == "cpu"
     assert records[-1]["exitstatus"] == 1
     assert all(r["stats"]["rounds"] == 2 for r in records if r["kind"] == "benchmark")
+    assert f"5 benchmarks; each is printed as it finishes and kept in {rows}" in output
     progress = [line for line in output.splitlines() if line.startswith("[")]
     assert len(progress) == 5, output
     assert "token_logprobs fwd float32 4×8 · eager label: median" in progress[0]
