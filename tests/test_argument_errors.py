@@ -802,8 +802,8 @@ case(N, "value_mask", "shape", ppo(**value_inputs, value_mask=ones(B, T + 1)))
 case(N, "value_mask", "list", ppo(**value_inputs, value_mask=[[1] * T] * B), TypeError)
 case(N, "value_mask", "complex", ppo(**value_inputs, value_mask=ones(B, T, dtype=torch.complex64)), TypeError)
 case(N, "value_mask", "without-value-loss", ppo(value_mask=ones(B, T)))
-case(N, "rollout_is_weights", "shape", ppo(rollout_is_weights=fl(B, 2)))
-case(N, "rollout_is_weights", "int", ppo(rollout_is_weights=torch.ones(B, T, dtype=torch.long)), TypeError)
+case(N, "importance_sampling_ratio", "shape", ppo(importance_sampling_ratio=fl(B, 2)))
+case(N, "importance_sampling_ratio", "int", ppo(importance_sampling_ratio=torch.ones(B, T, dtype=torch.long)), TypeError)
 for value, error in ((None, ValueError), (0, ValueError), (-4.0, ValueError), ("x", TypeError)):
     case(N, "batch_num_tokens", repr(value), ppo(dp_size=2, batch_num_tokens=value), error)
     case(N, "global_batch_size", repr(value),
@@ -905,7 +905,7 @@ for name in ("gamma", "lam"):
     for value, error in ((-0.1, ValueError), (1.5, ValueError), (NAN, ValueError), ("x", TypeError),
                          (True, TypeError), (None, TypeError)):
         case(N, name, repr(value), gae(**{name: value}), error)
-case(N, "semantics", "unknown", gae(semantics="openrlhf"))
+case(N, "convention", "unknown", gae(convention="openrlhf"))
 for name in ("whiten", "shift_mean", "unbiased"):
     case(N, name, "str", gae(**{name: "yes"}), TypeError)
 

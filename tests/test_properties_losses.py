@@ -168,9 +168,9 @@ def ppo_cases(draw):
     ref = ref.masked_fill(~counted, pad)
     if adv.shape == (B, T):
         adv = adv.masked_fill(~counted, pad)
-    extra["rollout_is_weights"] = None
+    extra["importance_sampling_ratio"] = None
     if draw(st.booleans()):
-        extra["rollout_is_weights"] = (torch.rand(B, T, generator=g) * 2).masked_fill(~counted, 0.0).to(DEVICE)
+        extra["importance_sampling_ratio"] = (torch.rand(B, T, generator=g) * 2).masked_fill(~counted, 0.0).to(DEVICE)
     value = None
     if draw(st.booleans()):
         vscale = draw(st.sampled_from([0.1, 1.0, 100.0]))
@@ -296,7 +296,7 @@ def _assert_aggregate(value, ref, truth, magnitude, name, slack_eps=4.0):
 
 def _ppo_magnitudes(inputs, labels, mask, adv, old, ref, options, extra, value):
     """The sum of the magnitudes of the per-token terms behind the PPO loss and each metric."""
-    from fastalign.reference.policy import verl_weights
+    from fastalign.aggregation import verl_weights
 
     x = inputs["logits"].double() if "logits" in inputs else (
         inputs["hidden"].double() @ inputs["weight"].double().t()
@@ -308,7 +308,7 @@ def _ppo_magnitudes(inputs, labels, mask, adv, old, ref, options, extra, value):
     w = verl_weights(m, options["loss_agg_mode"], dp_size=options.get("dp_size", 1),
                      batch_num_tokens=extra.get("batch_num_tokens"), global_batch_size=extra.get("global_batch_size"),
                      loss_scale_factor=options.get("loss_scale_factor")).abs()
-    w_pg = w if extra["rollout_is_weights"] is None else w * extra["rollout_is_weights"].double()
+    w_pg = w if extra["importance_sampling_ratio"] is None else w * extra["importance_sampling_ratio"].double()
 
     def at_tokens(t):
         return torch.where(counted, torch.broadcast_to(t.double(), m.shape), 0.0)
