@@ -82,7 +82,8 @@ def _inputs(case: dict):
             ref = policy + torch.randn(rows, generator=gen, device=DEVICE) * 5
             ref_chosen, ref_rejected = ref.chunk(2)
             expected = reference_dpo.dpo_loss_from_logits(
-                logits, labels, completion_mask, ref_chosen, ref_rejected
+                logits, labels, completion_mask=completion_mask, ref_chosen_logps=ref_chosen,
+                ref_rejected_logps=ref_rejected,
             ).loss
         _INPUTS[key] = (logits, labels, completion_mask, ref_chosen, ref_rejected, expected)
     return _INPUTS[key]
@@ -114,7 +115,8 @@ def bench_dpo_loss(measure, case, impl):
 
     def step():
         with ctx():
-            out = loss_fn(logits, labels, completion_mask, ref_chosen, ref_rejected)
+            out = loss_fn(logits, labels, completion_mask=completion_mask, ref_chosen_logps=ref_chosen,
+                          ref_rejected_logps=ref_rejected)
             (grad,) = torch.autograd.grad(out.loss, logits)
         harness.sync(DEVICE)
         return grad
@@ -122,7 +124,8 @@ def bench_dpo_loss(measure, case, impl):
     if impl == "compile":
         torch._dynamo.reset()
     with ctx():
-        loss = loss_fn(logits, labels, completion_mask, ref_chosen, ref_rejected).loss
+        loss = loss_fn(logits, labels, completion_mask=completion_mask, ref_chosen_logps=ref_chosen,
+                       ref_rejected_logps=ref_rejected).loss
     error = (loss.detach().float() - expected.float()).abs().item()
     del loss
 

@@ -215,7 +215,7 @@ def policy_logits(logits: object, hidden: object, weight: object, bias: object, 
     An FSDP2-sharded weight or bias (a DTensor) is gathered here, differentiably. A `HiddenStates`
     passed as `logits` is the earlier spelling of hidden=, weight=, bias=: still read, with a
     DeprecationWarning."""
-    from ._keyword_only import warn_deprecated
+    from ._deprecation import warn_deprecated
     from .types import HiddenStates
 
     if isinstance(logits, HiddenStates):

@@ -44,12 +44,11 @@ from ._checks import (
     options_from,
     policy_logits,
 )
-from ._keyword_only import keyword_only, parameter_names
+from ._deprecation import keyword_only, parameter_names
 from .sequence import (
     SequenceLogprobs,
     check_logits_batch,
     completion_logits_metrics,
-    masked_mean,
     metric,
     sequence_logprobs,
     split_pairs,

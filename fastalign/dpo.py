@@ -39,8 +39,8 @@ from ._checks import (
     options_from,
     policy_logits,
 )
-from ._keyword_only import keyword_only, parameter_names
-from .sequence import completion_logits_metrics, masked_mean, sequence_logprobs
+from ._deprecation import keyword_only, parameter_names
+from .sequence import completion_logits_metrics, sequence_logprobs
 from .types import HiddenStates, LossOutput, TokenLogprobs
 
 LOSS_TYPES = (

@@ -31,12 +31,14 @@ from .policy_inputs import (
     check_epsilon,
     check_nonnegative,
     check_optional_positive,
-    check_options,
     check_tokens,
     check_total,
     check_transform,
     policy_token_inputs,
 )
+from . import option_docs
+from ._checks import options_from
+from ._deprecation import keyword_only
 from .aggregation import trl_weights, verl_weights
 from .masked import masked_mean, masked_sum
 from .sequence import metric
@@ -142,7 +144,11 @@ def grpo_options(
     convention="trl" takes TRL's names (`loss_type`, `epsilon`, `epsilon_high`, `delta`, `beta`,
     ...); convention="verl" takes verl's loss modes as `loss_type` ("vanilla", "gspo", "cispo",
     "sapo"), `loss_agg_mode`, `clip_ratio_c` (dual-clip), `dp_size`, and `beta` as `kl_loss_coef`
-    with `kl_estimator` as `kl_loss_type`."""
+    with `kl_estimator` as `kl_loss_type`.
+
+    Options:
+        {options}
+    """
     check_choice("convention", convention, ("trl", "verl"))
     valid = TRL_LOSS_TYPES if convention == "trl" else VERL_LOSS_TYPES
     if loss_type not in valid:
@@ -280,11 +286,11 @@ def grpo_loss(
     concatenated along dim 0 (lengths may differ), e.g. `fastalign.integrations.trl.gather_for(accelerator)`;
     the entropy quantile and the metrics are then global, as TRL's trainer computes them. Without
     it they are this process's.
+
+    Options (`options=grpo_options(...)`, or these as keywords):
+        {options}
     """
-    check_options(options, GRPOOptions, "grpo_options")
-    o = options if options is not None else grpo_options(**option_kwargs)
-    if options is not None and option_kwargs:
-        raise ValueError(f"options: pass either options= or keyword options, not both ({sorted(option_kwargs)})")
+    o = options_from(options, option_kwargs, GRPOOptions, grpo_options)
     check_gather(gather)
     check_total("num_items_in_batch", num_items_in_batch, zero_ok=True)
     check_total("batch_num_tokens", batch_num_tokens, zero_ok=False)
@@ -484,6 +490,9 @@ class GRPOLoss(torch.nn.Module):
     >>> loss_fn = GRPOLoss(loss_type="dapo", epsilon_high=0.28, beta=0.04)
     >>> out = loss_fn(logits=logits, labels=ids, completion_mask=mask, advantages=adv,
     ...               ref_logps=ref, num_items_in_batch=n)
+
+    Options:
+        {options}
     """
 
     def __init__(self, loss_type: str = "dapo", **options):
@@ -494,12 +503,16 @@ class GRPOLoss(torch.nn.Module):
         return grpo_loss(logits, labels, options=self.options, **inputs)
 
 
+option_docs.document(option_docs.GRPO, grpo_options, grpo_options, grpo_loss, GRPOLoss)
+
 IS_MODES = ("token_truncate", "token_mask", "sequence_truncate", "sequence_mask")
 
 
+@keyword_only("completion_mask", "mode", "clip_min", "clip_max")
 def vllm_importance_sampling_ratio(
     old_logps: torch.Tensor,
     sampling_logps: torch.Tensor,
+    *,
     completion_mask: torch.Tensor,
     mode: str = "sequence_mask",
     clip_min: float | None = None,

@@ -59,7 +59,7 @@ from ._checks import (
     policy_logits,
     values_checkable,
 )
-from ._keyword_only import keyword_only, parameter_names
+from ._deprecation import keyword_only, parameter_names
 from .sequence import metric, sequence_logprobs
 from .types import HiddenStates, LossOutput
 

@@ -71,6 +71,69 @@ RLOO = {
 }
 
 
+_TRANSFORM = {
+    "temperature": "logits are divided by it (> 0), after logit_scale and softcap, as the trainers apply the "
+                   "sampling temperature.",
+    "logit_scale": "multiplies the logits first (a model's logit_scale).",
+    "softcap": "cap * tanh(z / cap) after the scale (Gemma's final_logit_softcapping); None: off.",
+}
+
+GRPO = {
+    "loss_type": 'convention="trl": TRL 1.16 GRPOTrainer\'s "grpo", "bnpo", "dr_grpo", "dapo", "cispo", "sapo", '
+                 '"luspo"; convention="verl": verl\'s policy loss modes "vanilla" (dual-clip), "gspo", "cispo", '
+                 '"sapo".',
+    "convention": '"trl" (TRL\'s names, normalizers and metrics) or "verl" (verl\'s actor loss and metrics).',
+    "epsilon": "the clipping range below and above 1, in (0, 1) (verl's cispo: any positive bound).",
+    "epsilon_low": "the range below 1; None: epsilon (verl's clip_ratio_low).",
+    "epsilon_high": "the range above 1; None: epsilon (DAPO's clip-higher; TRL's cispo: an absolute cap on the "
+                    "ratio, e.g. 5.0).",
+    "delta": "TRL's two-sided clipping: the unclipped ratio is capped at delta (> 1); None: off. TRL only.",
+    "beta": "the KL coefficient (>= 0; verl's kl_loss_coef); 0: no KL term and no ref_logps needed.",
+    "kl_estimator": 'the KL estimator: "k1", "abs", "k2", "k3" (TRL\'s, unclamped) or "low_var_kl" (verl\'s '
+                    'clamped k3); verl also takes "kl", "mse", and "k3" for low_var_kl; a "+" suffix takes the '
+                    'k2 gradient (straight-through). None: "k3" for TRL, "low_var_kl" for verl.',
+    "use_bias_correction_kl": "TRL's use_bias_correction_kl: the KL term times the importance ratio.",
+    "importance_sampling_level": '"token" or "sequence" (GSPO: the mean token log-ratio of each completion).',
+    "sapo_temperature_pos": "SAPO's temperature where the advantage is positive (> 0).",
+    "sapo_temperature_neg": "SAPO's temperature elsewhere (> 0).",
+    "top_entropy_quantile": "in (0, 1]: only the tokens whose entropy is in the top quantile get a policy "
+                            "gradient (TRL); 1: all.",
+    "entropy_coef": "the entropy bonus's weight (>= 0; verl's entropy_coeff).",
+    "off_policy_mask_threshold": "TRL's off-policy sequence masking: a sequence with a negative advantage whose "
+                                 "mean log-ratio to the sampler exceeds it gets no gradient; None: off.",
+    "max_completion_length": 'the L_max of "dr_grpo"\'s normalizer B * L_max (required there).',
+    "gradient_accumulation_steps": "TRL's gradient accumulation steps (the loss is scaled as TRL scales it).",
+    "num_processes": "TRL's number of processes (dapo/cispo's normalizer).",
+    "steps_per_generation": "TRL's steps per generation (dapo/cispo's normalizer); None: "
+                            "gradient_accumulation_steps.",
+    "loss_agg_mode": 'verl\'s loss_agg_mode: "token-mean", "token-sum", "seq-mean-token-mean", '
+                     '"seq-mean-token-sum", "seq-mean-token-sum-norm".',
+    "dp_size": "verl's data-parallel size (with batch_num_tokens= / global_batch_size= when > 1).",
+    "loss_scale_factor": 'the divisor of "seq-mean-token-sum-norm"; None: the sequence length T.',
+    "clip_ratio_c": 'verl\'s dual-clip bound c (> 1) of "vanilla".',
+    **_TRANSFORM,
+}
+
+PPO = {
+    "convention": '"verl" (compute_policy_loss_vanilla + compute_value_loss, the log-ratio clamped to +-20) or '
+                  '"trl" (TRL PPOTrainer: no dual-clip, no clamp).',
+    "epsilon": "the clipping range below and above 1, in (0, 1).",
+    "epsilon_low": "the range below 1; None: epsilon.",
+    "epsilon_high": "the range above 1; None: epsilon.",
+    "dual_clip": "verl's clip_ratio_c (> 1): the dual-clip bound for negative advantages; None: off.",
+    "kl_coef": "the KL penalty's weight (>= 0); 0: no KL term and no ref_logps needed.",
+    "kl_estimator": 'as grpo_options\'s: "k1"/"kl", "abs", "k2"/"mse", "k3"/"low_var_kl", with "+" for the '
+                    "straight-through gradient.",
+    "entropy_coef": "the entropy bonus's weight (>= 0).",
+    "vf_coef": "the value loss's weight (>= 0).",
+    "value_clip": "TRL's / verl's cliprange_value (> 0); None: the unclipped squared error.",
+    "loss_agg_mode": "verl's loss_agg_mode, for the policy and the value loss.",
+    "dp_size": "verl's data-parallel size (with batch_num_tokens= / global_batch_size= when > 1).",
+    "loss_scale_factor": 'the divisor of "seq-mean-token-sum-norm"; None: the sequence length T.',
+    **_TRANSFORM,
+}
+
+
 def options_list(descriptions: dict[str, str], builder: Callable) -> str:
     """`name (default): description`, one option a paragraph, in the builder's order."""
     parameters = inspect.signature(builder).parameters

@@ -40,7 +40,7 @@ from ._checks import (
     options_from,
     policy_logits,
 )
-from ._keyword_only import keyword_only, parameter_names
+from ._deprecation import keyword_only, parameter_names
 from .sequence import check_logits_batch, completion_logits_metrics, metric, sequence_logprobs, split_pairs
 from .types import LossOutput
 

@@ -62,13 +62,6 @@ def check_total(name: str, value: object, *, zero_ok: bool) -> None:
         raise ValueError(f"{name}: expected {expected}, got {number}")
 
 
-def check_options(options: object, kind: type, builder: str) -> None:
-    if options is not None and not isinstance(options, kind):
-        raise TypeError(
-            f"options: expected a {kind.__name__} from {builder}(...), or None; got {type(options).__name__}"
-        )
-
-
 def check_count(name: str, value: object) -> int:
     if isinstance(value, bool) or not isinstance(value, int) or value < 1:
         raise ValueError(f"{name}: expected an integer >= 1, got {value!r}")

@@ -20,6 +20,8 @@ from dataclasses import dataclass
 
 import torch
 
+from . import option_docs
+from ._checks import options_from
 from ._deprecation import renamed_option
 from .grpo import AGG_MODES
 from .policy import run_objective
@@ -30,7 +32,6 @@ from .policy_inputs import (
     check_epsilon,
     check_nonnegative,
     check_optional_positive,
-    check_options,
     check_tokens,
     check_total,
     check_transform,
@@ -92,8 +93,11 @@ def ppo_options(
     logit_scale: float = 1.0,
     softcap: float | None = None,
 ) -> PPOOptions:
-    """Checks every option and names the bad one. `dual_clip` is verl's clip_ratio_c (> 1; None = off),
-    `value_clip` TRL's cliprange_value / verl's cliprange_value (None = unclipped)."""
+    """Checks every option and names the bad one.
+
+    Options:
+        {options}
+    """
     check_choice("convention", convention, ("trl", "verl"))
     epsilon = check_epsilon("epsilon", epsilon)
     epsilon_low = epsilon if epsilon_low is None else check_epsilon("epsilon_low", epsilon_low)
@@ -149,14 +153,15 @@ def ppo_loss(
     defaults to `completion_mask` (TRL's PPOTrainer masks values one position further).
     `importance_sampling_ratio` [B, T] or [B, 1]: the rollout-correction weights on the policy
     term (verl's `rollout_is_weights`, grpo_loss's argument of the same name);
-    `rollout_is_weights=` is its earlier, deprecated name."""
+    `rollout_is_weights=` is its earlier, deprecated name.
+
+    Options (`options=ppo_options(...)`, or these as keywords):
+        {options}
+    """
     importance_sampling_ratio = renamed_option(
         "rollout_is_weights", rollout_is_weights, "importance_sampling_ratio", importance_sampling_ratio, None
     )
-    check_options(options, PPOOptions, "ppo_options")
-    if options is not None and option_kwargs:
-        raise ValueError(f"options: pass either options= or keyword options, not both ({sorted(option_kwargs)})")
-    o = options if options is not None else ppo_options(**option_kwargs)
+    o = options_from(options, option_kwargs, PPOOptions, ppo_options)
     check_total("batch_num_tokens", batch_num_tokens, zero_ok=False)
     check_total("global_batch_size", global_batch_size, zero_ok=False)
     lm_head = (hidden, weight, bias) if (hidden is not None or weight is not None or bias is not None) else None
@@ -246,7 +251,11 @@ def _policy_metrics(o, obj, pieces, entropies, mask, adv, w_pg, w_kl, w):
 
 
 class PPOLoss(torch.nn.Module):
-    """`ppo_loss` with its options fixed (and checked) at construction."""
+    """`ppo_loss` with its options fixed (and checked) at construction.
+
+    Options:
+        {options}
+    """
 
     def __init__(self, **options):
         super().__init__()
@@ -254,3 +263,6 @@ class PPOLoss(torch.nn.Module):
 
     def forward(self, logits=None, labels=None, **inputs) -> LossOutput:
         return ppo_loss(logits, labels, options=self.options, **inputs)
+
+
+option_docs.document(option_docs.PPO, ppo_options, ppo_options, ppo_loss, PPOLoss)

@@ -33,7 +33,7 @@ from torch import nn
 
 from . import option_docs
 from ._checks import check_finite, check_sequence_values, options_from
-from ._keyword_only import keyword_only, parameter_names
+from ._deprecation import keyword_only, parameter_names
 from .sequence import metric, split_pairs
 from .types import LossOutput
 

@@ -26,7 +26,7 @@ import torch
 
 from . import option_docs
 from ._checks import check_gather, check_positive_finite, options_from
-from ._keyword_only import keyword_only, parameter_names
+from ._deprecation import keyword_only, parameter_names
 from .aggregation import sequence_mean_weights
 from .masked import masked_sum
 from .policy import run_objective

@@ -13,6 +13,7 @@ from typing import NamedTuple
 import torch
 
 from .logprobs import token_logprobs
+from .masked import masked_mean
 from .types import HiddenStates, TokenLogprobs
 
 
@@ -63,12 +64,6 @@ def sequence_logprobs(
     )
 
 
-def masked_mean(values: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
-    """Mean of `values` where `mask` holds (0 when nothing does, never 0/0)."""
-    mask = mask.to(values.dtype)
-    return (values * mask).sum() / mask.sum().clamp(min=1)
-
-
 def split_pairs(values: torch.Tensor, name: str) -> tuple[torch.Tensor, torch.Tensor]:
     """[2B, ...] -> ([B, ...] chosen, [B, ...] rejected): the first half chosen, the second rejected."""
     if values.dim() == 0 or values.shape[0] % 2:
@@ -113,12 +108,7 @@ def completion_logits_metrics(
     included, so their value shifts with the padding; the completion-token average does not."""
 
     def average(values: torch.Tensor, half_mask: torch.Tensor) -> torch.Tensor:
-        # masked_mean, with the sum and the count reduced over processes before the division.
-        half_mask = half_mask.to(values.dtype)
-        totals = torch.stack([(values.detach() * half_mask).sum(), half_mask.sum()])
-        if gather is not None:
-            totals = gather(totals.view(1, 2)).sum(0)
-        return metric(totals[0] / totals[1].clamp(min=1))
+        return metric(masked_mean(values.detach(), half_mask, gather=gather))
 
     chosen_logits, rejected_logits = mean_logits.chunk(2, dim=0)
     chosen_mask, rejected_mask = mask.chunk(2, dim=0)

@@ -12,12 +12,13 @@ port `DPOTrainer._compute_loss` (trl/trainer/dpo_trainer.py, TRL 1.16); DPOP fol
 from __future__ import annotations
 
 import math
-from collections.abc import Sequence
 
 import torch
 import torch.nn.functional as F
 
-from ..dpo import dpo_options
+from .._checks import options_from
+from .._deprecation import keyword_only
+from ..dpo import DPOOptions, dpo_options
 from ..types import LossOutput
 
 
@@ -60,38 +61,26 @@ def _scores(logratios: torch.Tensor, kind: str, alpha: float) -> torch.Tensor:
     return (torch.exp(t) - 1.0) * (1.0 / (alpha - 1.0))
 
 
+@keyword_only("completion_mask", "ref_chosen_logps", "ref_rejected_logps")
 def dpo_loss_from_logits(
     logits: torch.Tensor,
     labels: torch.Tensor,
+    *,
     completion_mask: torch.Tensor | None = None,
     ref_chosen_logps: torch.Tensor | None = None,
     ref_rejected_logps: torch.Tensor | None = None,
-    *,
     ref_logits: torch.Tensor | None = None,
     ignore_index: int = -100,
-    beta: float = 0.1,
-    loss_type: str | Sequence[str] = "sigmoid",
-    loss_weights: Sequence[float] | None = None,
-    label_smoothing: float = 0.0,
-    f_divergence_type: str = "reverse_kl",
-    f_alpha_divergence_coef: float = 0.5,
-    use_weighting: bool = False,
-    ld_alpha: float | None = None,
-    discopop_tau: float = 0.05,
-    dpop_lambda: float = 0.0,
-    reference_free: bool = False,
+    options: DPOOptions | None = None,
+    **option_kwargs,
 ) -> LossOutput:
-    """The reference of `fastalign.dpo_loss_from_logits`: same arguments, same result, plain autograd.
+    """The reference of `fastalign.dpo_loss_from_logits` from logits: the same arguments (the options
+    as `options=dpo_options(...)` or keywords), the same result, plain autograd.
 
     Unlike `fastalign.dpo_loss_from_logits` it materializes [2B, T, V] fp32 log-probabilities (and their
     gradient); it checks the options but only the shapes the math itself needs.
     """
-    o = dpo_options(
-        beta=beta, loss_type=loss_type, loss_weights=loss_weights, label_smoothing=label_smoothing,
-        f_divergence_type=f_divergence_type, f_alpha_divergence_coef=f_alpha_divergence_coef,
-        use_weighting=use_weighting, ld_alpha=ld_alpha, discopop_tau=discopop_tau, dpop_lambda=dpop_lambda,
-        reference_free=reference_free,
-    )
+    o = options_from(options, option_kwargs, DPOOptions, dpo_options)
     if logits.dim() != 3 or logits.shape[0] % 2 or logits.shape[0] == 0:
         raise ValueError(f"logits: expected [2B, T, V] with B >= 1, got {tuple(logits.shape)}")
     mask = labels != ignore_index
