@@ -1,11 +1,21 @@
-"""Test set-up: the device and the backends under test.
+"""Test set-up: the device and the backends under test, for every group under tests/.
 
 Without an NVIDIA GPU the Triton kernels run on CPU tensors under Triton's interpreter, which has
 to be switched on before triton is first imported, hence before torch is.
+
+tests/support/ goes on sys.path here, so that a test in any group imports its helpers as top-level
+modules (`from numerics import ...`, `import tiny_trl`); this file itself is `conftest`
+(`from conftest import DEVICE, backend_params`).
 """
 
 import os
 import shutil
+import sys
+from pathlib import Path
+
+SUPPORT = str(Path(__file__).resolve().parent / "support")
+if SUPPORT not in sys.path:
+    sys.path.insert(0, SUPPORT)
 
 
 def _has_nvidia_gpu() -> bool:

@@ -15,7 +15,7 @@ import tiny_trl
 
 pytest.importorskip("trl")
 
-WORKER = os.path.join(os.path.dirname(__file__), "trl_distributed_worker.py")
+WORKER = os.path.join(os.path.dirname(__file__), os.pardir, "support", "trl_distributed_worker.py")
 
 
 def _free_port() -> int:

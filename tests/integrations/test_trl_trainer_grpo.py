@@ -3,6 +3,7 @@ with fastalign.integrations.trl, from the same seed, logs the same loss and metr
 
 from __future__ import annotations
 
+import grpo_cases
 import pytest
 import tiny_trl
 import torch
@@ -146,27 +147,25 @@ def test_compute_loss_equals_trl_for_every_option(index):
     """The replacement `_compute_loss` against TRL's on the same stand-in trainer, for every option
     the trainer passes on (delta, off-policy masking, the vLLM importance-sampling ratio, every
     loss type, GSPO, the entropy mask and bonus, accumulation): loss, gradient and metrics."""
-    import test_grpo
-
     from fastalign.integrations.trl import grpo
 
-    config = test_grpo.CONFIGS[index]
-    options, extras = test_grpo._split(config)
-    logits, labels, mask, advantages, old, ref = test_grpo.make_batch()
-    inputs, _ = test_grpo._inputs(options, extras, labels, mask, advantages, old, ref, mask.sum())
+    config = grpo_cases.CONFIGS[index]
+    options, extras = grpo_cases.split_config(config)
+    logits, labels, mask, advantages, old, ref = grpo_cases.make_batch()
+    inputs, _ = grpo_cases.loss_inputs(options, extras, labels, mask, advantages, old, ref, mask.sum())
     inputs = {k: (v.double() if v.is_floating_point() else v) for k, v in inputs.items()}
     results = []
     for compute_loss in (None, grpo.compute_loss):
         leaf = logits.clone().requires_grad_()
-        fields = fastalign_reference.token_logprobs(leaf, labels, temperature=test_grpo.TEMPERATURE,
+        fields = fastalign_reference.token_logprobs(leaf, labels, temperature=grpo_cases.TEMPERATURE,
                                                     outputs=("entropy",))
-        loss, metrics = test_grpo.trl_compute_loss(options, fields.logps, fields.entropy, inputs, compute_loss)
+        loss, metrics = grpo_cases.trl_compute_loss(options, fields.logps, fields.entropy, inputs, compute_loss)
         (grad,) = torch.autograd.grad(loss, leaf)
         results.append((loss.detach(), grad, metrics))
     (theirs, their_grad, their_metrics), (ours, our_grad, our_metrics) = results
     torch.testing.assert_close(ours.to(theirs.dtype), theirs, rtol=1e-5, atol=1e-7)
     torch.testing.assert_close(our_grad, their_grad, rtol=1e-5, atol=1e-7)
-    test_grpo._assert_metrics_equal(our_metrics, their_metrics, atol=1e-6)
+    grpo_cases.assert_metrics_equal(our_metrics, their_metrics, atol=1e-6)
 
 
 def test_trainer_built_before_patch_switches_too(model_dir, tmp_path):

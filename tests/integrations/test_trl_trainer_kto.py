@@ -6,20 +6,17 @@ stood in for by two threads, the same cross-process reductions of every metric."
 from __future__ import annotations
 
 import collections
-import threading
 import types
 
 import pytest
 import tiny_trl
 import torch
+from threaded_accelerator import run_as_processes
 
 trl = pytest.importorskip("trl")
 
 import fastalign.integrations.trl.kto as fa_kto  # noqa: E402
 from fastalign.integrations import trl as fa_trl  # noqa: E402
-
-# Batches of 4: mixed, all desirable (TRL then leaves the rejected group's metrics out), mixed.
-LABELS = [True, False, True, False, True, True, True, True, False, True, False, False]
 
 CONFIGS = [
     # 9 rows: the last batch has one row, whose KL "mismatched" pair is the matched one (TRL takes it).
@@ -28,13 +25,6 @@ CONFIGS = [
     dict(loss_type="kto", precompute_ref_log_probs=True),
     dict(loss_type="apo_zero_unpaired", beta=0.2, undesirable_weight=2.0),
 ]
-
-
-def kto_rows(n: int, seed: int = 0) -> list[dict]:
-    rng = torch.Generator().manual_seed(seed)
-    # Completions start with a space: TRL joins prompt and completion as strings.
-    return [{"prompt": tiny_trl.sentence(rng, 3, 7), "completion": " " + tiny_trl.sentence(rng, 2, 6),
-             "label": LABELS[i % len(LABELS)]} for i in range(n)]
 
 
 def mixtral(seed: int):
@@ -57,8 +47,8 @@ def _trainer(output_dir, config, make_model=tiny_trl.causal_lm, eval_rows=0):
     # An explicit reference, seeded apart from the policy so that the first step's log-ratios are not all 0.
     ref_model = None if args.precompute_ref_log_probs else make_model(seed=1)
     return KTOTrainer(model=make_model(seed=0), ref_model=ref_model, args=args,
-                      train_dataset=Dataset.from_list(kto_rows(rows)),
-                      eval_dataset=Dataset.from_list(kto_rows(eval_rows, seed=1)) if eval_rows else None,
+                      train_dataset=Dataset.from_list(tiny_trl.kto_rows(rows)),
+                      eval_dataset=Dataset.from_list(tiny_trl.kto_rows(eval_rows, seed=1)) if eval_rows else None,
                       processing_class=tiny_trl.tokenizer())
 
 
@@ -132,48 +122,6 @@ def test_unpatch_restores_stock_trl():
 
 
 # Two processes, stood in for by threads -------------------------------------------------------------
-
-
-class ThreadedAccelerator:
-    """accelerate's Accelerator as one of `size` processes run as threads: `gather` (and
-    `gather_for_metrics`) concatenates every process's tensor along dim 0, a 0-d tensor counting as [1]."""
-
-    def __init__(self, rank: int, shared: dict):
-        self.rank, self.shared = rank, shared
-        self.num_processes = len(shared["slots"])
-        self.device = torch.device("cpu")
-
-    def gather(self, tensor: torch.Tensor) -> torch.Tensor:
-        slots, barrier = self.shared["slots"], self.shared["barrier"]
-        slots[self.rank] = tensor.reshape(1) if tensor.dim() == 0 else tensor
-        barrier.wait()
-        gathered = torch.cat(list(slots))
-        barrier.wait()  # nobody overwrites a slot before every process has read them all
-        return gathered
-
-    gather_for_metrics = gather
-
-
-def run_as_processes(step, size: int = 2) -> list:
-    """`step(accelerator)` on `size` threads at once, one ThreadedAccelerator each; their results in rank order."""
-    shared = {"slots": [None] * size, "barrier": threading.Barrier(size, timeout=60)}
-    results, errors = [None] * size, []
-
-    def run(rank):
-        try:
-            results[rank] = step(ThreadedAccelerator(rank, shared))
-        except BaseException as error:  # noqa: BLE001 - re-raised below, after the other threads stop
-            errors.append(error)
-            shared["barrier"].abort()
-
-    threads = [threading.Thread(target=run, args=(rank,)) for rank in range(size)]
-    for thread in threads:
-        thread.start()
-    for thread in threads:
-        thread.join()
-    if errors:
-        raise errors[0]
-    return results
 
 
 class FusedHeadStandIn:

@@ -11,7 +11,7 @@ import types
 import pytest
 import tiny_trl
 import torch
-from test_trl_trainer_kto import run_as_processes
+from threaded_accelerator import run_as_processes
 
 trl = pytest.importorskip("trl")
 
@@ -26,15 +26,6 @@ CONFIGS = [
 ]
 
 
-def reward_rows(n: int, margin: bool, seed: int = 0) -> list[dict]:
-    rows = tiny_trl.preference_rows(n, seed)
-    if margin:
-        rng = torch.Generator().manual_seed(seed + 100)
-        for row, value in zip(rows, torch.rand(n, generator=rng).tolist()):
-            row["margin"] = 2 * value
-    return rows
-
-
 def _trainer(output_dir, config, eval_rows=0):
     from datasets import Dataset
     from trl import RewardConfig, RewardTrainer
@@ -43,8 +34,8 @@ def _trainer(output_dir, config, eval_rows=0):
     margin = config.pop("margin", False)
     args = RewardConfig(**tiny_trl.common_args(output_dir, **config))
     return RewardTrainer(model=tiny_trl.sequence_classifier(seed=0), args=args,
-                         train_dataset=Dataset.from_list(reward_rows(12, margin)),
-                         eval_dataset=Dataset.from_list(reward_rows(eval_rows, margin, seed=1)) if eval_rows else None,
+                         train_dataset=Dataset.from_list(tiny_trl.reward_rows(12, margin)),
+                         eval_dataset=Dataset.from_list(tiny_trl.reward_rows(eval_rows, margin, seed=1)) if eval_rows else None,
                          processing_class=tiny_trl.tokenizer())
 
 

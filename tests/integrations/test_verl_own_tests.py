@@ -1,5 +1,5 @@
 """verl 0.9.1's own CPU tests of the functions fastalign registers in verl, run with fastalign's in
-their place (tests/verl_upstream/README.md): its GRPO and RLOO tests compare verl's loop
+their place (tests/integrations/verl_upstream/README.md): its GRPO and RLOO tests compare verl's loop
 implementation with the substitute, its REINFORCE++ multi-turn tests check exact returns, its
 rollout-correction tests run the PPO loss with importance weights, and its registry tests run
 alongside fastalign's registered names. One child process: verl's registry tests empty the

@@ -1,5 +1,6 @@
-"""convention="verl" (GRPO family and PPO) against verl's own loss functions (verl 0.9.1, tests/verl_policy.py),
-and PPO convention="trl" against TRL's PPOTrainer loss lines: loss, gradient and metrics."""
+"""convention="verl" (GRPO family and PPO) against verl's own loss functions (verl 0.9.1,
+tests/support/verl_policy.py), and PPO convention="trl" against TRL's PPOTrainer loss lines: loss,
+gradient and metrics."""
 
 from __future__ import annotations
 

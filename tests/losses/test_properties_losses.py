@@ -1,9 +1,9 @@
-"""Property-based tests (hypothesis) for the losses and estimators tests/test_properties.py leaves
+"""Property-based tests (hypothesis) for the losses and estimators tests/ops/test_properties.py leaves
 out: PPO, RLOO, KTO, ORPO, CPO/SimPO/AlphaPO, GAE, REINFORCE++ and the group-advantage options
 beyond one reward, the Bradley-Terry reward loss, and TRL's fused LM head as fastalign serves it.
 
 Each runs on every live backend against a float64 truth (the reference backend on float64 inputs)
-with the criterion of tests/numerics.py: a backend's error may not exceed the reference's own error
+with the criterion of tests/support/numerics.py: a backend's error may not exceed the reference's own error
 in the same dtype plus slack. A loss or metric that sums per-token terms is held to the size of
 those terms (a total may cancel), and a gradient element to the size of what it is formed from.
 Where an op takes log-probs, the float64 truth is itself checked against plain autograd through
@@ -990,7 +990,7 @@ def test_reinforce_plus_plus_matches_float64_truth_on_every_backend(B, T, seed, 
 @given(groups=st.integers(1, 4), group_size=st.sampled_from([1, 2, 3, 5]), columns=st.sampled_from([1, 2, 3]),
        seed=st.integers(0, 2**16), data=st.data())
 def test_group_advantages_options_beyond_one_reward_match_float64_truth(groups, group_size, columns, seed, data):
-    # What tests/test_properties.py leaves out: several reward functions ([B, K] with weights,
+    # What tests/ops/test_properties.py leaves out: several reward functions ([B, K] with weights,
     # TRL's sum-then-normalize and GDPO's normalize-then-sum), RLOO's normalize_advantages, the
     # token-level result with a response mask, and verl's REINFORCE++-baseline whitening.
     draw = data.draw

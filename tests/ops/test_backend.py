@@ -117,7 +117,7 @@ def test_the_kernels_package_imports_nothing_from_fastalign():
     import ast
     from pathlib import Path
 
-    for path in (Path(__file__).resolve().parent.parent / "kernels").glob("*.py"):
+    for path in (Path(__file__).resolve().parents[2] / "kernels").glob("*.py"):
         for node in ast.walk(ast.parse(path.read_text())):
             if isinstance(node, ast.ImportFrom):
                 assert node.level <= 1 and not (node.module or "").startswith("fastalign"), f"{path.name}: {ast.unparse(node)}"
@@ -137,7 +137,7 @@ def test_kernel_ids_agree_with_the_cpp_enums():
     from fastalign._triton import contract
 
     ids = contract()
-    csrc = Path(__file__).resolve().parent.parent / "csrc" / "cpu"
+    csrc = Path(__file__).resolve().parents[2] / "csrc" / "cpu"
     policy = (csrc / "policy.cpp").read_text()
     enum = {name: int(value) for name, value in re.findall(r"\bk(\w+) = (\d+)", policy)}
     for i, name in enumerate(ids.SURROGATES):

@@ -1,6 +1,6 @@
 """Property-based tests (hypothesis): random shapes (0, 1 and odd sizes included), dtypes, strides,
 logit transforms, masks, label patterns and extreme values, every backend against a float64 ground
-truth with the tolerance of tests/numerics.py. The profile is derandomized with a fixed example
+truth with the tolerance of tests/support/numerics.py. The profile is derandomized with a fixed example
 count (tests/conftest.py), so `make test` runs the same examples every time."""
 
 from __future__ import annotations

@@ -2,7 +2,7 @@
 gfx90a) without spills, with 64-bit addressing, under the Triton installed here and under Triton
 3.6 (what a GPU machine may have).
 
-Each test runs tests/triton_compile_gate.py in a subprocess with TRITON_INTERPRET removed from the
+Each test runs tests/ops/triton_compile_gate.py in a subprocess with TRITON_INTERPRET removed from the
 environment: under the interpreter ``triton.jit`` returns objects ``triton.compile`` cannot take,
 and this process may already have imported triton that way. These run the gate's fast subset
 (``--quick``: the heaviest variant per kernel, dtype and alignment class on every target);
@@ -22,7 +22,7 @@ if importlib.util.find_spec("triton") is None:
     pytest.skip("triton is not installed", allow_module_level=True)
 
 GATE = Path(__file__).with_name("triton_compile_gate.py")
-REPO = Path(__file__).resolve().parents[1]
+REPO = Path(__file__).resolve().parents[2]
 KERNELS_DIR = REPO / "kernels"
 # A second Triton, installed there by `make test` (pip install --target), for the gate's run
 # under the version a lent GPU machine has.

@@ -19,7 +19,7 @@ arrays, so any stack frame is a spill. On AMD, scratch memory or a VGPR/SGPR spi
 
 Run it as a script with TRITON_INTERPRET unset (``triton.compile`` needs real JIT functions):
 
-    python tests/triton_compile_gate.py [--targets sm_80 sm_90 sm_100 sm_120 gfx942 gfx90a] [--quick]
+    python tests/ops/triton_compile_gate.py [--targets sm_80 sm_90 sm_100 sm_120 gfx942 gfx90a] [--quick]
                                         [--jobs N] [--offsets-only] [--verbose]
 
 Exit status 0 when everything passes, 1 otherwise.
@@ -43,7 +43,7 @@ import tempfile
 import time
 from pathlib import Path
 
-REPO = Path(__file__).resolve().parents[1]
+REPO = Path(__file__).resolve().parents[2]
 KERNELS_FILE = REPO / "kernels" / "logprobs.py"
 POLICY_KERNELS_FILE = REPO / "kernels" / "policy.py"
 GAE_KERNELS_FILE = REPO / "kernels" / "gae.py"

@@ -13,7 +13,7 @@ from pathlib import Path
 
 import pytest
 
-BENCH = Path(__file__).resolve().parents[1] / "bench"
+BENCH = Path(__file__).resolve().parents[2] / "bench"
 
 # Three rows through the real `measure` fixture, a row this machine cannot run, and a failure.
 FAKE_BENCH = '''

@@ -13,7 +13,7 @@ import pytest
 
 import fastalign
 
-ROOT = pathlib.Path(__file__).resolve().parents[1]
+ROOT = pathlib.Path(__file__).resolve().parents[2]
 
 
 def run_python(code: str, env_extra: dict[str, str] | None = None, pythonpath: str | None = None):

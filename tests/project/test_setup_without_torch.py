@@ -7,7 +7,7 @@ import pathlib
 import subprocess
 import sys
 
-ROOT = pathlib.Path(__file__).resolve().parents[1]
+ROOT = pathlib.Path(__file__).resolve().parents[2]
 
 # What an isolated build environment looks like to setup.py: setuptools importable, torch not.
 HIDE_TORCH_AND_RUN_SETUP = """

@@ -79,6 +79,26 @@ def prompt_rows(n: int, seed: int = 0) -> list[dict]:
     return [{"prompt": sentence(rng, 3, 7)} for _ in range(n)]
 
 
+# KTO's labels, batches of 4: mixed, all desirable (TRL then leaves the rejected group's metrics out), mixed.
+KTO_LABELS = [True, False, True, False, True, True, True, True, False, True, False, False]
+
+
+def kto_rows(n: int, seed: int = 0) -> list[dict]:
+    rng = torch.Generator().manual_seed(seed)
+    # Completions start with a space: TRL joins prompt and completion as strings.
+    return [{"prompt": sentence(rng, 3, 7), "completion": " " + sentence(rng, 2, 6),
+             "label": KTO_LABELS[i % len(KTO_LABELS)]} for i in range(n)]
+
+
+def reward_rows(n: int, margin: bool, seed: int = 0) -> list[dict]:
+    rows = preference_rows(n, seed)
+    if margin:
+        rng = torch.Generator().manual_seed(seed + 100)
+        for row, value in zip(rows, torch.rand(n, generator=rng).tolist()):
+            row["margin"] = 2 * value
+    return rows
+
+
 def length_reward(completions, **kwargs) -> list[float]:
     """A rule-based reward: how many times the completion says an even-numbered word, minus length / 4."""
     rewards = []

@@ -1,5 +1,6 @@
-"""One process of a 2-process (torchrun, gloo, CPU) training run for tests/test_trl_distributed.py:
-trains stock TRL or fastalign-patched TRL a few steps and, on rank 0, writes the logged math."""
+"""One process of a 2-process (torchrun, gloo, CPU) training run for
+tests/integrations/test_trl_distributed.py: trains stock TRL or fastalign-patched TRL a few steps
+and, on rank 0, writes the logged math."""
 
 from __future__ import annotations
 
@@ -41,23 +42,21 @@ def rloo_trainer(model_dir, output_dir):
 
 def kto_trainer(model_dir, output_dir):
     from datasets import Dataset
-    from test_trl_trainer_kto import kto_rows
     from trl import KTOConfig, KTOTrainer
 
     args = KTOConfig(**tiny_trl.common_args(output_dir, max_steps=2, per_device_train_batch_size=3))
     return KTOTrainer(model=tiny_trl.causal_lm(seed=0), ref_model=tiny_trl.causal_lm(seed=1), args=args,
-                      train_dataset=Dataset.from_list(kto_rows(24)), processing_class=tiny_trl.tokenizer())
+                      train_dataset=Dataset.from_list(tiny_trl.kto_rows(24)), processing_class=tiny_trl.tokenizer())
 
 
 def reward_trainer(model_dir, output_dir):
     from datasets import Dataset
-    from test_trl_trainer_reward import reward_rows
     from trl import RewardConfig, RewardTrainer
 
     args = RewardConfig(**tiny_trl.common_args(output_dir, max_steps=2, per_device_train_batch_size=2),
                         center_rewards_coefficient=0.01)
     return RewardTrainer(model=tiny_trl.sequence_classifier(seed=0), args=args,
-                         train_dataset=Dataset.from_list(reward_rows(16, margin=True)),
+                         train_dataset=Dataset.from_list(tiny_trl.reward_rows(16, margin=True)),
                          processing_class=tiny_trl.tokenizer())
 
 

@@ -1,5 +1,5 @@
 """verl 0.9.1's own policy and value losses (verl.trainer.ppo.core_algos), called the way its
-actor calls them, behind plain-argument signatures: the ground truth tests/test_policy_verl.py
+actor calls them, behind plain-argument signatures: the ground truth tests/losses/test_ppo.py
 compares fastalign's convention="verl" with. verl is a test dependency (the Makefile installs it)."""
 
 from __future__ import annotations
