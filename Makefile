@@ -105,8 +105,8 @@ test: install $(OLD_TRITON_STAMP)
 	FASTALIGN_REQUIRE_OLD_TRITON=1 $(PY) -m pytest tests
 
 gate: install $(OLD_TRITON_STAMP)
-	$(PY) tests/triton_compile_gate.py
-	PYTHONPATH=$(OLD_TRITON_DIR) $(PY) tests/triton_compile_gate.py
+	$(PY) tests/ops/triton_compile_gate.py
+	PYTHONPATH=$(OLD_TRITON_DIR) $(PY) tests/ops/triton_compile_gate.py
 
 gpu-report: install
 	$(PY) bench/static_report.py

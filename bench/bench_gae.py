@@ -9,7 +9,7 @@ Rows per case (op, pass, shape, dtype):
   native-trl  the same with semantics="trl": the like-for-like row for TRL's loop
   triton   fastalign.gae on the Triton backend (CUDA only)
 verl is not a dependency and TRL 1.16 no longer ships its PPO trainer, so both loops are ported
-here statement for statement (tests/test_gae.py checks the same ports against fastalign).
+here statement for statement (tests/ops/test_gae.py checks the same ports against fastalign).
 The mask is right padding: completions of different lengths, as a rollout batch has.
 """
 

@@ -124,7 +124,7 @@ def _import_fastalign(dry_run: bool):
     if dry_run:
         os.environ.setdefault("TRITON_INTERPRET", "1")
     sys.path.insert(0, str(REPO))
-    sys.path.insert(0, str(REPO / "tests"))
+    sys.path.insert(0, str(REPO / "tests" / "support"))
     import fastalign
 
     if Path(fastalign.__file__).resolve().parent != REPO / "fastalign":
@@ -174,7 +174,7 @@ def environment(report: Report, device: str) -> None:
 
 def _compare(report: Report, section: str, name: str, value, reference, truth, slack_eps: float = 4.0) -> bool:
     """`value` (Triton) against float64 `truth`, allowed the error of `reference` (the reference
-    backend in the same dtype) plus slack: the tests' rule (tests/numerics.py)."""
+    backend in the same dtype) plus slack: the tests' rule (tests/support/numerics.py)."""
     from numerics import assert_as_accurate_as_reference, max_error
 
     try:
@@ -655,12 +655,13 @@ def anchor_workloads(report: Report, device: str, small: bool) -> None:
 def test_suite(report: Report, seconds: float, dry_run: bool) -> None:
     if dry_run:
         # The suite is what `make test` already runs; here only the call and the parsing are tried.
-        selection = ["tests/test_backend.py::test_default_is_auto", "tests/test_backend.py::test_environment_then_context_manager"]
+        selection = ["tests/ops/test_backend.py::test_default_is_auto",
+                     "tests/ops/test_backend.py::test_environment_then_context_manager"]
     else:
         # Multi-process, example and compile-gate tests need CPUs and TRL, not the GPU.
-        selection = ["tests", "--ignore=tests/test_trl_distributed.py", "--ignore=tests/test_linear_fsdp.py",
-                     "--ignore=tests/test_examples.py", "--ignore=tests/test_triton_compile.py",
-                     "--ignore=tests/test_gpu_check.py"]
+        selection = ["tests", "--ignore=tests/integrations/test_trl_distributed.py",
+                     "--ignore=tests/integrations/test_linear_fsdp.py", "--ignore=tests/project/test_examples.py",
+                     "--ignore=tests/ops/test_triton_compile.py", "--ignore=tests/ops/test_gpu_check.py"]
     command = [sys.executable, "-m", "pytest", *selection, "-q", "-p", "no:cacheprovider",
                "--continue-on-collection-errors", "-rfE"]
     env = dict(os.environ)

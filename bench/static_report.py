@@ -1,7 +1,7 @@
 """Static performance model of the Triton kernels: `make gpu-report`.
 
 No GPU needed. Each kernel is compiled ahead of time exactly as its launcher launches it (the
-compile gate's recording, tests/triton_compile_gate.py) for every target, and its machine code is
+compile gate's recording, tests/ops/triton_compile_gate.py) for every target, and its machine code is
 read: registers, spills, shared memory and the occupancy they allow, and for the hot loop (the
 innermost loop that loads from global memory) the width of its loads, its instructions and its
 MUFU (special-function) instructions per element. From those, for the anchor workloads on H100 and
@@ -30,7 +30,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(REPO / "tests"))
+sys.path.insert(0, str(REPO / "tests" / "ops"))
 
 import triton_compile_gate as gate  # noqa: E402
 

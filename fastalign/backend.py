@@ -67,7 +67,7 @@ def available_backends(device: str = "cpu") -> dict[str, tuple[bool, str]]:
 #   native:    `fastalign._native` (the C++ kernels of fastalign._C, CPU tensors);
 #   triton:    `fastalign._triton` (forwards to `fastalign.kernels.<module>`, CUDA tensors, or CPU
 #              tensors under TRITON_INTERPRET=1).
-# tests/test_backend.py checks that each backend exposes each op.
+# tests/ops/test_backend.py checks that each backend exposes each op.
 
 _FLOATS = ("float32", "bfloat16", "float16")
 

@@ -26,7 +26,7 @@ from .target import nvidia_options, warps
 SCALE_GROUP_ID = tl.constexpr(contract.SCALE_GROUP)
 SCALE_GIVEN_ID = tl.constexpr(contract.SCALE_GIVEN)
 
-# Launch configurations; tests/triton_compile_gate.py compiles every kernel as the launchers call it.
+# Launch configurations; tests/ops/triton_compile_gate.py compiles every kernel as the launchers call it.
 MAX_BLOCK = 1024
 GROUP_THREADS = 128
 RETURNS_BLOCK_ROWS = 128

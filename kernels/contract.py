@@ -2,7 +2,7 @@
 
 fastalign (`fastalign/token_objective.py`, `fastalign/advantages.py`) and the Triton kernels read
 them from here; the C++ kernels mirror them as enums (csrc/cpu/policy.cpp, csrc/cpu/advantages.cpp),
-and tests/test_backend.py checks that the three agree. Plain Python: importing it needs no Triton.
+and tests/ops/test_backend.py checks that the three agree. Plain Python: importing it needs no Triton.
 """
 
 # The policy objective's surrogate (TokenObjective.surrogate).

@@ -23,7 +23,7 @@ import triton.language as tl
 
 from .target import warps
 
-# tests/triton_compile_gate.py compiles both kernels exactly as the launcher calls them.
+# tests/ops/triton_compile_gate.py compiles both kernels exactly as the launcher calls them.
 # 8 warps over 1024 positions is 4 per thread: with 4 warps the two scans of verl's masking spill
 # 8 bytes of stack on sm_80.
 SCAN_BLOCK = 1024

@@ -43,7 +43,7 @@ from .target import is_amd, nvidia_options
 # The interpreter multiplies the raw bits of bf16 operands in tl.dot; fp32 operands are exact.
 _INTERPRET = tl.constexpr(os.environ.get("TRITON_INTERPRET", "0") == "1")
 
-# Launch configurations. tests/triton_compile_gate.py compiles every kernel exactly as the
+# Launch configurations. tests/ops/triton_compile_gate.py compiles every kernel exactly as the
 # launchers below call it, so a change here is re-checked for registers and spills there.
 # (BLOCK_N, BLOCK_V, BLOCK_K, num_warps) per input dtype. fp32 runs its tl.dot in full precision
 # (no tensor cores, the operands staged through registers), hence smaller tiles than 2-byte inputs.

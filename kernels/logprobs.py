@@ -45,7 +45,7 @@ import triton.language as tl
 
 from .target import nvidia_arch, nvidia_options, warps
 
-# Launch configurations. tests/triton_compile_gate.py compiles every kernel exactly as the
+# Launch configurations. tests/ops/triton_compile_gate.py compiles every kernel exactly as the
 # launchers below call it, so a change here is re-checked for registers and spills there.
 # Programs are sized in threads (kernels/target.py turns them into warps or wavefronts).
 # Forward: 512 threads over an 8 KiB chunk (4096 entries of 2 bytes, 2048 of fp32) is one

@@ -42,7 +42,7 @@ from .logprobs import (
 from .logprobs import token_logprobs_forward
 from .target import nvidia_arch, nvidia_options, warps
 
-# tests/triton_compile_gate.py compiles the kernel exactly as the launcher below calls it.
+# tests/ops/triton_compile_gate.py compiles the kernel exactly as the launcher below calls it.
 # The first sweep is the log-prob forward's loop with its launch shape (512 threads, 8 KiB chunks).
 # The second runs in the same program, hence with the same 512 threads, over 2048-wide chunks: 4
 # entries per thread. With 4096 (8 per thread) the softcap chain rule and the entropy term pushed

@@ -5,7 +5,7 @@ torch calls its devices ``cuda`` too, so HIP tensors reach these kernels) and re
 The row kernels size their programs in threads, not warps, so that a chunk maps onto the same
 number of lanes on both: 16 warps of 32 on NVIDIA, 8 wavefronts of 64 on AMD.
 
-``forced`` is set by the compile gate (tests/triton_compile_gate.py) while it records launches
+``forced`` is set by the compile gate (tests/ops/triton_compile_gate.py) while it records launches
 for a target it compiles for without having that GPU.
 """
 

@@ -25,7 +25,7 @@
 namespace fastalign {
 namespace {
 
-// SCALE_GROUP and SCALE_GIVEN of kernels/contract.py (tests/test_backend.py checks they agree).
+// SCALE_GROUP and SCALE_GIVEN of kernels/contract.py (tests/ops/test_backend.py checks they agree).
 constexpr int64_t kScaleGroup = 1;
 constexpr int64_t kScaleGiven = 2;
 

@@ -25,7 +25,7 @@ namespace {
 
 using namespace rows;
 
-// The ids and the order of `params` of kernels/contract.py (tests/test_backend.py checks they agree).
+// The ids and the order of `params` of kernels/contract.py (tests/ops/test_backend.py checks they agree).
 enum Surrogate : int64_t { kClip = 0, kCispo = 1, kSapo = 2 };
 enum Kl : int64_t { kNone = 0, kK1 = 1, kAbs = 2, kK2 = 3, kK3 = 4, kLowVarKl = 5 };
 enum Param : int {
