@@ -224,7 +224,8 @@ def test_reference_equals_trl_dpo_trainer(case, precompute):
     refs = {"ref_chosen_logps": ref_chosen, "ref_rejected_logps": ref_rejected}
     if not precompute:
         refs = {"ref_logits": ref_logits[:, :-1]}
-    got = reference.dpo_loss_from_logits(logits[:, :-1], input_ids[:, 1:], completion_mask[:, 1:], **refs, **options)
+    got = reference.dpo_loss_from_logits(logits[:, :-1], input_ids[:, 1:], completion_mask=completion_mask[:, 1:], **refs,
+                                         **options)
     (got_grad,) = torch.autograd.grad(got.loss, logits)
     torch.testing.assert_close(got.loss, want, atol=1e-5, rtol=1e-5)
     torch.testing.assert_close(got_grad, want_grad, atol=1e-6, rtol=1e-5)

@@ -248,10 +248,14 @@ def test_vllm_importance_sampling_ratio_matches_trl(mode):
         expected = torch.clamp(ratio, min=clip_min, max=clip_max)
     else:
         expected = ratio.masked_fill((ratio < clip_min) | (ratio > clip_max), value=0.0)
-    got = fastalign.vllm_importance_sampling_ratio(old, sampling, mask, mode, clip_min, clip_max)
+    got = fastalign.vllm_importance_sampling_ratio(old, sampling, completion_mask=mask, mode=mode, clip_min=clip_min,
+                                                   clip_max=clip_max)
     torch.testing.assert_close(got, expected)
+    with pytest.warns(DeprecationWarning, match="pass completion_mask=, mode=, clip_min=, clip_max= by keyword"):
+        by_position = fastalign.vllm_importance_sampling_ratio(old, sampling, mask, mode, clip_min, clip_max)
+    torch.testing.assert_close(by_position, expected)
     with pytest.raises(ValueError, match="mode: expected one of"):
-        fastalign.vllm_importance_sampling_ratio(old, sampling, mask, "token")
+        fastalign.vllm_importance_sampling_ratio(old, sampling, completion_mask=mask, mode="token")
 
 
 @pytest.mark.parametrize("backend", backend_params())
