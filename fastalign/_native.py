@@ -43,50 +43,36 @@ def require() -> None:
 # The backend contract (fastalign/backend.py): one function per op, under the op's name.
 
 
-def token_logprobs_forward(*args):
-    require()
-    return torch.ops.fastalign_cpu.token_logprobs_forward(*args)
+def _forward_to_library(op: str):
+    def call(*args):
+        require()
+        return getattr(torch.ops.fastalign_cpu, op)(*args)
+
+    call.__name__ = call.__qualname__ = op
+    call.__doc__ = f"`torch.ops.fastalign_cpu.{op}` (csrc/cpu/)"
+    return call
 
 
-def token_logprobs_backward(*args):
-    require()
-    return torch.ops.fastalign_cpu.token_logprobs_backward(*args)
+def _forward_to_blocked(op: str):
+    def call(*args):
+        require()
+        from . import linear_blocked
+
+        return getattr(linear_blocked, op)(*args)
+
+    call.__name__ = call.__qualname__ = op
+    call.__doc__ = f"`fastalign.linear_blocked.{op}`: ATen matmuls in blocks of tokens and the C++ row kernels"
+    return call
 
 
-def policy_token_forward(*args):
-    require()
-    return torch.ops.fastalign_cpu.policy_token_forward(*args)
-
-
-def linear_token_logprobs_forward(*args):
-    require()
-    from . import linear_blocked
-
-    return linear_blocked.linear_token_logprobs_forward(*args)
-
-
-def linear_token_logprobs_backward(*args):
-    require()
-    from . import linear_blocked
-
-    return linear_blocked.linear_token_logprobs_backward(*args)
-
-
-def linear_policy_token_forward(*args):
-    require()
-    from . import linear_blocked
-
-    return linear_blocked.linear_policy_token_forward(*args)
-
-
-def gae_forward(*args):
-    require()
-    return torch.ops.fastalign_cpu.gae_forward(*args)
-
-
-def group_advantages_forward(*args):
-    require()
-    return torch.ops.fastalign_cpu.group_advantages_forward(*args)
+token_logprobs_forward = _forward_to_library("token_logprobs_forward")
+token_logprobs_backward = _forward_to_library("token_logprobs_backward")
+policy_token_forward = _forward_to_library("policy_token_forward")
+gae_forward = _forward_to_library("gae_forward")
+group_advantages_forward = _forward_to_library("group_advantages_forward")
+linear_token_logprobs_forward = _forward_to_blocked("linear_token_logprobs_forward")
+linear_token_logprobs_backward = _forward_to_blocked("linear_token_logprobs_backward")
+linear_policy_token_forward = _forward_to_blocked("linear_policy_token_forward")
 
 
 def discounted_returns(rewards, mask, gamma):

@@ -50,6 +50,7 @@ from .sequence import (
     check_logits_batch,
     completion_logits_metrics,
     metric,
+    pair_metrics,
     sequence_logprobs,
     split_pairs,
 )
@@ -179,12 +180,7 @@ def cpo_from_sequences(
     chosen_rewards = beta * chosen_rewards.detach()
     rejected_rewards = beta * rejected_rewards.detach()
     metrics = {
-        "rewards/chosen": metric(chosen_rewards),
-        "rewards/rejected": metric(rejected_rewards),
-        "rewards/accuracies": metric((chosen_rewards > rejected_rewards).float()),
-        "rewards/margins": metric(chosen_rewards - rejected_rewards),
-        "logps/rejected": metric(rejected),
-        "logps/chosen": metric(chosen),
+        **pair_metrics(chosen_rewards, rejected_rewards, chosen, rejected),
         "nll_loss": metric(nll),
     }
     return LossOutput(loss, metrics)

@@ -41,7 +41,14 @@ from ._checks import (
     policy_logits,
 )
 from ._deprecation import keyword_only, parameter_names
-from .sequence import check_logits_batch, completion_logits_metrics, metric, sequence_logprobs, split_pairs
+from .sequence import (
+    check_logits_batch,
+    completion_logits_metrics,
+    metric,
+    pair_metrics,
+    sequence_logprobs,
+    split_pairs,
+)
 from .types import LossOutput
 
 # log1mexp's switch point, -ln 2: below it log1p(-exp(x)) is accurate, above it log(-expm1(x)) is.
@@ -124,12 +131,7 @@ def orpo_from_sequences(
     chosen_rewards = beta * chosen.detach()
     rejected_rewards = beta * rejected.detach()
     metrics = {
-        "rewards/chosen": metric(chosen_rewards),
-        "rewards/rejected": metric(rejected_rewards),
-        "rewards/accuracies": metric((chosen_rewards > rejected_rewards).float()),
-        "rewards/margins": metric(chosen_rewards - rejected_rewards),
-        "logps/rejected": metric(rejected),
-        "logps/chosen": metric(chosen),
+        **pair_metrics(chosen_rewards, rejected_rewards, chosen, rejected),
         "nll_loss": metric(nll),
         "log_odds_ratio": metric(ratio),
         "log_odds_chosen": metric(log_odds),

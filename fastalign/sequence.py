@@ -95,6 +95,20 @@ def metric(value: torch.Tensor) -> torch.Tensor:
     return (value.mean() if value.dim() else value).float()
 
 
+def pair_metrics(chosen_rewards: torch.Tensor, rejected_rewards: torch.Tensor, chosen_logps: torch.Tensor,
+                 rejected_logps: torch.Tensor) -> dict[str, torch.Tensor]:
+    """The metrics TRL's paired trainers (CPO, ORPO) log under these names: batch means of the
+    rewards, the share of pairs whose chosen reward is higher, the margin and the log-probs."""
+    return {
+        "rewards/chosen": metric(chosen_rewards),
+        "rewards/rejected": metric(rejected_rewards),
+        "rewards/accuracies": metric((chosen_rewards > rejected_rewards).float()),
+        "rewards/margins": metric(chosen_rewards - rejected_rewards),
+        "logps/rejected": metric(rejected_logps),
+        "logps/chosen": metric(chosen_logps),
+    }
+
+
 def completion_logits_metrics(
     mean_logits: torch.Tensor, mask: torch.Tensor, gather: Callable[[torch.Tensor], torch.Tensor] | None = None
 ) -> dict[str, torch.Tensor]:
