@@ -103,14 +103,7 @@ def check_token_logprobs_args(
     if labels.device != logits.device:
         raise ValueError(f"labels: expected a tensor on {logits.device} (the logits' device), got {labels.device}")
     if mask is not None:
-        if not isinstance(mask, torch.Tensor):
-            raise TypeError(f"mask: expected a torch.Tensor or None, got {type(mask).__name__}")
-        if mask.shape != labels.shape:
-            raise ValueError(f"mask: expected shape {tuple(labels.shape)} (labels' shape), got {tuple(mask.shape)}")
-        if mask.device != logits.device:
-            raise ValueError(f"mask: expected a tensor on {logits.device} (the logits' device), got {mask.device}")
-        if mask.is_complex():
-            raise TypeError(f"mask: expected a bool, integer or float tensor, got {mask.dtype}")
+        check_token_mask("mask", mask, labels, optional=True)
     check_ignore_index(ignore_index)
     temperature = check_positive_finite("temperature", temperature)
     logit_scale = check_finite("logit_scale", logit_scale)
@@ -178,15 +171,16 @@ def check_sequence_values(
     return value if value.dtype == torch.float64 else value.float()
 
 
-def check_token_mask(name: str, mask: object, labels: torch.Tensor) -> None:
+def check_token_mask(name: str, mask: object, like: object, like_name: str = "labels", optional: bool = False) -> None:
+    """A mask of `like`'s shape and device (bool, integer or float: nonzero counts)."""
     if not isinstance(mask, torch.Tensor):
-        raise TypeError(f"{name}: expected a torch.Tensor, got {type(mask).__name__}")
-    if not isinstance(labels, torch.Tensor):
-        return  # token_logprobs names the bad labels
-    if mask.shape != labels.shape:
-        raise ValueError(f"{name}: expected shape {tuple(labels.shape)} (that of labels), got {tuple(mask.shape)}")
-    if mask.device != labels.device:
-        raise ValueError(f"{name}: expected a tensor on {labels.device} (that of labels), got {mask.device}")
+        raise TypeError(f"{name}: expected a torch.Tensor{' or None' if optional else ''}, got {type(mask).__name__}")
+    if not isinstance(like, torch.Tensor):
+        return  # the caller names the bad reference tensor
+    if mask.shape != like.shape:
+        raise ValueError(f"{name}: expected shape {tuple(like.shape)} (that of {like_name}), got {tuple(mask.shape)}")
+    if mask.device != like.device:
+        raise ValueError(f"{name}: expected a tensor on {like.device} (that of {like_name}), got {mask.device}")
     if mask.is_complex():
         raise TypeError(f"{name}: expected a bool, integer or float tensor, got {mask.dtype}")
 

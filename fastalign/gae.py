@@ -15,7 +15,7 @@ from typing import NamedTuple
 
 import torch
 
-from ._checks import FLOAT_DTYPES
+from ._checks import FLOAT_DTYPES, check_token_mask
 from ._deprecation import renamed_option
 from .backend import resolve
 
@@ -89,14 +89,7 @@ def _check_gae_args(rewards, values, mask, gamma, lam, convention, whiten, shift
     if values.device != rewards.device:
         raise ValueError(f"values: expected a tensor on {rewards.device} (that of rewards), got {values.device}")
     if mask is not None:
-        if not isinstance(mask, torch.Tensor):
-            raise TypeError(f"mask: expected a torch.Tensor or None, got {type(mask).__name__}")
-        if mask.shape != rewards.shape:
-            raise ValueError(f"mask: expected shape {tuple(rewards.shape)} (that of rewards), got {tuple(mask.shape)}")
-        if mask.device != rewards.device:
-            raise ValueError(f"mask: expected a tensor on {rewards.device} (that of rewards), got {mask.device}")
-        if mask.is_complex():
-            raise TypeError(f"mask: expected a bool, integer or float tensor, got {mask.dtype}")
+        check_token_mask("mask", mask, rewards, "rewards", optional=True)
     gamma = _check_unit_interval("gamma", gamma)
     lam = _check_unit_interval("lam", lam)
     if convention not in CONVENTIONS:
