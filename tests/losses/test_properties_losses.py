@@ -897,7 +897,7 @@ def test_gae_matches_float64_truth_on_every_backend(B, T, seed, dtypes, gamma, l
         values = values.masked_fill(~counted, draw(st.sampled_from([math.nan, math.inf, 1e30])))
     rewards = _layout(draw, rewards.to(dtypes[0]))
     values = _layout(draw, values.to(dtypes[1]))
-    options = dict(semantics=semantics, whiten=whiten, shift_mean=shift_mean, unbiased=unbiased)
+    options = dict(convention=semantics, whiten=whiten, shift_mean=shift_mean, unbiased=unbiased)
     if whiten and int(counted.sum()) <= int(unbiased):
         for backend in BACKENDS + ["reference"]:
             with fastalign.use_backend(backend), pytest.raises(ValueError, match="mask"):
@@ -917,7 +917,7 @@ def test_gae_matches_float64_truth_on_every_backend(B, T, seed, dtypes, gamma, l
     delta = float((finite(rewards) + 2 * finite(values)).max()) if B * T else 0.0
     terms = {"returns": horizon * delta, "advantages": horizon * delta}
     if whiten:
-        raw = fastalign.gae(rewards.double(), values.double(), mask, gamma, lam, semantics=semantics, whiten=False)
+        raw = fastalign.gae(rewards.double(), values.double(), mask, gamma, lam, convention=semantics, whiten=False)
         a = raw.advantages[counted]
         std = float(a.std(unbiased=unbiased)) if a.numel() > int(unbiased) else 0.0
         terms["advantages"] = (horizon * delta + float(a.abs().max())) / math.sqrt(std**2 + 1e-8)
