@@ -4,7 +4,7 @@
 #   make install   editable install; compiles fastalign._C when setup.py or csrc/ change
 #   make test      the test suite, a line per test file (about 16 minutes on a quiet 2-core CPU
 #                  from a fresh clone, 3 of them installing dependencies)
-#   make bench     the headline benchmarks (about 10 minutes on a quiet 2-core CPU): a line per row
+#   make bench     the headline benchmarks (about 6 minutes on a quiet 2-core CPU): a line per row
 #                  as it finishes, each row kept in build/bench/last-run.jsonl at once, then markdown
 #                  tables and a chart in bench/results/<device>*. FULL=1 adds the hidden-states and
 #                  training-step suites (about 35 minutes in all). BENCH_ARGS="-k fwd" narrows the
