@@ -8,6 +8,7 @@ is the one-line answer to "is it the kernel?" when a loss curve looks wrong.
 from __future__ import annotations
 
 import contextlib
+import functools
 import contextvars
 import os
 from collections.abc import Iterator
@@ -85,8 +86,9 @@ OPS: dict[str, tuple[str, tuple[str, ...]]] = {
 }
 
 
+@functools.lru_cache(maxsize=None)
 def triton_dtypes(op: str) -> tuple:
-    """The torch dtypes the Triton kernels of `op` take."""
+    """The torch dtypes the Triton kernels of `op` take (looked up once: resolve runs on every call)."""
     import torch
 
     return tuple(getattr(torch, name) for name in OPS[op][1])
@@ -116,10 +118,10 @@ def resolve(op: str, backend: str | None = None, **tensors) -> tuple[str, object
     from . import _native, _triton
 
     backend = current_backend() if backend is None else _checked(backend, "backend")
-    names = ", ".join(tensors)
     first = next(iter(tensors.values()))
     device = first.device.type
-    dtypes_ok = all(t.dtype in triton_dtypes(op) for t in tensors.values())
+    takes = triton_dtypes(op)
+    dtypes_ok = all(t.dtype in takes for t in tensors.values())
     if backend == "auto":
         if device == "cpu" and _native.status()[0]:
             backend = "native"
@@ -129,7 +131,9 @@ def resolve(op: str, backend: str | None = None, **tensors) -> tuple[str, object
             backend = "reference"
     elif backend == "native":
         if device != "cpu":
-            raise RuntimeError(f"fastalign backend 'native' serves CPU tensors; the {names} are on {first.device}")
+            raise RuntimeError(
+                f"fastalign backend 'native' serves CPU tensors; the {', '.join(tensors)} are on {first.device}"
+            )
         _native.require()
     elif backend == "triton":
         ok, why = _triton.status(device)
@@ -137,7 +141,7 @@ def resolve(op: str, backend: str | None = None, **tensors) -> tuple[str, object
             raise RuntimeError(f"fastalign backend 'triton' cannot run on {first.device}: {why}")
         if not dtypes_ok:
             got = " and ".join(str(t.dtype) for t in tensors.values())
-            takes = OPS[op][1]
-            takes = takes[0] if len(takes) == 1 else f"{', '.join(takes[:-1])} or {takes[-1]}"
-            raise TypeError(f"{'/'.join(tensors)}: the triton backend takes {takes}, got {got}")
+            names = OPS[op][1]
+            names = names[0] if len(names) == 1 else f"{', '.join(names[:-1])} or {names[-1]}"
+            raise TypeError(f"{'/'.join(tensors)}: the triton backend takes {names}, got {got}")
     return backend, getattr(backend_module(backend, op), op)
