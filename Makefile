@@ -102,7 +102,7 @@ $(OLD_TRITON_STAMP): | $(DEPS_STAMP)
 	@touch $@
 
 test: install $(OLD_TRITON_STAMP)
-	FASTALIGN_REQUIRE_OLD_TRITON=1 $(PY) -m pytest tests
+	FASTALIGN_REQUIRE_OLD_TRITON=1 FASTALIGN_REQUIRE_PEERS=1 $(PY) -m pytest tests
 
 gate: install $(OLD_TRITON_STAMP)
 	$(PY) tests/ops/triton_compile_gate.py

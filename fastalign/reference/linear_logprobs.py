@@ -65,8 +65,8 @@ def linear_policy_token_forward(
         temperature, logit_scale, softcap, ignore_index, surrogate_id, kl_id, params, with_grad,
     )
     if not with_grad:
-        empty = hidden.new_empty(0)
-        return logps, entropy, empty, empty, empty, norm
+        # Three distinct [0] tensors: a custom op's outputs may not alias one another.
+        return logps, entropy, hidden.new_empty(0), weight.new_empty(0), bias.new_empty(0), norm
     acc = torch.float64 if hidden.dtype == torch.float64 else torch.float32
     g = grad_logits[0].to(acc)
     grad_hidden = (g @ weight.to(acc)).to(hidden.dtype) if need_hidden else hidden.new_empty(0)

@@ -20,8 +20,12 @@ import types
 import warnings
 
 import numpy as np
+import peers
 import pytest
 import torch
+
+peers.require("verl")
+peers.require("omegaconf")
 
 try:
     with warnings.catch_warnings():

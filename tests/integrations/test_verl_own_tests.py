@@ -13,6 +13,10 @@ import pathlib
 import subprocess
 import sys
 
+import peers
+
+peers.require("verl")
+
 UPSTREAM = pathlib.Path(__file__).parent / "verl_upstream"
 MODULES = ("verl_test_core_algos_on_cpu.py", "verl_test_reinforce_pp_multiturn_on_cpu.py",
            "verl_test_rollout_corr_integration.py")

@@ -247,11 +247,11 @@ def test_policy_equal_to_reference_gives_ln2_and_zero_rewards(backend, dtype):
         chosen, rejected = seq.logps.chunk(2)
         from_ref_logps = fastalign.DPOLoss(beta=0.1)(logits, labels, completion_mask=mask, ref_chosen_logps=chosen,
                                                      ref_rejected_logps=rejected)
-    ln2 = torch.tensor(math.log(2.0))
+    ln2 = torch.tensor(math.log(2.0), device=logits.device)
     for out in (from_logits, from_ref_logps):
         assert torch.equal(out.loss, ln2)
         for name in ("rewards/chosen", "rewards/rejected", "rewards/margins", "rewards/accuracies"):
-            assert torch.equal(out.metrics[name], torch.tensor(0.0)), name
+            assert torch.equal(out.metrics[name], torch.tensor(0.0, device=logits.device)), name
 
 
 @pytest.mark.parametrize("backend", backend_params())
@@ -497,7 +497,10 @@ def _logits_call(**change):
     logits, labels, mask, rc, rr, ref_logits = make_batch(torch.float32)
     args = {"logits": logits, "labels": labels, "completion_mask": mask, "ref_chosen_logps": rc,
             "ref_rejected_logps": rr}
-    args.update(change.pop("args", {}))
+    # The parameters are built at collection, on CPU: each bad input goes to the batch's device, so
+    # that the check under test, not the device check, answers.
+    args.update({k: v.to(DEVICE) if isinstance(v, torch.Tensor) else v for k, v in change.pop("args", {}).items()})
+    change = {k: v.to(DEVICE) if isinstance(v, torch.Tensor) else v for k, v in change.items()}
     return lambda: fastalign.dpo_loss_from_logits(**args, **change)
 
 

@@ -179,7 +179,7 @@ def test_dpo_from_hidden_states(backend):
     labels = torch.randint(0, vocab, (2 * pairs, length), device=DEVICE)
     mask = torch.ones(2 * pairs, length, device=DEVICE)
     mask[:, :2] = 0
-    ref_chosen, ref_rejected = torch.randn(pairs) - 30, torch.randn(pairs) - 30
+    ref_chosen, ref_rejected = torch.randn(pairs, device=DEVICE) - 30, torch.randn(pairs, device=DEVICE) - 30
     loss_fn = fastalign.DPOLoss(beta=0.1, loss_type=["sigmoid", "sft"], use_weighting=True)
     leaves = [t.clone().requires_grad_() for t in (hidden, weight, bias)]
     with fastalign.use_backend(backend):

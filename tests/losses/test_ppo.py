@@ -5,11 +5,14 @@ gradient and metrics."""
 from __future__ import annotations
 
 import pytest
+import peers
 import torch
 from conftest import DEVICE, backend_params
 
 import fastalign
-import verl_policy as verl
+
+peers.require("verl")
+import verl_policy as verl  # noqa: E402
 from fastalign.reference import token_logprobs as reference_token_logprobs
 
 B, T, V = 4, 7, 53

@@ -4,9 +4,12 @@ loops (TRL 1.16 GRPOTrainer / RLOOTrainer `_generate_and_score_completions`, ver
 
 from collections import defaultdict
 
+import peers
 import pytest
 import torch
-from trl.trainer.utils import nanstd
+
+peers.require("trl")
+from trl.trainer.utils import nanstd  # noqa: E402
 
 import fastalign
 from conftest import backend_params

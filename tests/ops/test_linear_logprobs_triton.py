@@ -214,7 +214,7 @@ def test_all_rows_ignored_gives_zeros():
                                           with_log_sum_sq_probs=True, with_mean_logits=True, with_is_top1=True)
     for t in out:
         assert not t.any()
-    grads = k.linear_token_logprobs_backward(torch.ones(N), torch.ones(N), hidden, weight, bias, labels,
+    grads = k.linear_token_logprobs_backward(torch.ones(N, device=DEVICE), torch.ones(N, device=DEVICE), hidden, weight, bias, labels,
                                              out[5], out[1], **args)
     for t in grads:
         assert not t.any()
