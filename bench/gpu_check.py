@@ -105,7 +105,13 @@ class Report:
                 lines.append(f"| {t['workload']} | {t['impl']} | {t['ms']:.3f} | {_fmt(t.get('gbps'))} | "
                              f"{_fmt(t.get('of_copy'), '{:.0%}')} | {_fmt(t.get('tflops'))} | {_fmt(t.get('peak_mib'), '{:.0f}')} |")
         lines += ["", "## Test suite on the device", ""]
-        lines += [f"- {k}: {v}" for k, v in self.tests.items()] or ["(not run)"]
+        for key, value in self.tests.items():
+            if isinstance(value, list):
+                lines += [f"- {key}:"] + [f"  - `{item}`" for item in value]
+            else:
+                lines.append(f"- {key}: {value}")
+        if not self.tests:
+            lines.append("(not run)")
         if self.notes:
             lines += ["", "## Notes", ""] + [f"- {n}" for n in self.notes]
         return "\n".join(lines) + "\n"
@@ -374,15 +380,25 @@ def check_linear(report: Report, device: str, small: bool) -> None:
                     "mean_logits": out.mean_logits,
                     "weighted": [(out.logps, weights[0]), (out.entropy, weights[1])]}
 
-        name = f"{str(dtype).removeprefix('torch.')}{' softcap' if softcap else ''}"
-        # The matmul's rounding differs from the reference's cuBLAS order: a wider slack.
-        _check_three_ways(report, "linear_token_logprobs", name, fn, [hidden, weight], slack_eps=16.0)
-        if dtype == torch.bfloat16 and softcap is None:
-            first = _run_backend("triton", fn, hidden, weight)
-            second = _run_backend("triton", fn, hidden, weight)
-            same = all(torch.equal(first[0][k], second[0][k]) for k in first[0]) and \
-                all(torch.equal(a, b) for a, b in zip(first[1], second[1]))
-            report.check("linear_token_logprobs", "bf16 tensor-core path run twice: bitwise equal", same)
+        from fastalign import _triton
+
+        # Both of the Triton backend's ways (FASTALIGN_LINEAR_LOGPROBS): "blocked", the default,
+        # and "fused", the matmul inside the Triton kernels.
+        for mode in ("blocked", "fused"):
+            saved, _triton.LINEAR_LOGPROBS_PASS = _triton.LINEAR_LOGPROBS_PASS, mode
+            try:
+                name = f"{str(dtype).removeprefix('torch.')}{' softcap' if softcap else ''}" + \
+                    (", fused kernels" if mode == "fused" else "")
+                # The matmul's rounding differs from the reference's cuBLAS order: a wider slack.
+                _check_three_ways(report, "linear_token_logprobs", name, fn, [hidden, weight], slack_eps=16.0)
+                if dtype == torch.bfloat16 and softcap is None:
+                    first = _run_backend("triton", fn, hidden, weight)
+                    second = _run_backend("triton", fn, hidden, weight)
+                    same = all(torch.equal(first[0][k], second[0][k]) for k in first[0]) and \
+                        all(torch.equal(a, b) for a, b in zip(first[1], second[1]))
+                    report.check("linear_token_logprobs", f"bf16 {mode} path run twice: bitwise equal", same)
+            finally:
+                _triton.LINEAR_LOGPROBS_PASS = saved
 
 
 def check_advantages(report: Report, device: str, small: bool) -> None:
@@ -599,13 +615,19 @@ def anchor_workloads(report: Report, device: str, small: bool) -> None:
     lin_labels = torch.randint(0, v, (n,), device=device)
     flops = 2 * n * h * v
 
-    def linear(backward: bool):
+    def linear(backward: bool, mode: str = "blocked"):
+        from fastalign import _triton
+
         hh = hidden.detach().requires_grad_(backward)
         ww = weight.detach().requires_grad_(backward)
-        with fastalign.use_backend("triton"):
-            out = fastalign.linear_token_logprobs(hh, ww, lin_labels, outputs=("entropy",))
-            if backward:
-                (out.logps.sum() + out.entropy.sum()).backward()
+        saved, _triton.LINEAR_LOGPROBS_PASS = _triton.LINEAR_LOGPROBS_PASS, mode
+        try:
+            with fastalign.use_backend("triton"):
+                out = fastalign.linear_token_logprobs(hh, ww, lin_labels, outputs=("entropy",))
+                if backward:
+                    (out.logps.sum() + out.entropy.sum()).backward()
+        finally:
+            _triton.LINEAR_LOGPROBS_PASS = saved
 
     def linear_eager(backward: bool):
         hh = hidden.detach().requires_grad_(backward)
@@ -617,9 +639,14 @@ def anchor_workloads(report: Report, device: str, small: bool) -> None:
             (lp.sum() + ent.sum()).backward()
 
     lin = f"linear log-prob + entropy N={n} H={h} V={v} bf16"
+    # "blocked" (the default: cuBLAS GEMMs per block of tokens) and "fused" (the matmul inside the
+    # Triton kernels), FASTALIGN_LINEAR_LOGPROBS. TFLOP/s counts the 3 GEMMs of the unfused way (model FLOPs):
+    # both fused ways recompute the logits in backward, a 4th.
     add(lin + " fwd", "fastalign triton", lambda: linear(False), flops=flops)
+    add(lin + " fwd", "fastalign triton, fused kernels", lambda: linear(False, "fused"), flops=flops)
     add(lin + " fwd", "unfused eager", lambda: linear_eager(False), flops=flops)
     add(lin + " fwd+bwd", "fastalign triton", lambda: linear(True), flops=3 * flops)
+    add(lin + " fwd+bwd", "fastalign triton, fused kernels", lambda: linear(True, "fused"), flops=3 * flops)
     add(lin + " fwd+bwd", "unfused eager", lambda: linear_eager(True), flops=3 * flops)
     lin_mask = torch.ones(1, n, device=device)
     lin_adv = torch.randn(1, device=device)
@@ -652,37 +679,72 @@ def anchor_workloads(report: Report, device: str, small: bool) -> None:
 # (c) The test suite on the device
 
 
+# The suite on a GPU machine, in shards run side by side (its 16 CPUs otherwise idle while one
+# pytest process waits on small kernels): sequentially it outlasted the run's budget.
+TEST_SHARDS = (
+    ("ops", ["tests/ops"]),
+    ("losses", ["tests/losses"]),
+    ("integrations", ["tests/integrations"]),
+)
+# Multi-process, example and compile-gate tests need CPUs and TRL, not the GPU; tests/project
+# (packaging, README, bench harness) checks the CPU install, which this run does not make.
+TEST_IGNORES = ("--ignore=tests/integrations/test_trl_distributed.py", "--ignore=tests/integrations/test_linear_fsdp.py",
+                "--ignore=tests/ops/test_triton_compile.py", "--ignore=tests/ops/test_gpu_check.py")
+
+
+def _pytest_summary(output: str) -> dict[str, int]:
+    """{"passed": n, "failed": n, ...} from pytest's last summary line."""
+    lines = [line for line in output.splitlines()
+             if re.search(r"\b(passed|failed|errors?|skipped|deselected|xfailed)\b.* in [\d.]+s", line)]
+    if not lines:
+        return {}
+    return {word.rstrip("s") if word.startswith("error") else word: int(n)
+            for n, word in re.findall(r"(\d+) (passed|failed|errors?|skipped|xfailed|xpassed|deselected)", lines[-1])}
+
+
 def test_suite(report: Report, seconds: float, dry_run: bool) -> None:
     if dry_run:
         # The suite is what `make test` already runs; here only the call and the parsing are tried.
-        selection = ["tests/ops/test_backend.py::test_default_is_auto",
-                     "tests/ops/test_backend.py::test_environment_then_context_manager"]
+        shards = (("backend", ["tests/ops/test_backend.py::test_default_is_auto",
+                               "tests/ops/test_backend.py::test_environment_then_context_manager"]),)
     else:
-        # Multi-process, example and compile-gate tests need CPUs and TRL, not the GPU.
-        selection = ["tests", "--ignore=tests/integrations/test_trl_distributed.py",
-                     "--ignore=tests/integrations/test_linear_fsdp.py", "--ignore=tests/project/test_examples.py",
-                     "--ignore=tests/ops/test_triton_compile.py", "--ignore=tests/ops/test_gpu_check.py"]
-    command = [sys.executable, "-m", "pytest", *selection, "-q", "-p", "no:cacheprovider",
-               "--continue-on-collection-errors", "-rfE"]
-    env = dict(os.environ)
+        shards = TEST_SHARDS
+    env = dict(os.environ, PYTHONPATH=os.pathsep.join(filter(None, [str(REPO), os.environ.get("PYTHONPATH")])))
     if not dry_run:
         env.pop("TRITON_INTERPRET", None)
     started = time.perf_counter()
-    try:
-        proc = subprocess.run(command, cwd=REPO, env=env, capture_output=True, text=True, timeout=max(seconds, 10))
-        output, timed_out, code = proc.stdout + proc.stderr, False, proc.returncode
-    except subprocess.TimeoutExpired as exc:
-        output = (exc.stdout or b"").decode() if isinstance(exc.stdout, bytes) else (exc.stdout or "")
-        timed_out, code = True, None
-    summary = [line.strip("= ") for line in output.splitlines()
-               if re.search(r"\b(passed|failed|errors?|skipped|deselected)\b.* in [\d.]+s", line)]
-    failures = [line for line in output.splitlines() if line.startswith(("FAILED", "ERROR"))]
-    report.tests = {"command": " ".join(command[1:]), "seconds": round(time.perf_counter() - started, 1),
-                    "summary": summary[-1] if summary else "(no summary line)",
-                    "timed out": timed_out, "failures": failures[:40]}
-    Path(report.path_md.parent / "gpu-check-tests.log").write_text(output)
-    report.check("tests", "test suite on the device", not timed_out and code == 0,
-                 report.tests["summary"] + (" (timed out)" if timed_out else ""))
+    procs = []
+    for name, selection in shards:
+        command = [sys.executable, "-m", "pytest", *selection, *TEST_IGNORES, "-q", "-p", "no:cacheprovider",
+                   "--continue-on-collection-errors", "-rfE", "--tb=short"]
+        log = open(report.path_md.parent / f"gpu-check-tests-{name}.log", "w")
+        procs.append((name, command, log, subprocess.Popen(command, cwd=REPO, env=env, stdout=log,
+                                                           stderr=subprocess.STDOUT, text=True)))
+    totals: dict[str, int] = {}
+    failures, timed_out, all_ok = [], [], True
+    for name, command, log, proc in procs:
+        try:
+            code = proc.wait(timeout=max(seconds - (time.perf_counter() - started), 10))
+        except subprocess.TimeoutExpired:
+            # SIGINT: pytest stops and still prints its summary and the failures so far.
+            proc.send_signal(2)
+            try:
+                proc.wait(timeout=20)
+            except subprocess.TimeoutExpired:
+                proc.kill()
+            code, timed_out = None, timed_out + [name]
+        log.close()
+        output = Path(log.name).read_text()
+        for key, n in _pytest_summary(output).items():
+            totals[key] = totals.get(key, 0) + n
+        failures += [line for line in output.splitlines() if line.startswith(("FAILED", "ERROR"))]
+        all_ok = all_ok and code == 0
+    summary = ", ".join(f"{n} {key}" for key, n in totals.items()) or "(no summary line)"
+    report.tests = {"command": "pytest " + " | ".join(" ".join(sel) for _, sel in shards) + " (side by side)",
+                    "seconds": round(time.perf_counter() - started, 1), "summary": summary,
+                    "timed out": timed_out, "failures": failures[:60]}
+    report.check("tests", "test suite on the device", all_ok and not timed_out,
+                 summary + (f" (timed out: {', '.join(timed_out)})" if timed_out else ""))
 
 
 # --------------------------------------------------------------------------------------------

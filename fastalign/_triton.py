@@ -109,16 +109,72 @@ def _forward_to(module: str, op: str):
 token_logprobs_forward = _forward_to("logprobs", "token_logprobs_forward")
 token_logprobs_backward = _forward_to("logprobs", "token_logprobs_backward")
 policy_token_forward = _forward_to("policy", "policy_token_forward")
-linear_token_logprobs_forward = _forward_to("linear_logprobs", "linear_token_logprobs_forward")
-linear_token_logprobs_backward = _forward_to("linear_logprobs", "linear_token_logprobs_backward")
 gae_forward = _forward_to("gae", "gae_forward")
 group_advantages_forward = _forward_to("advantages", "group_advantages_forward")
 discounted_returns = _forward_to("advantages", "discounted_returns")
 
-# Logits per block of the blocked policy pass from hidden states (64 MiB in fp32), and at least
-# 256 tokens per block.
-POLICY_BLOCK_ELEMENTS = 16 * 1024 * 1024
+# Logits per block of the blocked passes from hidden states: 128M values (256 MiB in bf16; 1024
+# tokens at V = 131072), at least 256 tokens. Each block adds its weight-gradient product into
+# the fp32 [V, H] accumulator, a read and a write of V * H * 8 bytes (4 GiB at V = 131072,
+# H = 4096: about 1 ms on an H200), so blocks of a few hundred tokens would spend more time
+# there than in the product itself (0.27 TFLOP per 256 tokens: about 0.4 ms).
+POLICY_BLOCK_ELEMENTS = 128 * 1024 * 1024
 POLICY_MIN_BLOCK_ROWS = 256
+
+# How the Triton backend computes linear_token_logprobs: "blocked" (default: blocks of tokens
+# through cuBLAS GEMMs and the Triton row kernels, the forward one GEMM, the backward three) or
+# "fused" (kernels/linear_logprobs.py: the matmul inside the Triton kernels, no [rows, V] block
+# at all, but on an H200 2.6x slower than an unfused cuBLAS forward and 14x slower in forward +
+# backward, measured in bench/results/cuda-nvidia-h200.md).
+LINEAR_LOGPROBS_PASS = os.environ.get("FASTALIGN_LINEAR_LOGPROBS", "blocked")
+
+
+def _linear_logprobs_blocked() -> bool:
+    if LINEAR_LOGPROBS_PASS not in ("blocked", "fused"):
+        raise ValueError(
+            f"FASTALIGN_LINEAR_LOGPROBS: expected 'blocked' or 'fused', got {LINEAR_LOGPROBS_PASS!r}"
+        )
+    return LINEAR_LOGPROBS_PASS == "blocked"
+
+
+def _rows_per_block(weight) -> int:
+    return max(POLICY_MIN_BLOCK_ROWS, POLICY_BLOCK_ELEMENTS // max(weight.shape[0], 1))
+
+
+def linear_token_logprobs_forward(
+    hidden, weight, bias, labels, temperature, logit_scale, softcap, ignore_index,
+    with_entropy, with_log_sum_sq_probs, with_mean_logits, with_is_top1,
+):
+    """Blocks of tokens through cuBLAS and the Triton row kernel (``fastalign.linear_blocked``), or
+    with FASTALIGN_LINEAR_LOGPROBS=fused ``fastalign.kernels.linear_logprobs``'s fused kernel."""
+    linear = kernels("linear_logprobs")
+    args = (hidden, weight, bias, labels, temperature, logit_scale, softcap, ignore_index,
+            with_entropy, with_log_sum_sq_probs, with_mean_logits, with_is_top1)
+    if not _linear_logprobs_blocked():
+        return linear.linear_token_logprobs_forward(*args)
+    from .linear_blocked import linear_token_logprobs_forward as blocked
+
+    linear.check_linear_inputs(hidden, weight, bias, labels)
+    return blocked(*args, row_forward=kernels("logprobs").token_logprobs_forward,
+                   rows_per_block=_rows_per_block(weight))
+
+
+def linear_token_logprobs_backward(
+    grad_logps, grad_entropy, hidden, weight, bias, labels, norm, entropy, temperature, logit_scale, softcap,
+    ignore_index, need_hidden=True, need_weight=True,
+):
+    """Blocks of whole rows: the logits again, the Triton row gradient, two GEMMs
+    (``fastalign.linear_blocked``); or the fused kernels with FASTALIGN_LINEAR_LOGPROBS=fused."""
+    linear = kernels("linear_logprobs")
+    args = (grad_logps, grad_entropy, hidden, weight, bias, labels, norm, entropy, temperature, logit_scale,
+            softcap, ignore_index, need_hidden, need_weight)
+    if not _linear_logprobs_blocked():
+        return linear.linear_token_logprobs_backward(*args)
+    from .linear_blocked import linear_token_logprobs_backward_by_rows as blocked
+
+    linear.check_linear_inputs(hidden, weight, bias, labels)
+    return blocked(*args, row_backward=kernels("logprobs").token_logprobs_backward,
+                   rows_per_block=_rows_per_block(weight))
 
 
 def linear_policy_token_forward(
@@ -140,9 +196,8 @@ def linear_policy_token_forward(
         )
         return logps, entropy, norm
 
-    rows_per_block = max(POLICY_MIN_BLOCK_ROWS, POLICY_BLOCK_ELEMENTS // max(weight.shape[0], 1))
     return blocked(
         hidden, weight, bias, labels, old_logps, ref_logps, advantages, w_pg, w_kl, grad_entropy,
         temperature, logit_scale, softcap, ignore_index, surrogate_id, kl_id, params, with_grad,
-        need_hidden, need_weight, policy_pass=policy_pass, rows_per_block=rows_per_block,
+        need_hidden, need_weight, policy_pass=policy_pass, rows_per_block=_rows_per_block(weight),
     )

@@ -51,28 +51,58 @@ class _BlockLogits:
         return out.unsqueeze(0)
 
 
+def _cpu_row_forward(logits, labels, *args):
+    return torch.ops.fastalign_cpu.token_logprobs_forward(logits, labels, *args)
+
+
+def accumulate_product(acc: torch.Tensor, a: torch.Tensor, b: torch.Tensor) -> None:
+    """acc += a @ b, with acc in fp32 (fp64) and a, b possibly 2-byte. On a GPU the product runs on
+    the tensor cores with an fp32 output (cuBLAS's bf16 x bf16 -> fp32 GEMM) and is added in the
+    same call: an fp32 copy of a and b would make it an fp32 GEMM, without tensor cores, several
+    times slower (the weight gradient's V x H x rows product dominated the whole pass that way)."""
+    if a.dtype == acc.dtype and b.dtype == acc.dtype:
+        acc.addmm_(a, b)
+        return
+    if acc.device.type == "cuda" and _FP32_OUTPUT_GEMM.get(acc.device.index, True):
+        try:
+            torch.addmm(acc, a, b, out_dtype=acc.dtype, out=acc)
+            return
+        except (RuntimeError, TypeError):  # an older torch or a GPU without the fp32-output GEMM
+            _FP32_OUTPUT_GEMM[acc.device.index] = False
+    acc.addmm_(a.to(acc.dtype), b.to(acc.dtype))
+
+
+# Per GPU: whether torch.addmm(..., out_dtype=float32) ran there (learnt on first use).
+_FP32_OUTPUT_GEMM: dict[int | None, bool] = {}
+
+
 def linear_token_logprobs_forward(
     hidden, weight, bias, labels, temperature, logit_scale, softcap, ignore_index,
     with_entropy, with_log_sum_sq_probs, with_mean_logits, with_is_top1,
+    row_forward=_cpu_row_forward, rows_per_block=None,
 ):
+    """Per block of counted tokens: logits = h @ W.T (+ b), then `row_forward` (the backend's
+    token_logprobs_forward row kernel: C++ here, Triton on a GPU) reads them once."""
     n, vocab = labels.shape[0], weight.shape[0]
+    device = hidden.device
     acc = torch.float64 if hidden.dtype == torch.float64 else torch.float32
     flags = (with_entropy, with_log_sum_sq_probs, with_mean_logits, with_is_top1)
-    outs = [torch.zeros(n, dtype=acc)]
-    outs += [torch.zeros(n if flag else 0, dtype=acc) for flag in flags[:3]]
-    outs += [torch.zeros(n if with_is_top1 else 0, dtype=torch.bool), torch.zeros(n, 2, dtype=acc)]
+    outs = [torch.zeros(n, dtype=acc, device=device)]
+    outs += [torch.zeros(n if flag else 0, dtype=acc, device=device) for flag in flags[:3]]
+    outs += [torch.zeros(n if with_is_top1 else 0, dtype=torch.bool, device=device),
+             torch.zeros(n, 2, dtype=acc, device=device)]
     rows = _valid_rows(labels, ignore_index)
-    step = max(1, min(_rows_per_block(vocab), rows.numel()))
+    step = max(1, min(rows_per_block or _rows_per_block(vocab), rows.numel()))
     block_logits = _BlockLogits(step, weight, bias)
     for start in range(0, rows.numel(), step):
         idx = rows[start:start + step]
         logits = block_logits(hidden.index_select(0, idx))
-        fields = torch.ops.fastalign_cpu.token_logprobs_forward(
+        fields = row_forward(
             logits, labels.index_select(0, idx), temperature, logit_scale, softcap, ignore_index, *flags
         )
         for out, field in zip(outs, fields):
             if out.numel():
-                out.index_copy_(0, idx, field)
+                out.index_copy_(0, idx, field.to(out.dtype))
     return tuple(outs)
 
 
@@ -131,6 +161,48 @@ def linear_token_logprobs_backward(
     return grad_hidden, grad_weight.to(weight.dtype), grad_bias.to(bias.dtype)
 
 
+def linear_token_logprobs_backward_by_rows(
+    grad_logps, grad_entropy, hidden, weight, bias, labels, norm, entropy, temperature, logit_scale, softcap,
+    ignore_index, need_hidden=True, need_weight=True, *, row_backward, rows_per_block,
+):
+    """The backward in blocks of whole rows, for a GPU: per block the logits again (one GEMM), the
+    backend's row kernel turns them into dz, then grad_h = dz @ W and grad_W += dz.T @ h
+    (`accumulate_product`). Four matmul-equivalents, each a large GEMM; the extra memory is two
+    [rows, V] blocks (logits and dz)."""
+    vocab = weight.shape[0]
+    acc = torch.float64 if hidden.dtype == torch.float64 else torch.float32
+    device = hidden.device
+    rows = _valid_rows(labels, ignore_index)
+    grad_hidden = (torch.zeros_like(hidden, memory_format=torch.contiguous_format) if need_hidden
+                   else hidden.new_empty(0))
+    grad_weight = torch.zeros(weight.shape if need_weight else (0,), dtype=acc, device=device)
+    grad_bias = torch.zeros(vocab if bias.numel() and need_weight else 0, dtype=acc, device=device)
+    n = rows.numel()
+    if n == 0 or not (need_hidden or need_weight):
+        return grad_hidden, grad_weight.to(weight.dtype), grad_bias.to(bias.dtype)
+
+    def part(t, idx):
+        return None if t is None or not t.numel() else t.index_select(0, idx)
+
+    step = max(1, min(rows_per_block, n))
+    block_logits = _BlockLogits(step, weight, bias)
+    for start in range(0, n, step):
+        idx = rows[start:start + step]
+        h = hidden.index_select(0, idx)
+        logits = block_logits(h)
+        dz = row_backward(
+            part(grad_logps, idx), part(grad_entropy, idx), logits, labels.index_select(0, idx), norm.index_select(0, idx),
+            part(entropy, idx), temperature, logit_scale, softcap, ignore_index,
+        )[0]
+        if need_hidden:
+            grad_hidden.index_copy_(0, idx, torch.mm(dz, weight).to(hidden.dtype))
+        if need_weight:
+            accumulate_product(grad_weight, dz.t(), h)
+            if grad_bias.numel():
+                grad_bias += dz.sum(0, dtype=acc)
+    return grad_hidden, grad_weight.to(weight.dtype), grad_bias.to(bias.dtype)
+
+
 def _cpu_policy_pass(logits, inputs, with_grad):
     """The C++ policy pass over a block: (logps, entropy, norm); with_grad, the gradient overwrites the logits."""
     if with_grad:
@@ -185,10 +257,7 @@ def linear_policy_token_forward(
         if need_hidden:
             grad_hidden.index_copy_(0, idx, torch.mm(dz, weight).to(hidden.dtype))
         if need_weight:
-            if dz.dtype == acc:
-                grad_weight.addmm_(dz.t(), h)
-            else:
-                grad_weight.addmm_(dz.t().to(acc), h.to(acc))
+            accumulate_product(grad_weight, dz.t(), h)
             if grad_bias.numel():
                 grad_bias += dz.sum(0, dtype=acc)
     return logps, entropy, grad_hidden, grad_weight.to(weight.dtype), grad_bias.to(bias.dtype), norm
