@@ -14,9 +14,10 @@ from collections.abc import Sequence
 
 import torch
 
-from ._checks import check_label_range, check_token_logprobs_args, flat_labels
+from ._checks import check_label_range, check_token_logprobs_args, flat_labels, values_checkable
 from .backend import current_backend, resolve
 from .types import TokenLogprobs
+from .vocab_parallel import is_vocab_sharded, local_shard, vocab_parallel_fields
 
 def _acc_dtype(logits: torch.Tensor) -> torch.dtype:
     return torch.float64 if logits.dtype == torch.float64 else torch.float32
@@ -145,6 +146,7 @@ def token_logprobs(
     softcap: float | None = None,
     mask: torch.Tensor | None = None,
     outputs: Sequence[str] = (),
+    process_group=None,
 ) -> TokenLogprobs:
     """Per-token log p(label) from logits, in one pass over the vocabulary.
 
@@ -159,6 +161,11 @@ def token_logprobs(
         mask: optional `[...]`; positions where it is 0/False are ignored like `ignore_index`.
         outputs: extra fields among "entropy", "log_sum_sq_probs", "mean_logits", "is_top1",
             each computed in the same pass only when asked for.
+        process_group: tensor parallelism with the vocabulary sharded: `logits` is this rank's slice
+            `[..., V_r]` and the group's ranks hold the slices in rank order; `labels` are global
+            token ids. A DTensor `logits` sharded along the vocabulary (`Shard(-1)`) needs no group.
+            Every rank gets the whole vocabulary's fields (one all-gather of a few numbers per
+            token; `[N, V]` is never gathered) and the gradient of its own slice.
 
     Returns:
         TokenLogprobs: `logps` and the requested fields shaped like `labels`, fp32 (bool for
@@ -167,6 +174,10 @@ def token_logprobs(
     A label outside `[0, V)` other than `ignore_index` raises ValueError for CPU tensors; on CUDA
     the kernels never read out of bounds and give NaN for that position (no device sync).
     """
+    shard = None
+    if process_group is not None or is_vocab_sharded(logits):
+        logits, shard = local_shard(logits, process_group)
+        labels, mask = (t.to_local() if hasattr(t, "to_local") else t for t in (labels, mask))
     temperature, logit_scale, softcap_value, wanted = check_token_logprobs_args(
         logits, labels, temperature, ignore_index, logit_scale, softcap, mask, outputs
     )
@@ -175,10 +186,17 @@ def token_logprobs(
         labels = labels.masked_fill(mask == 0, ignore_index)
     rows = _as_rows(logits)
     label_rows = flat_labels(labels)
-    logps, entropy, log_sum_sq_probs, mean_logits, is_top1, _ = token_logprobs_forward(
-        rows, label_rows, temperature, logit_scale, softcap_value, ignore_index,
-        "entropy" in wanted, "log_sum_sq_probs" in wanted, "mean_logits" in wanted, "is_top1" in wanted,
-    )
+    if shard is not None:
+        if values_checkable(label_rows):
+            check_label_range(label_rows, shard.vocab_size, ignore_index)
+        logps, entropy, log_sum_sq_probs, mean_logits, is_top1 = vocab_parallel_fields(
+            rows, label_rows, shard, temperature, logit_scale, softcap_value, ignore_index, wanted
+        )
+    else:
+        logps, entropy, log_sum_sq_probs, mean_logits, is_top1, _ = token_logprobs_forward(
+            rows, label_rows, temperature, logit_scale, softcap_value, ignore_index,
+            "entropy" in wanted, "log_sum_sq_probs" in wanted, "mean_logits" in wanted, "is_top1" in wanted,
+        )
 
     def field(name: str, value: torch.Tensor) -> torch.Tensor | None:
         return value.view(leading) if name in wanted else None
