@@ -317,6 +317,7 @@ def run_objective(
     math (`token_logprobs`' backward reads the logits a second time)."""
     from .logprobs import token_logprobs
     from .policy_inputs import POLICY_IGNORE_INDEX
+    from .vocab_parallel import is_vocab_sharded
 
     temperature, logit_scale, softcap = transform
     if lm_head is not None:
@@ -335,7 +336,7 @@ def run_objective(
             softcap=softcap or None, mask=mask, outputs=("entropy",), ignore_index=POLICY_IGNORE_INDEX,
         )
         logps, entropies = fields.logps, fields.entropy
-    if logits is not None and adjust is None:
+    if logits is not None and adjust is None and not is_vocab_sharded(logits):
         ignore_index = POLICY_IGNORE_INDEX
         masked_labels = labels.masked_fill(mask == 0, ignore_index)
         return fused_objective(

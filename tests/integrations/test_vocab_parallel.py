@@ -54,6 +54,99 @@ def objective(fields):
     return (logps.double() * w).sum() + (entropy.double() * w.flip(-1)).sum() * 0.3
 
 
+B, T, V, H = 4, 5, 23, 8
+
+
+def loss_batch():
+    g = torch.Generator().manual_seed(1)
+    logits = torch.randn(B, T, V, generator=g)
+    labels = torch.randint(0, V, (B, T), generator=g)
+    mask = torch.ones(B, T)
+    mask[1, 3:] = 0
+    labels[1, 4] = -100  # masked out: a label there may be anything
+    adv = torch.randn(B, generator=g)
+    old, ref = torch.randn(B, T, generator=g) - 3, torch.randn(B, T, generator=g) - 3
+    return logits, labels, mask, adv, old, ref
+
+
+def loss_calls():
+    """Every loss built on token log-probs, called from logits: name -> fn(logits) -> output."""
+    import fastalign
+
+    _, labels, mask, adv, old, ref = loss_batch()
+    ref_pairs = torch.tensor([-30.0, -31.0]), torch.tensor([-29.0, -33.0])
+    return {
+        "grpo dapo": lambda x: fastalign.grpo_loss(
+            x, labels, completion_mask=mask, advantages=adv, old_logps=old, ref_logps=ref, beta=0.04,
+            loss_type="dapo", num_items_in_batch=mask.sum(), entropy_coef=0.01),
+        "grpo gspo": lambda x: fastalign.grpo_loss(
+            x, labels, completion_mask=mask, advantages=adv, old_logps=old, importance_sampling_level="sequence",
+            loss_type="grpo"),
+        "grpo verl": lambda x: fastalign.grpo_loss(
+            x, labels, completion_mask=mask, advantages=adv, old_logps=old, convention="verl", loss_type="vanilla",
+            loss_agg_mode="seq-mean-token-mean"),
+        "ppo": lambda x: fastalign.ppo_loss(
+            x, labels, completion_mask=mask, advantages=adv[:, None].expand(B, T), old_logps=old, ref_logps=ref,
+            kl_coef=0.1),
+        "rloo": lambda x: fastalign.rloo_loss(x, labels, completion_mask=mask, advantages=adv,
+                                              old_logps=(old * mask).sum(-1)),
+        "dpo": lambda x: fastalign.DPOLoss(beta=0.1)(x, labels, completion_mask=mask, ref_chosen_logps=ref_pairs[0],
+                                                     ref_rejected_logps=ref_pairs[1]),
+        "cpo": lambda x: fastalign.CPOLoss(beta=0.1)(x, labels, completion_mask=mask),
+        "orpo": lambda x: fastalign.ORPOLoss(beta=0.1)(x, labels, completion_mask=mask),
+        "kto": lambda x: fastalign.KTOLoss(beta=0.1)(
+            x, labels, completion_mask=mask, ref_logps=torch.tensor([-30.0, -31.0, -29.0, -33.0]),
+            desirable=torch.tensor([True, False, True, False]), kl=torch.tensor(0.1)),
+    }
+
+
+def _loss_results(world):
+    from torch.distributed.device_mesh import init_device_mesh
+    from torch.distributed.tensor import Shard, distribute_tensor
+
+    mesh = init_device_mesh("cpu", (world,))
+    logits = loss_batch()[0]
+    results = {}
+    for name, fn in loss_calls().items():
+        leaf = distribute_tensor(logits, mesh, [Shard(2)]).requires_grad_()
+        out = fn(leaf)
+        out.loss.backward()
+        results[name] = {"loss": out.loss.detach(), "grad": leaf.grad.full_tensor(),
+                         "metrics": {k: torch.as_tensor(v).detach() for k, v in getattr(out, "metrics", {}).items()}}
+    return results
+
+
+class TinyLM(torch.nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.embed = torch.nn.Embedding(V, H)
+        self.body = torch.nn.Linear(H, H)
+        self.lm_head = torch.nn.Linear(H, V, bias=False)
+
+    def forward(self, ids):
+        return self.lm_head(torch.tanh(self.body(self.embed(ids))))
+
+
+def _colwise_results(world):
+    """A model whose lm_head is parallelized by parallelize_module(ColwiseParallel) with its output
+    left sharded along the vocabulary, trained one step of GRPO from its logits."""
+    from torch.distributed.device_mesh import init_device_mesh
+    from torch.distributed.tensor.parallel import ColwiseParallel, parallelize_module
+
+    import fastalign
+
+    mesh = init_device_mesh("cpu", (world,))
+    torch.manual_seed(0)
+    model = parallelize_module(TinyLM(), mesh, {"lm_head": ColwiseParallel(use_local_output=False)})
+    _, labels, mask, adv, old, _ = loss_batch()
+    logits = model(labels.clamp(min=0))
+    out = fastalign.grpo_loss(logits, labels, completion_mask=mask, advantages=adv, old_logps=old, loss_type="dapo",
+                              num_items_in_batch=mask.sum())
+    out.loss.backward()
+    grads = {n: p.grad.full_tensor() if hasattr(p.grad, "full_tensor") else p.grad for n, p in model.named_parameters()}
+    return {"loss": out.loss.detach(), "grads": grads, "sharded": str(logits.placements)}
+
+
 def _slices(vocab, world):
     return [t.numel() for t in torch.arange(vocab).tensor_split(world)]
 
@@ -64,7 +157,11 @@ def _worker(rank, world, init_file, mode, out_dir):
         import fastalign
 
         results = {}
-        for name, logits, labels, mask, options in cases():
+        if mode == "losses":
+            results = _loss_results(world)
+        elif mode == "colwise":
+            results = _colwise_results(world)
+        for name, logits, labels, mask, options in cases() if mode in ("group", "dtensor") else ():
             if mode == "dtensor":
                 from torch.distributed.device_mesh import init_device_mesh
                 from torch.distributed.tensor import Shard, distribute_tensor
@@ -130,3 +227,41 @@ def test_vocab_parallel_equals_one_process(world, mode):
                 torch.testing.assert_close(got[field], getattr(whole, field), rtol=1e-12, atol=1e-12,
                                            msg=f"{name}: {field}")
             torch.testing.assert_close(got["grad"], leaf.grad, rtol=1e-12, atol=1e-12, msg=f"{name}: grad")
+
+
+@pytest.mark.parametrize("world", [2, 4])
+def test_every_loss_on_vocab_sharded_logits_equals_one_process(world):
+    if not dist.is_available() or not dist.is_gloo_available():
+        pytest.skip("torch.distributed with gloo is not available")
+    results = _run(world, "losses")
+    logits = loss_batch()[0]
+    for name, fn in loss_calls().items():
+        leaf = logits.clone().requires_grad_()
+        out = fn(leaf)
+        out.loss.backward()
+        got = results[name]
+        torch.testing.assert_close(got["loss"], out.loss.detach(), rtol=1e-5, atol=1e-6, msg=name)
+        torch.testing.assert_close(got["grad"], leaf.grad, rtol=1e-4, atol=1e-6, msg=name)
+        metrics = getattr(out, "metrics", {})
+        assert sorted(got["metrics"]) == sorted(metrics), name
+        for key, value in metrics.items():
+            torch.testing.assert_close(got["metrics"][key].float(), torch.as_tensor(value).float(), rtol=1e-4,
+                                       atol=1e-6, equal_nan=True, msg=f"{name}: {key}")
+
+
+def test_colwise_parallel_lm_head_trains_as_one_process():
+    if not dist.is_available() or not dist.is_gloo_available():
+        pytest.skip("torch.distributed with gloo is not available")
+    import fastalign
+
+    got = _run(2, "colwise")
+    assert "Shard(dim=2)" in got["sharded"]  # the logits really were vocabulary-sharded
+    torch.manual_seed(0)
+    model = TinyLM()
+    _, labels, mask, adv, old, _ = loss_batch()
+    out = fastalign.grpo_loss(model(labels.clamp(min=0)), labels, completion_mask=mask, advantages=adv, old_logps=old,
+                              loss_type="dapo", num_items_in_batch=mask.sum())
+    out.loss.backward()
+    torch.testing.assert_close(got["loss"], out.loss.detach(), rtol=1e-5, atol=1e-6)
+    for name, p in model.named_parameters():
+        torch.testing.assert_close(got["grads"][name], p.grad, rtol=1e-4, atol=1e-6, msg=name)
