@@ -14,7 +14,7 @@ from collections.abc import Sequence
 
 import torch
 
-from ._checks import FLOAT_DTYPES, check_label_range, check_token_logprobs_args, flat_labels
+from ._checks import FLOAT_DTYPES, check_label_range, check_token_logprobs_args, flat_labels, values_checkable
 from .backend import current_backend, resolve
 from .types import TokenLogprobs
 
@@ -188,6 +188,7 @@ def linear_token_logprobs(
     softcap: float | None = None,
     mask: torch.Tensor | None = None,
     outputs: Sequence[str] = (),
+    process_group=None,
 ) -> TokenLogprobs:
     """`token_logprobs(hidden @ weight.T + bias, labels, ...)` without the logits.
 
@@ -196,12 +197,25 @@ def linear_token_logprobs(
         weight: `[V, H]` lm_head weight (a view is fine: tied embeddings pass the embedding matrix).
         labels: `[...]` int64/int32 in `[0, V)` or `ignore_index`; ignored positions cost no matmul.
         bias, temperature, ignore_index, logit_scale, softcap, mask, outputs: as `token_logprobs`.
+        process_group: tensor parallelism with the lm_head split by rows (Megatron's vocabulary-
+            parallel head, `ColwiseParallel`): `weight` [V_r, H] (and `bias`) are this rank's rows
+            (plain, or a DTensor sharded along dim 0), the ranks hold them in rank order, `hidden`
+            is the same on every rank and `labels` are global token ids. Each rank forms only its
+            slice of the logits, block by block; one all-gather of a few numbers per token combines
+            the fields, and backward all-reduces grad_hidden. Without it a DTensor weight is an
+            FSDP2 parameter, gathered whole.
 
     Returns:
         TokenLogprobs shaped like `labels`; log-probs and entropy are differentiable w.r.t.
         hidden, weight and bias (gradients accumulate into existing `.grad` as usual).
     """
-    weight, bias = gather_sharded(weight), gather_sharded(bias)
+    shard = None
+    if process_group is not None:
+        from .vocab_parallel import row_shard
+
+        weight, bias, shard = row_shard(weight, bias, process_group)
+    else:
+        weight, bias = gather_sharded(weight), gather_sharded(bias)
     check_linear_args(hidden, weight, bias, labels)
     # A stand-in for the logits that never exist (a broadcast view, no memory), so the shared
     # checks name labels, mask and options exactly as token_logprobs does.
@@ -215,10 +229,20 @@ def linear_token_logprobs(
     flat_hidden = hidden.reshape(math.prod(hidden.shape[:-1]), hidden.shape[-1])
     label_rows = flat_labels(labels)
     bias_t = bias if bias is not None else hidden.new_empty(0)
-    logps, entropy, log_sum_sq, mean, top1, _ = linear_token_logprobs_forward(
-        flat_hidden, weight, bias_t, label_rows, temperature, logit_scale, softcap_value, ignore_index,
-        "entropy" in wanted, "log_sum_sq_probs" in wanted, "mean_logits" in wanted, "is_top1" in wanted,
-    )
+    if shard is not None:
+        from .vocab_parallel import vocab_parallel_linear_fields
+
+        if values_checkable(label_rows):
+            check_label_range(label_rows, shard.vocab_size, ignore_index)
+        logps, entropy, log_sum_sq, mean, top1 = vocab_parallel_linear_fields(
+            flat_hidden, weight, bias_t, label_rows, shard, temperature, logit_scale, softcap_value, ignore_index,
+            wanted,
+        )
+    else:
+        logps, entropy, log_sum_sq, mean, top1, _ = linear_token_logprobs_forward(
+            flat_hidden, weight, bias_t, label_rows, temperature, logit_scale, softcap_value, ignore_index,
+            "entropy" in wanted, "log_sum_sq_probs" in wanted, "mean_logits" in wanted, "is_top1" in wanted,
+        )
 
     def field(name, value):
         return value.view(leading) if name in wanted else None

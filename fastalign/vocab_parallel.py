@@ -138,44 +138,59 @@ def _combine(stats: torch.Tensor, shard: VocabShard, factor: float, wanted: froz
     return logps, any_owner, entropy, lsq_out, mean_out, top1_out, my_log_s
 
 
+def _local_labels(labels, shard, ignore_index):
+    """(labels in this slice's columns, counted, owned): a counted label another slice holds
+    becomes column 0 here (its label-free fields are what this slice contributes)."""
+    counted = labels != ignore_index
+    owned = counted & (labels >= shard.start) & (labels < shard.start + shard.size)
+    return torch.where(owned, labels - shard.start, torch.where(counted, 0, ignore_index)), counted, owned
+
+
+def _exchange(local_fields, counted, owned, shard, temperature, logit_scale, softcap, wanted):
+    """The slice's kernel outputs (logq, entropy, lsq, mean, top1, norm) -> the whole vocabulary's
+    (logps, entropy, lsq, mean, top1) and its normalizer in this slice's shift, for the backward.
+    One all-gather of 8 numbers per token."""
+    logq, ent, lsq, mean, top1, norm = local_fields
+    acc = norm.dtype
+    n = counted.shape[0]
+
+    def column(t):
+        return t.to(acc) if t.numel() else torch.zeros(n, dtype=acc, device=norm.device)
+
+    mine = torch.stack([norm[:, 0], norm[:, 1], owned.to(acc), column(logq), column(ent), column(lsq),
+                        column(mean), column(top1)], dim=-1)
+    parts = [torch.empty_like(mine) for _ in shard.sizes]
+    dist.all_gather(parts, mine.contiguous(), group=shard.group)
+    gathered = torch.stack(parts)
+    factor = _transform_factor(temperature, logit_scale, softcap)
+    logps, any_owner, entropy, lsq_out, mean_out, top1_out, my_log_s = _combine(gathered, shard, factor, wanted)
+    # A counted label no slice holds lies outside [0, V): NaN, as the single-process kernels give
+    # on a GPU (CPU tensors were refused before this point).
+    logps = torch.where(counted & ~any_owner, float("nan"), logps)
+    zero = torch.zeros((), dtype=acc, device=logps.device)
+    logps = torch.where(counted, logps, zero)
+    entropy = torch.where(counted, entropy, zero) if entropy is not None else logps.new_empty(0)
+    lsq_out = torch.where(counted, lsq_out, zero) if lsq_out is not None else logps.new_empty(0)
+    mean_out = torch.where(counted, mean_out, zero) if mean_out is not None else logps.new_empty(0)
+    top1_out = (counted & top1_out) if top1_out is not None else torch.zeros(0, dtype=torch.bool, device=logps.device)
+    return (logps, entropy, lsq_out, mean_out, top1_out), torch.stack([norm[:, 0], my_log_s], dim=-1)
+
+
 class _VocabParallelTokenLogprobs(torch.autograd.Function):
     @staticmethod
     def forward(ctx, rows, labels, shard, temperature, logit_scale, softcap, ignore_index, wanted):
         from .backend import current_backend
         from .logprobs import token_logprobs_forward
 
-        counted = labels != ignore_index
-        owned = counted & (labels >= shard.start) & (labels < shard.start + shard.size)
-        local_labels = torch.where(owned, labels - shard.start, torch.where(counted, 0, ignore_index))
+        local_labels, counted, owned = _local_labels(labels, shard, ignore_index)
         need_entropy = "entropy" in wanted
-        logq, ent, lsq, mean, top1, norm = token_logprobs_forward(
+        local_fields = token_logprobs_forward(
             rows, local_labels, temperature, logit_scale, softcap, ignore_index,
             need_entropy, "log_sum_sq_probs" in wanted, "mean_logits" in wanted, "is_top1" in wanted,
         )
-        acc = norm.dtype
-        n = labels.shape[0]
-
-        def column(t):
-            return t.to(acc) if t.numel() else torch.zeros(n, dtype=acc, device=norm.device)
-
-        mine = torch.stack([norm[:, 0], norm[:, 1], owned.to(acc), column(logq), column(ent), column(lsq),
-                            column(mean), column(top1)], dim=-1)
-        parts = [torch.empty_like(mine) for _ in shard.sizes]
-        dist.all_gather(parts, mine.contiguous(), group=shard.group)
-        gathered = torch.stack(parts)
-        factor = _transform_factor(temperature, logit_scale, softcap)
-        logps, any_owner, entropy, lsq_out, mean_out, top1_out, my_log_s = _combine(gathered, shard, factor, wanted)
-        # A counted label no slice holds lies outside [0, V): NaN, as the single-process kernels give
-        # on a GPU (CPU tensors were refused before this point).
-        logps = torch.where(counted & ~any_owner, float("nan"), logps)
-        zero = torch.zeros((), dtype=acc, device=logps.device)
-        logps = torch.where(counted, logps, zero)
-        entropy = torch.where(counted, entropy, zero) if entropy is not None else logps.new_empty(0)
-        lsq_out = torch.where(counted, lsq_out, zero) if lsq_out is not None else logps.new_empty(0)
-        mean_out = torch.where(counted, mean_out, zero) if mean_out is not None else logps.new_empty(0)
-        top1_out = (counted & top1_out) if top1_out is not None else torch.zeros(0, dtype=torch.bool,
-                                                                               device=logps.device)
-        global_norm = torch.stack([norm[:, 0], my_log_s], dim=-1)
+        fields, global_norm = _exchange(local_fields, counted, owned, shard, temperature, logit_scale, softcap,
+                                        wanted)
+        logps, entropy, lsq_out, mean_out, top1_out = fields
         ctx.save_for_backward(rows, local_labels, global_norm, entropy if need_entropy else None,
                               counted & ~owned)
         ctx.params = (temperature, logit_scale, softcap, ignore_index)
@@ -211,3 +226,98 @@ def vocab_parallel_fields(rows, labels, shard, temperature, logit_scale, softcap
     [B, T, V_r] (this rank's slice) and labels [B*T] (global token ids); [0] for a field not asked."""
     return _VocabParallelTokenLogprobs.apply(rows, labels, shard, temperature, logit_scale, softcap, ignore_index,
                                              frozenset(wanted))
+
+
+class _VocabParallelLinearTokenLogprobs(torch.autograd.Function):
+    """The same exchange over hidden [N, H] (the same on every rank) and this rank's rows of the
+    lm_head [V_r, H]: the slice's logits are formed block by block by the linear op, never whole.
+    Backward: each rank's grad_hidden is its slice's share, summed over the group (one all-reduce of
+    [N, H]); the weight and bias gradients are the slice's own."""
+
+    @staticmethod
+    def forward(ctx, hidden, weight, bias, labels, shard, temperature, logit_scale, softcap, ignore_index, wanted):
+        from .backend import current_backend
+        from .linear_logprobs import linear_token_logprobs_forward
+
+        local_labels, counted, owned = _local_labels(labels, shard, ignore_index)
+        need_entropy = "entropy" in wanted
+        local_fields = linear_token_logprobs_forward(
+            hidden, weight, bias, local_labels, temperature, logit_scale, softcap, ignore_index,
+            need_entropy, "log_sum_sq_probs" in wanted, "mean_logits" in wanted, "is_top1" in wanted,
+        )
+        fields, global_norm = _exchange(local_fields, counted, owned, shard, temperature, logit_scale, softcap,
+                                        wanted)
+        logps, entropy, lsq_out, mean_out, top1_out = fields
+        ctx.save_for_backward(hidden, weight, bias, local_labels, global_norm,
+                              entropy if need_entropy else logps.new_empty(0), counted & ~owned)
+        ctx.params = (temperature, logit_scale, softcap, ignore_index)
+        ctx.with_entropy = need_entropy
+        ctx.group = shard.group
+        ctx.backend = current_backend()
+        ctx.mark_non_differentiable(lsq_out, mean_out, top1_out)
+        return logps, entropy, lsq_out, mean_out, top1_out
+
+    @staticmethod
+    def backward(ctx, grad_logps, grad_entropy, *_unused):
+        from .linear_logprobs import linear_token_logprobs_backward
+
+        hidden, weight, bias, local_labels, norm, entropy, elsewhere = ctx.saved_tensors
+        temperature, logit_scale, softcap, ignore_index = ctx.params
+        if not ctx.with_entropy:
+            grad_entropy = None
+        grad_logps = None if grad_logps is None else grad_logps.to(norm.dtype)
+        grad_entropy = None if grad_entropy is None else grad_entropy.to(norm.dtype)
+        need_hidden = ctx.needs_input_grad[0]
+        need_weight = ctx.needs_input_grad[1] or (ctx.needs_input_grad[2] and bias.numel() != 0)
+        if (grad_logps is None and grad_entropy is None) or not (need_hidden or need_weight):
+            return (None,) * 10
+        grad_hidden, grad_weight, grad_bias = linear_token_logprobs_backward(
+            grad_logps, grad_entropy, hidden, weight, bias, local_labels, norm, entropy,
+            temperature, logit_scale, softcap, ignore_index, ctx.backend, need_hidden, need_weight,
+        )
+        if grad_logps is not None:
+            # Tokens whose label another slice holds ran with label 0 here: take their 1[j = 0] term
+            # out of dz, and so out of grad_hidden (c * W_0), grad_weight[0] (c * h) and grad_bias[0].
+            acc = norm.dtype
+            x0 = hidden.to(acc) @ weight[0].to(acc) + (bias[0].to(acc) if bias.numel() else 0.0)
+            c = torch.where(elsewhere, grad_logps * _dz_dx(x0, temperature, logit_scale, softcap), 0.0)
+            if need_hidden:
+                grad_hidden = (grad_hidden.to(acc) - c[:, None] * weight[0].to(acc)).to(grad_hidden.dtype)
+            if need_weight:
+                grad_weight[0] -= (c @ hidden.to(acc)).to(grad_weight.dtype)
+                if bias.numel():
+                    grad_bias[0] -= c.sum().to(grad_bias.dtype)
+        if need_hidden:
+            dist.all_reduce(grad_hidden, group=ctx.group)
+        return (
+            grad_hidden if ctx.needs_input_grad[0] else None,
+            grad_weight if ctx.needs_input_grad[1] else None,
+            grad_bias if ctx.needs_input_grad[2] and bias.numel() else None,
+            *(None,) * 7,
+        )
+
+
+def vocab_parallel_linear_fields(hidden, weight, bias, labels, shard, temperature, logit_scale, softcap,
+                                 ignore_index, wanted):
+    """`vocab_parallel_fields` from hidden [N, H] and this rank's lm_head rows weight [V_r, H] (bias
+    [V_r] or [0])."""
+    return _VocabParallelLinearTokenLogprobs.apply(hidden, weight, bias, labels, shard, temperature, logit_scale,
+                                                   softcap, ignore_index, frozenset(wanted))
+
+
+def row_shard(weight: torch.Tensor, bias, process_group):
+    """(local weight rows, local bias rows, VocabShard) for an lm_head split by rows over
+    `process_group` (plain local rows, or a DTensor sharded along dim 0 on a 1-D mesh). Collective."""
+    from torch.distributed.tensor import DTensor, Shard
+
+    def local(t, name):
+        if not isinstance(t, DTensor):
+            return t
+        if t.device_mesh.ndim != 1 or not isinstance(t.placements[0], Shard) or t.placements[0].dim != 0:
+            raise ValueError(f"{name}: with process_group, expected this rank's rows of the lm_head (a plain tensor, "
+                             f"or a DTensor sharded along dim 0 on a 1-D mesh), got placements {t.placements}")
+        return t.to_local()
+
+    weight, bias = local(weight, "weight"), local(bias, "bias")
+    _, shard = local_shard(weight[:, 0], process_group)  # the rows' count, exchanged over the group
+    return weight, bias, shard

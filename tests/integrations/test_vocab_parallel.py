@@ -144,7 +144,54 @@ def _colwise_results(world):
                               num_items_in_batch=mask.sum())
     out.loss.backward()
     grads = {n: p.grad.full_tensor() if hasattr(p.grad, "full_tensor") else p.grad for n, p in model.named_parameters()}
-    return {"loss": out.loss.detach(), "grads": grads, "sharded": str(logits.placements)}
+    # From hidden states: the ColwiseParallel weight (a DTensor, rows sharded) with its mesh's group.
+    model.zero_grad()
+    hidden = torch.tanh(model.body(model.embed(labels.clamp(min=0))))
+    fields = fastalign.linear_token_logprobs(hidden, model.lm_head.weight, labels, mask=mask, outputs=("entropy",),
+                                             process_group=mesh.get_group())
+    objective(fields).backward()
+    linear_grads = {n: p.grad.full_tensor() if hasattr(p.grad, "full_tensor") else p.grad
+                    for n, p in model.named_parameters()}
+    return {"loss": out.loss.detach(), "grads": grads, "sharded": str(logits.placements),
+            "linear_logps": fields.logps.detach(), "linear_grads": linear_grads}
+
+
+def linear_cases():
+    """(name, hidden [N, H], weight [V, H], bias or None, labels, options)."""
+    g = torch.Generator().manual_seed(2)
+    n, h, v = 9, 6, 29
+    out = []
+    for name, dtype, bias, options in (("fp64 temperature bias", torch.float64, True, dict(temperature=0.8)),
+                                       ("fp64 softcap", torch.float64, False, dict(softcap=4.0, logit_scale=0.7)),
+                                       ("fp32", torch.float32, True, {})):
+        hidden = torch.randn(n, h, generator=g, dtype=dtype)
+        weight = torch.randn(v, h, generator=g, dtype=dtype)
+        labels = torch.randint(0, v, (n,), generator=g)
+        labels[3] = -100
+        out.append((name, hidden, weight, torch.randn(v, generator=g, dtype=dtype) if bias else None, labels, options))
+    return out
+
+
+def _linear_results(world, rank):
+    """linear_token_logprobs with the lm_head split by rows: plain slices with process_group=."""
+    import fastalign
+
+    results = {}
+    for name, hidden, weight, bias, labels, options in linear_cases():
+        sizes = _slices(weight.shape[0], world)
+        rows = slice(sum(sizes[:rank]), sum(sizes[:rank + 1]))
+        h = hidden.clone().requires_grad_()
+        w = weight[rows].clone().requires_grad_()
+        b = bias[rows].clone().requires_grad_() if bias is not None else None
+        fields = fastalign.linear_token_logprobs(h, w, labels, bias=b, outputs=OUTPUTS, process_group=dist.group.WORLD,
+                                                 **options)
+        objective(fields).backward()
+        local = [w.grad] + ([b.grad] if b is not None else [])
+        parts = [None] * world
+        dist.all_gather_object(parts, local)
+        results[name] = {f: getattr(fields, f).detach() for f in ("logps",) + OUTPUTS}
+        results[name]["grads"] = [h.grad] + [torch.cat([p[i] for p in parts]) for i in range(len(local))]
+    return results
 
 
 def _slices(vocab, world):
@@ -161,6 +208,8 @@ def _worker(rank, world, init_file, mode, out_dir):
             results = _loss_results(world)
         elif mode == "colwise":
             results = _colwise_results(world)
+        elif mode == "linear":
+            results = _linear_results(world, rank)
         for name, logits, labels, mask, options in cases() if mode in ("group", "dtensor") else ():
             if mode == "dtensor":
                 from torch.distributed.device_mesh import init_device_mesh
@@ -265,3 +314,43 @@ def test_colwise_parallel_lm_head_trains_as_one_process():
     torch.testing.assert_close(got["loss"], out.loss.detach(), rtol=1e-5, atol=1e-6)
     for name, p in model.named_parameters():
         torch.testing.assert_close(got["grads"][name], p.grad, rtol=1e-4, atol=1e-6, msg=name)
+    model.zero_grad()
+    hidden = torch.tanh(model.body(model.embed(labels.clamp(min=0))))
+    fields = fastalign.linear_token_logprobs(hidden, model.lm_head.weight, labels, mask=mask, outputs=("entropy",))
+    objective(fields).backward()
+    torch.testing.assert_close(got["linear_logps"], fields.logps.detach(), rtol=1e-5, atol=1e-6)
+    for name, p in model.named_parameters():
+        torch.testing.assert_close(got["linear_grads"][name], p.grad, rtol=1e-4, atol=1e-6, msg=f"linear: {name}")
+
+
+@pytest.mark.parametrize("world", [2, 4])
+def test_vocab_parallel_lm_head_equals_one_process(world):
+    if not dist.is_available() or not dist.is_gloo_available():
+        pytest.skip("torch.distributed with gloo is not available")
+    import fastalign
+
+    results = _run(world, "linear")
+    for name, hidden, weight, bias, labels, options in linear_cases():
+        leaves = [t.clone().requires_grad_() for t in (hidden, weight, bias) if t is not None]
+        whole = fastalign.linear_token_logprobs(leaves[0], leaves[1], labels, bias=leaves[2] if bias is not None else None,
+                                                outputs=OUTPUTS, **options)
+        objective(whole).backward()
+        got = results[name]
+        assert torch.equal(got["is_top1"], whole.is_top1), name
+        tol = dict(rtol=1e-12, atol=1e-12) if hidden.dtype == torch.float64 else dict(rtol=1e-5, atol=1e-6)
+        for field in ("logps",) + OUTPUTS[:3]:
+            torch.testing.assert_close(got[field], getattr(whole, field), **tol, msg=f"{name}: {field}")
+        for which, g, leaf in zip(("hidden", "weight", "bias"), got["grads"], leaves):
+            torch.testing.assert_close(g, leaf.grad, **tol, msg=f"{name}: grad {which}")
+
+
+def test_process_group_without_torch_distributed_is_named():
+    import fastalign
+
+    if dist.is_available() and dist.is_initialized():
+        pytest.skip("this process already runs torch.distributed")
+    with pytest.raises(ValueError, match=r"^process_group: vocabulary-parallel logits need an initialized"):
+        fastalign.token_logprobs(torch.randn(2, 5), torch.tensor([1, 2]), process_group=object())
+    with pytest.raises(ValueError, match=r"^process_group: vocabulary-parallel logits need an initialized"):
+        fastalign.linear_token_logprobs(torch.randn(2, 3), torch.randn(5, 3), torch.tensor([1, 2]),
+                                        process_group=object())
