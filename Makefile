@@ -40,10 +40,12 @@ TORCH_SPEC := torch==2.13.0
 # >=5.5.3,<5.11,!=5.6.0 (TRL 1.16 takes any >=4.56.2), and its trainer modules, where
 # compute_advantage lives, also import cachetools, uvicorn, fastapi and TransferQueue: members of
 # its verl-core extra, whose others (nvtx, torchcodec, ...) the tests do not need.
+# DeepSpeed runs ZeRO-3 on CPU (DS_ACCELERATOR=cpu, gloo) for the ZeRO-3 tests; it adds only einops
+# and hjson, and leaves torch as it is.
 DEV_DEPS := numpy triton pytest pytest-benchmark hypothesis ninja \
 	'transformers>=5.5.3,<5.11,!=5.6.0' trl liger-kernel matplotlib \
 	verl==0.9.1 cachetools uvicorn fastapi 'TransferQueue>=0.1.10' \
-	'setuptools>=77' wheel
+	'setuptools>=77' wheel deepspeed==0.19.8
 
 # Stamps live inside .venv so that deleting the venv also forgets what was installed into it.
 DEPS_STAMP := $(VENV)/.stamp-deps

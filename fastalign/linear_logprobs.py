@@ -9,6 +9,8 @@ matmuls and the C++ row kernels on CPU (`linear_blocked.py`), the unfused refere
 
 from __future__ import annotations
 
+import contextlib
+import contextvars
 import math
 from collections.abc import Sequence
 
@@ -17,6 +19,7 @@ import torch
 from ._checks import FLOAT_DTYPES, check_label_range, check_token_logprobs_args, flat_labels, values_checkable
 from .backend import current_backend, resolve
 from .types import TokenLogprobs
+from .zero3 import full_shape, gathered, is_zero3_param
 
 
 def _acc(hidden: torch.Tensor) -> torch.dtype:
@@ -98,9 +101,19 @@ def _(grad_logps, grad_entropy, hidden, weight, bias, labels, norm, entropy, tem
             torch.empty_like(bias) if need_weight else bias.new_empty(0))
 
 
+# (gather, weight, bias) while linear_token_logprobs runs with weight_gather: the backward enters
+# gather() and reads those tensors again, instead of keeping the forward's whole weight alive.
+_BACKWARD_GATHER: contextvars.ContextVar[tuple | None] = contextvars.ContextVar("fastalign_backward_gather",
+                                                                                 default=None)
+
+
 def _setup_context(ctx, inputs, output):
     hidden, weight, bias, labels, temperature, logit_scale, softcap, ignore_index, with_entropy, *_ = inputs
     logps, entropy, _, _, _, norm = output
+    ctx.regather = _BACKWARD_GATHER.get()
+    ctx.has_bias = bias.numel() != 0
+    if ctx.regather is not None:
+        weight, bias = weight.new_empty(0), bias.new_empty(0)
     ctx.save_for_backward(hidden, weight, bias, labels, norm, entropy)
     ctx.params = (temperature, logit_scale, softcap, ignore_index)
     ctx.with_entropy = with_entropy
@@ -118,17 +131,22 @@ def _backward(ctx, grad_logps, grad_entropy, *_unused):
     if grad_logps is None and grad_entropy is None:
         return (None,) * 12
     need_hidden = ctx.needs_input_grad[0]
-    need_weight = ctx.needs_input_grad[1] or (ctx.needs_input_grad[2] and bias.numel() != 0)
+    need_weight = ctx.needs_input_grad[1] or (ctx.needs_input_grad[2] and ctx.has_bias)
     if not (need_hidden or need_weight):
         return (None,) * 12
-    grad_hidden, grad_weight, grad_bias = linear_token_logprobs_backward(
-        grad_logps, grad_entropy, hidden, weight, bias, labels, norm, entropy, *ctx.params, ctx.backend,
-        need_hidden, need_weight,
-    )
+    gather = contextlib.nullcontext()
+    if ctx.regather is not None:
+        gather, weight, bias = ctx.regather[0](), ctx.regather[1], ctx.regather[2]
+        bias = hidden.new_empty(0) if bias is None else bias
+    with gather:
+        grad_hidden, grad_weight, grad_bias = linear_token_logprobs_backward(
+            grad_logps, grad_entropy, hidden, weight, bias, labels, norm, entropy, *ctx.params, ctx.backend,
+            need_hidden, need_weight,
+        )
     return (
         grad_hidden if ctx.needs_input_grad[0] else None,
         grad_weight if ctx.needs_input_grad[1] else None,
-        grad_bias if ctx.needs_input_grad[2] and bias.numel() else None,
+        grad_bias if ctx.needs_input_grad[2] and ctx.has_bias else None,
         *(None,) * 9,
     )
 
@@ -157,21 +175,21 @@ def check_linear_args(hidden, weight, bias, labels):
         raise TypeError("hidden: expected a tensor of hidden states [..., H]")
     if hidden.dtype not in FLOAT_DTYPES:
         raise TypeError(f"hidden: expected a float32, bfloat16, float16 or float64 tensor, got {hidden.dtype}")
-    if not isinstance(weight, torch.Tensor) or weight.dim() != 2:
+    # A ZeRO-3 parameter is checked by its whole shape: it is gathered only where it is read.
+    shape = full_shape(weight) if isinstance(weight, torch.Tensor) else None
+    if shape is None or len(shape) != 2:
         raise ValueError(f"weight: expected the lm_head weight [V, H], got {getattr(weight, 'shape', weight)}")
-    if weight.shape[1] != hidden.shape[-1]:
-        raise ValueError(
-            f"weight: expected shape [V, {hidden.shape[-1]}] (H = hidden.shape[-1]), got {tuple(weight.shape)}"
-        )
-    if weight.shape[0] == 0:
-        raise ValueError(f"weight: the vocabulary dimension (first) is empty, got shape {tuple(weight.shape)}")
+    if shape[1] != hidden.shape[-1]:
+        raise ValueError(f"weight: expected shape [V, {hidden.shape[-1]}] (H = hidden.shape[-1]), got {tuple(shape)}")
+    if shape[0] == 0:
+        raise ValueError(f"weight: the vocabulary dimension (first) is empty, got shape {tuple(shape)}")
     if weight.dtype != hidden.dtype:
         raise TypeError(f"weight: expected dtype {hidden.dtype} (the hidden states'), got {weight.dtype}")
     if weight.device != hidden.device:
         raise ValueError(f"weight: expected a tensor on {hidden.device} (the hidden states'), got {weight.device}")
     if bias is not None:
-        if not isinstance(bias, torch.Tensor) or tuple(bias.shape) != (weight.shape[0],):
-            raise ValueError(f"bias: expected shape ({weight.shape[0]},) (V), got {getattr(bias, 'shape', bias)}")
+        if not isinstance(bias, torch.Tensor) or tuple(full_shape(bias)) != (shape[0],):
+            raise ValueError(f"bias: expected shape ({shape[0]},) (V), got {getattr(bias, 'shape', bias)}")
         if bias.dtype != hidden.dtype or bias.device != hidden.device:
             raise TypeError(f"bias: expected {hidden.dtype} on {hidden.device}, got {bias.dtype} on {bias.device}")
 
@@ -189,6 +207,7 @@ def linear_token_logprobs(
     mask: torch.Tensor | None = None,
     outputs: Sequence[str] = (),
     process_group=None,
+    weight_gather=None,
 ) -> TokenLogprobs:
     """`token_logprobs(hidden @ weight.T + bias, labels, ...)` without the logits.
 
@@ -204,11 +223,35 @@ def linear_token_logprobs(
             slice of the logits, block by block; one all-gather of a few numbers per token combines
             the fields, and backward all-reduces grad_hidden. Without it a DTensor weight is an
             FSDP2 parameter, gathered whole.
+        weight_gather: a function returning a context manager in which `weight` and `bias` are
+            whole; the forward runs in it and the backward enters it again to read them, instead of
+            keeping them alive in between. DeepSpeed ZeRO-3 parameters need none: they are
+            recognized and gathered this way (`deepspeed.zero.GatheredParameters`).
 
     Returns:
         TokenLogprobs shaped like `labels`; log-probs and entropy are differentiable w.r.t.
         hidden, weight and bias (gradients accumulate into existing `.grad` as usual).
     """
+    if weight_gather is None and process_group is None and (is_zero3_param(weight) or is_zero3_param(bias)):
+        def weight_gather():
+            return gathered(weight, bias)
+    if weight_gather is not None:
+        if not callable(weight_gather):
+            raise TypeError(f"weight_gather: expected a function returning a context manager, got "
+                            f"{type(weight_gather).__name__}")
+        with weight_gather():
+            token = _BACKWARD_GATHER.set((weight_gather, weight, bias))
+            try:
+                return _linear_token_logprobs(hidden, weight, labels, bias, temperature, ignore_index, logit_scale,
+                                              softcap, mask, outputs, process_group)
+            finally:
+                _BACKWARD_GATHER.reset(token)
+    return _linear_token_logprobs(hidden, weight, labels, bias, temperature, ignore_index, logit_scale, softcap, mask,
+                                  outputs, process_group)
+
+
+def _linear_token_logprobs(hidden, weight, labels, bias, temperature, ignore_index, logit_scale, softcap, mask, outputs,
+                           process_group):
     shard = None
     if process_group is not None:
         from .vocab_parallel import row_shard

@@ -323,12 +323,16 @@ def run_objective(
     if lm_head is not None:
         hidden, weight, bias = lm_head
         if adjust is None and fused_linear_supported(hidden):
+            from .zero3 import gathered
+
             masked_labels = labels.masked_fill(mask == 0, POLICY_IGNORE_INDEX)
-            return fused_linear_objective(
-                hidden, weight, bias, masked_labels, old_logps=old_logps, ref_logps=ref_logps, advantages=advantages,
-                obj=obj, w_pg=w_pg, w_kl=w_kl, w_entropy=w_entropy, temperature=temperature,
-                logit_scale=logit_scale, softcap=softcap, ignore_index=POLICY_IGNORE_INDEX,
-            )
+            # The weight gradient comes out of the forward: a ZeRO-3 weight is gathered for it alone.
+            with gathered(weight, bias):
+                return fused_linear_objective(
+                    hidden, weight, bias, masked_labels, old_logps=old_logps, ref_logps=ref_logps,
+                    advantages=advantages, obj=obj, w_pg=w_pg, w_kl=w_kl, w_entropy=w_entropy, temperature=temperature,
+                    logit_scale=logit_scale, softcap=softcap, ignore_index=POLICY_IGNORE_INDEX,
+                )
         from .linear_logprobs import linear_token_logprobs
 
         fields = linear_token_logprobs(

@@ -11,6 +11,7 @@ from typing import NamedTuple
 import torch
 
 from ._checks import check_positive_finite, check_token_logprobs_args, values_checkable
+from .zero3 import full_shape
 
 
 def check_epsilon(name: str, value: object) -> float:
@@ -98,9 +99,10 @@ def token_shape(
         if not isinstance(hidden, torch.Tensor) or hidden.dim() != 3:
             raise ValueError(f"hidden: expected shape [B, T, H], got {getattr(hidden, 'shape', hidden)}")
         check_linear_args(hidden, weight, bias, labels)
-        if weight.shape[0] == 0:
+        vocab = full_shape(weight)[0]  # a ZeRO-3 weight is partitioned until it is read
+        if vocab == 0:
             raise ValueError("weight: the vocabulary dimension (V, the first) is empty")
-        probe = hidden.new_empty((1, 1, 1)).expand(*hidden.shape[:-1], weight.shape[0])
+        probe = hidden.new_empty((1, 1, 1)).expand(*hidden.shape[:-1], vocab)
         temperature, logit_scale, softcap, _ = check_token_logprobs_args(
             probe, labels, temperature, -100, logit_scale, softcap, None, ()
         )
@@ -223,7 +225,7 @@ def policy_token_inputs(
     check_batch_not_empty(shape, logits, logps)
     mask = check_tokens("completion_mask", completion_mask, shape, device, floating=False)
     if logits is not None or lm_head is not None:
-        check_policy_labels(labels, mask, logits.shape[-1] if logits is not None else lm_head[1].shape[0])
+        check_policy_labels(labels, mask, logits.shape[-1] if logits is not None else full_shape(lm_head[1])[0])
     like = logps if logps is not None else torch.empty(0)
     adv = as_float(check_tokens("advantages", advantages, shape, device, per_sequence=True), like)
     if old_logps is not None:

@@ -6,6 +6,8 @@ from typing import NamedTuple
 
 import torch
 
+from .zero3 import full_shape
+
 
 class TokenLogprobs(NamedTuple):
     """Per-token fields, each shaped like `labels`, fp32 (fp64 for fp64 logits); None unless asked for.
@@ -56,16 +58,16 @@ class HiddenStates(NamedTuple):
                 raise TypeError(f"{name}: expected a {shape} tensor, got {type(value).__name__}")
         if self.hidden.dim() < 1:
             raise ValueError("hidden: expected hidden states [..., H], got a 0-d tensor")
-        if self.weight.dim() != 2:
+        if len(full_shape(self.weight)) != 2:
             raise ValueError(f"weight: expected the lm_head weight [V, H], got shape {tuple(self.weight.shape)}")
-        if self.weight.shape[0] == 0:
+        if full_shape(self.weight)[0] == 0:
             raise ValueError("weight: the vocabulary dimension (V, the first) is empty")
         return self
 
     @property
     def shape(self) -> torch.Size:
         self._checked()
-        return torch.Size((*self.hidden.shape[:-1], self.weight.shape[0]))
+        return torch.Size((*self.hidden.shape[:-1], full_shape(self.weight)[0]))
 
     @property
     def device(self) -> torch.device:

@@ -97,17 +97,6 @@ def test_unpatch_restores_stock_trl():
     assert GRPOTrainer.__dict__["_compute_loss"] is compute_loss and GRPOTrainer.__dict__["__init__"] is init
 
 
-def test_lm_head_under_zero3_is_refused(monkeypatch):
-    import transformers.integrations.deepspeed as hf_deepspeed
-
-    from fastalign.integrations.trl.lm_head import FastalignChunkedLogProb
-
-    monkeypatch.setattr(hf_deepspeed, "is_deepspeed_zero3_enabled", lambda: True)
-    hidden, weight, labels = torch.randn(3, 8), torch.randn(11, 8), torch.tensor([1, 2, 3])
-    with pytest.raises(RuntimeError, match=r"ZeRO-3.*patch\(lm_head=False\)"):
-        FastalignChunkedLogProb.apply(hidden, weight, None, labels, 1.0, 4096, None, 1.0, ("log_probs",))
-
-
 def test_lm_head_only_patch_leaves_losses_stock():
     import trl.trainer.utils as trl_utils
     from trl.trainer.grpo_trainer import GRPOTrainer

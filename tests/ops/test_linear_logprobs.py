@@ -206,6 +206,32 @@ def test_unknown_triton_linear_pass(monkeypatch):
         linear_token_logprobs(hidden, weight, labels, bias=bias)
 
 
+@pytest.mark.parametrize("backend", backend_params())
+def test_weight_gather_is_entered_for_the_forward_and_again_for_the_backward(backend):
+    """weight_gather (what DeepSpeed ZeRO-3 parameters get automatically): the forward runs inside
+    it, and the backward enters it again and reads the weight then, rather than keeping it."""
+    import contextlib
+
+    hidden, weight, bias, labels = make()
+    entered = []
+
+    @contextlib.contextmanager
+    def gather():
+        entered.append("enter")
+        yield
+
+    truth, truth_grads = run(fused, hidden, weight, bias, labels, outputs=("entropy",))
+    with fastalign.use_backend(backend):
+        out, grads = run(lambda h, w, b, y, **k: linear_token_logprobs(h, w, y, bias=b, weight_gather=gather, **k),
+                         hidden, weight, bias, labels, outputs=("entropy",))
+    assert entered == ["enter", "enter"]
+    torch.testing.assert_close(out.logps, truth.logps)
+    for g, t in zip(grads, truth_grads):
+        torch.testing.assert_close(g, t)
+    with pytest.raises(TypeError, match=r"^weight_gather: expected a function returning a context manager"):
+        linear_token_logprobs(hidden, weight, labels, weight_gather=contextlib.nullcontext())
+
+
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16, torch.float32])
 def test_weight_gradient_accumulates_in_fp32(dtype):
     """accumulate_product adds a 2-byte product into an fp32 accumulator as the exact fp32 sum of

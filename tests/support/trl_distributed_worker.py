@@ -15,12 +15,18 @@ import tiny_trl  # noqa: E402
 import torch  # noqa: E402
 
 
-def grpo_trainer(model_dir, output_dir):
+# DeepSpeed ZeRO-3 on its CPU accelerator (DS_ACCELERATOR=cpu), with the Trainer's own optimizer.
+ZERO3 = {"zero_optimization": {"stage": 3}, "train_micro_batch_size_per_gpu": "auto",
+         "gradient_accumulation_steps": "auto", "zero_allow_untested_optimizer": True, "bf16": {"enabled": False}}
+
+
+def grpo_trainer(model_dir, output_dir, zero3=False):
     from datasets import Dataset
     from trl import GRPOConfig, GRPOTrainer
 
+    extra = {"deepspeed": ZERO3} if zero3 else {}
     args = GRPOConfig(**tiny_trl.common_args(output_dir, max_steps=2, gradient_accumulation_steps=2,
-                                             num_iterations=2, per_device_train_batch_size=4),
+                                             num_iterations=2, per_device_train_batch_size=4, **extra),
                       loss_type="dapo", beta=0.04, num_generations=4, max_completion_length=8)
     return GRPOTrainer(model=model_dir, reward_funcs=tiny_trl.length_reward, args=args,
                        train_dataset=Dataset.from_list(tiny_trl.prompt_rows(32)),
@@ -77,6 +83,7 @@ def main():
     parser.add_argument("--fastalign", action="store_true")
     parser.add_argument("--model-dir", required=True)
     parser.add_argument("--out", required=True)
+    parser.add_argument("--zero3", action="store_true", help="DeepSpeed ZeRO-3 (grpo only)")
     opts = parser.parse_args()
     if opts.fastalign:
         from fastalign.integrations import trl as fa_trl
@@ -85,7 +92,8 @@ def main():
     make = {"grpo": grpo_trainer, "dpo": dpo_trainer, "rloo": rloo_trainer, "kto": kto_trainer,
             "reward": reward_trainer}[opts.trainer]
     torch.manual_seed(0)
-    logs = tiny_trl.train_logs(lambda: make(opts.model_dir, os.path.dirname(opts.out)))
+    extra = {"zero3": True} if opts.zero3 else {}
+    logs = tiny_trl.train_logs(lambda: make(opts.model_dir, os.path.dirname(opts.out), **extra))
     if int(os.environ.get("RANK", "0")) == 0:
         with open(opts.out, "w") as f:
             json.dump({"world_size": int(os.environ.get("WORLD_SIZE", "1")), "logs": logs}, f)

@@ -26,29 +26,14 @@ def _compute_dtype(hidden: torch.Tensor) -> torch.dtype:
     return hidden.dtype
 
 
-def _check_not_zero3() -> None:
-    # TRL gathers a ZeRO-3 lm_head only around the forward call; fastalign's backward reads the
-    # weight it saved, which ZeRO-3 has partitioned again by then (FSDP2 is fine: TRL hands over
-    # the full tensor).
-    try:
-        from transformers.integrations.deepspeed import is_deepspeed_zero3_enabled
-    except ImportError:
-        return
-    if is_deepspeed_zero3_enabled():
-        raise RuntimeError(
-            "DeepSpeed ZeRO-3: fastalign's fused LM head is not served under ZeRO-3 (its backward needs the gathered "
-            "lm_head weight); keep TRL's own LM head with fastalign.integrations.trl.patch(lm_head=False), or use "
-            "FSDP2 or ZeRO-1/2"
-        )
-
-
 class FastalignChunkedLogProb:
     """Stands in for `trl.kernels.ChunkedLogProbFunction` (only `.apply` is called)."""
 
     @staticmethod
     def apply(hidden, weight, bias, targets, temperature, chunk_size=None, final_logit_softcapping=None,
               logit_scale=1.0, outputs=FIELDS):
-        _check_not_zero3()
+        # Under DeepSpeed ZeRO-3 TRL calls this inside its gather of the lm_head; linear_token_logprobs
+        # recognizes the ZeRO-3 parameters and gathers them again for its backward (fastalign/zero3.py).
         cap = final_logit_softcapping
         if cap is not None and (isinstance(cap, bool) or not isinstance(cap, (int, float))):
             raise TypeError(f"final_logit_softcapping: expected None or a positive number, got {type(cap).__name__}")
