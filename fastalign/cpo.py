@@ -45,6 +45,7 @@ from ._checks import (
     policy_logits,
 )
 from ._deprecation import keyword_only, parameter_names
+from .packing import packed_batch
 from .sequence import (
     SequenceLogprobs,
     check_logits_batch,
@@ -235,6 +236,8 @@ def cpo_loss_from_logits(
     weight: torch.Tensor | None = None,
     bias: torch.Tensor | None = None,
     ignore_index: int = -100,
+    cu_seqlens: torch.Tensor | None = None,
+    position_ids: torch.Tensor | None = None,
     options: CPOOptions | None = None,
     **option_kwargs,
 ) -> LossOutput:
@@ -247,13 +250,15 @@ def cpo_loss_from_logits(
     `ignore_index` and `completion_mask` (if given, `[2B, T]`) is nonzero: TRL's
     `concatenated_labels[:, 1:]` with -100 on the prompt and padding works as is. The metrics are
     those of `cpo_loss`, plus `logits/chosen` and `logits/rejected` (see `completion_logits_metrics`).
+    `cu_seqlens` / `position_ids`: a packed row `[1, total, ...]` holding the 2B sequences in that
+    order instead of the padded batch (`fastalign.packing`).
 
     Options (keywords, or options=cpo_options(...), not both):
         {options}
     """
     options = options_from(options, option_kwargs, CPOOptions, cpo_options)
     logits = policy_logits(logits, hidden, weight, bias, labels)
-    return _cpo_from_logits(logits, labels, completion_mask, ignore_index, options)
+    return _cpo_from_logits(logits, labels, completion_mask, ignore_index, options, cu_seqlens, position_ids)
 
 
 def _cpo_from_logits(
@@ -262,12 +267,16 @@ def _cpo_from_logits(
     completion_mask: torch.Tensor | None,
     ignore_index: int,
     options: CPOOptions,
+    cu_seqlens: torch.Tensor | None = None,
+    position_ids: torch.Tensor | None = None,
 ) -> LossOutput:
-    check_logits_batch(logits, labels)
+    packing = packed_batch(logits, labels, cu_seqlens, position_ids, paired=True)
+    if packing is None:
+        check_logits_batch(logits, labels)
     if completion_mask is not None:
         check_token_mask("completion_mask", completion_mask, labels)
     seq = sequence_logprobs(logits, labels, completion_mask=completion_mask, ignore_index=ignore_index,
-                            outputs=("mean_logits",))
+                            outputs=("mean_logits",), packing=packing)
     out = cpo_from_sequences(*_paired_sequences(seq), options)
     out.metrics.update(completion_logits_metrics(seq.token.mean_logits, seq.mask))
     return out
@@ -301,10 +310,12 @@ class CPOLoss(nn.Module):
         hidden: torch.Tensor | None = None,
         weight: torch.Tensor | None = None,
         bias: torch.Tensor | None = None,
+        cu_seqlens: torch.Tensor | None = None,
+        position_ids: torch.Tensor | None = None,
     ) -> LossOutput:
         return cpo_loss_from_logits(
             logits, labels, completion_mask=completion_mask, hidden=hidden, weight=weight, bias=bias,
-            ignore_index=self.ignore_index, options=self.options,
+            ignore_index=self.ignore_index, cu_seqlens=cu_seqlens, position_ids=position_ids, options=self.options,
         )
 
     def extra_repr(self) -> str:

@@ -44,6 +44,7 @@ from .dpo_sequences import (  # noqa: F401  (the per-sequence names stay importa
     dpo_from_sequences,
     dpo_options,
 )
+from .packing import packed_batch
 from .sequence import completion_logits_metrics, sequence_logprobs
 from .types import HiddenStates, LossOutput, TokenLogprobs
 
@@ -116,11 +117,14 @@ def _dpo_from_logits(
     ref_rejected_logps: torch.Tensor | None,
     ref_logits: torch.Tensor | None,
     ignore_index: int,
+    cu_seqlens: torch.Tensor | None = None,
+    position_ids: torch.Tensor | None = None,
 ) -> LossOutput:
     if not isinstance(logits, (torch.Tensor, HiddenStates)) or logits.dim() != 3:
         shape = tuple(logits.shape) if isinstance(logits, torch.Tensor) else type(logits).__name__
         raise ValueError(f"logits: expected [2B, T, V] (B chosen rows, then B rejected rows), got {shape}")
-    rows = logits.shape[0]
+    packing = packed_batch(logits, labels, cu_seqlens, position_ids, paired=True)
+    rows = packing.count if packing is not None else logits.shape[0]
     if rows == 0 or rows % 2:
         raise ValueError(
             f"logits: a paired loss takes 2B rows, B chosen then B rejected, with B >= 1; got {rows} rows"
@@ -180,12 +184,13 @@ def _dpo_from_logits(
             raise TypeError(f"completion_mask: expected a bool, integer or float tensor, got {completion_mask.dtype}")
 
     outputs = ("mean_logits", "log_sum_sq_probs") if options.use_weighting else ("mean_logits",)
-    seq = sequence_logprobs(logits, labels, completion_mask=completion_mask, ignore_index=ignore_index, outputs=outputs)
+    seq = sequence_logprobs(logits, labels, completion_mask=completion_mask, ignore_index=ignore_index, outputs=outputs,
+                            packing=packing)
     ref_token_logps = None
     if ref_logits is not None:
         with torch.no_grad():
             ref_token_logps = sequence_logprobs(
-                ref_logits, labels, completion_mask=completion_mask, ignore_index=ignore_index
+                ref_logits, labels, completion_mask=completion_mask, ignore_index=ignore_index, packing=packing
             ).token.logps
     pairs, logit_metrics = pairs_from_tokens(seq.token, seq.mask, options, ref_token_logps)
     if given_logps[0]:
@@ -270,6 +275,8 @@ def dpo_loss_from_logits(
     weight: torch.Tensor | None = None,
     bias: torch.Tensor | None = None,
     ignore_index: int = -100,
+    cu_seqlens: torch.Tensor | None = None,
+    position_ids: torch.Tensor | None = None,
     options: DPOOptions | None = None,
     **option_kwargs,
 ) -> LossOutput:
@@ -289,6 +296,10 @@ def dpo_loss_from_logits(
         ref_logits: [2B, T, V] the reference model's logits, reduced under no_grad like the policy's.
             Neither is needed for loss_type "sft" alone or with reference_free=True.
         ignore_index: the label value that marks a position as not counted.
+        cu_seqlens, position_ids: a packed row (padding-free batches): `logits` [1, total, V] (or
+            hidden [1, total, H]), `labels`, `completion_mask` and `ref_logits` [1, total], holding
+            the 2B sequences (B chosen, then B rejected) between `cu_seqlens` [2B + 1] or where
+            `position_ids` restart at 0. The same loss as the padded [2B, T] batch (`fastalign.packing`).
         options: the options below, checked once by `dpo_options(...)`; or pass them as keywords.
 
     Options (keywords, or options=dpo_options(...), not both):
@@ -307,7 +318,8 @@ def dpo_loss_from_logits(
     options = options_from(options, option_kwargs, DPOOptions, dpo_options)
     logits = policy_logits(logits, hidden, weight, bias, labels)
     return _dpo_from_logits(
-        options, logits, labels, completion_mask, ref_chosen_logps, ref_rejected_logps, ref_logits, ignore_index
+        options, logits, labels, completion_mask, ref_chosen_logps, ref_rejected_logps, ref_logits, ignore_index,
+        cu_seqlens, position_ids,
     )
 
 
@@ -347,11 +359,13 @@ class DPOLoss(nn.Module):
         hidden: torch.Tensor | None = None,
         weight: torch.Tensor | None = None,
         bias: torch.Tensor | None = None,
+        cu_seqlens: torch.Tensor | None = None,
+        position_ids: torch.Tensor | None = None,
     ) -> LossOutput:
         return dpo_loss_from_logits(
             logits, labels, completion_mask=completion_mask, ref_chosen_logps=ref_chosen_logps,
             ref_rejected_logps=ref_rejected_logps, ref_logits=ref_logits, hidden=hidden, weight=weight, bias=bias,
-            ignore_index=self.ignore_index, options=self.options,
+            ignore_index=self.ignore_index, cu_seqlens=cu_seqlens, position_ids=position_ids, options=self.options,
         )
 
     def extra_repr(self) -> str:

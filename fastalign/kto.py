@@ -60,6 +60,7 @@ from ._checks import (
     values_checkable,
 )
 from ._deprecation import keyword_only, parameter_names
+from .packing import packed_batch
 from .sequence import metric, sequence_logprobs
 from .types import HiddenStates, LossOutput
 
@@ -338,6 +339,8 @@ def kto_loss_from_logits(
     ref_kl_logps: torch.Tensor | None = None,
     kl: torch.Tensor | float | None = None,
     gather: Gather | None = None,
+    cu_seqlens: torch.Tensor | None = None,
+    position_ids: torch.Tensor | None = None,
     options: KTOOptions | None = None,
     **option_kwargs,
 ) -> LossOutput:
@@ -349,6 +352,8 @@ def kto_loss_from_logits(
     label is not `ignore_index` and `completion_mask` (if given, `completion_mask[:, 1:]`) is
     nonzero. `ref_logps` and `desirable` (both required) and the rest are as in `kto_loss`; the
     metrics add `kto_token_metrics`' `entropy`, `logits/chosen` and `logits/rejected`.
+    `cu_seqlens` / `position_ids`: a packed row `[1, total, ...]` holding the B sequences in order
+    instead of the padded batch (`fastalign.packing`).
 
     Options (keywords, or options=kto_options(...), not both):
         {options}
@@ -356,26 +361,29 @@ def kto_loss_from_logits(
     options = options_from(options, option_kwargs, KTOOptions, kto_options)
     logits = policy_logits(logits, hidden, weight, bias, labels)
     return _kto_from_logits(logits, labels, ref_logps, desirable, completion_mask, ignore_index,
-                            kl_logps, ref_kl_logps, kl, options, gather)
+                            kl_logps, ref_kl_logps, kl, options, gather, cu_seqlens, position_ids)
 
 
 def _kto_from_logits(logits, labels, ref_logps, desirable, completion_mask, ignore_index,
-                     kl_logps, ref_kl_logps, kl, options: KTOOptions, gather: Gather | None) -> LossOutput:
+                     kl_logps, ref_kl_logps, kl, options: KTOOptions, gather: Gather | None,
+                     cu_seqlens=None, position_ids=None) -> LossOutput:
     if not isinstance(logits, (torch.Tensor, HiddenStates)) or logits.dim() != 3:
         shape = tuple(logits.shape) if isinstance(logits, torch.Tensor) else type(logits).__name__
         raise ValueError(f"logits: expected [B, T, V], got {shape}")
     if logits.shape[0] == 0:
         raise ValueError("logits: the batch is empty")
+    packing = packed_batch(logits, labels, cu_seqlens, position_ids, paired=False)
     check_gather(gather)
     # Fixes B and the device for the per-sequence checks.
-    rows = (logits.hidden if isinstance(logits, HiddenStates) else logits).new_empty(logits.shape[0])
+    batch = packing.count if packing is not None else logits.shape[0]
+    rows = (logits.hidden if isinstance(logits, HiddenStates) else logits).new_empty(batch)
     reference = check_sequence_values("ref_logps", ref_logps, rows, "logits.shape[:1]")
     good = _check_desirable(desirable, rows)
     if completion_mask is not None:
         check_token_mask("completion_mask", completion_mask, labels)
     z = _resolve_kl(options, kl_logps, ref_kl_logps, kl, reference, gather)
     seq = sequence_logprobs(logits, labels, completion_mask=completion_mask, ignore_index=ignore_index,
-                            outputs=("entropy", "mean_logits"))
+                            outputs=("entropy", "mean_logits"), packing=packing)
     out = kto_from_sequences(seq.logps, _like(reference, seq.logps), good, _like(z, seq.logps), options, gather)
     out.metrics.update(kto_token_metrics(seq.token.entropy, seq.token.mean_logits, seq.mask, good, gather=gather))
     return out
@@ -411,11 +419,13 @@ class KTOLoss(nn.Module):
         hidden: torch.Tensor | None = None,
         weight: torch.Tensor | None = None,
         bias: torch.Tensor | None = None,
+        cu_seqlens: torch.Tensor | None = None,
+        position_ids: torch.Tensor | None = None,
     ) -> LossOutput:
         return kto_loss_from_logits(
             logits, labels, ref_logps, desirable, completion_mask=completion_mask, hidden=hidden, weight=weight,
             bias=bias, ignore_index=self.ignore_index, kl_logps=kl_logps, ref_kl_logps=ref_kl_logps, kl=kl,
-            gather=gather, options=self.options,
+            gather=gather, cu_seqlens=cu_seqlens, position_ids=position_ids, options=self.options,
         )
 
     def extra_repr(self) -> str:

@@ -41,6 +41,7 @@ from ._checks import (
     policy_logits,
 )
 from ._deprecation import keyword_only, parameter_names
+from .packing import packed_batch, unpack
 from .sequence import (
     check_logits_batch,
     completion_logits_metrics,
@@ -191,6 +192,8 @@ def orpo_loss_from_logits(
     weight: torch.Tensor | None = None,
     bias: torch.Tensor | None = None,
     ignore_index: int = -100,
+    cu_seqlens: torch.Tensor | None = None,
+    position_ids: torch.Tensor | None = None,
     options: ORPOOptions | None = None,
     **option_kwargs,
 ) -> LossOutput:
@@ -206,6 +209,9 @@ def orpo_loss_from_logits(
         attention_mask: `[2B, T]` (`attention_mask[:, 1:]`) nonzero on the tokens the NLL scores; None
             scores every position whose label is not `ignore_index`.
         ignore_index: label value never scored.
+        cu_seqlens, position_ids: a packed row (padding-free batches) in place of the padded batch:
+            the tensors above `[1, total, ...]`, the sequences between `cu_seqlens` boundaries or where
+            `position_ids` restart at 0, in the padded batch's order (`fastalign.packing`).
         options: the options below, checked once by `orpo_options(...)`; or pass them as keywords.
 
     Options (keywords, or options=orpo_options(...), not both):
@@ -217,18 +223,25 @@ def orpo_loss_from_logits(
     """
     beta = options_from(options, option_kwargs, ORPOOptions, orpo_options).beta
     logits = policy_logits(logits, hidden, weight, bias, labels)
-    return _orpo_from_logits(logits, labels, completion_mask, attention_mask, ignore_index, beta)
+    return _orpo_from_logits(logits, labels, completion_mask, attention_mask, ignore_index, beta, cu_seqlens,
+                             position_ids)
 
 
-def _orpo_from_logits(logits, labels, completion_mask, attention_mask, ignore_index, beta) -> LossOutput:
-    check_logits_batch(logits, labels)
+def _orpo_from_logits(logits, labels, completion_mask, attention_mask, ignore_index, beta, cu_seqlens=None,
+                      position_ids=None) -> LossOutput:
+    packing = packed_batch(logits, labels, cu_seqlens, position_ids, paired=True)
+    if packing is None:
+        check_logits_batch(logits, labels)
     check_token_mask("completion_mask", completion_mask, labels)
     if attention_mask is not None:
         check_token_mask("attention_mask", attention_mask, labels)
     seq = sequence_logprobs(logits, labels, completion_mask=attention_mask, ignore_index=ignore_index,
-                            outputs=("mean_logits",))
+                            outputs=("mean_logits",), packing=packing)
+    completion_tokens = completion_mask != 0
+    if packing is not None:
+        completion_tokens = unpack(completion_tokens, packing, False)
     # The completion tokens are a subset of the NLL tokens, so one pass serves both sums.
-    completion = seq.mask & (completion_mask != 0)
+    completion = seq.mask & completion_tokens
     completion_logps = torch.where(completion, seq.token.logps, 0.0).sum(-1)
     completion_num_tokens = completion.sum(-1, dtype=torch.float32)
     chosen, rejected = split_pairs(completion_logps, "logits")
@@ -269,10 +282,13 @@ class ORPOLoss(nn.Module):
         hidden: torch.Tensor | None = None,
         weight: torch.Tensor | None = None,
         bias: torch.Tensor | None = None,
+        cu_seqlens: torch.Tensor | None = None,
+        position_ids: torch.Tensor | None = None,
     ) -> LossOutput:
         return orpo_loss_from_logits(
             logits, labels, completion_mask=completion_mask, attention_mask=attention_mask, hidden=hidden,
-            weight=weight, bias=bias, ignore_index=self.ignore_index, options=self.options,
+            weight=weight, bias=bias, ignore_index=self.ignore_index, cu_seqlens=cu_seqlens,
+            position_ids=position_ids, options=self.options,
         )
 
     def extra_repr(self) -> str:

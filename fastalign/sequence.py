@@ -14,6 +14,7 @@ import torch
 
 from .logprobs import token_logprobs
 from .masked import masked_mean
+from .packing import PackedLayout, unpack
 from .types import HiddenStates, TokenLogprobs
 
 
@@ -37,6 +38,7 @@ def sequence_logprobs(
     logit_scale: float = 1.0,
     softcap: float | None = None,
     outputs: Sequence[str] = (),
+    packing: PackedLayout | None = None,
 ) -> SequenceLogprobs:
     """Sums of per-token log-probs over each sequence's completion tokens.
 
@@ -44,6 +46,9 @@ def sequence_logprobs(
     `logits[:, :-1]`, `input_ids[:, 1:]`, `completion_mask[:, 1:]` for a causal LM's output; the
     view is read in place). A position counts when its label is not `ignore_index` and
     `completion_mask` (if given) is nonzero there.
+
+    `packing` (`fastalign.packing.packed_layout`): `logits` [1, total, V] holds several sequences
+    in one row; the per-token results come back laid out as [S, longest] rows (`fastalign.packing`).
     """
     if not isinstance(logits, (torch.Tensor, HiddenStates)) or logits.dim() != 3:
         shape = tuple(logits.shape) if isinstance(logits, torch.Tensor) else type(logits).__name__
@@ -59,6 +64,10 @@ def sequence_logprobs(
     mask = labels != ignore_index
     if completion_mask is not None:
         mask = mask & (completion_mask != 0)
+    if packing is not None:
+        token = TokenLogprobs(*(None if f is None else unpack(f, packing, False if f.dtype == torch.bool else 0)
+                                for f in token))
+        mask = unpack(mask, packing, False)
     return SequenceLogprobs(
         logps=token.logps.sum(-1), num_tokens=mask.sum(-1, dtype=torch.float32), mask=mask, token=token
     )
