@@ -194,13 +194,19 @@ def linear_token_logprobs_backward_by_rows(
             part(grad_logps, idx), part(grad_entropy, idx), logits, labels.index_select(0, idx), norm.index_select(0, idx),
             part(entropy, idx), temperature, logit_scale, softcap, ignore_index,
         )[0]
-        if need_hidden:
-            grad_hidden.index_copy_(0, idx, torch.mm(dz, weight).to(hidden.dtype))
-        if need_weight:
-            accumulate_product(grad_weight, dz.t(), h)
-            if grad_bias.numel():
-                grad_bias += dz.sum(0, dtype=acc)
+        _add_block_gradients(dz, idx, h, weight, grad_hidden, grad_weight, grad_bias, need_hidden, need_weight)
     return grad_hidden, grad_weight.to(weight.dtype), grad_bias.to(bias.dtype)
+
+
+def _add_block_gradients(dz, idx, h, weight, grad_hidden, grad_weight, grad_bias, need_hidden, need_weight):
+    """A block's logits gradient dz [rows, V] into the block's rows `idx` of grad_hidden (dz @ W) and
+    into the fp32 accumulators of grad_weight (dz.T @ h) and grad_bias."""
+    if need_hidden:
+        grad_hidden.index_copy_(0, idx, torch.mm(dz, weight).to(grad_hidden.dtype))
+    if need_weight:
+        accumulate_product(grad_weight, dz.t(), h)
+        if grad_bias.numel():
+            grad_bias += dz.sum(0, dtype=grad_bias.dtype)
 
 
 def _cpu_policy_pass(logits, inputs, with_grad):
@@ -253,11 +259,5 @@ def linear_policy_token_forward(
         norm.index_copy_(0, idx, ls.to(acc))
         if not with_grad:
             continue
-        dz = logits[0]
-        if need_hidden:
-            grad_hidden.index_copy_(0, idx, torch.mm(dz, weight).to(hidden.dtype))
-        if need_weight:
-            accumulate_product(grad_weight, dz.t(), h)
-            if grad_bias.numel():
-                grad_bias += dz.sum(0, dtype=acc)
+        _add_block_gradients(logits[0], idx, h, weight, grad_hidden, grad_weight, grad_bias, need_hidden, need_weight)
     return logps, entropy, grad_hidden, grad_weight.to(weight.dtype), grad_bias.to(bias.dtype), norm
