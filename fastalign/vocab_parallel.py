@@ -128,9 +128,9 @@ def _combine(stats: torch.Tensor, shard: VocabShard, factor: float, wanted: froz
     if "is_top1" in wanted:
         # A slice's largest z is shift * f; the owner's top-1 holds globally when no earlier slice's
         # maximum reaches it and no later one exceeds it (argmax takes the first maximum).
-        zmax_rel = (shift - shift.gather(0, owner.float().argmax(0, keepdim=True))) * factor
-        order = torch.arange(stats.shape[0], device=stats.device).unsqueeze(1)
         owner_index = owner.float().argmax(0, keepdim=True)
+        zmax_rel = (shift - shift.gather(0, owner_index)) * factor
+        order = torch.arange(stats.shape[0], device=stats.device).unsqueeze(1)
         beaten = torch.where(order < owner_index, zmax_rel >= 0, zmax_rel > 0)
         beaten = beaten & (order != owner_index) & torch.isfinite(log_s)
         top1_out = any_owner & (torch.where(owner, top1, 0.0).sum(0) > 0) & ~beaten.any(0)
