@@ -43,10 +43,14 @@ TORCH_SPEC := torch==2.13.0
 # its verl-core extra, whose others (nvtx, torchcodec, ...) the tests do not need.
 # DeepSpeed runs ZeRO-3 on CPU (DS_ACCELERATOR=cpu, gloo) for the ZeRO-3 tests; it adds only einops
 # and hjson, and leaves torch as it is.
+# megatron-core holds the vocabulary-parallel cross-entropy behind verl's
+# vocab_parallel_log_probs_from_logits, which the vocabulary-parallel tests compare with (on CPU,
+# gloo); it needs only torch>=2.6, numpy and packaging, and leaves torch as it is (0.16.1 is its
+# last release for Python 3.11).
 DEV_DEPS := numpy triton pytest pytest-benchmark hypothesis ninja \
 	'transformers>=5.5.3,<5.11,!=5.6.0' trl liger-kernel matplotlib \
 	verl==0.9.1 cachetools uvicorn fastapi 'TransferQueue>=0.1.10' \
-	'setuptools>=77' wheel deepspeed==0.19.8
+	'setuptools>=77' wheel deepspeed==0.19.8 megatron-core==0.16.1
 
 # Stamps live inside .venv so that deleting the venv also forgets what was installed into it.
 DEPS_STAMP := $(VENV)/.stamp-deps
