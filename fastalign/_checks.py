@@ -202,12 +202,15 @@ def options_from(options: object, option_kwargs: dict, kind: type, builder: Call
     return options
 
 
-def policy_logits(logits: object, hidden: object, weight: object, bias: object, labels: object) -> object:
+def policy_logits(logits: object, hidden: object, weight: object, bias: object, labels: object,
+                  vocab_group: object = None) -> object:
     """What a loss reads for the policy: `logits`, or the hidden states `hidden` with the lm_head
     `weight` (and `bias`), returned as a `HiddenStates` so that the logits are never materialized.
 
-    An FSDP2-sharded weight or bias (a DTensor) is gathered here, differentiably. A `HiddenStates`
-    passed as `logits` is the earlier spelling of hidden=, weight=, bias=: still read, with a
+    An FSDP2-sharded weight or bias (a DTensor) is gathered here, differentiably, unless
+    `vocab_group` says the weight holds this rank's rows of a vocabulary-parallel lm_head (then it
+    stays local, and the `HiddenStates` knows the whole vocabulary's size). A `HiddenStates` passed
+    as `logits` is the earlier spelling of hidden=, weight=, bias=: still read, with a
     DeprecationWarning."""
     from ._deprecation import warn_deprecated
     from .types import HiddenStates
@@ -215,6 +218,7 @@ def policy_logits(logits: object, hidden: object, weight: object, bias: object, 
     if isinstance(logits, HiddenStates):
         warn_deprecated("logits: passing HiddenStates(hidden, weight, bias) as logits is deprecated; "
                         "pass hidden=, weight=, bias= instead")
+    check_vocab_group(vocab_group, logits)
     if hidden is None and weight is None and bias is None:
         return logits
     if logits is not None:
@@ -223,6 +227,26 @@ def policy_logits(logits: object, hidden: object, weight: object, bias: object, 
         raise ValueError("hidden / weight: the hidden-states level needs both hidden= and weight=")
     from .linear_logprobs import check_linear_args, gather_sharded
 
+    if vocab_group is not None:
+        from .vocab_parallel import row_shard
+
+        weight, bias, shard = row_shard(weight, bias, vocab_group)
+        check_linear_args(hidden, weight, bias, labels)
+        return HiddenStates(hidden, weight, bias, shard.vocab_size)
     weight, bias = gather_sharded(weight), gather_sharded(bias)
     check_linear_args(hidden, weight, bias, labels)
     return HiddenStates(hidden, weight, bias)
+
+
+def check_vocab_group(vocab_group: object, logits: object = None) -> None:
+    """A `vocab_group` is a torch.distributed process group in use, and DTensor logits need none."""
+    if vocab_group is None:
+        return
+    import torch.distributed as dist
+
+    if not dist.is_available() or not dist.is_initialized():
+        raise ValueError("vocab_group: torch.distributed is not initialized (init_process_group first)")
+    if not isinstance(vocab_group, dist.ProcessGroup):
+        raise TypeError(f"vocab_group: expected a torch.distributed ProcessGroup, got {type(vocab_group).__name__}")
+    if getattr(logits, "placements", None) is not None:
+        raise ValueError("vocab_group: not used with DTensor logits (their device mesh names the group)")

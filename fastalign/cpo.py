@@ -45,7 +45,7 @@ from ._checks import (
     policy_logits,
 )
 from ._deprecation import keyword_only, parameter_names
-from .packing import packed_batch
+from .sequence_layout import SCALING_DOC, sequence_layout
 from .sequence import (
     SequenceLogprobs,
     check_logits_batch,
@@ -238,6 +238,8 @@ def cpo_loss_from_logits(
     ignore_index: int = -100,
     cu_seqlens: torch.Tensor | None = None,
     position_ids: torch.Tensor | None = None,
+    sequence_group: object = None,
+    vocab_group: object = None,
     options: CPOOptions | None = None,
     **option_kwargs,
 ) -> LossOutput:
@@ -252,13 +254,15 @@ def cpo_loss_from_logits(
     those of `cpo_loss`, plus `logits/chosen` and `logits/rejected` (see `completion_logits_metrics`).
     `cu_seqlens` / `position_ids`: a packed row `[1, total, ...]` holding the 2B sequences in that
     order instead of the padded batch (`fastalign.packing`).
+    {scaling}
 
     Options (keywords, or options=cpo_options(...), not both):
         {options}
     """
     options = options_from(options, option_kwargs, CPOOptions, cpo_options)
-    logits = policy_logits(logits, hidden, weight, bias, labels)
-    return _cpo_from_logits(logits, labels, completion_mask, ignore_index, options, cu_seqlens, position_ids)
+    logits = policy_logits(logits, hidden, weight, bias, labels, vocab_group)
+    return _cpo_from_logits(logits, labels, completion_mask, ignore_index, options, cu_seqlens, position_ids,
+                            sequence_group, vocab_group)
 
 
 def _cpo_from_logits(
@@ -269,14 +273,16 @@ def _cpo_from_logits(
     options: CPOOptions,
     cu_seqlens: torch.Tensor | None = None,
     position_ids: torch.Tensor | None = None,
+    sequence_group: object = None,
+    vocab_group: object = None,
 ) -> LossOutput:
-    packing = packed_batch(logits, labels, cu_seqlens, position_ids, paired=True)
-    if packing is None:
+    layout = sequence_layout(logits, labels, cu_seqlens, position_ids, sequence_group, paired=True)
+    if layout is None or layout.packing is None:
         check_logits_batch(logits, labels)
     if completion_mask is not None:
         check_token_mask("completion_mask", completion_mask, labels)
     seq = sequence_logprobs(logits, labels, completion_mask=completion_mask, ignore_index=ignore_index,
-                            outputs=("mean_logits",), packing=packing)
+                            outputs=("mean_logits",), layout=layout, vocab_group=vocab_group)
     out = cpo_from_sequences(*_paired_sequences(seq), options)
     out.metrics.update(completion_logits_metrics(seq.token.mean_logits, seq.mask))
     return out
@@ -312,14 +318,19 @@ class CPOLoss(nn.Module):
         bias: torch.Tensor | None = None,
         cu_seqlens: torch.Tensor | None = None,
         position_ids: torch.Tensor | None = None,
+        sequence_group: object = None,
+        vocab_group: object = None,
     ) -> LossOutput:
         return cpo_loss_from_logits(
             logits, labels, completion_mask=completion_mask, hidden=hidden, weight=weight, bias=bias,
-            ignore_index=self.ignore_index, cu_seqlens=cu_seqlens, position_ids=position_ids, options=self.options,
+            ignore_index=self.ignore_index, cu_seqlens=cu_seqlens, position_ids=position_ids,
+            sequence_group=sequence_group, vocab_group=vocab_group, options=self.options,
         )
 
     def extra_repr(self) -> str:
         return ", ".join(f"{f.name}={getattr(self.options, f.name)!r}" for f in fields(self.options))
 
 
-option_docs.document(option_docs.CPO, cpo_options, cpo_options, cpo_loss, cpo_loss_from_logits, CPOLoss)
+option_docs.document(
+    option_docs.CPO, cpo_options, cpo_options, cpo_loss, cpo_loss_from_logits, CPOLoss, scaling=SCALING_DOC
+)

@@ -44,7 +44,7 @@ from .dpo_sequences import (  # noqa: F401  (the per-sequence names stay importa
     dpo_from_sequences,
     dpo_options,
 )
-from .packing import packed_batch
+from .sequence_layout import SCALING_DOC, sequence_layout
 from .sequence import completion_logits_metrics, sequence_logprobs
 from .types import HiddenStates, LossOutput, TokenLogprobs
 
@@ -119,12 +119,14 @@ def _dpo_from_logits(
     ignore_index: int,
     cu_seqlens: torch.Tensor | None = None,
     position_ids: torch.Tensor | None = None,
+    sequence_group: object = None,
+    vocab_group: object = None,
 ) -> LossOutput:
     if not isinstance(logits, (torch.Tensor, HiddenStates)) or logits.dim() != 3:
         shape = tuple(logits.shape) if isinstance(logits, torch.Tensor) else type(logits).__name__
         raise ValueError(f"logits: expected [2B, T, V] (B chosen rows, then B rejected rows), got {shape}")
-    packing = packed_batch(logits, labels, cu_seqlens, position_ids, paired=True)
-    rows = packing.count if packing is not None else logits.shape[0]
+    layout = sequence_layout(logits, labels, cu_seqlens, position_ids, sequence_group, paired=True)
+    rows = layout.rows if layout is not None else logits.shape[0]
     if rows == 0 or rows % 2:
         raise ValueError(
             f"logits: a paired loss takes 2B rows, B chosen then B rejected, with B >= 1; got {rows} rows"
@@ -185,12 +187,13 @@ def _dpo_from_logits(
 
     outputs = ("mean_logits", "log_sum_sq_probs") if options.use_weighting else ("mean_logits",)
     seq = sequence_logprobs(logits, labels, completion_mask=completion_mask, ignore_index=ignore_index, outputs=outputs,
-                            packing=packing)
+                            layout=layout, vocab_group=vocab_group)
     ref_token_logps = None
     if ref_logits is not None:
         with torch.no_grad():
             ref_token_logps = sequence_logprobs(
-                ref_logits, labels, completion_mask=completion_mask, ignore_index=ignore_index, packing=packing
+                ref_logits, labels, completion_mask=completion_mask, ignore_index=ignore_index, layout=layout,
+                vocab_group=vocab_group,
             ).token.logps
     pairs, logit_metrics = pairs_from_tokens(seq.token, seq.mask, options, ref_token_logps)
     if given_logps[0]:
@@ -277,6 +280,8 @@ def dpo_loss_from_logits(
     ignore_index: int = -100,
     cu_seqlens: torch.Tensor | None = None,
     position_ids: torch.Tensor | None = None,
+    sequence_group: object = None,
+    vocab_group: object = None,
     options: DPOOptions | None = None,
     **option_kwargs,
 ) -> LossOutput:
@@ -300,6 +305,8 @@ def dpo_loss_from_logits(
             hidden [1, total, H]), `labels`, `completion_mask` and `ref_logits` [1, total], holding
             the 2B sequences (B chosen, then B rejected) between `cu_seqlens` [2B + 1] or where
             `position_ids` restart at 0. The same loss as the padded [2B, T] batch (`fastalign.packing`).
+        sequence_group, vocab_group: splits over processes:
+            {scaling}
         options: the options below, checked once by `dpo_options(...)`; or pass them as keywords.
 
     Options (keywords, or options=dpo_options(...), not both):
@@ -316,10 +323,10 @@ def dpo_loss_from_logits(
     {empty}
     """
     options = options_from(options, option_kwargs, DPOOptions, dpo_options)
-    logits = policy_logits(logits, hidden, weight, bias, labels)
+    logits = policy_logits(logits, hidden, weight, bias, labels, vocab_group)
     return _dpo_from_logits(
         options, logits, labels, completion_mask, ref_chosen_logps, ref_rejected_logps, ref_logits, ignore_index,
-        cu_seqlens, position_ids,
+        cu_seqlens, position_ids, sequence_group, vocab_group,
     )
 
 
@@ -361,11 +368,14 @@ class DPOLoss(nn.Module):
         bias: torch.Tensor | None = None,
         cu_seqlens: torch.Tensor | None = None,
         position_ids: torch.Tensor | None = None,
+        sequence_group: object = None,
+        vocab_group: object = None,
     ) -> LossOutput:
         return dpo_loss_from_logits(
             logits, labels, completion_mask=completion_mask, ref_chosen_logps=ref_chosen_logps,
             ref_rejected_logps=ref_rejected_logps, ref_logits=ref_logits, hidden=hidden, weight=weight, bias=bias,
-            ignore_index=self.ignore_index, cu_seqlens=cu_seqlens, position_ids=position_ids, options=self.options,
+            ignore_index=self.ignore_index, cu_seqlens=cu_seqlens, position_ids=position_ids,
+            sequence_group=sequence_group, vocab_group=vocab_group, options=self.options,
         )
 
     def extra_repr(self) -> str:
@@ -381,4 +391,7 @@ class DPOLoss(nn.Module):
         return text
 
 
-option_docs.document(option_docs.DPO, dpo_options, dpo_options, dpo_loss, dpo_loss_from_logits, DPOLoss, empty=_EMPTY)
+option_docs.document(
+    option_docs.DPO, dpo_options, dpo_options, dpo_loss, dpo_loss_from_logits, DPOLoss, empty=_EMPTY,
+    scaling=SCALING_DOC,
+)

@@ -37,6 +37,7 @@ from .policy_inputs import (
     policy_token_inputs,
 )
 from . import option_docs
+from .policy_layout import LAYOUT_DOC, laid_out, policy_on_sequences
 from ._checks import options_from
 from ._deprecation import keyword_only
 from .aggregation import trl_weights, verl_weights
@@ -266,6 +267,10 @@ def grpo_loss(
     global_batch_size: torch.Tensor | float | None = None,
     options: GRPOOptions | None = None,
     gather: Callable[[torch.Tensor], torch.Tensor] | None = None,
+    cu_seqlens: torch.Tensor | None = None,
+    position_ids: torch.Tensor | None = None,
+    sequence_group: object = None,
+    vocab_group: object = None,
     **option_kwargs,
 ) -> LossOutput:
     """The GRPO-family loss and the trainer's metrics.
@@ -282,12 +287,23 @@ def grpo_loss(
     concatenated along dim 0 (lengths may differ), e.g. `fastalign.integrations.trl.gather_for(accelerator)`;
     the entropy quantile and the metrics are then global, as TRL's trainer computes them. Without
     it they are this process's.
+    {layout}
 
     Options (`options=grpo_options(...)`, or these as keywords):
         {options}
     """
     o = options_from(options, option_kwargs, GRPOOptions, grpo_options)
     check_gather(gather)
+    if laid_out(cu_seqlens, position_ids, sequence_group, vocab_group):
+        return policy_on_sequences(
+            grpo_loss, logits=logits, labels=labels, hidden=hidden, weight=weight, bias=bias, logps=logps,
+            entropies=entropies, completion_mask=completion_mask, transform=o.transform, cu_seqlens=cu_seqlens,
+            position_ids=position_ids, sequence_group=sequence_group, vocab_group=vocab_group,
+            token_inputs=dict(old_logps=old_logps, ref_logps=ref_logps, sampling_logps=sampling_logps),
+            token_or_sequence_inputs=dict(advantages=advantages, importance_sampling_ratio=importance_sampling_ratio),
+            num_items_in_batch=num_items_in_batch, batch_num_tokens=batch_num_tokens,
+            global_batch_size=global_batch_size, options=o, gather=gather,
+        )
     check_total("num_items_in_batch", num_items_in_batch, zero_ok=True)
     check_total("batch_num_tokens", batch_num_tokens, zero_ok=False)
     check_total("global_batch_size", global_batch_size, zero_ok=False)
@@ -408,7 +424,7 @@ class GRPOLoss(torch.nn.Module):
         return grpo_loss(logits, labels, options=self.options, **inputs)
 
 
-option_docs.document(option_docs.GRPO, grpo_options, grpo_options, grpo_loss, GRPOLoss)
+option_docs.document(option_docs.GRPO, grpo_options, grpo_options, grpo_loss, GRPOLoss, layout=LAYOUT_DOC)
 
 IS_MODES = ("token_truncate", "token_mask", "sequence_truncate", "sequence_mask")
 

@@ -60,7 +60,7 @@ from ._checks import (
     values_checkable,
 )
 from ._deprecation import keyword_only, parameter_names
-from .packing import packed_batch
+from .sequence_layout import SCALING_DOC, sequence_layout
 from .sequence import metric, sequence_logprobs
 from .types import HiddenStates, LossOutput
 
@@ -341,6 +341,8 @@ def kto_loss_from_logits(
     gather: Gather | None = None,
     cu_seqlens: torch.Tensor | None = None,
     position_ids: torch.Tensor | None = None,
+    sequence_group: object = None,
+    vocab_group: object = None,
     options: KTOOptions | None = None,
     **option_kwargs,
 ) -> LossOutput:
@@ -354,28 +356,30 @@ def kto_loss_from_logits(
     metrics add `kto_token_metrics`' `entropy`, `logits/chosen` and `logits/rejected`.
     `cu_seqlens` / `position_ids`: a packed row `[1, total, ...]` holding the B sequences in order
     instead of the padded batch (`fastalign.packing`).
+    {scaling}
 
     Options (keywords, or options=kto_options(...), not both):
         {options}
     """
     options = options_from(options, option_kwargs, KTOOptions, kto_options)
-    logits = policy_logits(logits, hidden, weight, bias, labels)
+    logits = policy_logits(logits, hidden, weight, bias, labels, vocab_group)
     return _kto_from_logits(logits, labels, ref_logps, desirable, completion_mask, ignore_index,
-                            kl_logps, ref_kl_logps, kl, options, gather, cu_seqlens, position_ids)
+                            kl_logps, ref_kl_logps, kl, options, gather, cu_seqlens, position_ids, sequence_group,
+                            vocab_group)
 
 
 def _kto_from_logits(logits, labels, ref_logps, desirable, completion_mask, ignore_index,
                      kl_logps, ref_kl_logps, kl, options: KTOOptions, gather: Gather | None,
-                     cu_seqlens=None, position_ids=None) -> LossOutput:
+                     cu_seqlens=None, position_ids=None, sequence_group=None, vocab_group=None) -> LossOutput:
     if not isinstance(logits, (torch.Tensor, HiddenStates)) or logits.dim() != 3:
         shape = tuple(logits.shape) if isinstance(logits, torch.Tensor) else type(logits).__name__
         raise ValueError(f"logits: expected [B, T, V], got {shape}")
     if logits.shape[0] == 0:
         raise ValueError("logits: the batch is empty")
-    packing = packed_batch(logits, labels, cu_seqlens, position_ids, paired=False)
+    layout = sequence_layout(logits, labels, cu_seqlens, position_ids, sequence_group, paired=False)
     check_gather(gather)
     # Fixes B and the device for the per-sequence checks.
-    batch = packing.count if packing is not None else logits.shape[0]
+    batch = layout.rows if layout is not None else logits.shape[0]
     rows = (logits.hidden if isinstance(logits, HiddenStates) else logits).new_empty(batch)
     reference = check_sequence_values("ref_logps", ref_logps, rows, "logits.shape[:1]")
     good = _check_desirable(desirable, rows)
@@ -383,7 +387,7 @@ def _kto_from_logits(logits, labels, ref_logps, desirable, completion_mask, igno
         check_token_mask("completion_mask", completion_mask, labels)
     z = _resolve_kl(options, kl_logps, ref_kl_logps, kl, reference, gather)
     seq = sequence_logprobs(logits, labels, completion_mask=completion_mask, ignore_index=ignore_index,
-                            outputs=("entropy", "mean_logits"), packing=packing)
+                            outputs=("entropy", "mean_logits"), layout=layout, vocab_group=vocab_group)
     out = kto_from_sequences(seq.logps, _like(reference, seq.logps), good, _like(z, seq.logps), options, gather)
     out.metrics.update(kto_token_metrics(seq.token.entropy, seq.token.mean_logits, seq.mask, good, gather=gather))
     return out
@@ -421,15 +425,20 @@ class KTOLoss(nn.Module):
         bias: torch.Tensor | None = None,
         cu_seqlens: torch.Tensor | None = None,
         position_ids: torch.Tensor | None = None,
+        sequence_group: object = None,
+        vocab_group: object = None,
     ) -> LossOutput:
         return kto_loss_from_logits(
             logits, labels, ref_logps, desirable, completion_mask=completion_mask, hidden=hidden, weight=weight,
             bias=bias, ignore_index=self.ignore_index, kl_logps=kl_logps, ref_kl_logps=ref_kl_logps, kl=kl,
-            gather=gather, cu_seqlens=cu_seqlens, position_ids=position_ids, options=self.options,
+            gather=gather, cu_seqlens=cu_seqlens, position_ids=position_ids,
+            sequence_group=sequence_group, vocab_group=vocab_group, options=self.options,
         )
 
     def extra_repr(self) -> str:
         return ", ".join(f"{f.name}={getattr(self.options, f.name)!r}" for f in fields(self.options))
 
 
-option_docs.document(option_docs.KTO, kto_options, kto_options, kto_loss, kto_loss_from_logits, KTOLoss)
+option_docs.document(
+    option_docs.KTO, kto_options, kto_options, kto_loss, kto_loss_from_logits, KTOLoss, scaling=SCALING_DOC
+)

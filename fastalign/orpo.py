@@ -41,7 +41,7 @@ from ._checks import (
     policy_logits,
 )
 from ._deprecation import keyword_only, parameter_names
-from .packing import packed_batch, unpack
+from .sequence_layout import SCALING_DOC, sequence_layout
 from .sequence import (
     check_logits_batch,
     completion_logits_metrics,
@@ -194,6 +194,8 @@ def orpo_loss_from_logits(
     ignore_index: int = -100,
     cu_seqlens: torch.Tensor | None = None,
     position_ids: torch.Tensor | None = None,
+    sequence_group: object = None,
+    vocab_group: object = None,
     options: ORPOOptions | None = None,
     **option_kwargs,
 ) -> LossOutput:
@@ -212,6 +214,8 @@ def orpo_loss_from_logits(
         cu_seqlens, position_ids: a packed row (padding-free batches) in place of the padded batch:
             the tensors above `[1, total, ...]`, the sequences between `cu_seqlens` boundaries or where
             `position_ids` restart at 0, in the padded batch's order (`fastalign.packing`).
+        sequence_group, vocab_group: splits over processes:
+            {scaling}
         options: the options below, checked once by `orpo_options(...)`; or pass them as keywords.
 
     Options (keywords, or options=orpo_options(...), not both):
@@ -222,24 +226,24 @@ def orpo_loss_from_logits(
         (see `fastalign.sequence.completion_logits_metrics`).
     """
     beta = options_from(options, option_kwargs, ORPOOptions, orpo_options).beta
-    logits = policy_logits(logits, hidden, weight, bias, labels)
+    logits = policy_logits(logits, hidden, weight, bias, labels, vocab_group)
     return _orpo_from_logits(logits, labels, completion_mask, attention_mask, ignore_index, beta, cu_seqlens,
-                             position_ids)
+                             position_ids, sequence_group, vocab_group)
 
 
 def _orpo_from_logits(logits, labels, completion_mask, attention_mask, ignore_index, beta, cu_seqlens=None,
-                      position_ids=None) -> LossOutput:
-    packing = packed_batch(logits, labels, cu_seqlens, position_ids, paired=True)
-    if packing is None:
+                      position_ids=None, sequence_group=None, vocab_group=None) -> LossOutput:
+    layout = sequence_layout(logits, labels, cu_seqlens, position_ids, sequence_group, paired=True)
+    if layout is None or layout.packing is None:
         check_logits_batch(logits, labels)
     check_token_mask("completion_mask", completion_mask, labels)
     if attention_mask is not None:
         check_token_mask("attention_mask", attention_mask, labels)
     seq = sequence_logprobs(logits, labels, completion_mask=attention_mask, ignore_index=ignore_index,
-                            outputs=("mean_logits",), packing=packing)
+                            outputs=("mean_logits",), layout=layout, vocab_group=vocab_group)
     completion_tokens = completion_mask != 0
-    if packing is not None:
-        completion_tokens = unpack(completion_tokens, packing, False)
+    if layout is not None:
+        completion_tokens = layout.to_sequences(completion_tokens, False)
     # The completion tokens are a subset of the NLL tokens, so one pass serves both sums.
     completion = seq.mask & completion_tokens
     completion_logps = torch.where(completion, seq.token.logps, 0.0).sum(-1)
@@ -284,15 +288,20 @@ class ORPOLoss(nn.Module):
         bias: torch.Tensor | None = None,
         cu_seqlens: torch.Tensor | None = None,
         position_ids: torch.Tensor | None = None,
+        sequence_group: object = None,
+        vocab_group: object = None,
     ) -> LossOutput:
         return orpo_loss_from_logits(
             logits, labels, completion_mask=completion_mask, attention_mask=attention_mask, hidden=hidden,
             weight=weight, bias=bias, ignore_index=self.ignore_index, cu_seqlens=cu_seqlens,
-            position_ids=position_ids, options=self.options,
+            position_ids=position_ids,
+            sequence_group=sequence_group, vocab_group=vocab_group, options=self.options,
         )
 
     def extra_repr(self) -> str:
         return f"beta={self.options.beta}"
 
 
-option_docs.document(option_docs.ORPO, orpo_options, orpo_options, orpo_loss, orpo_loss_from_logits, ORPOLoss)
+option_docs.document(
+    option_docs.ORPO, orpo_options, orpo_options, orpo_loss, orpo_loss_from_logits, ORPOLoss, scaling=SCALING_DOC
+)

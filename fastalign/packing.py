@@ -66,22 +66,3 @@ def unpack(values: torch.Tensor, layout: PackedLayout, fill=0) -> torch.Tensor:
     flat = values.reshape(-1)
     out = flat.new_full((layout.count, layout.width), fill)
     return out.index_put((layout.seq, layout.pos), flat)
-
-
-def packed_batch(logits, labels, cu_seqlens, position_ids, paired: bool) -> PackedLayout | None:
-    """The layout of a sequence-level loss's packed input, or None for an ordinary [B, T] batch.
-    Checks that `logits` (or hidden states) is one row `[1, total, ...]` with `labels` `[1, total]`,
-    and, for a paired loss, that the row holds 2B >= 2 sequences (B chosen, then B rejected)."""
-    if cu_seqlens is None and position_ids is None:
-        return None
-    shape = tuple(logits.shape) if hasattr(logits, "shape") else type(logits).__name__
-    if not hasattr(logits, "shape") or len(logits.shape) != 3 or logits.shape[0] != 1:
-        raise ValueError(f"logits: a packed row (cu_seqlens / position_ids) is [1, total, V], got {shape}")
-    if not isinstance(labels, torch.Tensor) or labels.shape != logits.shape[:-1]:
-        raise ValueError(f"labels: expected shape {tuple(logits.shape[:-1])} (logits.shape[:-1]), "
-                         f"got {tuple(getattr(labels, 'shape', ()))}")
-    layout = packed_layout(labels.shape[-1], labels.device, cu_seqlens, position_ids)
-    if paired and layout.count % 2:
-        raise ValueError(f"cu_seqlens / position_ids: a paired loss takes 2B packed sequences, B chosen then "
-                         f"B rejected; got {layout.count}")
-    return layout

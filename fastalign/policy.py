@@ -290,6 +290,28 @@ def fused_linear_objective(
     return pieces, logps, entropy
 
 
+def policy_token_fields(logits, labels, lm_head, mask, transform,
+                        vocab_group=None) -> tuple[torch.Tensor, torch.Tensor]:
+    """(log-probs, entropies) [B, T] of the tokens `mask` counts (0 elsewhere, whatever the label
+    there), from `logits` or from `lm_head` = (hidden, weight, bias); differentiable. `vocab_group`:
+    the logits or the lm_head rows are this rank's slice of the vocabulary."""
+    from .policy_inputs import POLICY_IGNORE_INDEX
+
+    temperature, logit_scale, softcap = transform
+    options = dict(temperature=temperature, logit_scale=logit_scale, softcap=softcap or None, mask=mask,
+                   outputs=("entropy",), ignore_index=POLICY_IGNORE_INDEX, process_group=vocab_group)
+    if lm_head is not None:
+        from .linear_logprobs import linear_token_logprobs
+
+        hidden, weight, bias = lm_head
+        fields = linear_token_logprobs(hidden, weight, labels, bias=bias, **options)
+    else:
+        from .logprobs import token_logprobs
+
+        fields = token_logprobs(logits, labels, **options)
+    return fields.logps, fields.entropy
+
+
 def run_objective(
     *,
     logits: torch.Tensor | None,
@@ -315,7 +337,6 @@ def run_objective(
     `adjust(logps, entropies) -> (w_pg, w_entropy, log_ratio or None)` may reweight tokens or set a
     sequence-level log-ratio from them, and autograd carries the gradient back through the same
     math (`token_logprobs`' backward reads the logits a second time)."""
-    from .logprobs import token_logprobs
     from .policy_inputs import POLICY_IGNORE_INDEX
     from .vocab_parallel import is_vocab_sharded
 
@@ -333,13 +354,7 @@ def run_objective(
                     advantages=advantages, obj=obj, w_pg=w_pg, w_kl=w_kl, w_entropy=w_entropy, temperature=temperature,
                     logit_scale=logit_scale, softcap=softcap, ignore_index=POLICY_IGNORE_INDEX,
                 )
-        from .linear_logprobs import linear_token_logprobs
-
-        fields = linear_token_logprobs(
-            hidden, weight, labels, bias=bias, temperature=temperature, logit_scale=logit_scale,
-            softcap=softcap or None, mask=mask, outputs=("entropy",), ignore_index=POLICY_IGNORE_INDEX,
-        )
-        logps, entropies = fields.logps, fields.entropy
+        logps, entropies = policy_token_fields(None, labels, lm_head, mask, transform)
     if logits is not None and adjust is None and not is_vocab_sharded(logits):
         ignore_index = POLICY_IGNORE_INDEX
         masked_labels = labels.masked_fill(mask == 0, ignore_index)
@@ -349,11 +364,7 @@ def run_objective(
             softcap=softcap, ignore_index=ignore_index,
         )
     if logits is not None:
-        fields = token_logprobs(
-            logits, labels, temperature=temperature, logit_scale=logit_scale, softcap=softcap or None,
-            mask=mask, outputs=("entropy",), ignore_index=POLICY_IGNORE_INDEX,
-        )
-        logps, entropies = fields.logps, fields.entropy
+        logps, entropies = policy_token_fields(logits, labels, None, mask, transform)
     log_ratio_ = None
     if adjust is not None:
         w_pg, w_entropy, log_ratio_ = adjust(logps, entropies)

@@ -21,6 +21,7 @@ from dataclasses import dataclass
 import torch
 
 from . import option_docs
+from .policy_layout import LAYOUT_DOC, laid_out, policy_on_sequences
 from ._checks import options_from
 from ._deprecation import renamed_option
 from .grpo import AGG_MODES
@@ -146,6 +147,10 @@ def ppo_loss(
     global_batch_size: torch.Tensor | float | None = None,
     options: PPOOptions | None = None,
     rollout_is_weights: torch.Tensor | None = None,
+    cu_seqlens: torch.Tensor | None = None,
+    position_ids: torch.Tensor | None = None,
+    sequence_group: object = None,
+    vocab_group: object = None,
     **option_kwargs,
 ) -> LossOutput:
     """PPO policy + value loss. `vpreds` [B, T] (the value head, differentiable), `values` [B, T]
@@ -154,6 +159,7 @@ def ppo_loss(
     `importance_sampling_ratio` [B, T] or [B, 1]: the rollout-correction weights on the policy
     term (verl's `rollout_is_weights`, grpo_loss's argument of the same name);
     `rollout_is_weights=` is its earlier, deprecated name.
+    {layout}
 
     Options (`options=ppo_options(...)`, or these as keywords):
         {options}
@@ -162,6 +168,16 @@ def ppo_loss(
         "rollout_is_weights", rollout_is_weights, "importance_sampling_ratio", importance_sampling_ratio, None
     )
     o = options_from(options, option_kwargs, PPOOptions, ppo_options)
+    if laid_out(cu_seqlens, position_ids, sequence_group, vocab_group):
+        return policy_on_sequences(
+            ppo_loss, logits=logits, labels=labels, hidden=hidden, weight=weight, bias=bias, logps=logps,
+            entropies=entropies, completion_mask=completion_mask, transform=o.transform, cu_seqlens=cu_seqlens,
+            position_ids=position_ids, sequence_group=sequence_group, vocab_group=vocab_group,
+            token_inputs=dict(old_logps=old_logps, ref_logps=ref_logps, vpreds=vpreds, values=values,
+                              returns=returns, value_mask=value_mask),
+            token_or_sequence_inputs=dict(advantages=advantages, importance_sampling_ratio=importance_sampling_ratio),
+            batch_num_tokens=batch_num_tokens, global_batch_size=global_batch_size, options=o,
+        )
     check_total("batch_num_tokens", batch_num_tokens, zero_ok=False)
     check_total("global_batch_size", global_batch_size, zero_ok=False)
     lm_head = (hidden, weight, bias) if (hidden is not None or weight is not None or bias is not None) else None
@@ -265,4 +281,4 @@ class PPOLoss(torch.nn.Module):
         return ppo_loss(logits, labels, options=self.options, **inputs)
 
 
-option_docs.document(option_docs.PPO, ppo_options, ppo_options, ppo_loss, PPOLoss)
+option_docs.document(option_docs.PPO, ppo_options, ppo_options, ppo_loss, PPOLoss, layout=LAYOUT_DOC)

@@ -25,6 +25,7 @@ from dataclasses import dataclass
 import torch
 
 from . import option_docs
+from .policy_layout import LAYOUT_DOC, laid_out, policy_on_sequences
 from ._checks import check_gather, check_positive_finite, options_from
 from ._deprecation import keyword_only, parameter_names
 from .aggregation import sequence_mean_weights
@@ -111,6 +112,10 @@ def rloo_loss(
     old_logps: torch.Tensor | None = None,
     options: RLOOOptions | None = None,
     gather: Callable[[torch.Tensor], torch.Tensor] | None = None,
+    cu_seqlens: torch.Tensor | None = None,
+    position_ids: torch.Tensor | None = None,
+    sequence_group: object = None,
+    vocab_group: object = None,
     **option_kwargs,
 ) -> LossOutput:
     """The RLOO policy loss and the trainer's metrics.
@@ -123,6 +128,7 @@ def rloo_loss(
     `gather` (several processes): a function returning every process's tensor concatenated along
     dim 0 (lengths may differ), e.g. `fastalign.integrations.trl.gather_for(accelerator)`; the
     metrics are then global, as TRL's trainer logs them. Without it they are this process's.
+    {layout}
 
     Options (keywords, or options=rloo_options(...), not both):
         {options}
@@ -130,6 +136,13 @@ def rloo_loss(
     o = options_from(options, option_kwargs, RLOOOptions, rloo_options)
     epsilon_low, epsilon_high = o.epsilon_low, o.epsilon_high
     check_gather(gather)
+    if laid_out(cu_seqlens, position_ids, sequence_group, vocab_group):
+        return policy_on_sequences(
+            rloo_loss, logits=logits, labels=labels, hidden=hidden, weight=weight, bias=bias, logps=logps,
+            entropies=entropies, completion_mask=completion_mask, transform=o.transform, cu_seqlens=cu_seqlens,
+            position_ids=position_ids, sequence_group=sequence_group, vocab_group=vocab_group, token_inputs={},
+            token_or_sequence_inputs={}, advantages=advantages, old_logps=old_logps, options=o, gather=gather,
+        )
     lm_head = (hidden, weight, bias) if (hidden is not None or weight is not None or bias is not None) else None
     shape, device, transform = token_shape(logits, labels, logps, o.transform, lm_head)
     check_batch_not_empty(shape, logits, logps)
@@ -213,4 +226,4 @@ class RLOOLoss(torch.nn.Module):
         return rloo_loss(logits, labels, options=self.options, **inputs)
 
 
-option_docs.document(option_docs.RLOO, rloo_options, rloo_options, rloo_loss, RLOOLoss)
+option_docs.document(option_docs.RLOO, rloo_options, rloo_options, rloo_loss, RLOOLoss, layout=LAYOUT_DOC)

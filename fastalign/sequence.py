@@ -14,7 +14,7 @@ import torch
 
 from .logprobs import token_logprobs
 from .masked import masked_mean
-from .packing import PackedLayout, unpack
+from .sequence_layout import SequenceLayout
 from .types import HiddenStates, TokenLogprobs
 
 
@@ -38,7 +38,8 @@ def sequence_logprobs(
     logit_scale: float = 1.0,
     softcap: float | None = None,
     outputs: Sequence[str] = (),
-    packing: PackedLayout | None = None,
+    layout: SequenceLayout | None = None,
+    vocab_group=None,
 ) -> SequenceLogprobs:
     """Sums of per-token log-probs over each sequence's completion tokens.
 
@@ -47,14 +48,14 @@ def sequence_logprobs(
     view is read in place). A position counts when its label is not `ignore_index` and
     `completion_mask` (if given) is nonzero there.
 
-    `packing` (`fastalign.packing.packed_layout`): `logits` [1, total, V] holds several sequences
-    in one row; the per-token results come back laid out as [S, longest] rows (`fastalign.packing`).
+    `layout` (`fastalign.sequence_layout.sequence_layout`): packed rows, or tokens split over a
+    sequence group; the per-token results come back as the whole sequences' [S, T] rows.
     """
     if not isinstance(logits, (torch.Tensor, HiddenStates)) or logits.dim() != 3:
         shape = tuple(logits.shape) if isinstance(logits, torch.Tensor) else type(logits).__name__
         raise ValueError(f"logits: expected [B, T, V], got {shape}")
     options = dict(temperature=temperature, ignore_index=ignore_index, logit_scale=logit_scale, softcap=softcap,
-                   mask=completion_mask, outputs=outputs)
+                   mask=completion_mask, outputs=outputs, process_group=vocab_group)
     if isinstance(logits, HiddenStates):
         from .linear_logprobs import linear_token_logprobs
 
@@ -64,10 +65,10 @@ def sequence_logprobs(
     mask = labels != ignore_index
     if completion_mask is not None:
         mask = mask & (completion_mask != 0)
-    if packing is not None:
-        token = TokenLogprobs(*(None if f is None else unpack(f, packing, False if f.dtype == torch.bool else 0)
+    if layout is not None:
+        token = TokenLogprobs(*(None if f is None else layout.to_sequences(f, False if f.dtype == torch.bool else 0)
                                 for f in token))
-        mask = unpack(mask, packing, False)
+        mask = layout.to_sequences(mask, False)
     return SequenceLogprobs(
         logps=token.logps.sum(-1), num_tokens=mask.sum(-1, dtype=torch.float32), mask=mask, token=token
     )

@@ -49,6 +49,8 @@ class HiddenStates(NamedTuple):
     hidden: torch.Tensor
     weight: torch.Tensor
     bias: torch.Tensor | None = None
+    # Set when `weight` holds this rank's rows of a vocabulary-parallel lm_head: the whole vocabulary.
+    vocab_size: int | None = None
 
     def _checked(self) -> "HiddenStates":
         # A NamedTuple takes anything; the losses read these attributes first, so a wrong part is
@@ -67,7 +69,8 @@ class HiddenStates(NamedTuple):
     @property
     def shape(self) -> torch.Size:
         self._checked()
-        return torch.Size((*self.hidden.shape[:-1], full_shape(self.weight)[0]))
+        vocab = full_shape(self.weight)[0] if self.vocab_size is None else self.vocab_size
+        return torch.Size((*self.hidden.shape[:-1], vocab))
 
     @property
     def device(self) -> torch.device:

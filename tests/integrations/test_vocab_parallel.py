@@ -70,34 +70,73 @@ def loss_batch():
 
 
 def loss_calls():
-    """Every loss built on token log-probs, called from logits: name -> fn(logits) -> output."""
+    """Every loss built on token log-probs: name -> fn(level) -> output, where `level` holds the
+    input level's arguments (logits=, or hidden= with weight=, and vocab_group= for slices)."""
     import fastalign
 
     _, labels, mask, adv, old, ref = loss_batch()
     ref_pairs = torch.tensor([-30.0, -31.0]), torch.tensor([-29.0, -33.0])
     return {
         "grpo dapo": lambda x: fastalign.grpo_loss(
-            x, labels, completion_mask=mask, advantages=adv, old_logps=old, ref_logps=ref, beta=0.04,
+            labels=labels, **x, completion_mask=mask, advantages=adv, old_logps=old, ref_logps=ref, beta=0.04,
             loss_type="dapo", num_items_in_batch=mask.sum(), entropy_coef=0.01),
         "grpo gspo": lambda x: fastalign.grpo_loss(
-            x, labels, completion_mask=mask, advantages=adv, old_logps=old, importance_sampling_level="sequence",
-            loss_type="grpo"),
+            labels=labels, **x, completion_mask=mask, advantages=adv, old_logps=old,
+            importance_sampling_level="sequence", loss_type="grpo"),
         "grpo verl": lambda x: fastalign.grpo_loss(
-            x, labels, completion_mask=mask, advantages=adv, old_logps=old, convention="verl", loss_type="vanilla",
-            loss_agg_mode="seq-mean-token-mean"),
+            labels=labels, **x, completion_mask=mask, advantages=adv, old_logps=old, convention="verl",
+            loss_type="vanilla", loss_agg_mode="seq-mean-token-mean"),
         "ppo": lambda x: fastalign.ppo_loss(
-            x, labels, completion_mask=mask, advantages=adv[:, None].expand(B, T), old_logps=old, ref_logps=ref,
-            kl_coef=0.1),
-        "rloo": lambda x: fastalign.rloo_loss(x, labels, completion_mask=mask, advantages=adv,
+            labels=labels, **x, completion_mask=mask, advantages=adv[:, None].expand(B, T), old_logps=old,
+            ref_logps=ref, kl_coef=0.1),
+        "rloo": lambda x: fastalign.rloo_loss(labels=labels, **x, completion_mask=mask, advantages=adv,
                                               old_logps=(old * mask).sum(-1)),
-        "dpo": lambda x: fastalign.DPOLoss(beta=0.1)(x, labels, completion_mask=mask, ref_chosen_logps=ref_pairs[0],
-                                                     ref_rejected_logps=ref_pairs[1]),
-        "cpo": lambda x: fastalign.CPOLoss(beta=0.1)(x, labels, completion_mask=mask),
-        "orpo": lambda x: fastalign.ORPOLoss(beta=0.1)(x, labels, completion_mask=mask),
+        "dpo": lambda x: fastalign.DPOLoss(beta=0.1)(labels=labels, **x, completion_mask=mask,
+                                                     ref_chosen_logps=ref_pairs[0], ref_rejected_logps=ref_pairs[1]),
+        "cpo": lambda x: fastalign.CPOLoss(beta=0.1)(labels=labels, **x, completion_mask=mask),
+        "orpo": lambda x: fastalign.ORPOLoss(beta=0.1)(labels=labels, **x, completion_mask=mask),
         "kto": lambda x: fastalign.KTOLoss(beta=0.1)(
-            x, labels, completion_mask=mask, ref_logps=torch.tensor([-30.0, -31.0, -29.0, -33.0]),
+            labels=labels, **x, completion_mask=mask, ref_logps=torch.tensor([-30.0, -31.0, -29.0, -33.0]),
             desirable=torch.tensor([True, False, True, False]), kl=torch.tensor(0.1)),
     }
+
+
+def lm_head_batch():
+    """hidden [B, T, H] and an lm_head weight [V, H] for the hidden-states level."""
+    g = torch.Generator().manual_seed(4)
+    return torch.randn(B, T, H, generator=g), torch.randn(V, H, generator=g) * 0.5
+
+
+def _sliced_loss_results(world, rank):
+    """Every loss on this rank's slice of the vocabulary with vocab_group=: plain logits slices, and
+    the hidden states with this rank's rows of the lm_head (no rank holds the whole weight)."""
+    group = dist.group.WORLD
+    sizes = _slices(V, world)
+    rows = slice(sum(sizes[:rank]), sum(sizes[:rank + 1]))
+    logits = loss_batch()[0]
+    hidden, weight = lm_head_batch()
+    results = {}
+    for name, fn in loss_calls().items():
+        leaf = logits[..., rows].clone().requires_grad_()
+        out = fn({"logits": leaf, "vocab_group": group})
+        out.loss.backward()
+        parts = [None] * world
+        dist.all_gather_object(parts, leaf.grad)
+        h, w = hidden.clone().requires_grad_(), weight[rows].clone().requires_grad_()
+        linear = fn({"hidden": h, "weight": w, "vocab_group": group})
+        linear.loss.backward()
+        weight_parts = [None] * world
+        dist.all_gather_object(weight_parts, w.grad)
+        results[name] = {
+            "loss": out.loss.detach(), "grad": torch.cat(parts, dim=-1), "metrics": _metrics(out),
+            "linear_loss": linear.loss.detach(), "linear_metrics": _metrics(linear),
+            "grad_hidden": h.grad, "grad_weight": torch.cat(weight_parts, dim=0),
+        }
+    return results
+
+
+def _metrics(out):
+    return {k: torch.as_tensor(v).detach() for k, v in getattr(out, "metrics", {}).items()}
 
 
 def _loss_results(world):
@@ -109,7 +148,7 @@ def _loss_results(world):
     results = {}
     for name, fn in loss_calls().items():
         leaf = distribute_tensor(logits, mesh, [Shard(2)]).requires_grad_()
-        out = fn(leaf)
+        out = fn({"logits": leaf})
         out.loss.backward()
         results[name] = {"loss": out.loss.detach(), "grad": leaf.grad.full_tensor(),
                          "metrics": {k: torch.as_tensor(v).detach() for k, v in getattr(out, "metrics", {}).items()}}
@@ -210,6 +249,8 @@ def _worker(rank, world, init_file, mode, out_dir):
             results = _colwise_results(world)
         elif mode == "linear":
             results = _linear_results(world, rank)
+        elif mode == "sliced losses":
+            results = _sliced_loss_results(world, rank)
         for name, logits, labels, mask, options in cases() if mode in ("group", "dtensor") else ():
             if mode == "dtensor":
                 from torch.distributed.device_mesh import init_device_mesh
@@ -286,7 +327,7 @@ def test_every_loss_on_vocab_sharded_logits_equals_one_process(world):
     logits = loss_batch()[0]
     for name, fn in loss_calls().items():
         leaf = logits.clone().requires_grad_()
-        out = fn(leaf)
+        out = fn({"logits": leaf})
         out.loss.backward()
         got = results[name]
         torch.testing.assert_close(got["loss"], out.loss.detach(), rtol=1e-5, atol=1e-6, msg=name)
@@ -296,6 +337,39 @@ def test_every_loss_on_vocab_sharded_logits_equals_one_process(world):
         for key, value in metrics.items():
             torch.testing.assert_close(got["metrics"][key].float(), torch.as_tensor(value).float(), rtol=1e-4,
                                        atol=1e-6, equal_nan=True, msg=f"{name}: {key}")
+
+
+def assert_loss_equal(got_loss, got_metrics, out, name):
+    torch.testing.assert_close(got_loss, out.loss.detach(), rtol=1e-5, atol=1e-6, msg=name)
+    metrics = getattr(out, "metrics", {})
+    assert sorted(got_metrics) == sorted(metrics), name
+    for key, value in metrics.items():
+        torch.testing.assert_close(got_metrics[key].float(), torch.as_tensor(value).float(), rtol=1e-4,
+                                   atol=1e-6, equal_nan=True, msg=f"{name}: {key}")
+
+
+@pytest.mark.parametrize("world", [2, 4])
+def test_every_loss_on_a_vocabulary_slice_equals_one_process(world):
+    """Plain logits slices and an lm_head split by rows, with vocab_group=: loss, metrics, the
+    gradient of every slice, of the hidden states and of every weight row equal one process."""
+    if not dist.is_available() or not dist.is_gloo_available():
+        pytest.skip("torch.distributed with gloo is not available")
+    results = _run(world, "sliced losses")
+    logits = loss_batch()[0]
+    hidden, weight = lm_head_batch()
+    for name, fn in loss_calls().items():
+        got = results[name]
+        leaf = logits.clone().requires_grad_()
+        out = fn({"logits": leaf})
+        out.loss.backward()
+        assert_loss_equal(got["loss"], got["metrics"], out, name)
+        torch.testing.assert_close(got["grad"], leaf.grad, rtol=1e-4, atol=1e-6, msg=name)
+        h, w = hidden.clone().requires_grad_(), weight.clone().requires_grad_()
+        linear = fn({"hidden": h, "weight": w})
+        linear.loss.backward()
+        assert_loss_equal(got["linear_loss"], got["linear_metrics"], linear, f"{name} from hidden states")
+        torch.testing.assert_close(got["grad_hidden"], h.grad, rtol=1e-4, atol=1e-6, msg=f"{name}: grad hidden")
+        torch.testing.assert_close(got["grad_weight"], w.grad, rtol=1e-4, atol=1e-6, msg=f"{name}: grad weight")
 
 
 def test_colwise_parallel_lm_head_trains_as_one_process():
@@ -354,3 +428,14 @@ def test_process_group_without_torch_distributed_is_named():
     with pytest.raises(ValueError, match=r"^process_group: vocabulary-parallel logits need an initialized"):
         fastalign.linear_token_logprobs(torch.randn(2, 3), torch.randn(5, 3), torch.tensor([1, 2]),
                                         process_group=object())
+
+
+@pytest.mark.parametrize("name", ["grpo dapo", "rloo", "dpo", "kto"])
+@pytest.mark.parametrize("at", ["logits", "hidden"])
+def test_vocab_group_without_torch_distributed_is_named(name, at):
+    if dist.is_available() and dist.is_initialized():
+        pytest.skip("this process already runs torch.distributed")
+    hidden, weight = lm_head_batch()
+    level = {"logits": loss_batch()[0]} if at == "logits" else {"hidden": hidden, "weight": weight}
+    with pytest.raises(ValueError, match=r"^vocab_group: torch.distributed is not initialized"):
+        loss_calls()[name]({**level, "vocab_group": object()})
