@@ -8,6 +8,8 @@ from . import reference
 from .advantages import group_advantages, reinforce_plus_plus_advantages
 from .backend import BACKENDS, available_backends, current_backend, use_backend
 from .cpo import CPOLoss, cpo_loss, cpo_loss_from_logits, cpo_options
+from .distillation import DistillationLoss, distillation_loss
+from .divergence import TokenDivergence, token_divergence
 from .dpo import DPOLoss, dpo_loss, dpo_loss_from_logits, dpo_options
 from .gae import GAEOutput, gae
 from .linear_logprobs import linear_token_logprobs
@@ -28,11 +30,13 @@ __all__ = [
     "BACKENDS",
     "CPOLoss",
     "DPOLoss",
+    "DistillationLoss",
     "GAEOutput",
     "KTOLoss",
     "ORPOLoss",
     "RewardLoss",
     "RLOOLoss",
+    "TokenDivergence",
     "TokenLogprobs",
     "available_backends",
     "bradley_terry_loss",
@@ -40,6 +44,7 @@ __all__ = [
     "cpo_loss_from_logits",
     "cpo_options",
     "current_backend",
+    "distillation_loss",
     "dpo_loss",
     "dpo_loss_from_logits",
     "dpo_options",
@@ -65,6 +70,7 @@ __all__ = [
     "reward_options",
     "rloo_loss",
     "rloo_options",
+    "token_divergence",
     "token_logprobs",
     "use_backend",
 ]

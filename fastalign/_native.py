@@ -68,6 +68,8 @@ def _forward_to_blocked(op: str):
 token_logprobs_forward = _forward_to_library("token_logprobs_forward")
 token_logprobs_backward = _forward_to_library("token_logprobs_backward")
 policy_token_forward = _forward_to_library("policy_token_forward")
+token_divergence_forward = _forward_to_library("token_divergence_forward")
+token_divergence_backward = _forward_to_library("token_divergence_backward")
 gae_forward = _forward_to_library("gae_forward")
 group_advantages_forward = _forward_to_library("group_advantages_forward")
 linear_token_logprobs_forward = _forward_to_blocked("linear_token_logprobs_forward")

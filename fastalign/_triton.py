@@ -109,6 +109,8 @@ def _forward_to(module: str, op: str):
 token_logprobs_forward = _forward_to("logprobs", "token_logprobs_forward")
 token_logprobs_backward = _forward_to("logprobs", "token_logprobs_backward")
 policy_token_forward = _forward_to("policy", "policy_token_forward")
+token_divergence_forward = _forward_to("divergence", "token_divergence_forward")
+token_divergence_backward = _forward_to("divergence", "token_divergence_backward")
 gae_forward = _forward_to("gae", "gae_forward")
 group_advantages_forward = _forward_to("advantages", "group_advantages_forward")
 discounted_returns = _forward_to("advantages", "discounted_returns")

@@ -80,6 +80,8 @@ OPS: dict[str, tuple[str, tuple[str, ...]]] = {
     "linear_token_logprobs_forward": ("linear_logprobs", _FLOATS),
     "linear_token_logprobs_backward": ("linear_logprobs", _FLOATS),
     "linear_policy_token_forward": ("linear_logprobs", _FLOATS),
+    "token_divergence_forward": ("divergence", _FLOATS),
+    "token_divergence_backward": ("divergence", _FLOATS),
     "gae_forward": ("gae", _FLOATS),
     "group_advantages_forward": ("advantages", ("float32",)),
     "discounted_returns": ("advantages", ("float32",)),

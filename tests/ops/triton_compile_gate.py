@@ -49,6 +49,7 @@ POLICY_KERNELS_FILE = REPO / "kernels" / "policy.py"
 GAE_KERNELS_FILE = REPO / "kernels" / "gae.py"
 ADVANTAGES_KERNELS_FILE = REPO / "kernels" / "advantages.py"
 LINEAR_KERNELS_FILE = REPO / "kernels" / "linear_logprobs.py"
+DIVERGENCE_KERNELS_FILE = REPO / "kernels" / "divergence.py"
 DTYPES = ("float32", "bfloat16", "float16")
 # Pointer arguments that address [B, T, V]-sized tensors: their offsets must be 64-bit.
 LARGE_POINTERS = ("logits_ptr", "grad_logits_ptr")
@@ -288,6 +289,31 @@ def _linear_launcher_calls(module):
                                                       hidden, weight, bias, labels, norm, torch.zeros(N), **common)
 
 
+DIVERGENCE_LARGE_POINTERS = ("s_ptr", "t_ptr", "a_ptr", "b_ptr", "out_ptr")
+DIVERGENCE_STRIDES = ("s_sb", "s_st", "s_sv", "t_sb", "t_st", "t_sv", "a_sb", "a_st", "a_sv", "b_sb", "b_st", "b_sv")
+
+
+def _divergence_launcher_calls(module):
+    """kernels/divergence.py's launchers over every input kind: each dtype, every divergence kind,
+    softcap on either model, contiguous and strided vocabularies, the entropy asked or not."""
+    import torch
+
+    B, T = 2, 3
+    N = B * T
+    valid, ones, stats = torch.ones(N, dtype=torch.bool), torch.ones(N), torch.zeros(N, 6)
+    for dtype_name, caps, strided, vocab in itertools.product(
+        DTYPES, ((0.0, 0.0), (30.0, 0.0), (0.0, 30.0)), ((False, False), (True, False), (False, True)), VOCABS
+    ):
+        dtype = getattr(torch, dtype_name)
+        student = _vocab_logits(dtype, vocab, strided[0], B, T)
+        teacher = _vocab_logits(dtype, vocab, strided[1], B, T)
+        transform = (0.7, 1.0, caps[0], 1.0, caps[1])
+        for kind, with_entropy in itertools.product(range(4), (False, True)):
+            module.token_divergence_forward(student, teacher, valid, kind, 0.3, 0.3, 0.7, *transform, with_entropy)
+        for kind in range(4):
+            module.token_divergence_backward(ones, student, teacher, valid, stats, kind, 0.3, 0.3, 0.7, *transform)
+
+
 # Which launcher calls and which offset rules go with a kernels file, by its name.
 LAUNCHERS = {
     "logprobs": _launcher_calls,
@@ -295,6 +321,7 @@ LAUNCHERS = {
     "gae": _gae_launcher_calls,
     "advantages": _advantages_launcher_calls,
     "linear_logprobs": _linear_launcher_calls,
+    "divergence": _divergence_launcher_calls,
 }
 OFFSET_RULES = {
     "logprobs": (LARGE_POINTERS, STRIDES),
@@ -302,6 +329,7 @@ OFFSET_RULES = {
     "gae": (GAE_LARGE_POINTERS, GAE_STRIDES),
     "advantages": (ADVANTAGES_LARGE_POINTERS, ()),
     "linear_logprobs": (LINEAR_LARGE_POINTERS, LINEAR_STRIDES),
+    "divergence": (DIVERGENCE_LARGE_POINTERS, DIVERGENCE_STRIDES),
 }
 
 
@@ -700,9 +728,9 @@ def main(argv=None) -> int:
     parser.add_argument("--verbose", action="store_true", help="one line per compiled variant")
     parser.add_argument("--kernels", type=Path, nargs="+",
                         default=[KERNELS_FILE, POLICY_KERNELS_FILE, GAE_KERNELS_FILE, ADVANTAGES_KERNELS_FILE,
-                                 LINEAR_KERNELS_FILE],
-                        help="the kernels files to check (named logprobs.py, policy.py, gae.py, advantages.py "
-                             "or linear_logprobs.py)")
+                                 LINEAR_KERNELS_FILE, DIVERGENCE_KERNELS_FILE],
+                        help="the kernels files to check (named logprobs.py, policy.py, gae.py, advantages.py, "
+                             "linear_logprobs.py or divergence.py)")
     args = parser.parse_args(argv)
 
     import warnings

@@ -1,0 +1,120 @@
+"""Distillation losses: a per-token student-teacher divergence (`token_divergence`) reduced the way
+TRL's distillation trainers reduce it, with the metric they log.
+
+TRL 1.16's `DistillationTrainer` (`_chunked_divergence_loss`) sums the divergence over the
+completion tokens and divides by `num_items_in_batch` when given, else by this batch's count of
+those tokens (at least 1); it logs the mean student entropy over them as "entropy".
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from .divergence import DIVERGENCES, divergence_params, token_divergence
+from .policy_inputs import check_total
+from .types import LossOutput
+
+REDUCTIONS = ("mean", "sum")
+
+
+def _check_reduction(reduction: object) -> str:
+    if reduction not in REDUCTIONS:
+        raise ValueError(f"reduction: expected one of {', '.join(map(repr, REDUCTIONS))}, got {reduction!r}")
+    return reduction
+
+
+def distillation_loss(
+    student_logits: torch.Tensor,
+    teacher_logits: torch.Tensor,
+    *,
+    completion_mask: torch.Tensor | None = None,
+    labels: torch.Tensor | None = None,
+    ignore_index: int = -100,
+    divergence: str = "jsd",
+    beta: float = 0.5,
+    skew: float = 0.1,
+    temperature: float = 1.0,
+    student_logit_scale: float = 1.0,
+    student_softcap: float | None = None,
+    teacher_logit_scale: float = 1.0,
+    teacher_softcap: float | None = None,
+    reduction: str = "mean",
+    num_items_in_batch: torch.Tensor | float | None = None,
+) -> LossOutput:
+    """The distillation loss between the student's and the teacher's logits, and TRL's metric.
+
+    Args:
+        student_logits, teacher_logits: `[..., V]` aligned position by position (both models'
+            `logits[:, :-1]` over the same sequences); the teacher's are usually computed under
+            no_grad, and get a gradient only if they require one.
+        completion_mask, labels: the positions that count: `completion_mask` nonzero and `labels`
+            not `ignore_index` (either or both; neither: every position).
+        divergence, beta, skew, temperature, *_logit_scale, *_softcap: as `token_divergence`
+            (TRL's `beta`: 0 forward KL, 1 reverse KL, else the generalized JSD).
+        reduction: "mean" (over the counted positions; `num_items_in_batch` replaces their count,
+            as TRL's gradient-accumulation-correct normalizer) or "sum".
+
+    Returns:
+        LossOutput(loss, {"entropy": the student's mean entropy over the counted positions}).
+    """
+    _check_reduction(reduction)
+    if num_items_in_batch is not None:
+        if reduction != "mean":
+            raise ValueError("num_items_in_batch: only used with reduction='mean' (it replaces the token count)")
+        check_total("num_items_in_batch", num_items_in_batch, zero_ok=False)
+    out = token_divergence(
+        student_logits, teacher_logits, divergence=divergence, beta=beta, skew=skew, temperature=temperature,
+        student_logit_scale=student_logit_scale, student_softcap=student_softcap,
+        teacher_logit_scale=teacher_logit_scale, teacher_softcap=teacher_softcap, mask=completion_mask,
+        labels=labels, ignore_index=ignore_index, outputs=("entropy",),
+    )
+    valid = torch.ones_like(out.divergence, dtype=torch.bool)
+    if completion_mask is not None:
+        valid = valid & (completion_mask != 0)
+    if labels is not None:
+        valid = valid & (labels != ignore_index)
+    count = valid.sum()
+    total = out.divergence.sum()
+    if reduction == "sum":
+        loss = total
+    elif num_items_in_batch is not None:
+        loss = total / torch.as_tensor(num_items_in_batch, device=total.device).to(total.dtype)
+    else:
+        loss = total / count.clamp(min=1).to(total.dtype)
+    entropy = out.entropy.sum() / count.clamp(min=1).to(out.entropy.dtype)
+    return LossOutput(loss, {"entropy": entropy.detach().float()})
+
+
+class DistillationLoss(nn.Module):
+    """`distillation_loss` with its options fixed (and checked) at construction.
+
+    >>> loss_fn = DistillationLoss(beta=0.5, temperature=0.9)
+    >>> out = loss_fn(student_logits, teacher_logits, completion_mask=mask, num_items_in_batch=n)
+    """
+
+    def __init__(self, *, divergence: str = "jsd", beta: float = 0.5, skew: float = 0.1, temperature: float = 1.0,
+                 student_logit_scale: float = 1.0, student_softcap: float | None = None,
+                 teacher_logit_scale: float = 1.0, teacher_softcap: float | None = None, reduction: str = "mean",
+                 ignore_index: int = -100):
+        super().__init__()
+        divergence_params(divergence, beta, skew)
+        _check_reduction(reduction)
+        self.options = dict(divergence=divergence, beta=beta, skew=skew, temperature=temperature,
+                            student_logit_scale=student_logit_scale, student_softcap=student_softcap,
+                            teacher_logit_scale=teacher_logit_scale, teacher_softcap=teacher_softcap,
+                            reduction=reduction, ignore_index=ignore_index)
+        # Checked now, not at the first step: a tiny call validates every transform option.
+        probe = torch.zeros(1, 2)
+        distillation_loss(probe, probe, **self.options)
+
+    def forward(self, student_logits, teacher_logits, *, completion_mask=None, labels=None,
+                num_items_in_batch=None) -> LossOutput:
+        return distillation_loss(student_logits, teacher_logits, completion_mask=completion_mask, labels=labels,
+                                 num_items_in_batch=num_items_in_batch, **self.options)
+
+    def extra_repr(self) -> str:
+        return ", ".join(f"{k}={v!r}" for k, v in self.options.items())
+
+
+__all__ = ["DIVERGENCES", "DistillationLoss", "distillation_loss"]
