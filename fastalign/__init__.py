@@ -12,6 +12,7 @@ from .distillation import DistillationLoss, distillation_loss
 from .divergence import TokenDivergence, token_divergence
 from .dpo import DPOLoss, dpo_loss, dpo_loss_from_logits, dpo_options
 from .gae import GAEOutput, gae
+from .linear_divergence import linear_token_divergence
 from .linear_logprobs import linear_token_logprobs
 from .grpo import GRPOLoss, grpo_loss, grpo_options, vllm_importance_sampling_ratio
 from .ppo import PPOLoss, ppo_loss, ppo_options
@@ -49,6 +50,7 @@ __all__ = [
     "dpo_loss_from_logits",
     "dpo_options",
     "gae",
+    "linear_token_divergence",
     "linear_token_logprobs",
     "GRPOLoss",
     "grpo_loss",

@@ -25,9 +25,15 @@ def _check_reduction(reduction: object) -> str:
 
 
 def distillation_loss(
-    student_logits: torch.Tensor,
-    teacher_logits: torch.Tensor,
+    student_logits: torch.Tensor | None = None,
+    teacher_logits: torch.Tensor | None = None,
     *,
+    student_hidden: torch.Tensor | None = None,
+    student_weight: torch.Tensor | None = None,
+    student_bias: torch.Tensor | None = None,
+    teacher_hidden: torch.Tensor | None = None,
+    teacher_weight: torch.Tensor | None = None,
+    teacher_bias: torch.Tensor | None = None,
     completion_mask: torch.Tensor | None = None,
     labels: torch.Tensor | None = None,
     ignore_index: int = -100,
@@ -48,6 +54,9 @@ def distillation_loss(
         student_logits, teacher_logits: `[..., V]` aligned position by position (both models'
             `logits[:, :-1]` over the same sequences); the teacher's are usually computed under
             no_grad, and get a gradient only if they require one.
+        student_hidden, student_weight, student_bias, teacher_hidden, teacher_weight, teacher_bias:
+            in place of the logits, each model's hidden states `[..., H]` and lm_head (its own H;
+            one V): neither `[N, V]` logits tensor is ever formed (`linear_token_divergence`).
         completion_mask, labels: the positions that count: `completion_mask` nonzero and `labels`
             not `ignore_index` (either or both; neither: every position).
         divergence, beta, skew, temperature, *_logit_scale, *_softcap: as `token_divergence`
@@ -63,12 +72,30 @@ def distillation_loss(
         if reduction != "mean":
             raise ValueError("num_items_in_batch: only used with reduction='mean' (it replaces the token count)")
         check_total("num_items_in_batch", num_items_in_batch, zero_ok=False)
-    out = token_divergence(
-        student_logits, teacher_logits, divergence=divergence, beta=beta, skew=skew, temperature=temperature,
-        student_logit_scale=student_logit_scale, student_softcap=student_softcap,
-        teacher_logit_scale=teacher_logit_scale, teacher_softcap=teacher_softcap, mask=completion_mask,
-        labels=labels, ignore_index=ignore_index, outputs=("entropy",),
-    )
+    options = dict(divergence=divergence, beta=beta, skew=skew, temperature=temperature,
+                   student_logit_scale=student_logit_scale, student_softcap=student_softcap,
+                   teacher_logit_scale=teacher_logit_scale, teacher_softcap=teacher_softcap, mask=completion_mask,
+                   labels=labels, ignore_index=ignore_index, outputs=("entropy",))
+    heads = (student_hidden, student_weight, student_bias, teacher_hidden, teacher_weight, teacher_bias)
+    if any(t is not None for t in heads):
+        if student_logits is not None or teacher_logits is not None:
+            raise ValueError("student_logits / student_hidden: pass either both models' logits or both models' "
+                             "hidden states with their lm_head weights, not both")
+        missing = [name for name, t in (("student_hidden", student_hidden), ("student_weight", student_weight),
+                                        ("teacher_hidden", teacher_hidden), ("teacher_weight", teacher_weight))
+                   if t is None]
+        if missing:
+            raise ValueError(f"{', '.join(missing)}: the hidden-states level needs both models' hidden states and "
+                             "lm_head weights")
+        from .linear_divergence import linear_token_divergence
+
+        out = linear_token_divergence(student_hidden, student_weight, teacher_hidden, teacher_weight,
+                                      student_bias=student_bias, teacher_bias=teacher_bias, **options)
+    else:
+        if student_logits is None or teacher_logits is None:
+            raise ValueError("student_logits / teacher_logits: both models' logits are needed (or their hidden "
+                             "states and lm_head weights)")
+        out = token_divergence(student_logits, teacher_logits, **options)
     valid = torch.ones_like(out.divergence, dtype=torch.bool)
     if completion_mask is not None:
         valid = valid & (completion_mask != 0)
@@ -108,10 +135,10 @@ class DistillationLoss(nn.Module):
         probe = torch.zeros(1, 2)
         distillation_loss(probe, probe, **self.options)
 
-    def forward(self, student_logits, teacher_logits, *, completion_mask=None, labels=None,
-                num_items_in_batch=None) -> LossOutput:
+    def forward(self, student_logits=None, teacher_logits=None, *, completion_mask=None, labels=None,
+                num_items_in_batch=None, **heads) -> LossOutput:
         return distillation_loss(student_logits, teacher_logits, completion_mask=completion_mask, labels=labels,
-                                 num_items_in_batch=num_items_in_batch, **self.options)
+                                 num_items_in_batch=num_items_in_batch, **heads, **self.options)
 
     def extra_repr(self) -> str:
         return ", ".join(f"{k}={v!r}" for k, v in self.options.items())

@@ -1,0 +1,105 @@
+"""linear_token_divergence / distillation_loss from hidden states: equal to token_divergence on the
+materialized logits (every backend, blocks of a few tokens, gradients of both models' hidden states,
+weights and biases), equal to TRL's DistillationTrainer loss with a teacher wider than the student,
+and the argument errors."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from conftest import DEVICE, backend_params
+from peers import require
+
+import fastalign
+from fastalign import linear_token_divergence, token_divergence
+
+V, HS, HT = 41, 12, 20
+
+
+def heads(dtype=torch.float64, n=(2, 5)):
+    g = torch.Generator().manual_seed(5)
+
+    def rand(*shape, scale=1.0):
+        return (torch.randn(*shape, generator=g, dtype=torch.float64) * scale).to(DEVICE, dtype)
+
+    return dict(student_hidden=rand(*n, HS), student_weight=rand(V, HS, scale=0.6), student_bias=rand(V, scale=0.3),
+                teacher_hidden=rand(*n, HT), teacher_weight=rand(V, HT, scale=0.5), teacher_bias=rand(V, scale=0.3))
+
+
+@pytest.mark.parametrize("backend", backend_params())
+@pytest.mark.parametrize("divergence, options", [
+    ("jsd", dict(beta=0.4)), ("forward_kl", dict(temperature=0.8, student_softcap=3.0)),
+    ("reverse_kl", dict(teacher_logit_scale=0.7)), ("skew_reverse_kl", dict(skew=0.2)), ("tv", {}),
+])
+def test_equals_token_divergence_on_materialized_logits(divergence, options, backend):
+    dtype = torch.float32 if backend == "triton" else torch.float64
+    tol = dict(rtol=1e-4, atol=1e-5) if dtype == torch.float32 else dict(rtol=1e-10, atol=1e-12)
+    mask = torch.tensor([[1, 1, 0, 1, 1], [0, 1, 1, 1, 0]], device=DEVICE)
+    leaves = {k: v.clone().requires_grad_() for k, v in heads(dtype).items()}
+    with fastalign.use_backend(backend):
+        got = linear_token_divergence(**leaves, divergence=divergence, mask=mask, outputs=("entropy",),
+                                      rows_per_block=3, **options)
+        (got.divergence * torch.arange(10.0, device=DEVICE, dtype=dtype).view(2, 5)).sum().backward()
+    want_leaves = {k: v.detach().clone().requires_grad_() for k, v in heads(dtype).items()}
+    w = want_leaves
+    s = w["student_hidden"] @ w["student_weight"].T + w["student_bias"]
+    t = w["teacher_hidden"] @ w["teacher_weight"].T + w["teacher_bias"]
+    with fastalign.use_backend("reference"):
+        want = token_divergence(s, t, divergence=divergence, mask=mask, outputs=("entropy",), **options)
+    (want.divergence * torch.arange(10.0, device=DEVICE, dtype=dtype).view(2, 5)).sum().backward()
+    torch.testing.assert_close(got.divergence, want.divergence, **tol)
+    torch.testing.assert_close(got.entropy, want.entropy, **tol)
+    for name in leaves:
+        torch.testing.assert_close(leaves[name].grad, want_leaves[name].grad, **tol, msg=lambda m: f"{name}: {m}")
+
+
+@pytest.mark.parametrize("beta", [0.0, 0.5, 1.0])
+def test_distillation_loss_from_hidden_states_equals_trl(beta):
+    """TRL's DistillationTrainer loss on the same heads: a teacher 20 wide, a student 12 wide."""
+    trl_loss = require("trl.trainer.distillation_trainer")._chunked_divergence_loss
+    h = heads(torch.float32)
+    mask = torch.tensor([[1, 1, 0, 1, 1], [0, 1, 1, 1, 0]])
+    transform = dict(temperature=0.9, student_logit_scale=1.3, teacher_final_logit_softcapping=4.0)
+    trl_leaves = {k: h[k].clone().requires_grad_() for k in ("student_hidden", "student_weight", "student_bias")}
+    loss, entropy_sum, n_valid = trl_loss(
+        trl_leaves["student_hidden"], h["teacher_hidden"], trl_leaves["student_weight"], h["teacher_weight"], mask,
+        beta, num_items_in_batch=torch.tensor(9), student_lm_head_bias=trl_leaves["student_bias"],
+        teacher_lm_head_bias=h["teacher_bias"], **transform)
+    loss.backward()
+    ours = {k: h[k].clone().requires_grad_() for k in trl_leaves}
+    out = fastalign.distillation_loss(
+        **ours, teacher_hidden=h["teacher_hidden"], teacher_weight=h["teacher_weight"], teacher_bias=h["teacher_bias"],
+        completion_mask=mask, beta=beta, num_items_in_batch=torch.tensor(9), temperature=0.9, student_logit_scale=1.3,
+        teacher_softcap=4.0)
+    out.loss.backward()
+    torch.testing.assert_close(out.loss, loss, rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(out.metrics["entropy"], entropy_sum / n_valid, rtol=1e-5, atol=1e-6)
+    for name in ours:
+        torch.testing.assert_close(ours[name].grad, trl_leaves[name].grad, rtol=1e-4, atol=1e-6, msg=name)
+
+
+@pytest.mark.parametrize(
+    "change, match",
+    [
+        (dict(teacher_weight=torch.zeros(V + 1, HT)), r"^teacher_weight: expected the student's vocabulary V = 41"),
+        (dict(student_weight=torch.zeros(V, HS + 1)), r"^student_weight: expected the lm_head weight \[V, 12\]"),
+        (dict(teacher_hidden=torch.zeros(2, 4, HT)), r"^teacher_hidden: expected leading dims \(2, 5\)"),
+        (dict(teacher_bias=torch.zeros(V - 1)), r"^teacher_bias: expected a tensor of shape \(41,\)"),
+        (dict(student_hidden=torch.zeros(2, 5, HS, dtype=torch.int64)), r"^student_hidden: expected a floating"),
+    ],
+)
+def test_bad_heads_are_named(change, match):
+    h = {k: v.float() for k, v in heads().items()}
+    h.update({k: v.to(DEVICE) if v.is_floating_point() and v.dtype != torch.float32 else v.to(DEVICE)
+              for k, v in change.items()})
+    with pytest.raises((ValueError, TypeError), match=match):
+        linear_token_divergence(**h)
+
+
+def test_distillation_loss_levels_are_exclusive():
+    h = heads()
+    s = h["student_hidden"] @ h["student_weight"].T
+    with pytest.raises(ValueError, match=r"^student_logits / student_hidden: pass either"):
+        fastalign.distillation_loss(s, s, **h)
+    with pytest.raises(ValueError, match=r"^teacher_hidden, teacher_weight: the hidden-states level needs"):
+        fastalign.distillation_loss(student_hidden=h["student_hidden"], student_weight=h["student_weight"])
