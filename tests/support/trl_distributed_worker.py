@@ -77,9 +77,21 @@ def dpo_trainer(model_dir, output_dir):
                       processing_class=tiny_trl.tokenizer())
 
 
+def distillation_trainer(model_dir, output_dir):
+    from datasets import Dataset
+    from trl import DistillationConfig, DistillationTrainer
+
+    args = DistillationConfig(**tiny_trl.common_args(output_dir, max_steps=2, per_device_train_batch_size=2),
+                              beta=0.5, temperature=0.9, max_completion_length=6)
+    teacher = tiny_trl.causal_lm(seed=1, hidden_size=96, intermediate_size=160)
+    return DistillationTrainer(model=tiny_trl.causal_lm(seed=0), teacher_model=teacher, args=args,
+                               train_dataset=Dataset.from_list(tiny_trl.prompt_rows(16)),
+                               processing_class=tiny_trl.tokenizer())
+
+
 def main():
     parser = argparse.ArgumentParser()
-    parser.add_argument("--trainer", choices=("grpo", "dpo", "rloo", "kto", "reward"), required=True)
+    parser.add_argument("--trainer", choices=("grpo", "dpo", "rloo", "kto", "reward", "distillation"), required=True)
     parser.add_argument("--fastalign", action="store_true")
     parser.add_argument("--model-dir", required=True)
     parser.add_argument("--out", required=True)
@@ -88,9 +100,10 @@ def main():
     if opts.fastalign:
         from fastalign.integrations import trl as fa_trl
 
-        fa_trl.patch(trainers=(opts.trainer,))
+        # The DistillationTrainer's divergence is a fused head: no loss method to replace.
+        fa_trl.patch(trainers=() if opts.trainer == "distillation" else (opts.trainer,))
     make = {"grpo": grpo_trainer, "dpo": dpo_trainer, "rloo": rloo_trainer, "kto": kto_trainer,
-            "reward": reward_trainer}[opts.trainer]
+            "reward": reward_trainer, "distillation": distillation_trainer}[opts.trainer]
     torch.manual_seed(0)
     extra = {"zero3": True} if opts.zero3 else {}
     logs = tiny_trl.train_logs(lambda: make(opts.model_dir, os.path.dirname(opts.out), **extra))

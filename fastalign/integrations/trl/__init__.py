@@ -1,18 +1,21 @@
 """One call switches TRL 1.16's trainers to fastalign; another restores stock TRL.
 
     import fastalign.integrations.trl as fa_trl
-    fa_trl.patch()      # every DPO / GRPO / KTO / RLOO / SFT / Reward trainer, built before or after
+    fa_trl.patch()      # every DPO / GRPO / KTO / RLOO / SFT / Reward / Distillation / GKD trainer
     trainer.train()
     fa_trl.unpatch()    # stock TRL again
 
 Two layers, both looked up by TRL at call time (so trainers built before `patch()` switch too):
 
-* log-probs: the fused LM head that DPO, GRPO, KTO, RLOO and SFT run for the policy and the
+* fused heads: the fused LM head that DPO, GRPO, KTO, RLOO and SFT run for the policy and the
   reference model (`add_fused_lm_head`) is served by `fastalign.linear_token_logprobs`
-  (`lm_head.py`), and only the counted tokens are projected (TRL's "compact" mode, on every device);
+  (`lm_head.py`), and the DistillationTrainer's fused student-teacher divergence by
+  `fastalign.linear_token_divergence` (`distillation.py`); only the counted tokens are projected
+  (TRL's "compact" mode, on every device);
 * losses (`losses=True`): the trainers' loss methods (`GRPOTrainer._compute_loss`, ...) are
   replaced by ones that keep TRL's forward passes and run fastalign's loss on their outputs,
-  logging TRL's metric names with TRL's reductions across processes.
+  logging TRL's metric names with TRL's reductions across processes; GKD's
+  `generalized_jsd_loss` is served by `fastalign.token_divergence`.
 
 An option a replaced loss cannot serve raises a ValueError naming it when the trainer is built
 (or, for a trainer built before `patch()`, at its first loss), never a fallback to other math.
@@ -35,6 +38,11 @@ LOSSES = {
     "rloo": ("trl.trainer.rloo_trainer", "RLOOTrainer", "_compute_loss", "rloo"),
     "reward": ("trl.trainer.reward_trainer", "RewardTrainer", "compute_loss", "reward"),
 }
+# trainer name -> (TRL module, class, static loss method) replaced by fastalign.integrations.trl.distillation's
+STATIC_LOSSES = {
+    "gkd": ("trl.experimental.gkd.gkd_trainer", "GKDTrainer", "generalized_jsd_loss"),
+}
+TRAINERS = (*LOSSES, *STATIC_LOSSES)
 
 _SWAPS = Swaps()
 
@@ -44,9 +52,9 @@ def is_patched() -> bool:
 
 
 def patch(*, lm_head: bool = True, losses: bool = True, trainers: tuple[str, ...] | None = None) -> None:
-    """Routes TRL's fused LM head (`lm_head`) and the loss methods (`losses`) of `trainers` (names
-    from LOSSES, or one name; default: all of them) through fastalign. Calling it twice is an error:
-    undo first."""
+    """Routes TRL's fused heads (`lm_head`: the log-prob head and the DistillationTrainer's
+    divergence) and the loss methods (`losses`) of `trainers` (names from TRAINERS, or one name;
+    default: all of them) through fastalign. Calling it twice is an error: undo first."""
     if _SWAPS:
         raise RuntimeError("fastalign.integrations.trl is already patched; call unpatch() first")
     # Checked before TRL is imported (seconds), so that a typo fails at once and names itself.
@@ -55,13 +63,16 @@ def patch(*, lm_head: bool = True, losses: bool = True, trainers: tuple[str, ...
     if isinstance(trainers, str):
         trainers = (trainers,)
     elif trainers is not None and not isinstance(trainers, (tuple, list, set, frozenset)):
-        raise TypeError(f"trainers: expected trainer names from {sorted(LOSSES)}, got {type(trainers).__name__}")
-    chosen = tuple(LOSSES) if trainers is None else tuple(trainers)
-    unknown = [t for t in chosen if t not in LOSSES]
+        raise TypeError(f"trainers: expected trainer names from {sorted(TRAINERS)}, got {type(trainers).__name__}")
+    chosen = TRAINERS if trainers is None else tuple(trainers)
+    unknown = [t for t in chosen if t not in TRAINERS]
     if unknown:
-        raise ValueError(f"trainers: unknown {unknown}; expected names from {sorted(LOSSES)}")
+        raise ValueError(f"trainers: unknown {unknown}; expected names from {sorted(TRAINERS)}")
     import trl.trainer.utils as trl_utils
 
+    import trl.trainer.distillation_trainer as trl_distillation
+
+    from . import distillation
     from .lm_head import FastalignChunkedLogProb
 
     for name in ("_ChunkedLogProbFunction", "_use_triton"):
@@ -75,8 +86,15 @@ def patch(*, lm_head: bool = True, losses: bool = True, trainers: tuple[str, ...
             # Compact mode everywhere: TRL then hands over only the counted tokens, so ignored
             # positions cost no matmul (TRL itself does this only on Triton devices).
             _SWAPS.swap(trl_utils, "_use_triton", lambda device: True)
+            _SWAPS.swap(trl_distillation, "ChunkedDivergenceFunction", distillation.ChunkedDivergence)
+            _SWAPS.swap(trl_distillation, "_use_triton", lambda device: True)
         if losses:
             for trainer in chosen:
+                if trainer in STATIC_LOSSES:
+                    module_name, class_name, method = STATIC_LOSSES[trainer]
+                    cls = getattr(importlib.import_module(module_name), class_name)
+                    _SWAPS.swap(cls, method, staticmethod(getattr(distillation, method)))
+                    continue
                 module_name, class_name, method, ours = LOSSES[trainer]
                 cls = getattr(importlib.import_module(module_name), class_name)
                 impl = importlib.import_module(f"{__name__}.{ours}")
