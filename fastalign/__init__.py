@@ -21,6 +21,7 @@ from .logprobs import token_logprobs
 from .orpo import ORPOLoss, orpo_loss, orpo_loss_from_logits, orpo_options
 from .reward import RewardLoss, bradley_terry_loss, reward_loss, reward_options
 from .rloo import RLOOLoss, rloo_loss, rloo_options
+from .topk_divergence import topk_token_divergence
 # Internal since the losses take hidden=, weight=, bias=; importable for code that built it (passing it
 # as logits is deprecated).
 from .types import HiddenStates, TokenLogprobs
@@ -74,5 +75,6 @@ __all__ = [
     "rloo_options",
     "token_divergence",
     "token_logprobs",
+    "topk_token_divergence",
     "use_backend",
 ]

@@ -34,6 +34,9 @@ def distillation_loss(
     teacher_hidden: torch.Tensor | None = None,
     teacher_weight: torch.Tensor | None = None,
     teacher_bias: torch.Tensor | None = None,
+    teacher_ids: torch.Tensor | None = None,
+    teacher_logps: torch.Tensor | None = None,
+    topk_form: str = "tail",
     completion_mask: torch.Tensor | None = None,
     labels: torch.Tensor | None = None,
     ignore_index: int = -100,
@@ -57,6 +60,9 @@ def distillation_loss(
         student_hidden, student_weight, student_bias, teacher_hidden, teacher_weight, teacher_bias:
             in place of the logits, each model's hidden states `[..., H]` and lm_head (its own H;
             one V): neither `[N, V]` logits tensor is ever formed (`linear_token_divergence`).
+        teacher_ids, teacher_logps, topk_form: in place of the teacher's logits, its top-k token ids
+            and log-probs `[..., k]` (an inference server's answer), as `topk_token_divergence` takes
+            them ("tail" or "renormalized"); the student's full logits are read once.
         completion_mask, labels: the positions that count: `completion_mask` nonzero and `labels`
             not `ignore_index` (either or both; neither: every position).
         divergence, beta, skew, temperature, *_logit_scale, *_softcap: as `token_divergence`
@@ -77,7 +83,17 @@ def distillation_loss(
                    teacher_logit_scale=teacher_logit_scale, teacher_softcap=teacher_softcap, mask=completion_mask,
                    labels=labels, ignore_index=ignore_index, outputs=("entropy",))
     heads = (student_hidden, student_weight, student_bias, teacher_hidden, teacher_weight, teacher_bias)
-    if any(t is not None for t in heads):
+    if teacher_ids is not None or teacher_logps is not None:
+        if teacher_logits is not None or any(t is not None for t in heads):
+            raise ValueError("teacher_ids / teacher_logps: a top-k teacher goes with student_logits alone (not with "
+                             "teacher_logits or hidden states)")
+        if teacher_ids is None or teacher_logps is None:
+            raise ValueError("teacher_ids / teacher_logps: a top-k teacher needs both its ids and its log-probs")
+        from .topk_divergence import topk_token_divergence
+
+        topk_options = {k: v for k, v in options.items() if k not in ("teacher_logit_scale", "teacher_softcap")}
+        out = topk_token_divergence(student_logits, teacher_ids, teacher_logps, form=topk_form, **topk_options)
+    elif any(t is not None for t in heads):
         if student_logits is not None or teacher_logits is not None:
             raise ValueError("student_logits / student_hidden: pass either both models' logits or both models' "
                              "hidden states with their lm_head weights, not both")

@@ -103,3 +103,28 @@ def test_distillation_loss_levels_are_exclusive():
         fastalign.distillation_loss(s, s, **h)
     with pytest.raises(ValueError, match=r"^teacher_hidden, teacher_weight: the hidden-states level needs"):
         fastalign.distillation_loss(student_hidden=h["student_hidden"], student_weight=h["student_weight"])
+
+
+@pytest.mark.parametrize("beta", [0.0, 0.5, 1.0])
+def test_distillation_loss_equals_liger_fused_linear_jsd(beta):
+    """Liger's LigerFusedLinearJSDLoss with its hard (cross-entropy) term off: the same mean JSD over
+    the tokens whose label is not -100, and the same student gradients. (Liger also pads a smaller
+    student vocabulary with zero logits to the teacher's; fastalign requires one vocabulary.)"""
+    LigerFusedLinearJSDLoss = require("liger_kernel.chunked_loss").LigerFusedLinearJSDLoss
+    h = heads(torch.float32, n=(10,))
+    labels = torch.randint(0, V, (10,), generator=torch.Generator().manual_seed(1))
+    labels[[2, 7]] = -100
+    liger = LigerFusedLinearJSDLoss(weight_hard_loss=0.0, weight_soft_loss=1.0, beta=beta, temperature=0.8,
+                                    compiled=False)
+    student = ("student_hidden", "student_weight", "student_bias")
+    theirs = {k: h[k].clone().requires_grad_() for k in student}
+    want = liger(theirs["student_hidden"], theirs["student_weight"], h["teacher_hidden"], h["teacher_weight"], labels,
+                 theirs["student_bias"], h["teacher_bias"])
+    want.backward()
+    ours = {k: h[k].clone().requires_grad_() for k in student}
+    got = fastalign.distillation_loss(**ours, teacher_hidden=h["teacher_hidden"], teacher_weight=h["teacher_weight"],
+                                      teacher_bias=h["teacher_bias"], labels=labels, beta=beta, temperature=0.8)
+    got.loss.backward()
+    torch.testing.assert_close(got.loss, want, rtol=1e-5, atol=1e-6)
+    for name in student:
+        torch.testing.assert_close(ours[name].grad, theirs[name].grad, rtol=1e-4, atol=1e-6, msg=name)
