@@ -7,8 +7,9 @@
 #                  tests take about 3)
 #   make bench     the headline benchmarks (about 6 minutes on a quiet 2-core CPU): a line per row
 #                  as it finishes, each row kept in build/bench/last-run.jsonl at once, then markdown
-#                  tables and a chart in bench/results/<device>*. FULL=1 adds the hidden-states and
-#                  training-step suites (about 35 minutes in all). BENCH_ARGS="-k fwd" narrows the
+#                  tables and a chart in bench/results/<device>*. FULL=1 adds the hidden-states,
+#                  distillation and training-step suites (about 75 minutes in all; the distillation
+#                  suite's unfused and peer rows take 5 minutes each at 4096 tokens). BENCH_ARGS="-k fwd" narrows the
 #                  set and FASTALIGN_BENCH_QUICK=1 shrinks the shapes; both write to build/bench/.
 #                  A stopped run still gets its report, from the rows it finished.
 #   make gpu-check the first thing to run on a new GPU: one script (about 8 minutes) that checks

@@ -82,6 +82,21 @@ TARGETS = [
         for op, peer in (("linear_token_logprobs", "trl"), ("linear_grpo_loss", "liger"))
         for shape in ([4096, 1024, 32000], [2048, 512, 151936])
     ),
+    # Issue targets for distillation from hidden states: faster and leaner than TRL's and Liger's fused
+    # functions, and at most a tenth of the unfused path's peak memory.
+    *(
+        {
+            "device": "cpu",
+            "op": "linear_distillation_jsd",
+            "pass": "fwd+bwd",
+            "shape": shape,
+            "dtype": "float32",
+            "impl": "native",
+            "max": {"trl": 1.0, "liger": 1.0},
+            "max_memory": {"eager": 0.1, "trl": 1.0, "liger": 1.0},
+        }
+        for shape in ([4096, 1024, 2048, 32000], [2048, 512, 1024, 151936])
+    ),
     {
         "device": "cpu",
         "op": "gae",
@@ -116,7 +131,15 @@ LEGEND = [
         "(ported from TRL 0.x); for group_advantages, TRL 1.16 GRPO's vectorized advantage code; "
         "for linear_token_logprobs, TRL's `ChunkedLogProbFunction` (what `add_fused_lm_head` runs)",
     ),
-    ("Liger", "Liger-Kernel's `LigerFusedLinearGRPOLoss` (linear_grpo_loss: the same dapo objective from hidden states)"),
+    ("Liger", "Liger-Kernel's `LigerFusedLinearGRPOLoss` (linear_grpo_loss: the same dapo objective from hidden "
+              "states); for linear_distillation_jsd, `LigerFusedLinearJSDLoss` (hard loss weight 0)"),
+    (
+        "linear_distillation_jsd",
+        "the mean generalized JSD (beta 0.5) between a student and a teacher twice as wide, from both models' hidden "
+        "states and lm_heads, gradients to the student's hidden states and weight (bench/bench_distillation.py); "
+        "shape is tokens × student width × teacher width × vocab; eager = both logits materialized, then "
+        "`fastalign.reference.token_divergence`; TRL = `ChunkedDivergenceFunction` (DistillationTrainer's)",
+    ),
     (
         "*_train_step",
         "one optimizer step of TRL 1.16's DPOTrainer / GRPOTrainer on a Llama with vocab 32,000 (hidden 256, "
@@ -128,7 +151,8 @@ LEGEND = [
 
 
 # Ops reported in files of their own, by name suffix: each suite is its own table and chart.
-SUITES = (("-linear", lambda op: op.startswith("linear_")), ("-trainer", lambda op: op.endswith("_train_step")))
+SUITES = (("-distillation", lambda op: "distillation" in op), ("-linear", lambda op: op.startswith("linear_")),
+          ("-trainer", lambda op: op.endswith("_train_step")))
 
 
 def suite(op: str) -> str:

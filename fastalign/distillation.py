@@ -103,6 +103,10 @@ def distillation_loss(
         if missing:
             raise ValueError(f"{', '.join(missing)}: the hidden-states level needs both models' hidden states and "
                              "lm_head weights")
+        teacher_grad = any(t is not None and t.requires_grad for t in (teacher_hidden, teacher_weight, teacher_bias))
+        if torch.is_grad_enabled() and not teacher_grad:
+            return _one_pass_from_hidden(student_hidden, student_weight, student_bias, teacher_hidden, teacher_weight,
+                                         teacher_bias, options, reduction, num_items_in_batch)
         from .linear_divergence import linear_token_divergence
 
         out = linear_token_divergence(student_hidden, student_weight, teacher_hidden, teacher_weight,
@@ -127,6 +131,37 @@ def distillation_loss(
         loss = total / count.clamp(min=1).to(total.dtype)
     entropy = out.entropy.sum() / count.clamp(min=1).to(out.entropy.dtype)
     return LossOutput(loss, {"entropy": entropy.detach().float()})
+
+
+def _one_pass_from_hidden(student_hidden, student_weight, student_bias, teacher_hidden, teacher_weight, teacher_bias,
+                          options, reduction, num_items_in_batch) -> LossOutput:
+    """The hidden-states loss with the student's gradients taken in the forward: the per-token
+    weights of the reduction are known before the pass (1, 1 / count or 1 / num_items_in_batch),
+    so each block's gradient is formed while its logits are in hand (linear_divergence_loss)."""
+    from .divergence import checked_options, valid_positions
+    from .linear_divergence import check_heads, linear_divergence_loss
+    from .linear_logprobs import gather_sharded
+
+    student_weight, student_bias = gather_sharded(student_weight), gather_sharded(student_bias)
+    teacher_weight, teacher_bias = gather_sharded(teacher_weight), gather_sharded(teacher_bias)
+    check_heads(student_hidden, student_weight, student_bias, teacher_hidden, teacher_weight, teacher_bias)
+    params, _ = checked_options(options["divergence"], options["beta"], options["skew"], options["temperature"],
+                                options["student_logit_scale"], options["student_softcap"],
+                                options["teacher_logit_scale"], options["teacher_softcap"], (), "distillation_loss")
+    leading = student_hidden.shape[:-1]
+    valid = valid_positions(leading, student_hidden.device, options["mask"], options["labels"],
+                            options["ignore_index"])
+    acc = torch.float64 if student_hidden.dtype == torch.float64 else torch.float32
+    count = valid.sum()
+    if reduction == "sum":
+        scale = torch.ones((), dtype=acc, device=valid.device)
+    elif num_items_in_batch is not None:
+        scale = 1.0 / torch.as_tensor(num_items_in_batch, device=valid.device).to(acc)
+    else:
+        scale = 1.0 / count.clamp(min=1).to(acc)
+    loss, _, entropy = linear_divergence_loss(student_hidden, student_weight, student_bias, teacher_hidden,
+                                              teacher_weight, teacher_bias, valid.to(acc) * scale, params, True)
+    return LossOutput(loss, {"entropy": (entropy.sum() / count.clamp(min=1).to(acc)).detach().float()})
 
 
 class DistillationLoss(nn.Module):

@@ -157,6 +157,21 @@ def _transform_args(prefix: str, logit_scale: object, softcap: object) -> tuple[
     return scale, cap
 
 
+def checked_options(divergence, beta, skew, temperature, student_logit_scale, student_softcap, teacher_logit_scale,
+                    teacher_softcap, outputs, caller: str) -> tuple[tuple, bool]:
+    """The ops' (kind, beta, w_t, w_s, temperature, student scale, softcap, teacher scale, softcap)
+    from a divergence's keyword options, checked; and whether the entropy is asked for."""
+    kind, b, w_t, w_s = divergence_params(divergence, beta, skew)
+    temperature = check_positive_finite("temperature", temperature)
+    s_scale, s_cap = _transform_args("student", student_logit_scale, student_softcap)
+    t_scale, t_cap = _transform_args("teacher", teacher_logit_scale, teacher_softcap)
+    outputs = (outputs,) if isinstance(outputs, str) else tuple(outputs)
+    unknown = sorted(set(outputs) - {"entropy"})
+    if unknown:
+        raise ValueError(f"outputs: unknown field(s) {unknown}; {caller} adds only 'entropy'")
+    return (kind, b, w_t, w_s, temperature, s_scale, s_cap, t_scale, t_cap), "entropy" in outputs
+
+
 def check_pair(student_logits: object, teacher_logits: object) -> None:
     """Both models' logits: tensors of one shape [..., V], V >= 1, floating point, on one device."""
     for name, value in (("student_logits", student_logits), ("teacher_logits", teacher_logits)):
@@ -233,21 +248,13 @@ def token_divergence(
         TokenDivergence(divergence, entropy), shaped like the leading dims, fp32 (fp64 for fp64).
     """
     check_pair(student_logits, teacher_logits)
-    kind, b, w_t, w_s = divergence_params(divergence, beta, skew)
-    temperature = check_positive_finite("temperature", temperature)
-    s_scale, s_cap = _transform_args("student", student_logit_scale, student_softcap)
-    t_scale, t_cap = _transform_args("teacher", teacher_logit_scale, teacher_softcap)
-    outputs = (outputs,) if isinstance(outputs, str) else tuple(outputs)
-    unknown = sorted(set(outputs) - {"entropy"})
-    if unknown:
-        raise ValueError(f"outputs: unknown field(s) {unknown}; token_divergence adds only 'entropy'")
+    params, with_entropy = checked_options(divergence, beta, skew, temperature, student_logit_scale, student_softcap,
+                                           teacher_logit_scale, teacher_softcap, outputs, "token_divergence")
     leading = student_logits.shape[:-1]
     valid = valid_positions(leading, student_logits.device, mask, labels, ignore_index)
-    value, entropy, _ = token_divergence_forward(
-        _as_rows(student_logits), _as_rows(teacher_logits), valid, kind, b, w_t, w_s, temperature, s_scale, s_cap,
-        t_scale, t_cap, "entropy" in outputs,
-    )
-    return TokenDivergence(value.view(leading), entropy.view(leading) if "entropy" in outputs else None)
+    value, entropy, _ = token_divergence_forward(_as_rows(student_logits), _as_rows(teacher_logits), valid, *params,
+                                                 with_entropy)
+    return TokenDivergence(value.view(leading), entropy.view(leading) if with_entropy else None)
 
 
 __all__ = ["DIVERGENCES", "TokenDivergence", "divergence_params", "token_divergence"]

@@ -18,8 +18,7 @@ import torch
 from .backend import current_backend
 from .divergence import (
     TokenDivergence,
-    _transform_args,
-    divergence_params,
+    checked_options,
     token_divergence_backward,
     token_divergence_forward,
     valid_positions,
@@ -27,7 +26,6 @@ from .divergence import (
 from .linear_blocked import _BlockLogits, _rows_per_block, accumulate_product
 from .linear_logprobs import gather_sharded
 from .reference.divergence import swapped
-from ._checks import check_positive_finite
 
 
 def _check_head(prefix: str, hidden: object, weight: object, bias: object, vocab: int | None = None) -> None:
@@ -55,6 +53,21 @@ def _check_head(prefix: str, hidden: object, weight: object, bias: object, vocab
         if bias.device != hidden.device or bias.dtype != hidden.dtype:
             raise ValueError(f"{prefix}_bias: expected {hidden.dtype} on {hidden.device}, got {bias.dtype} on "
                              f"{bias.device}")
+
+
+def check_heads(student_hidden, student_weight, student_bias, teacher_hidden, teacher_weight, teacher_bias) -> None:
+    """Both models' hidden states and lm_heads: each consistent, one vocabulary, the same positions."""
+    _check_head("student", student_hidden, student_weight, student_bias)
+    _check_head("teacher", teacher_hidden, teacher_weight, teacher_bias, vocab=student_weight.shape[0])
+    leading = student_hidden.shape[:-1]
+    if teacher_hidden.shape[:-1] != leading:
+        raise ValueError(f"teacher_hidden: expected leading dims {tuple(leading)} (the student's positions), got "
+                         f"{tuple(teacher_hidden.shape[:-1])}")
+    if teacher_hidden.device != student_hidden.device:
+        raise ValueError(f"teacher_hidden: expected a tensor on {student_hidden.device}, got {teacher_hidden.device}")
+    if teacher_hidden.dtype != student_hidden.dtype:
+        raise ValueError(f"teacher_hidden: expected {student_hidden.dtype} (the student's dtype: the kernels read both "
+                         f"models' logits in one dtype), got {teacher_hidden.dtype}")
 
 
 class _LinearTokenDivergence(torch.autograd.Function):
@@ -170,25 +183,10 @@ def linear_token_divergence(
     """
     student_weight, student_bias = gather_sharded(student_weight), gather_sharded(student_bias)
     teacher_weight, teacher_bias = gather_sharded(teacher_weight), gather_sharded(teacher_bias)
-    _check_head("student", student_hidden, student_weight, student_bias)
-    _check_head("teacher", teacher_hidden, teacher_weight, teacher_bias, vocab=student_weight.shape[0])
+    check_heads(student_hidden, student_weight, student_bias, teacher_hidden, teacher_weight, teacher_bias)
     leading = student_hidden.shape[:-1]
-    if teacher_hidden.shape[:-1] != leading:
-        raise ValueError(f"teacher_hidden: expected leading dims {tuple(leading)} (the student's positions), got "
-                         f"{tuple(teacher_hidden.shape[:-1])}")
-    if teacher_hidden.device != student_hidden.device:
-        raise ValueError(f"teacher_hidden: expected a tensor on {student_hidden.device}, got {teacher_hidden.device}")
-    if teacher_hidden.dtype != student_hidden.dtype:
-        raise ValueError(f"teacher_hidden: expected {student_hidden.dtype} (the student's dtype: the kernels read both "
-                         f"models' logits in one dtype), got {teacher_hidden.dtype}")
-    kind, b, w_t, w_s = divergence_params(divergence, beta, skew)
-    temperature = check_positive_finite("temperature", temperature)
-    s_scale, s_cap = _transform_args("student", student_logit_scale, student_softcap)
-    t_scale, t_cap = _transform_args("teacher", teacher_logit_scale, teacher_softcap)
-    outputs = (outputs,) if isinstance(outputs, str) else tuple(outputs)
-    unknown = sorted(set(outputs) - {"entropy"})
-    if unknown:
-        raise ValueError(f"outputs: unknown field(s) {unknown}; linear_token_divergence adds only 'entropy'")
+    params, with_entropy = checked_options(divergence, beta, skew, temperature, student_logit_scale, student_softcap,
+                                           teacher_logit_scale, teacher_softcap, outputs, "linear_token_divergence")
     if rows_per_block is not None and (isinstance(rows_per_block, bool) or not isinstance(rows_per_block, int)
                                        or rows_per_block < 1):
         raise ValueError(f"rows_per_block: expected an integer >= 1, got {rows_per_block!r}")
@@ -198,8 +196,76 @@ def linear_token_divergence(
     empty = student_hidden.new_empty(0)
     value, entropy = _LinearTokenDivergence.apply(
         student_hidden.reshape(n, -1), student_weight, empty if student_bias is None else student_bias,
-        teacher_hidden.reshape(n, -1), teacher_weight, empty if teacher_bias is None else teacher_bias, rows,
-        (kind, b, w_t, w_s, temperature, s_scale, s_cap, t_scale, t_cap), "entropy" in outputs,
-        rows_per_block or _rows_per_block(student_weight.shape[0]),
+        teacher_hidden.reshape(n, -1), teacher_weight, empty if teacher_bias is None else teacher_bias, rows, params,
+        with_entropy, rows_per_block or _rows_per_block(student_weight.shape[0]),
     )
-    return TokenDivergence(value.view(leading), entropy.view(leading) if "entropy" in outputs else None)
+    return TokenDivergence(value.view(leading), entropy.view(leading) if with_entropy else None)
+
+
+def linear_divergence_loss(
+    student_hidden: torch.Tensor,
+    student_weight: torch.Tensor,
+    student_bias: torch.Tensor | None,
+    teacher_hidden: torch.Tensor,
+    teacher_weight: torch.Tensor,
+    teacher_bias: torch.Tensor | None,
+    weights: torch.Tensor,
+    params: tuple,
+    with_entropy: bool,
+    rows_per_block: int | None = None,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(loss = sum(weights * divergence), divergence, entropy), the student's gradients formed in the
+    forward: each block's logits gradient is taken while both blocks of logits are still in their
+    buffers, so the backward recomputes nothing (three matmul-equivalents for the student instead
+    of five, no teacher matmul in backward). `weights` [N] are the per-token weights of the
+    reduction (0 where a position does not count); the teacher gets no gradient."""
+    from .policy import _PrecomputedGradients
+
+    n = weights.shape[0]
+    hs, ht = student_hidden.reshape(n, -1), teacher_hidden.reshape(n, -1)
+    ws, wt = student_weight.detach(), teacher_weight.detach()
+    empty = hs.new_empty(0)
+    bs = empty if student_bias is None else student_bias.detach()
+    bt = empty if teacher_bias is None else teacher_bias.detach()
+    acc = torch.float64 if hs.dtype == torch.float64 else torch.float32
+    need_h, need_w = student_hidden.requires_grad, student_weight.requires_grad
+    need_b = student_bias is not None and student_bias.requires_grad
+    value = torch.zeros(n, dtype=acc, device=hs.device)
+    entropy = torch.zeros(n if with_entropy else 0, dtype=acc, device=hs.device)
+    g_h = torch.zeros(hs.shape if need_h else (0,), dtype=acc, device=hs.device)
+    g_w = torch.zeros(ws.shape if need_w else (0,), dtype=acc, device=hs.device)
+    g_b = torch.zeros(bs.shape if need_b else (0,), dtype=acc, device=hs.device)
+    weights = weights.detach().to(acc)
+    rows = (weights != 0).nonzero().squeeze(1)
+    block = rows_per_block or _rows_per_block(ws.shape[0])
+    step = max(1, min(block, rows.numel()))
+    student_logits, teacher_logits = _BlockLogits(step, ws, bs), _BlockLogits(step, wt, bt)
+    backend = current_backend()
+    with torch.no_grad():
+        for start in range(0, rows.numel(), step):
+            idx = rows[start:start + step]
+            h_s = hs.detach().index_select(0, idx)
+            zs, zt = student_logits(h_s), teacher_logits(ht.detach().index_select(0, idx))
+            ones = torch.ones(idx.numel(), dtype=torch.bool, device=hs.device)
+            v, e, st = token_divergence_forward(zs, zt, ones, *params, with_entropy)
+            value.index_copy_(0, idx, v.to(acc))
+            if with_entropy:
+                entropy.index_copy_(0, idx, e.to(acc))
+            if not (need_h or need_w or need_b):
+                continue
+            dz = token_divergence_backward(weights.index_select(0, idx), zs, zt, ones, st, *params, backend)[0]
+            if need_h:
+                part = torch.zeros(idx.numel(), g_h.shape[1], dtype=acc, device=hs.device)
+                accumulate_product(part, dz, ws)
+                g_h.index_add_(0, idx, part)
+            if need_w:
+                accumulate_product(g_w, dz.t(), h_s)
+            if need_b:
+                g_b += dz.sum(0, dtype=acc)
+    loss = (weights * value).sum()
+    if need_h or need_w or need_b:
+        loss = _PrecomputedGradients.apply(
+            loss, student_hidden, student_weight, student_bias if student_bias is not None else empty,
+            g_h.to(hs.dtype), g_w.to(ws.dtype), g_b.to(bs.dtype) if need_b else g_b,
+        )
+    return loss, value, entropy

@@ -77,9 +77,10 @@ def _refuse_second_derivative() -> None:
     # on, a Hessian-vector product through it would silently drop the loss's term.
     if torch.is_grad_enabled():
         raise RuntimeError(
-            "fastalign: no second derivative for a policy loss computed in one pass (grpo_loss and ppo_loss with "
-            "a token-level objective write their gradient in the forward pass): backward with create_graph=True, "
-            "double backward and Hessian-vector products through it are not supported"
+            "fastalign: no second derivative for a loss computed in one pass (grpo_loss and ppo_loss with a "
+            "token-level objective, and distillation_loss from hidden states, write their gradient in the forward "
+            "pass): backward with create_graph=True, double backward and Hessian-vector products through it are "
+            "not supported"
         )
 
 

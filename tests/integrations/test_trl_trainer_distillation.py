@@ -74,3 +74,30 @@ def test_gkd_generalized_jsd_loss_equals_trl(beta, reduction, with_labels):
         assert GKDTrainer.generalized_jsd_loss.__module__ == distillation.__name__
         with pytest.raises(ValueError, match=r"^reduction: fastalign serves"):
             GKDTrainer.generalized_jsd_loss(s, t, reduction="none")
+
+
+def _gkd_trainer(output_dir, beta):
+    from datasets import Dataset
+    from trl.experimental.gkd import GKDConfig, GKDTrainer
+
+    tokenizer = tiny_trl.tokenizer()
+    # A plain template: the turns' texts one after another (GKD's ChatML collator finds the
+    # completion where the prompt's text ends).
+    tokenizer.chat_template = "{% for m in messages %}{{ m['content'] }} {% endfor %}"
+    rng = torch.Generator().manual_seed(0)
+    rows = [{"messages": [{"role": "user", "content": tiny_trl.sentence(rng, 3, 7)},
+                          {"role": "assistant", "content": tiny_trl.sentence(rng, 2, 6)}]} for _ in range(12)]
+    # lmbda = 0, seq_kd off: the dataset's completions, no generation (off-policy GKD).
+    args = GKDConfig(**tiny_trl.common_args(output_dir), beta=beta, lmbda=0.0, seq_kd=False, max_length=32)
+    teacher = tiny_trl.causal_lm(seed=1, hidden_size=96, intermediate_size=160)
+    return GKDTrainer(model=tiny_trl.causal_lm(seed=0), teacher_model=teacher, args=args,
+                      train_dataset=Dataset.from_list(rows), processing_class=tokenizer)
+
+
+@pytest.mark.parametrize("beta", [0.0, 0.5, 1.0])
+def test_gkd_training_matches_stock_trl(tmp_path, beta):
+    stock = tiny_trl.train_logs(lambda: _gkd_trainer(tmp_path / "stock", beta))
+    with fa_trl.patched(), tiny_trl.Calls(distillation, "token_divergence") as calls:
+        ours = tiny_trl.train_logs(lambda: _gkd_trainer(tmp_path / "ours", beta))
+    assert calls.count > 0
+    tiny_trl.assert_logs_match(stock, ours)

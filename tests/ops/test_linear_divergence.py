@@ -128,3 +128,50 @@ def test_distillation_loss_equals_liger_fused_linear_jsd(beta):
     torch.testing.assert_close(got.loss, want, rtol=1e-5, atol=1e-6)
     for name in student:
         torch.testing.assert_close(ours[name].grad, theirs[name].grad, rtol=1e-4, atol=1e-6, msg=name)
+
+
+@pytest.mark.parametrize("backend", backend_params())
+@pytest.mark.parametrize("reduction, num_items", [("mean", None), ("mean", 7.0), ("sum", None)])
+def test_one_pass_loss_equals_the_two_pass_path(reduction, num_items, backend):
+    """distillation_loss from hidden states takes the student's gradients in its forward
+    (linear_divergence_loss) unless the teacher needs one; both ways give one loss and gradient."""
+    from fastalign.divergence import checked_options
+    from fastalign.linear_divergence import linear_divergence_loss
+
+    dtype = torch.float32 if backend == "triton" else torch.float64
+    tol = dict(rtol=1e-4, atol=1e-5) if dtype == torch.float32 else dict(rtol=1e-10, atol=1e-12)
+    mask = torch.tensor([[1, 1, 0, 1, 1], [0, 1, 1, 1, 0]], device=DEVICE)
+    options = dict(beta=0.3, temperature=0.7, student_softcap=4.0)
+    one = {k: v.clone().requires_grad_(k.startswith("student")) for k, v in heads(dtype).items()}
+    two = {k: v.clone().requires_grad_() for k, v in heads(dtype).items()}  # the teacher needs a gradient
+    with fastalign.use_backend(backend):
+        got = fastalign.distillation_loss(**one, completion_mask=mask, reduction=reduction,
+                                          num_items_in_batch=num_items, **options)
+        want = fastalign.distillation_loss(**two, completion_mask=mask, reduction=reduction,
+                                           num_items_in_batch=num_items, **options)
+        got.loss.backward()
+        want.loss.backward()
+        # Blocks of 3 tokens, directly.
+        params, _ = checked_options("jsd", 0.3, 0.1, 0.7, 1.0, 4.0, 1.0, None, (), "test")
+        leaves = {k: v.clone().requires_grad_(k.startswith("student")) for k, v in heads(dtype).items()}
+        weights = mask.reshape(-1).to(dtype)
+        loss, _, _ = linear_divergence_loss(*(leaves[f"student_{p}"] for p in ("hidden", "weight", "bias")),
+                                            *(leaves[f"teacher_{p}"] for p in ("hidden", "weight", "bias")),
+                                            weights, params, False, rows_per_block=3)
+        loss.backward()
+    torch.testing.assert_close(got.loss, want.loss, **tol)
+    torch.testing.assert_close(got.metrics["entropy"], want.metrics["entropy"], **tol)
+    for name in ("student_hidden", "student_weight", "student_bias"):
+        torch.testing.assert_close(one[name].grad, two[name].grad, **tol, msg=name)
+    sums = fastalign.distillation_loss(**{k: v.detach() for k, v in heads(dtype).items()}, completion_mask=mask,
+                                       reduction="sum", **options).loss
+    torch.testing.assert_close(loss, sums, **tol)
+    for name in ("student_hidden", "student_weight", "student_bias"):
+        assert leaves[name].grad is not None
+
+
+def test_one_pass_loss_refuses_a_second_derivative():
+    h = {k: v.clone().requires_grad_(k.startswith("student")) for k, v in heads().items()}
+    out = fastalign.distillation_loss(**h)
+    with pytest.raises(RuntimeError, match="no second derivative"):
+        torch.autograd.grad(out.loss, h["student_hidden"], create_graph=True)
