@@ -1,6 +1,6 @@
 """TRL 1.16's DistillationTrainer end to end: a tiny Llama student (hidden 64) distilled from a wider
 teacher (hidden 96) with the same vocabulary, trained a few steps by stock TRL and by TRL patched with
-fastalign.integrations.trl (its fused divergence served by fastalign.linear_token_divergence), from
+fastalign.integrations.trl (its fused divergence served by fastalign's blocked divergence), from
 the same seed: the same loss and entropy logged at every step, for several beta and temperatures.
 And GKD's generalized_jsd_loss (experimental GKDTrainer) against TRL's own on logits."""
 
@@ -13,6 +13,7 @@ import torch
 trl = pytest.importorskip("trl")
 
 from fastalign.integrations import trl as fa_trl  # noqa: E402
+from fastalign import linear_divergence  # noqa: E402
 from fastalign.integrations.trl import distillation  # noqa: E402
 
 CONFIGS = [
@@ -44,11 +45,30 @@ def _trainer(output_dir, config):
 @pytest.mark.parametrize("config", CONFIGS, ids=lambda c: "-".join(f"{k}={v}" for k, v in c.items()))
 def test_distillation_training_matches_stock_trl(tmp_path, config):
     stock = tiny_trl.train_logs(lambda: _trainer(tmp_path / "stock", config))
-    with fa_trl.patched(), tiny_trl.Calls(distillation, "linear_token_divergence") as calls:
+    with fa_trl.patched(), tiny_trl.Calls(linear_divergence, "linear_divergence_loss") as calls:
         ours = tiny_trl.train_logs(lambda: _trainer(tmp_path / "ours", config))
     assert calls.count > 0
     assert "entropy" in stock[0]
     tiny_trl.assert_logs_match(stock, ours)
+
+
+def test_chunked_divergence_gradients_for_any_incoming_gradient():
+    """The stand-in's stored gradients serve TRL's uniform incoming gradient; any other (a masked,
+    non-compact reduction) is recomputed: both equal TRL's function."""
+    from trl.kernels.chunked_divergence import ChunkedDivergenceFunction
+
+    g = torch.Generator().manual_seed(3)
+    hs, ws = torch.randn(7, 12, generator=g), torch.randn(41, 12, generator=g) * 0.5
+    ht, wt = torch.randn(7, 20, generator=g), torch.randn(41, 20, generator=g) * 0.5
+    for weights in (torch.full((7,), 0.25), torch.linspace(-1.0, 1.0, 7)):
+        grads = []
+        for fn in (ChunkedDivergenceFunction, distillation.ChunkedDivergence):
+            leaves = hs.clone().requires_grad_(), ws.clone().requires_grad_()
+            divergence, entropy = fn.apply(leaves[0], leaves[1], None, ht, wt, None, 0.4, 0.9, 1.0, 5.0)
+            (divergence * weights).sum().backward()
+            grads.append((divergence.detach(), entropy, *(t.grad for t in leaves)))
+        for theirs, ours in zip(*grads):
+            torch.testing.assert_close(ours, theirs, rtol=1e-4, atol=1e-6)
 
 
 @pytest.mark.parametrize("reduction", ["batchmean", "sum", "mean"])
