@@ -59,7 +59,9 @@ def distillation_loss(
             no_grad, and get a gradient only if they require one.
         student_hidden, student_weight, student_bias, teacher_hidden, teacher_weight, teacher_bias:
             in place of the logits, each model's hidden states `[..., H]` and lm_head (its own H;
-            one V): neither `[N, V]` logits tensor is ever formed (`linear_token_divergence`).
+            one V): neither `[N, V]` logits tensor is ever formed. Unless the teacher's tensors
+            require grad, the student's gradients are taken in the forward pass, while each block's
+            logits are in hand (no recomputation in backward; no second derivative).
         teacher_ids, teacher_logps, topk_form: in place of the teacher's logits, its top-k token ids
             and log-probs `[..., k]` (an inference server's answer), as `topk_token_divergence` takes
             them ("tail" or "renormalized"); the student's full logits are read once.
