@@ -47,7 +47,7 @@ def model_dir(tmp_path_factory):
     return tiny_trl.saved_causal_lm(tmp_path_factory.mktemp("tiny-llama"))
 
 
-@pytest.mark.parametrize("trainer", ["grpo", "dpo", "rloo", "kto", "reward", "distillation"])
+@pytest.mark.parametrize("trainer", ["grpo", "dpo", "rloo", "kto", "reward", "distillation", "gkd"])
 def test_two_processes_match_stock_trl(trainer, model_dir, tmp_path):
     stock = _run(trainer, False, model_dir, tmp_path / "stock.json")
     ours = _run(trainer, True, model_dir, tmp_path / "fastalign.json")
