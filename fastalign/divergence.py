@@ -15,7 +15,7 @@ from typing import NamedTuple
 
 import torch
 
-from ._checks import check_finite, check_positive_finite
+from ._checks import check_finite, check_ignore_index, check_positive_finite
 from .backend import current_backend, resolve
 from .logprobs import _as_rows
 from .reference.divergence import FORWARD_KL, MIXTURE, REVERSE_KL, TOTAL_VARIATION, swapped
@@ -165,8 +165,10 @@ def checked_options(divergence, beta, skew, temperature, student_logit_scale, st
     temperature = check_positive_finite("temperature", temperature)
     s_scale, s_cap = _transform_args("student", student_logit_scale, student_softcap)
     t_scale, t_cap = _transform_args("teacher", teacher_logit_scale, teacher_softcap)
+    if not isinstance(outputs, (str, tuple, list, set, frozenset)):
+        raise TypeError(f"outputs: expected a sequence of field names, got {type(outputs).__name__}")
     outputs = (outputs,) if isinstance(outputs, str) else tuple(outputs)
-    unknown = sorted(set(outputs) - {"entropy"})
+    unknown = sorted(map(str, set(outputs) - {"entropy"}))
     if unknown:
         raise ValueError(f"outputs: unknown field(s) {unknown}; {caller} adds only 'entropy'")
     return (kind, b, w_t, w_s, temperature, s_scale, s_cap, t_scale, t_cap), "entropy" in outputs
@@ -192,6 +194,7 @@ def check_pair(student_logits: object, teacher_logits: object) -> None:
 def valid_positions(leading: torch.Size, device: torch.device, mask: object, labels: object,
                     ignore_index: int) -> torch.Tensor:
     """[N] bool: the positions that count (mask nonzero and label not ignore_index, where given)."""
+    check_ignore_index(ignore_index)
     valid = torch.ones(leading, dtype=torch.bool, device=device)
     for name, value in (("mask", mask), ("labels", labels)):
         if value is None:

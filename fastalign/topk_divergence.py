@@ -104,8 +104,10 @@ def topk_token_divergence(
                              f"vocabulary size); found {int(ids[position])} at position {position}")
     ids = torch.where(valid.unsqueeze(-1), ids, 0).clamp(0, vocab - 1)
     # log p_s(ids[0]) and the normalizer in one pass; the other ids by differences of gathered logits.
+    if not isinstance(outputs, (str, tuple, list, set, frozenset)):
+        raise TypeError(f"outputs: expected a sequence of field names, got {type(outputs).__name__}")
     outputs = (outputs,) if isinstance(outputs, str) else tuple(outputs)
-    unknown = sorted(set(outputs) - {"entropy"})
+    unknown = sorted(map(str, set(outputs) - {"entropy"}))
     if unknown:
         raise ValueError(f"outputs: unknown field(s) {unknown}; topk_token_divergence adds only 'entropy'")
     fields = token_logprobs(student_logits, ids[..., 0], temperature=temperature, logit_scale=student_logit_scale,

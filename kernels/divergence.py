@@ -26,9 +26,9 @@ from .logprobs import _pre_scale
 from .target import warps
 
 BLOCK = 2048
-FWD_THREADS = 256
+FWD_THREADS = 512
 BWD_BLOCK = 2048
-BWD_THREADS = 256
+BWD_THREADS = 512
 
 FORWARD_KL = tl.constexpr(0)
 REVERSE_KL = tl.constexpr(1)

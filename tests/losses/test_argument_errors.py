@@ -172,6 +172,91 @@ case(N, "mask", "device", ll(mask=ones(B, T, device="meta")))
 case(N, "outputs", "unknown", ll(outputs=("perplexity",)))
 
 
+# --- distillation: token_divergence, linear_token_divergence, topk_token_divergence, distillation_loss ------
+
+td = api(fastalign.token_divergence, lambda: dict(student_logits=fl(B, T, V), teacher_logits=fl(B, T, V)),
+         ("student_logits", "teacher_logits"))
+N = "token_divergence"
+case(N, "student_logits", "list", td(student_logits=[[0.0] * V]), TypeError)
+case(N, "student_logits", "int", td(student_logits=torch.zeros(B, T, V, dtype=torch.long)), TypeError)
+case(N, "student_logits", "0-d", td(student_logits=torch.tensor(1.0), teacher_logits=torch.tensor(1.0)))
+case(N, "student_logits", "empty-vocab", td(student_logits=fl(B, T, 0), teacher_logits=fl(B, T, 0)))
+case(N, "teacher_logits", "shape", td(teacher_logits=fl(B, T, V + 1)))
+case(N, "teacher_logits", "device", td(teacher_logits=fl(B, T, V, device="meta")))
+case(N, "teacher_logits", "None", td(teacher_logits=None), TypeError)
+for value, error in (("js", ValueError), (None, ValueError), (3, ValueError)):
+    case(N, "divergence", repr(value), td(divergence=value), error)
+for value, error in ((-0.1, ValueError), (1.5, ValueError), (NAN, ValueError), ("x", TypeError), (None, TypeError)):
+    case(N, "beta", repr(value), td(beta=value), error)
+for value, error in ((1.0, ValueError), (-0.5, ValueError), ("x", TypeError)):
+    case(N, "skew", repr(value), td(divergence="skew_forward_kl", skew=value), error)
+for value, error in ((0.0, ValueError), (-1.0, ValueError), (INF, ValueError), ("hot", TypeError), (None, TypeError)):
+    case(N, "temperature", repr(value), td(temperature=value), error)
+for name in ("student", "teacher"):
+    for value, error in ((0.0, ValueError), (NAN, ValueError), ("x", TypeError)):
+        case(N, f"{name}_logit_scale", repr(value), td(**{f"{name}_logit_scale": value}), error)
+    for value, error in ((0.0, ValueError), (-3.0, ValueError), (INF, ValueError), ("x", TypeError)):
+        case(N, f"{name}_softcap", repr(value), td(**{f"{name}_softcap": value}), error)
+case(N, "mask", "shape", td(mask=ones(B, T + 1)))
+case(N, "mask", "list", td(mask=[[1] * T] * B), TypeError)
+case(N, "mask", "device", td(mask=ones(B, T, device="meta")))
+case(N, "labels", "shape", td(labels=ids(B)))
+for value in (1.5, True, "x", None):
+    case(N, "ignore_index", repr(value), td(labels=ids(B, T), ignore_index=value), TypeError)
+case(N, "outputs", "unknown", td(outputs=("entropy", "kl")))
+case(N, "outputs", "int", td(outputs=5), TypeError)
+
+HT = H + 2
+ltd = api(fastalign.linear_token_divergence,
+          lambda: dict(student_hidden=fl(B, T, H), student_weight=fl(V, H), teacher_hidden=fl(B, T, HT),
+                       teacher_weight=fl(V, HT)),
+          ("student_hidden", "student_weight", "teacher_hidden", "teacher_weight"))
+N = "linear_token_divergence"
+case(N, "student_hidden", "int", ltd(student_hidden=torch.zeros(B, T, H, dtype=torch.long)), TypeError)
+case(N, "student_weight", "width", ltd(student_weight=fl(V, H + 1)))
+case(N, "student_weight", "device", ltd(student_weight=fl(V, H, device="meta")))
+case(N, "student_bias", "shape", ltd(student_bias=fl(V + 1)))
+case(N, "teacher_weight", "vocabulary", ltd(teacher_weight=fl(V + 1, HT)))
+case(N, "teacher_hidden", "positions", ltd(teacher_hidden=fl(B, T + 1, HT)))
+case(N, "teacher_hidden", "dtype", ltd(teacher_hidden=fl(B, T, HT, dtype=torch.float64),
+                                       teacher_weight=fl(V, HT, dtype=torch.float64)))
+case(N, "beta", "range", ltd(beta=2.0))
+for value in (0, True, "x"):
+    case(N, "rows_per_block", repr(value), ltd(rows_per_block=value))
+
+ttd = api(fastalign.topk_token_divergence,
+          lambda: dict(student_logits=fl(B, T, V), teacher_ids=ids(B, T, 3), teacher_logps=fl(B, T, 3) - 3.0),
+          ("student_logits", "teacher_ids", "teacher_logps"))
+N = "topk_token_divergence"
+case(N, "teacher_ids", "float", ttd(teacher_ids=fl(B, T, 3)), TypeError)
+case(N, "teacher_ids", "shape", ttd(teacher_ids=ids(B, T)))
+case(N, "teacher_ids", "too-large", ttd(teacher_ids=torch.full((B, T, 3), V)))
+case(N, "teacher_logps", "shape", ttd(teacher_logps=fl(B, T, 4)))
+case(N, "teacher_logps", "int", ttd(teacher_logps=ids(B, T, 3)), TypeError)
+case(N, "form", "unknown", ttd(form="dense"))
+case(N, "outputs", "unknown", ttd(outputs=("kl",)))
+
+dl = api(fastalign.distillation_loss, lambda: dict(student_logits=fl(B, T, V), teacher_logits=fl(B, T, V)),
+         ("student_logits", "teacher_logits"))
+N = "distillation_loss"
+case(N, "reduction", "batchmean", dl(reduction="batchmean"))
+case(N, "num_items_in_batch", "zero", dl(num_items_in_batch=0))
+case(N, "num_items_in_batch", "with-sum", dl(reduction="sum", num_items_in_batch=4))
+case(N, "num_items_in_batch", "str", dl(num_items_in_batch="4"), TypeError)
+case(N, "student_logits", "with-hidden", dl(student_hidden=fl(B, T, H)), ValueError,
+     r"^student_logits / student_hidden")
+case(N, "teacher_ids", "with-teacher-logits", dl(teacher_ids=ids(B, T, 3), teacher_logps=fl(B, T, 3)), ValueError,
+     r"^teacher_ids / teacher_logps")
+case(N, "student_logits", "missing", dl(teacher_logits=None), ValueError, r"^student_logits / teacher_logits")
+case(N, "teacher_hidden", "missing", dl(student_logits=None, teacher_logits=None, student_hidden=fl(B, T, H),
+                                        student_weight=fl(V, H)), ValueError, r"^teacher_hidden, teacher_weight")
+N = "DistillationLoss"
+case(N, "beta", "range", lambda: fastalign.DistillationLoss(beta=1.5))
+case(N, "divergence", "unknown", lambda: fastalign.DistillationLoss(divergence="kl"))
+case(N, "reduction", "none", lambda: fastalign.DistillationLoss(reduction="none"))
+case(N, "teacher_softcap", "zero", lambda: fastalign.DistillationLoss(teacher_softcap=0.0))
+
+
 # --- DPO -----------------------------------------------------------------------------------------------
 
 def _dpo_defaults():
@@ -1037,7 +1122,7 @@ def test_every_public_callable_is_swept():
     # the two backend queries, which answer for any device name.
     swept = {c.id.split("-", 1)[0] for c in CASES}
     public = {name for name in fastalign.__all__ if callable(getattr(fastalign, name))}
-    unswept = {"TokenLogprobs", "GAEOutput", "current_backend", "available_backends"}
+    unswept = {"TokenLogprobs", "TokenDivergence", "GAEOutput", "current_backend", "available_backends"}
     assert public - unswept <= swept, sorted(public - unswept - swept)
 
 
