@@ -165,13 +165,18 @@ def checked_options(divergence, beta, skew, temperature, student_logit_scale, st
     temperature = check_positive_finite("temperature", temperature)
     s_scale, s_cap = _transform_args("student", student_logit_scale, student_softcap)
     t_scale, t_cap = _transform_args("teacher", teacher_logit_scale, teacher_softcap)
+    return (kind, b, w_t, w_s, temperature, s_scale, s_cap, t_scale, t_cap), entropy_asked(outputs, caller)
+
+
+def entropy_asked(outputs: object, caller: str) -> bool:
+    """Whether `outputs` (a divergence's extra fields: only "entropy") asks for the entropy."""
     if not isinstance(outputs, (str, tuple, list, set, frozenset)):
         raise TypeError(f"outputs: expected a sequence of field names, got {type(outputs).__name__}")
     outputs = (outputs,) if isinstance(outputs, str) else tuple(outputs)
     unknown = sorted(map(str, set(outputs) - {"entropy"}))
     if unknown:
         raise ValueError(f"outputs: unknown field(s) {unknown}; {caller} adds only 'entropy'")
-    return (kind, b, w_t, w_s, temperature, s_scale, s_cap, t_scale, t_cap), "entropy" in outputs
+    return "entropy" in outputs
 
 
 def check_pair(student_logits: object, teacher_logits: object) -> None:

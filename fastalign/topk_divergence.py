@@ -17,7 +17,7 @@ from __future__ import annotations
 
 import torch
 
-from .divergence import TokenDivergence, check_pair, token_divergence, valid_positions
+from .divergence import TokenDivergence, check_pair, entropy_asked, token_divergence, valid_positions
 from .logprobs import token_logprobs
 from .reference.logprobs import transform_logits
 
@@ -104,14 +104,9 @@ def topk_token_divergence(
                              f"vocabulary size); found {int(ids[position])} at position {position}")
     ids = torch.where(valid.unsqueeze(-1), ids, 0).clamp(0, vocab - 1)
     # log p_s(ids[0]) and the normalizer in one pass; the other ids by differences of gathered logits.
-    if not isinstance(outputs, (str, tuple, list, set, frozenset)):
-        raise TypeError(f"outputs: expected a sequence of field names, got {type(outputs).__name__}")
-    outputs = (outputs,) if isinstance(outputs, str) else tuple(outputs)
-    unknown = sorted(map(str, set(outputs) - {"entropy"}))
-    if unknown:
-        raise ValueError(f"outputs: unknown field(s) {unknown}; topk_token_divergence adds only 'entropy'")
+    with_entropy = entropy_asked(outputs, "topk_token_divergence")
     fields = token_logprobs(student_logits, ids[..., 0], temperature=temperature, logit_scale=student_logit_scale,
-                            softcap=student_softcap, mask=valid, outputs=outputs)
+                            softcap=student_softcap, mask=valid, outputs=("entropy",) if with_entropy else ())
     first = fields.logps
     z = transform_logits(torch.gather(student_logits, -1, ids), temperature, student_logit_scale,
                          student_softcap or 0.0)

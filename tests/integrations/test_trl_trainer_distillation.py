@@ -100,18 +100,12 @@ def _gkd_trainer(output_dir, beta):
     from datasets import Dataset
     from trl.experimental.gkd import GKDConfig, GKDTrainer
 
-    tokenizer = tiny_trl.tokenizer()
-    # A plain template: the turns' texts one after another (GKD's ChatML collator finds the
-    # completion where the prompt's text ends).
-    tokenizer.chat_template = "{% for m in messages %}{{ m['content'] }} {% endfor %}"
-    rng = torch.Generator().manual_seed(0)
-    rows = [{"messages": [{"role": "user", "content": tiny_trl.sentence(rng, 3, 7)},
-                          {"role": "assistant", "content": tiny_trl.sentence(rng, 2, 6)}]} for _ in range(12)]
     # lmbda = 0, seq_kd off: the dataset's completions, no generation (off-policy GKD).
     args = GKDConfig(**tiny_trl.common_args(output_dir), beta=beta, lmbda=0.0, seq_kd=False, max_length=32)
     teacher = tiny_trl.causal_lm(seed=1, hidden_size=96, intermediate_size=160)
     return GKDTrainer(model=tiny_trl.causal_lm(seed=0), teacher_model=teacher, args=args,
-                      train_dataset=Dataset.from_list(rows), processing_class=tokenizer)
+                      train_dataset=Dataset.from_list(tiny_trl.chat_rows(12)),
+                      processing_class=tiny_trl.chat_tokenizer())
 
 
 @pytest.mark.parametrize("beta", [0.0, 0.5, 1.0])

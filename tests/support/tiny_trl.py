@@ -99,6 +99,21 @@ def reward_rows(n: int, margin: bool, seed: int = 0) -> list[dict]:
     return rows
 
 
+def chat_tokenizer():
+    """`tokenizer()` with a plain chat template (the turns' texts one after another), for trainers
+    that take conversations (GKD's ChatML collator finds the completion where the prompt ends)."""
+    tok = tokenizer()
+    tok.chat_template = "{% for m in messages %}{{ m['content'] }} {% endfor %}"
+    return tok
+
+
+def chat_rows(n: int, seed: int = 0) -> list[dict]:
+    """Conversations of one user turn and one assistant turn."""
+    rng = torch.Generator().manual_seed(seed)
+    return [{"messages": [{"role": "user", "content": sentence(rng, 3, 7)},
+                          {"role": "assistant", "content": sentence(rng, 2, 6)}]} for _ in range(n)]
+
+
 def length_reward(completions, **kwargs) -> list[float]:
     """A rule-based reward: how many times the completion says an even-numbered word, minus length / 4."""
     rewards = []

@@ -93,21 +93,18 @@ def gkd_trainer(model_dir, output_dir):
     from datasets import Dataset
     from trl.experimental.gkd import GKDConfig, GKDTrainer
 
-    tokenizer = tiny_trl.tokenizer()
-    tokenizer.chat_template = "{% for m in messages %}{{ m['content'] }} {% endfor %}"
-    rng = torch.Generator().manual_seed(0)
-    rows = [{"messages": [{"role": "user", "content": tiny_trl.sentence(rng, 3, 7)},
-                          {"role": "assistant", "content": tiny_trl.sentence(rng, 2, 6)}]} for _ in range(16)]
     args = GKDConfig(**tiny_trl.common_args(output_dir, max_steps=2, per_device_train_batch_size=2), beta=0.5,
                      lmbda=0.0, seq_kd=False, max_length=32)
     teacher = tiny_trl.causal_lm(seed=1, hidden_size=96, intermediate_size=160)
     return GKDTrainer(model=tiny_trl.causal_lm(seed=0), teacher_model=teacher, args=args,
-                      train_dataset=Dataset.from_list(rows), processing_class=tokenizer)
+                      train_dataset=Dataset.from_list(tiny_trl.chat_rows(16)),
+                      processing_class=tiny_trl.chat_tokenizer())
 
 
 def main():
     parser = argparse.ArgumentParser()
-    parser.add_argument("--trainer", choices=("grpo", "dpo", "rloo", "kto", "reward", "distillation", "gkd"), required=True)
+    parser.add_argument("--trainer", required=True,
+                        choices=("grpo", "dpo", "rloo", "kto", "reward", "distillation", "gkd"))
     parser.add_argument("--fastalign", action="store_true")
     parser.add_argument("--model-dir", required=True)
     parser.add_argument("--out", required=True)
