@@ -20,6 +20,7 @@ writes bench/results/static-<target>.md for each target.
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import math
 import re
 import subprocess
@@ -216,6 +217,9 @@ class Subject:
     kwargs: dict
     element_bytes: int = 2
     per_element: bool = True  # a row kernel over the vocabulary (not a matmul tile loop)
+    # Logits rows each hot loop reads per vocabulary position (2: a student's and a teacher's),
+    # one number for every loop or one per loop in program order.
+    rows: "int | tuple[int, ...]" = 1
     hbm_bytes: float = 0.0  # HBM bytes per logits element (reads + writes) at the anchor shape
     side_by_side: str = ""  # the row of the side-by-side table this kernel belongs to
     note: str = ""
@@ -239,9 +243,9 @@ def _pick(recorded, dtype: str, vocab: str | None, **flags):
 
 def our_subjects(target: str) -> list[Subject]:
     modules = {f.stem: gate.load_kernels_module(f) for f in (gate.KERNELS_FILE, gate.POLICY_KERNELS_FILE,
-                                                               gate.LINEAR_KERNELS_FILE)}
+                                                               gate.LINEAR_KERNELS_FILE, gate.DIVERGENCE_KERNELS_FILE)}
     rec = {name: gate.record_launches(module, target) for name, module in modules.items()}
-    subjects = []
+    subjects = divergence_subjects(modules["divergence"], rec["divergence"])
     lp, pol, lin = rec["logprobs"], rec["policy"], rec["linear_logprobs"]
     for vocab in ("151936", "50257", "151665/151936"):
         for softcap in (False, True):
@@ -277,6 +281,103 @@ def our_subjects(target: str) -> list[Subject]:
     return subjects
 
 
+# The distillation jobs: (divergence kind, name) in the side-by-side table; logits tiles in fp32,
+# as TRL's and Liger's fused-linear paths hold them.
+DISTILLATION_JOBS = ((2, "distillation JSD (beta 0.5), fwd+bwd, fp32 logits tiles"),
+                     (0, "distillation forward KL (beta 0), fwd+bwd, fp32 logits tiles"))
+
+
+def divergence_subjects(module, recorded) -> list[Subject]:
+    """kernels/divergence.py: the forward (entropy on, as the trainers log it) and the backward, for
+    the JSD and the forward KL, at the anchor vocabulary; both read a student's and a teacher's row.
+    HBM bytes per position: the KL forward reads both rows once, the JSD forward twice (the second
+    sweep counted from HBM); the backward reads both and writes the student's gradient."""
+    subjects = []
+    for kind, job in DISTILLATION_JOBS:
+        for dtype in ("float32", "bfloat16"):
+            size = 4 if dtype == "float32" else 2
+            tag = f"{'JSD' if kind == 2 else 'forward KL'}, V=151936, {'fp32' if size == 4 else 'bf16'}"
+            flags = dict(S_SOFTCAP=False, T_SOFTCAP=False, S_CONTIGUOUS=True, T_CONTIGUOUS=True)
+            args, kwargs = _pick(recorded["_token_divergence_fwd_kernel"], dtype, "151936", KIND=kind,
+                                 WITH_ENTROPY=True, **flags)
+            sweeps = 1 if kind == 0 else 2
+            subjects.append(Subject("fastalign", f"divergence + entropy forward ({tag})", "_token_divergence_fwd_kernel",
+                                    module._token_divergence_fwd_kernel, args, kwargs, element_bytes=size,
+                                    rows=2 if kind == 0 else (1, 1, 2),
+                                    hbm_bytes=2 * size * sweeps, side_by_side=job if size == 4 else ""))
+            flags = dict(A_SOFTCAP=False, B_SOFTCAP=False, A_CONTIGUOUS=True, B_CONTIGUOUS=True)
+            args, kwargs = _pick(recorded["_token_divergence_bwd_kernel"], dtype, "151936", KIND=kind, **flags)
+            subjects.append(Subject("fastalign", f"divergence backward ({tag})", "_token_divergence_bwd_kernel",
+                                    module._token_divergence_bwd_kernel, args, kwargs, element_bytes=size, rows=2,
+                                    hbm_bytes=3 * size, side_by_side=job if size == 4 else ""))
+    return subjects
+
+
+def _distillation_peer_subjects() -> tuple[list[Subject], list[str]]:
+    """TRL's ChunkedDivergenceFunction kernels (_stats_kernel, _jsd_kernel, _backward_kernel) from
+    its own forward and backward, and Liger's _jsd_kernel from its jsd_loss_and_grad primitive (the
+    one LigerJSD and LigerFusedLinearJSD launch), for the JSD and the forward KL."""
+    import torch
+
+    subjects, notes = [], []
+    N, H, V = 4, 8, ANCHOR_VOCAB
+    try:
+        import trl.kernels.chunked_divergence as trl_div
+
+        for kind, job in DISTILLATION_JOBS:
+            beta = 0.5 if kind == 2 else 0.0
+
+            def call():
+                h = torch.zeros(N, H, requires_grad=True)
+                w = torch.zeros(V, H)
+                div, _ = trl_div.ChunkedDivergenceFunction.apply(h, w, None, torch.zeros(N, H), torch.zeros(V, H), None,
+                                                                 beta)
+                div.sum().backward()
+
+            use_triton = trl_div._use_triton
+            trl_div._use_triton = lambda device: True  # launch (into the recorders) on CPU tensors
+            try:
+                rec = _record_peer(trl_div, ["_stats_kernel", "_jsd_kernel", "_backward_kernel"], call)
+            finally:
+                trl_div._use_triton = use_triton
+            # HBM bytes per position: each fold reads both fp32 tiles; the backward also writes the
+            # gradient in place of the student's tile.
+            for name, nbytes in (("_stats_kernel", 8), ("_jsd_kernel", 8), ("_backward_kernel", 12)):
+                fn, launches = rec[name]
+                if not launches:
+                    continue  # the JSD fold runs only for 0 < beta < 1
+                args, kwargs, _ = launches[0]
+                subjects.append(Subject("TRL", f"{job.split(',')[0]}: {name}", f"trl {name}", fn, args, kwargs,
+                                        element_bytes=4, rows=2, hbm_bytes=nbytes, side_by_side=job))
+        notes.append("TRL's distillation kernels run on fp32 logits tiles its GEMMs write chunk by chunk; for the "
+                     "JSD it projects both models' hidden states twice (once per fold), which the kernel rows do not "
+                     "count.")
+    except Exception as exc:
+        notes.append(f"TRL's distillation kernels were not compiled: {type(exc).__name__}: {exc}")
+    try:
+        import liger_kernel.ops.backends._triton.jsd as liger_jsd
+
+        for kind, job in DISTILLATION_JOBS:
+            beta = 0.5 if kind == 2 else 0.0
+
+            def call_jsd():
+                logps = torch.zeros(N, V)
+                liger_jsd.jsd_loss_and_grad_triton(logps.clone(), logps, None, beta, -100, float(N))
+
+            rec = _record_peer(liger_jsd, ["_jsd_kernel"], call_jsd)
+            fn, launches = rec["_jsd_kernel"]
+            args, kwargs, _ = launches[0]
+            # Reads both log-prob rows, writes an fp32 loss tile and the gradient (in place).
+            subjects.append(Subject("Liger", f"{job.split(',')[0]}: _jsd_kernel", "liger _jsd_kernel", fn, args, kwargs,
+                                    element_bytes=4, rows=2, hbm_bytes=16, side_by_side=job))
+        notes.append("Liger's _jsd_kernel takes log-probs: both models' log_softmax and the student's softmax run "
+                     "before it (PyTorch, three more passes over each tile), the loss tile's sum and the gradient's "
+                     "row sums after it; neither is in its kernel row.")
+    except Exception as exc:
+        notes.append(f"Liger's JSD kernel was not compiled: {type(exc).__name__}: {exc}")
+    return subjects, notes
+
+
 def _record_peer(module, kernel_names, call) -> dict:
     recorders = {n: gate._Recorder() for n in kernel_names}
     originals = {n: getattr(module, n) for n in kernel_names}
@@ -295,7 +396,7 @@ def peer_subjects() -> tuple[list[Subject], list[str]]:
     tensors (the kernels swapped for recorders), at the anchor vocabulary in bf16."""
     import torch
 
-    subjects, notes = [], []
+    subjects, notes = _distillation_peer_subjects()
     B, T, V = 2, 3, ANCHOR_VOCAB
     logits = torch.zeros(B, T, V, dtype=torch.bfloat16, requires_grad=True)
     labels = torch.zeros(B, T, dtype=torch.int64)
@@ -383,11 +484,20 @@ def analyse(subject: Subject, target: str) -> dict:
     amd = "hsaco" in compiled.asm
     listing = parse_amdgcn(compiled.asm["amdgcn"]) if amd else parse_sass(_sass(compiled.asm["cubin"]))
     smem = usage["SHARED"] + compiled.metadata.shared
-    loops = fold_unroll_remainders(hot_loops(listing, subject.element_bytes))
+    loops = fold_unroll_remainders(per_position(hot_loops(listing, subject.element_bytes), subject.rows, subject.kernel))
     return dict(regs=usage["REG"], spills=usage["LOCAL"] + usage.get("STACK", 0), smem=smem, threads=threads,
                 occupancy=_occupancy(target, threads, usage["REG"], smem, compiled.asm.get("amdgcn") if amd else None),
                 loops=loops, total=len(listing.instructions),
                 total_mufu=sum(map(_is_mufu, listing.instructions)))
+
+
+def per_position(loops: list[Loop], rows: "int | tuple[int, ...]", kernel: str) -> list[Loop]:
+    """The loops counted per vocabulary position: a loop reading two rows (a student's and a
+    teacher's) loads two values for each. ``rows``: one count for every loop, or one per loop."""
+    rows = rows if isinstance(rows, tuple) else (rows,) * len(loops)
+    if len(rows) != len(loops):
+        raise ValueError(f"{kernel}: rows given for {len(rows)} hot loops, the code has {len(loops)}")
+    return [dataclasses.replace(loop, elements=loop.elements / n) for loop, n in zip(loops, rows)]
 
 
 def _per_element(loop: Loop, subject: "Subject | None" = None) -> tuple[float, float] | None:
@@ -473,7 +583,8 @@ def write_report(target: str, subjects: list[Subject], notes: list[str], out: Pa
              "compiled code or computed from it, an **estimate**, not a measurement. `make gpu-check` measures on a GPU.",
              "", "Hot loop: the innermost loop that loads logits; its instruction counts are those of the steady path "
              "(blocks a forward branch skips, such as the rarely taken rescale when the running maximum grows, left "
-             "out; the full body in parentheses). Elements: logits one thread loads per iteration. An unrolled loop "
+             "out; the full body in parentheses). Elements: vocabulary positions one thread covers per iteration (a "
+             "distillation kernel reads a student's and a teacher's row, two values per position). An unrolled loop "
              "is counted by its unrolled body (its leftover loop runs a few times per row at most). A kernel without "
              "such a loop (one block per program) is counted whole.", ""]
     lines += ["| owner | job | kernel | regs | spills | shared B | occupancy | hot-loop loads | instr / elem | "
@@ -559,9 +670,10 @@ def side_by_side(subjects: list[Subject], target: str) -> list[str]:
         r = s.results.get(target)
         if s.side_by_side and r and "error" not in r:
             jobs.setdefault(s.side_by_side, []).append((s, r))
-    lines = ["", "## Side by side: the same job at 8192 x 151936 bf16 on H100 SXM (ESTIMATES)", "",
-             "A job's kernels summed (Liger's GRPO is a forward and a backward kernel; fastalign's is one). "
-             "Bound: the largest of the bandwidth, issue and MUFU floors.", "",
+    lines = ["", "## Side by side: the same job at 8192 x 151936 on H100 SXM (ESTIMATES)", "",
+             "Logits in bf16 unless the job says otherwise. A job's kernels summed (Liger's GRPO is a forward and a "
+             "backward kernel; fastalign's is one), per vocabulary position (a distillation job's two rows, one "
+             "position). Bound: the largest of the bandwidth, issue and MUFU floors.", "",
              "| job | owner | kernels | regs | instr / elem | MUFU / elem | HBM bytes / elem | bandwidth floor ms | "
              "issue floor ms | bound ms |", "|---|---|---|---|---|---|---|---|---|---|"]
     for job, entries in jobs.items():

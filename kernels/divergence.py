@@ -2,10 +2,15 @@
 (generalized JSD, skew KL) and total variation, as ``fastalign/reference/divergence.py`` defines
 them, with the student's entropy.
 
-Forward: one program per token row. A first sweep over both rows keeps each model's online
-softmax statistics (running max in w, sum of exponentials); a second sweep forms log p_s and log
-p_t exactly from the final normalizers and sums the divergence, the entropy and the two sums
-sum p g the gradients need. Backward: a (rows x vocabulary-blocks) grid; each program reads its
+Forward: one program per token row. The two KLs read each row once: with both models' online
+softmax statistics (running max, sum of exponentials), the weighting model's sum of e (d_w - d_o),
+d each model's exponent at its running max, is kept online too and rebased whenever either max
+moves, so its terms stay as small as the distribution's own log-probs (no large shared offset
+cancels at the end). The mixture (JSD, skew KL) and total variation take the log of a sum of both
+models' probabilities at each entry, which needs both final normalizers first: a first sweep over
+each row finds them, a second forms log p_s and log p_t exactly and sums the divergence, the
+entropy and the two sums sum p g the gradients need (TRL's chunked divergence sweeps twice for the
+JSD too). Backward: a (rows x vocabulary-blocks) grid; each program reads its
 block of both rows once and writes its block of the first argument's gradient once (the
 teacher's gradient is the same kernel with the roles swapped, as the reference defines it).
 
@@ -67,7 +72,7 @@ def _log_mixture(a, b):
 
 
 @triton.jit
-def _weighted_grad(lp1, lp2, p1, p2, beta, w_t, w_s, lb, l1b, KIND: tl.constexpr):
+def _weighted_grad(lp1, lp2, p1, p2, beta, beta_c, w_t, w_s, lb, l1b, KIND: tl.constexpr):
     # p_1 * g, g the derivative w.r.t. log p_1 of the divergence taking argument 1 as its student, up
     # to a per-row constant; one product, as g alone overflows where p_1 is far below the mixture.
     if KIND == REVERSE_KL:
@@ -75,7 +80,7 @@ def _weighted_grad(lp1, lp2, p1, p2, beta, w_t, w_s, lb, l1b, KIND: tl.constexpr
     elif KIND == MIXTURE:
         lm = _log_mixture(lp1 + l1b, lp2 + lb)
         ratio = tl.where(p1 == 0.0, 0.0, tl.exp(lp1 - lm))
-        mixed = tl.where(beta >= 1.0, 0.0, (1.0 - beta) * (w_t * p2 + w_s * p1) * ratio)
+        mixed = tl.where(beta >= 1.0, 0.0, beta_c * (w_t * p2 + w_s * p1) * ratio)
         pg = w_s * _times(p1, lp1 - lm) - mixed
     else:
         d = p1 - p2
@@ -100,12 +105,80 @@ def _row_normalizer(row_ptr, V, stride_v, in_scale, factor, sign,
     return m, tl.log(s)
 
 
+@triton.jit
+def _rebased(total, mass, rescale, move):
+    # sum_i e_i c_i after every e_i is scaled by `rescale` and every c_i moves by -`move`; no
+    # mass yet (or all of it underflowed) leaves nothing, and an infinite move only meets the
+    # infinite total it implies (a zero of the other model under this one's mass).
+    kept = rescale * (total - mass * move)
+    return tl.where((mass == 0.0) | (rescale == 0.0), 0.0, kept)
+
+
+@triton.jit
+def _max_move(m, new_m, factor):
+    # How far a running max moved, scaled (0 when it did not, also at -inf; +inf when it leaves -inf,
+    # which rescales the empty sums by e^-inf = 0).
+    return tl.where(new_m == m, 0.0, (new_m - m) * factor)
+
+
+@triton.jit
+def _kl_one_read(s_row, t_row, V, s_sv, t_sv, s_in, s_factor, s_sign, t_in, t_factor, t_sign,
+                 KIND: tl.constexpr, S_SOFTCAP: tl.constexpr, T_SOFTCAP: tl.constexpr,
+                 S_CONTIGUOUS: tl.constexpr, T_CONTIGUOUS: tl.constexpr, WITH_ENTROPY: tl.constexpr,
+                 BLOCK: tl.constexpr):
+    """Forward or reverse KL and the student's entropy from one read of both rows.
+
+    With c = (w - max w) * factor each model's exponent at its running max, the weighting model
+    (the teacher for the forward KL, the student for the reverse) keeps A = sum e^{c_w} (c_w - c_o)
+    and the student E = sum e^{c_s} c_s; at the end KL = A / S_w - log S_w + log S_o and
+    H = log S_s - E / S_s."""
+    m_s = -float("inf")
+    m_t = -float("inf")
+    sum_s = 0.0
+    sum_t = 0.0
+    kl = 0.0
+    ent = 0.0
+    for start in range(0, V, BLOCK):
+        cols = start + tl.arange(0, BLOCK)
+        in_vocab = cols < V
+        ws = _load_w(s_row, cols, in_vocab, s_sv, s_in, s_sign, S_SOFTCAP, S_CONTIGUOUS)
+        wt = _load_w(t_row, cols, in_vocab, t_sv, t_in, t_sign, T_SOFTCAP, T_CONTIGUOUS)
+        new_s = tl.maximum(m_s, tl.max(ws, axis=0))
+        new_t = tl.maximum(m_t, tl.max(wt, axis=0))
+        move_s = _max_move(m_s, new_s, s_factor)
+        move_t = _max_move(m_t, new_t, t_factor)
+        rescale_s = tl.exp(-move_s)
+        rescale_t = tl.exp(-move_t)
+        # Exponents at the new maxima; -inf stays -inf (the difference is taken before scaling).
+        c_s = tl.where(ws == -float("inf"), -float("inf"), (ws - new_s) * s_factor)
+        c_t = tl.where(wt == -float("inf"), -float("inf"), (wt - new_t) * t_factor)
+        e_s = tl.exp(c_s)
+        e_t = tl.exp(c_t)
+        if KIND == FORWARD_KL:
+            kl = _rebased(kl, sum_t, rescale_t, move_t - move_s) + tl.sum(_times(e_t, c_t - c_s), axis=0)
+        else:
+            kl = _rebased(kl, sum_s, rescale_s, move_s - move_t) + tl.sum(_times(e_s, c_s - c_t), axis=0)
+        if WITH_ENTROPY:
+            ent = _rebased(ent, sum_s, rescale_s, move_s) + tl.sum(_times(e_s, c_s), axis=0)
+        sum_s = sum_s * rescale_s + tl.sum(e_s, axis=0)
+        sum_t = sum_t * rescale_t + tl.sum(e_t, axis=0)
+        m_s = new_s
+        m_t = new_t
+    log_s_s = tl.log(sum_s)
+    log_s_t = tl.log(sum_t)
+    if KIND == FORWARD_KL:
+        total = kl / sum_t - log_s_t + log_s_s
+    else:
+        total = kl / sum_s - log_s_s + log_s_t
+    return m_s, log_s_s, m_t, log_s_t, total, log_s_s - ent / sum_s
+
+
 @triton.jit(do_not_specialize=["T"])
 def _token_divergence_fwd_kernel(
     s_ptr, t_ptr, valid_ptr, value_ptr, entropy_ptr, stats_ptr,
     T, V, s_sb, s_st, s_sv, t_sb, t_st, t_sv,
     s_in, s_factor, s_sign, t_in, t_factor, t_sign,
-    beta, w_t, w_s, lb, l1b,
+    beta, beta_c, w_t, w_s, lb, l1b,
     KIND: tl.constexpr, S_SOFTCAP: tl.constexpr, T_SOFTCAP: tl.constexpr,
     S_CONTIGUOUS: tl.constexpr, T_CONTIGUOUS: tl.constexpr, WITH_ENTROPY: tl.constexpr, BLOCK: tl.constexpr,
 ):
@@ -120,50 +193,52 @@ def _token_divergence_fwd_kernel(
     b = row // T
     s_row = s_ptr + b * s_sb + (row - b * T) * s_st
     t_row = t_ptr + b * t_sb + (row - b * T) * t_st
-    m_s, log_s_s = _row_normalizer(s_row, V, s_sv, s_in, s_factor, s_sign, S_SOFTCAP, S_CONTIGUOUS, BLOCK)
-    m_t, log_s_t = _row_normalizer(t_row, V, t_sv, t_in, t_factor, t_sign, T_SOFTCAP, T_CONTIGUOUS, BLOCK)
-
-    value = tl.zeros([BLOCK], dtype=tl.float32)
-    entropy = tl.zeros([BLOCK], dtype=tl.float32)
-    aux_s = tl.zeros([BLOCK], dtype=tl.float32)
-    aux_t = tl.zeros([BLOCK], dtype=tl.float32)
-    for start in range(0, V, BLOCK):
-        cols = start + tl.arange(0, BLOCK)
-        in_vocab = cols < V
-        ws = _load_w(s_row, cols, in_vocab, s_sv, s_in, s_sign, S_SOFTCAP, S_CONTIGUOUS)
-        wt = _load_w(t_row, cols, in_vocab, t_sv, t_in, t_sign, T_SOFTCAP, T_CONTIGUOUS)
-        lp_s = _log_prob(ws, m_s, s_factor, log_s_s)
-        lp_t = _log_prob(wt, m_t, t_factor, log_s_t)
-        p_s = tl.exp(lp_s)
-        p_t = tl.exp(lp_t)
-        if WITH_ENTROPY:
-            entropy -= _times(p_s, lp_s)
-        if KIND == FORWARD_KL:
-            value += _times(p_t, lp_t - lp_s)
-        elif KIND == REVERSE_KL:
-            value += _times(p_s, lp_s - lp_t)
-        elif KIND == MIXTURE:
-            lm = _log_mixture(lp_s + l1b, lp_t + lb)
-            value += w_t * _times(p_t, lp_t - lm) + w_s * _times(p_s, lp_s - lm)
-            aux_s += _weighted_grad(lp_s, lp_t, p_s, p_t, beta, w_t, w_s, lb, l1b, KIND)
-            # The teacher's side: beta -> 1 - beta, the weights and log-weights swapped.
-            aux_t += _weighted_grad(lp_t, lp_s, p_t, p_s, 1.0 - beta, w_s, w_t, l1b, lb, KIND)
-        else:
-            value += 0.5 * tl.abs(p_s - p_t)
-            aux_s += _weighted_grad(lp_s, lp_t, p_s, p_t, beta, w_t, w_s, lb, l1b, KIND)
-            aux_t += _weighted_grad(lp_t, lp_s, p_t, p_s, beta, w_t, w_s, lb, l1b, KIND)
-    total = tl.sum(value, axis=0)
-    a_s = tl.sum(aux_s, axis=0)
-    a_t = tl.sum(aux_t, axis=0)
-    if KIND == FORWARD_KL:
-        a_t = total
-    elif KIND == REVERSE_KL:
-        a_s = total
+    if (KIND == FORWARD_KL) or (KIND == REVERSE_KL):
+        m_s, log_s_s, m_t, log_s_t, total, ent = _kl_one_read(
+            s_row, t_row, V, s_sv, t_sv, s_in, s_factor, s_sign, t_in, t_factor, t_sign,
+            KIND, S_SOFTCAP, T_SOFTCAP, S_CONTIGUOUS, T_CONTIGUOUS, WITH_ENTROPY, BLOCK)
+        # Each KL is its own first distribution's aux (sum p (lp_1 - lp_2)); the other side has none.
+        a_s = total if KIND == REVERSE_KL else 0.0
+        a_t = total if KIND == FORWARD_KL else 0.0
+    else:
+        m_s, log_s_s = _row_normalizer(s_row, V, s_sv, s_in, s_factor, s_sign, S_SOFTCAP, S_CONTIGUOUS, BLOCK)
+        m_t, log_s_t = _row_normalizer(t_row, V, t_sv, t_in, t_factor, t_sign, T_SOFTCAP, T_CONTIGUOUS, BLOCK)
+        # Half-size chunks here: fewer values live per thread, and lane offsets of their own (with
+        # the first sweeps' kept live across, ptxas for sm_100 spilled one to reach 3 programs per SM).
+        value = tl.zeros([BLOCK // 2], dtype=tl.float32)
+        entropy = tl.zeros([BLOCK // 2], dtype=tl.float32)
+        aux_s = tl.zeros([BLOCK // 2], dtype=tl.float32)
+        aux_t = tl.zeros([BLOCK // 2], dtype=tl.float32)
+        for start in range(0, V, BLOCK // 2):
+            cols = start + tl.arange(0, BLOCK // 2)
+            in_vocab = cols < V
+            ws = _load_w(s_row, cols, in_vocab, s_sv, s_in, s_sign, S_SOFTCAP, S_CONTIGUOUS)
+            wt = _load_w(t_row, cols, in_vocab, t_sv, t_in, t_sign, T_SOFTCAP, T_CONTIGUOUS)
+            lp_s = _log_prob(ws, m_s, s_factor, log_s_s)
+            lp_t = _log_prob(wt, m_t, t_factor, log_s_t)
+            p_s = tl.exp(lp_s)
+            p_t = tl.exp(lp_t)
+            if WITH_ENTROPY:
+                entropy -= _times(p_s, lp_s)
+            if KIND == MIXTURE:
+                lm = _log_mixture(lp_s + l1b, lp_t + lb)
+                value += w_t * _times(p_t, lp_t - lm) + w_s * _times(p_s, lp_s - lm)
+                aux_s += _weighted_grad(lp_s, lp_t, p_s, p_t, beta, beta_c, w_t, w_s, lb, l1b, KIND)
+                # The teacher's side: beta -> 1 - beta, the weights and log-weights swapped.
+                aux_t += _weighted_grad(lp_t, lp_s, p_t, p_s, beta_c, beta, w_s, w_t, l1b, lb, KIND)
+            else:
+                value += 0.5 * tl.abs(p_s - p_t)
+                aux_s += _weighted_grad(lp_s, lp_t, p_s, p_t, beta, beta_c, w_t, w_s, lb, l1b, KIND)
+                aux_t += _weighted_grad(lp_t, lp_s, p_t, p_s, beta, beta_c, w_t, w_s, lb, l1b, KIND)
+        total = tl.sum(value, axis=0)
+        ent = tl.sum(entropy, axis=0)
+        a_s = tl.sum(aux_s, axis=0)
+        a_t = tl.sum(aux_t, axis=0)
     # A row with no finite logit (or a NaN) has no distribution: NaN, as the reference gives.
     ok = (log_s_s > -float("inf")) & (log_s_t > -float("inf"))
     tl.store(value_ptr + row, tl.where(ok, total, float("nan")))
     if WITH_ENTROPY:
-        tl.store(entropy_ptr + row, tl.where(log_s_s > -float("inf"), tl.sum(entropy, axis=0), float("nan")))
+        tl.store(entropy_ptr + row, tl.where(log_s_s > -float("inf"), ent, float("nan")))
     s_finite = (m_s > -float("inf")) & (m_s < float("inf"))
     t_finite = (m_t > -float("inf")) & (m_t < float("inf"))
     tl.store(stats_ptr + 6 * row, tl.where(s_finite, m_s * s_sign, 0.0))
@@ -179,7 +254,7 @@ def _token_divergence_bwd_kernel(
     a_ptr, b_ptr, valid_ptr, stats_ptr, grad_ptr, out_ptr,
     T, V, a_sb, a_st, a_sv, b_sb, b_st, b_sv,
     a_in, a_factor, a_sign, b_in, b_factor, b_sign, a_chain,
-    beta, w_t, w_s, lb, l1b,
+    beta, beta_c, w_t, w_s, lb, l1b,
     KIND: tl.constexpr, A_SOFTCAP: tl.constexpr, B_SOFTCAP: tl.constexpr,
     A_CONTIGUOUS: tl.constexpr, B_CONTIGUOUS: tl.constexpr, BLOCK: tl.constexpr,
 ):
@@ -206,7 +281,7 @@ def _token_divergence_bwd_kernel(
         dz = p_a - p_b
     else:
         aux = tl.load(stats_ptr + 6 * row + 4)
-        dz = _weighted_grad(lp_a, lp_b, p_a, p_b, beta, w_t, w_s, lb, l1b, KIND) - _times(p_a, aux)
+        dz = _weighted_grad(lp_a, lp_b, p_a, p_b, beta, beta_c, w_t, w_s, lb, l1b, KIND) - _times(p_a, aux)
     dz = dz * (g * a_chain)
     if A_SOFTCAP:
         u = wa  # sign is 1 under a softcap
@@ -225,10 +300,12 @@ def _model_constants(temperature: float, logit_scale: float, softcap: float) -> 
     return 1.0, abs(k), (1.0 if k >= 0 else -1.0), False
 
 
-def _kind_constants(beta: float, w_t: float, w_s: float) -> tuple[float, float, float, float, float]:
+def _kind_constants(beta: float, w_t: float, w_s: float) -> tuple[float, float, float, float, float, float]:
+    # 1 - beta and the logs as parameters, read from the constant bank (held in a register across
+    # the loop, ptxas for sm_100 spilled 1 - beta to reach 3 programs per SM).
     lb = math.log(beta) if beta > 0.0 else -math.inf
     l1b = math.log1p(-beta) if beta < 1.0 else -math.inf
-    return beta, w_t, w_s, lb, l1b
+    return beta, 1.0 - beta, w_t, w_s, lb, l1b
 
 
 def _check_pair(first: torch.Tensor, second: torch.Tensor, valid: torch.Tensor) -> tuple[int, int, int]:

@@ -1,10 +1,13 @@
 // Student-teacher divergences on CPU (fastalign/reference/divergence.py has the math).
 //
-// Forward, per row: one online-softmax pass over each model's logits for its normalizer
-// (forward_row, as token log-probs run it), then one pass over both rows together that forms
-// log p_s and log p_t exactly and sums the divergence, the student's entropy and the two sums
-// sum p g the gradients need. The second pass re-reads rows of a few hundred KiB at most, from
-// cache for the vocabularies of today. Backward: one pass over both rows, writing the gradient
+// Forward, per row. The two KLs read both rows once (kl_row): both models' online softmax
+// statistics and the weighting model's sum of e (d_w - d_o), with d each model's exponent at its
+// running max, rebased whenever a max moves (so no large shared offset cancels at the end). The
+// mixture and total variation need both normalizers before any term: one online-softmax pass over
+// each model's logits (forward_row, as token log-probs run it), then one pass over both rows
+// together that forms log p_s and log p_t exactly and sums the divergence, the student's entropy
+// and the two sums sum p g the gradients need (re-reading rows of a few hundred KiB at most, from
+// cache for the vocabularies of today). Backward: one pass over both rows, writing the gradient
 // of the first argument once (the teacher's gradient is the same kernel with the roles swapped).
 
 #include <ATen/ATen.h>
@@ -160,6 +163,90 @@ Sums<acc_t> divergence_row(const scalar_t* s_row, int64_t s_sv, const Transform<
   return out;
 }
 
+// sum e c after every e is scaled by `rescale` and every c moves by -`move`: nothing where there
+// is no mass yet (or it all underflowed); an infinite total (a zero of the other model under this
+// one's mass) stays infinite. NaN passes through.
+template <typename acc_t>
+inline acc_t rebased(acc_t total, acc_t mass, acc_t rescale, acc_t move) {
+  if (mass == acc_t(0) || rescale == acc_t(0)) return acc_t(0);
+  return rescale * (total - mass * move);
+}
+
+// One model's running max moving to include a chunk's max: (new max, how far its exponent moved,
+// the factor its sums take). NaN propagates.
+template <typename acc_t>
+struct MaxMove {
+  acc_t m, move, rescale;
+};
+
+template <typename acc_t>
+inline MaxMove<acc_t> move_max(acc_t m, acc_t cmax, const ChunkView<acc_t>& c) {
+  if (cmax <= m) return {m, acc_t(0), acc_t(1)};
+  const acc_t move = -c.shifted(m, cmax);  // (new - old) * factor >= 0; huge when old is -inf
+  return {nan_max(m, cmax), move, std::exp(-move)};
+}
+
+template <typename acc_t>
+struct KLRow {
+  acc_t m_s, log_s_s, m_t, log_s_t, value, entropy;
+};
+
+// Forward (KIND 0) or reverse KL and the student's entropy from one read of both rows.
+template <typename scalar_t, typename acc_t, int64_t KIND>
+KLRow<acc_t> kl_row(const scalar_t* s_row, int64_t s_sv, const Transform<acc_t>& s_tf, const scalar_t* t_row,
+                    int64_t t_sv, const Transform<acc_t>& t_tf, int64_t V, acc_t* s_buf, acc_t* t_buf) {
+  using V_ = Vec<acc_t>;
+  const acc_t ninf = neg_inf<acc_t>();
+  acc_t m_s = ninf, m_t = ninf, sum_s = 0, sum_t = 0, kl = 0, ent = 0;
+  for (int64_t start = 0; start < V; start += kChunk) {
+    const int64_t n = std::min(kChunk, V - start);
+    // Staged (never read in place) so that the tail can be padded.
+    const ChunkView<acc_t> cs = view_chunk<scalar_t, acc_t>(s_row, s_sv, start, n, s_tf, false, s_buf);
+    const ChunkView<acc_t> ct = view_chunk<scalar_t, acc_t>(t_row, t_sv, start, n, t_tf, false, t_buf);
+    const int64_t padded = std::max(padded_tail(s_buf, n), padded_tail(t_buf, n));
+    const MaxMove<acc_t> ms = move_max(m_s, max_and_sum<acc_t, false>(cs.x, n).first, cs);
+    const MaxMove<acc_t> mt = move_max(m_t, max_and_sum<acc_t, false>(ct.x, n).first, ct);
+    if constexpr (KIND == kForwardKL) {
+      kl = rebased(kl, sum_t, mt.rescale, mt.move - ms.move);
+    } else {
+      kl = rebased(kl, sum_s, ms.rescale, ms.move - mt.move);
+    }
+    ent = rebased(ent, sum_s, ms.rescale, ms.move);
+    sum_s *= ms.rescale;
+    sum_t *= mt.rescale;
+    m_s = ms.m;
+    m_t = mt.m;
+    // A model still at -inf shifts by 0: its -inf logits must not meet -inf - -inf = NaN.
+    const V_ vms(m_s == ninf ? acc_t(0) : m_s), vmt(m_t == ninf ? acc_t(0) : m_t), vninf(ninf), zero(acc_t(0)),
+        vlowest(std::numeric_limits<acc_t>::lowest()), vks(cs.factor), vks_lo(cs.factor_lo), vkt(ct.factor),
+        vkt_lo(ct.factor_lo);
+    V_ vsum_s(zero), vsum_t(zero), vkl(zero), vent(zero);
+    for (int64_t i = 0; i < padded; i += V_::size()) {
+      const V_ ws = V_::loadu(s_buf + i), wt = V_::loadu(t_buf + i);
+      const V_ diff_s = at::vec::maximum(ws - vms, vlowest), diff_t = at::vec::maximum(wt - vmt, vlowest);
+      const V_ d_s = at::vec::fmadd(diff_s, vks, diff_s * vks_lo), d_t = at::vec::fmadd(diff_t, vkt, diff_t * vkt_lo);
+      const V_ e_s = d_s.exp(), e_t = d_t.exp();
+      // The exponents' own -inf where a logit is -inf (the clamp above only kept NaN out).
+      const V_ c_s = V_::blendv(d_s, vninf, ws == vninf), c_t = V_::blendv(d_t, vninf, wt == vninf);
+      vsum_s = vsum_s + e_s;
+      vsum_t = vsum_t + e_t;
+      if constexpr (KIND == kForwardKL) {
+        vkl = vkl + times<acc_t>(e_t, c_t - c_s);
+      } else {
+        vkl = vkl + times<acc_t>(e_s, c_s - c_t);
+      }
+      vent = vent + times<acc_t>(e_s, c_s);
+    }
+    sum_s += vsum(vsum_s);
+    sum_t += vsum(vsum_t);
+    kl += vsum(vkl);
+    ent += vsum(vent);
+  }
+  const acc_t log_s_s = std::log(sum_s), log_s_t = std::log(sum_t);
+  const acc_t value = KIND == kForwardKL ? kl / sum_t - log_s_t + log_s_s : kl / sum_s - log_s_s + log_s_t;
+  return {m_s, log_s_s, m_t, log_s_t, value, log_s_s - ent / sum_s};
+}
+
 template <typename scalar_t, typename acc_t, int64_t KIND>
 void forward_rows(const at::Tensor& student, const at::Tensor& teacher, const bool* valid,
                   const Transform<acc_t>& s_tf, const Transform<acc_t>& t_tf, const Params<acc_t>& k,
@@ -183,6 +270,22 @@ void forward_rows(const at::Tensor& student, const at::Tensor& teacher, const bo
       }
       const scalar_t* s_row = s_base + (r / T) * ssb + (r % T) * sst;
       const scalar_t* t_row = t_base + (r / T) * tsb + (r % T) * tst;
+      if constexpr (KIND == kForwardKL || KIND == kReverseKL) {
+        const KLRow<acc_t> kl =
+            kl_row<scalar_t, acc_t, KIND>(s_row, ssv, s_tf, t_row, tsv, t_tf, V, s_buf.get(), t_buf.get());
+        st[0] = s_tf.stored_shift(kl.m_s);
+        st[1] = kl.log_s_s;
+        st[2] = t_tf.stored_shift(kl.m_t);
+        st[3] = kl.log_s_t;
+        // A row with no finite logit (or a NaN) has no distribution: NaN, as the reference gives.
+        const bool s_ok = kl.log_s_s > neg_inf<acc_t>(), ok = s_ok && kl.log_s_t > neg_inf<acc_t>();
+        value[r] = ok ? kl.value : nan;
+        if (entropy) entropy[r] = s_ok ? kl.entropy : nan;
+        // Each KL is its own first distribution's aux (sum p (lp_1 - lp_2)); the other side has none.
+        st[4] = KIND == kReverseKL ? value[r] : (ok ? acc_t(0) : nan);
+        st[5] = KIND == kForwardKL ? value[r] : (ok ? acc_t(0) : nan);
+        continue;
+      }
       const RowStats<acc_t> s = forward_row<scalar_t, acc_t, false, false>(s_row, ssv, V, -1, s_tf, s_tf.in_place(ssv),
                                                                            false, false, s_buf.get());
       const RowStats<acc_t> t = forward_row<scalar_t, acc_t, false, false>(t_row, tsv, V, -1, t_tf, t_tf.in_place(tsv),

@@ -96,22 +96,35 @@ def test_gkd_generalized_jsd_loss_equals_trl(beta, reduction, with_labels):
             GKDTrainer.generalized_jsd_loss(s, t, reduction="none")
 
 
-def _gkd_trainer(output_dir, beta):
+def _gkd_trainer(output_dir, beta, lmbda):
     from datasets import Dataset
     from trl.experimental.gkd import GKDConfig, GKDTrainer
 
-    # lmbda = 0, seq_kd off: the dataset's completions, no generation (off-policy GKD).
-    args = GKDConfig(**tiny_trl.common_args(output_dir), beta=beta, lmbda=0.0, seq_kd=False, max_length=32)
+    # lmbda = 0, seq_kd off: the dataset's completions, no generation (off-policy GKD); lmbda = 1:
+    # the student's own sampled completions at every step (on-policy), the same tokens in both runs
+    # (the same seed, and models that agree to rounding).
+    args = GKDConfig(**tiny_trl.common_args(output_dir), beta=beta, lmbda=lmbda, seq_kd=False, max_length=32,
+                     max_new_tokens=6)
     teacher = tiny_trl.causal_lm(seed=1, hidden_size=96, intermediate_size=160)
     return GKDTrainer(model=tiny_trl.causal_lm(seed=0), teacher_model=teacher, args=args,
                       train_dataset=Dataset.from_list(tiny_trl.chat_rows(12)),
                       processing_class=tiny_trl.chat_tokenizer())
 
 
-@pytest.mark.parametrize("beta", [0.0, 0.5, 1.0])
-def test_gkd_training_matches_stock_trl(tmp_path, beta):
-    stock = tiny_trl.train_logs(lambda: _gkd_trainer(tmp_path / "stock", beta))
+@pytest.mark.parametrize(("beta", "lmbda"), [(0.0, 0.0), (0.5, 0.0), (1.0, 0.0), (0.5, 1.0)])
+def test_gkd_training_matches_stock_trl(tmp_path, monkeypatch, beta, lmbda):
+    from trl.experimental.gkd import GKDTrainer
+
+    stock = tiny_trl.train_logs(lambda: _gkd_trainer(tmp_path / "stock", beta, lmbda))
+    generate, generated = GKDTrainer.generate_on_policy_outputs, []
+
+    def counted(*args, **kwargs):
+        generated.append(1)
+        return generate(*args, **kwargs)
+
+    monkeypatch.setattr(GKDTrainer, "generate_on_policy_outputs", staticmethod(counted))
     with fa_trl.patched(), tiny_trl.Calls(distillation, "token_divergence") as calls:
-        ours = tiny_trl.train_logs(lambda: _gkd_trainer(tmp_path / "ours", beta))
+        ours = tiny_trl.train_logs(lambda: _gkd_trainer(tmp_path / "ours", beta, lmbda))
     assert calls.count > 0
+    assert bool(generated) == (lmbda > 0)
     tiny_trl.assert_logs_match(stock, ours)

@@ -156,6 +156,44 @@ def test_backend_as_accurate_as_reference(divergence, case, dtype, backend):
 
 
 @pytest.mark.parametrize("backend", backend_params())
+@pytest.mark.parametrize("temperature", [1.0, 0.6])
+@pytest.mark.parametrize("divergence", ["forward_kl", "reverse_kl"])
+def test_kl_maxima_moving_across_blocks(divergence, temperature, backend):
+    # The KLs are read once per row with sums rebased as either model's running maximum moves:
+    # rows whose maxima climb block by block (by different amounts for the two models), jump far
+    # enough that the earlier mass underflows, start with a whole block of -inf in one model, or
+    # sit at |z| ~ 1e4.
+    V = 5000
+    g = torch.Generator().manual_seed(11)
+    s = torch.randn(6, V, generator=g, dtype=torch.float64) * 3
+    t = torch.randn(6, V, generator=g, dtype=torch.float64) * 3
+    ramp = torch.arange(V, dtype=torch.float64) / 1000
+    s[0] += 7 * ramp
+    t[0] += 15 * ramp
+    s[1] -= 10 * ramp
+    t[1, 2500:] += 200.0
+    s[2, :2100] = float("-inf")
+    t[3, :2100] = float("-inf")
+    s[3, 4000:] += 60.0
+    s[4] += 1e4
+    t[4] += 1e4 + 40 * ramp
+    t[5, :4500] = float("-inf")
+    s[5, 4990:] = float("-inf")
+    s, t = s.to(DEVICE), t.to(DEVICE)
+    kwargs = dict(temperature=temperature)
+    truth = _run("reference", s[None], t[None], divergence, kwargs)
+    s32, t32 = s.float()[None], t.float()[None]
+    reference = _run("reference", s32, t32, divergence, kwargs)
+    got = _run(backend, s32, t32, divergence, kwargs)
+    assert not bool(torch.isfinite(truth[0]).all()) and bool(torch.isfinite(truth[0]).any())
+    finite = torch.isfinite(truth[0])
+    for i, name in enumerate(("divergence", "entropy")):
+        assert_as_accurate_as_reference(got[i], reference[i], truth[i], name, slack_eps=8.0)
+    for i, name in ((2, "student grad"), (3, "teacher grad")):
+        assert_as_accurate_as_reference(got[i][finite], reference[i][finite], truth[i][finite], name, slack_eps=8.0)
+
+
+@pytest.mark.parametrize("backend", backend_params())
 def test_nan_and_empty_rows(backend):
     dtype = torch.float32
     s, t = pair(n=4, v=300, dtype=dtype)

@@ -58,3 +58,15 @@ def test_sass_loops_are_found_by_their_backward_branch():
     assert found.elements == 8  # one 16-byte load of 2-byte elements
     assert found.instructions == 6 and found.steady == 5  # the FADD a forward branch skips is off the steady path
     assert found.steady_mufu == 1
+
+
+def test_two_row_loops_are_counted_per_vocabulary_position():
+    # A distillation loop loads a student's and a teacher's value per position: two 16-byte fp32
+    # loads cover 4 positions, not 8; a single-row loop beside it keeps its count.
+    both, one = loop(8, 140, loads=("LDG.E.128", "LDG.E.128")), loop(4, 60)
+    counted = sr.per_position([both, one], (2, 1), "kernel")
+    assert [c.elements for c in counted] == [4, 4]
+    assert sr._per_element(counted[0]) == (35.0, 0.0)
+    assert [c.elements for c in sr.per_position([both, one], 1, "kernel")] == [8, 4]
+    with pytest.raises(ValueError, match=r"^kernel: rows given for 3 hot loops, the code has 2"):
+        sr.per_position([both, one], (2, 2, 1), "kernel")
