@@ -81,3 +81,8 @@ def discounted_returns(rewards, mask, gamma):
     require()
     # The C++ kernel reads the mask in the rewards' dtype.
     return torch.ops.fastalign_cpu.discounted_returns(rewards, mask.to(rewards.dtype), gamma)
+
+
+def remax_advantages_forward(rewards, mask, baselines):
+    require()
+    return torch.ops.fastalign_cpu.remax_advantages_forward(rewards, mask.to(rewards.dtype), baselines)

@@ -114,6 +114,7 @@ token_divergence_backward = _forward_to("divergence", "token_divergence_backward
 gae_forward = _forward_to("gae", "gae_forward")
 group_advantages_forward = _forward_to("advantages", "group_advantages_forward")
 discounted_returns = _forward_to("advantages", "discounted_returns")
+remax_advantages_forward = _forward_to("advantages", "remax_advantages_forward")
 
 # Logits per block of the blocked passes from hidden states: 128M values (256 MiB in bf16; 1024
 # tokens at V = 131072), at least 256 tokens. Each block adds its weight-gradient product into

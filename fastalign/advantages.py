@@ -1,7 +1,8 @@
-"""Group-relative advantages (GRPO, Dr.GRPO, RLOO, REINFORCE++-baseline, GDPO) and REINFORCE++.
+"""Group-relative advantages (GRPO, Dr.GRPO, RLOO, REINFORCE++-baseline, GDPO), REINFORCE++ and ReMax.
 
 Registered as the torch.library ops `fastalign::group_advantages_forward` (every group's
-statistics and every advantage in one kernel launch) and `fastalign::discounted_returns`. They are
+statistics and every advantage in one kernel launch), `fastalign::discounted_returns` and
+`fastalign::remax_advantages_forward`. They are
 forward-only: trainers compute advantages from detached rewards under `torch.no_grad()`, so there
 is no gradient to define. Each op body picks its backend at run time like `token_logprobs`: the
 C++ kernels for CPU tensors, Triton for CUDA tensors, the reference PyTorch otherwise or when
@@ -20,6 +21,7 @@ Which trainer each option reproduces (the tests port each trainer's code and com
 | `estimator="reinforce++-baseline"` | verl `compute_reinforce_plus_plus_baseline_outcome_advantage` |
 | `aggregation="normalize_then_sum"` | TRL `multi_objective_aggregation="normalize_then_sum"` (GDPO) |
 | `reinforce_plus_plus_advantages` | verl 0.9.1 `compute_reinforce_plus_plus_outcome_advantage` (masked tokens skipped) |
+| `remax_advantages` | verl 0.9.1 `compute_remax_outcome_advantage` (ReMax: the greedy response's reward as baseline) |
 """
 
 from __future__ import annotations
@@ -75,6 +77,21 @@ def discounted_returns(rewards: torch.Tensor, mask: torch.Tensor, gamma: float) 
 @discounted_returns.register_fake
 def _(rewards, mask, gamma):
     return rewards.new_empty(rewards.shape)
+
+
+@torch.library.custom_op("fastalign::remax_advantages_forward", mutates_args=())
+def remax_advantages_forward(
+    rewards: torch.Tensor, mask: torch.Tensor, baselines: torch.Tensor
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """rewards, mask [B, T] and baselines [B] of one dtype, fp32/fp64 -> ReMax (advantages, returns)
+    [B, T] (reference/advantages.py)."""
+    _, forward = resolve("remax_advantages_forward", rewards=rewards)
+    return forward(rewards, mask, baselines)
+
+
+@remax_advantages_forward.register_fake
+def _(rewards, mask, baselines):
+    return rewards.new_empty(rewards.shape), rewards.new_empty(rewards.shape)
 
 
 # --- argument checks --------------------------------------------------------------------------
@@ -341,3 +358,101 @@ def reinforce_plus_plus_advantages(
         raise ValueError(f"gamma: expected a number in [0, 1], got {gamma!r}")
     returns = discounted_returns(rewards.contiguous(), mask.to(rewards.dtype).contiguous(), float(gamma))
     return _masked_whiten(returns, mask), returns
+
+
+def remax_advantages(
+    rewards: torch.Tensor,
+    reward_baselines: torch.Tensor,
+    *,
+    response_mask: torch.Tensor | None = None,
+    group_size: int | None = None,
+    group_index: torch.Tensor | None = None,
+) -> torch.Tensor:
+    """ReMax advantages (Li et al. 2023, "ReMax: A Simple, Effective, and Efficient Reinforcement
+    Learning Method for Aligning Large Language Models", Algorithm 1): the reward of each sampled
+    response minus the reward of the greedy response to the same prompt, broadcast to its tokens.
+
+    Args:
+        rewards: `[B]` sequence rewards of the sampled responses, or `[B, T]` token-level rewards
+            (verl's `token_level_rewards`; needs `response_mask`). Token-level rewards give verl
+            0.9.1's `compute_remax_outcome_advantage` exactly: the reward-to-go
+            `sum_{s >= t} rewards[s] * mask[s]` minus `baseline * mask[t]` (so a reward on the
+            last token alone gives `reward - baseline` on every response token).
+        reward_baselines: the greedy responses' rewards: `[B]`, one per row (verl's
+            `reward_baselines`, repeated over the samples of a prompt), or one per prompt, `[G]`,
+            with `group_size` (rows are runs of that many samples per prompt, TRL's
+            `num_generations`) or `group_index` (each row's prompt, an index into the baselines).
+        response_mask: `[B, T]`; with `[B]` rewards the result is `advantage[:, None] * mask`.
+
+    Returns:
+        float32 advantages (float64 for float64 rewards): `[B]`, or `[B, T]` with a mask.
+    """
+    advantages, _ = _remax(rewards, reward_baselines, response_mask, group_size, group_index)
+    return advantages
+
+
+def _remax(rewards, reward_baselines, response_mask, group_size, group_index):
+    """(advantages, returns): the returns are verl's reward-to-go for token-level rewards, else the rewards."""
+    rewards = _float_tensor("rewards", rewards)
+    if rewards.dim() not in (1, 2):
+        raise ValueError(f"rewards: expected shape [B] (sequence rewards) or [B, T] (token-level), "
+                         f"got {tuple(rewards.shape)}")
+    batch = rewards.shape[0]
+    if batch == 0:
+        raise ValueError("rewards: the batch is empty")
+    baselines = _float_tensor("reward_baselines", reward_baselines).to(rewards.dtype)
+    if baselines.dim() != 1:
+        raise ValueError(f"reward_baselines: expected shape [B] or [G] (one per prompt), got {tuple(baselines.shape)}")
+    if baselines.device != rewards.device:
+        raise ValueError(f"reward_baselines: expected a tensor on {rewards.device} (the rewards' device), "
+                         f"got {baselines.device}")
+    baselines = _row_baselines(baselines, batch, group_size, group_index, rewards.device)
+    if response_mask is not None:
+        response_mask = _check_mask(response_mask, batch, rewards.device)
+    if rewards.dim() == 1:
+        advantages = rewards - baselines
+        if response_mask is None:
+            return advantages, rewards
+        m = response_mask.to(rewards.dtype)
+        return advantages.unsqueeze(-1) * m, rewards.unsqueeze(-1) * m
+    if response_mask is None:
+        raise ValueError("response_mask: token-level rewards [B, T] need the response mask (verl's response_mask)")
+    if response_mask.shape != rewards.shape:
+        raise ValueError(f"response_mask: expected shape {tuple(rewards.shape)} (that of rewards), "
+                         f"got {tuple(response_mask.shape)}")
+    return remax_advantages_forward(rewards.contiguous(), response_mask.to(rewards.dtype).contiguous(),
+                                    baselines.contiguous())
+
+
+def _row_baselines(baselines, batch: int, group_size, group_index, device) -> torch.Tensor:
+    """One baseline per row: as given, repeated over runs of `group_size`, or indexed by `group_index`."""
+    if group_size is not None and group_index is not None:
+        raise ValueError("group_size, group_index: pass at most one (per-prompt baselines laid out in runs, "
+                         "or a prompt index per row)")
+    if group_size is not None:
+        if isinstance(group_size, bool) or not isinstance(group_size, int):
+            raise TypeError(f"group_size: expected an int, got {type(group_size).__name__}")
+        if group_size < 1 or baselines.shape[0] * group_size != batch:
+            raise ValueError(f"group_size: expected {batch} rows = {baselines.shape[0]} baselines x group_size, "
+                             f"got group_size={group_size}")
+        return baselines.repeat_interleave(group_size)
+    if group_index is not None:
+        if not isinstance(group_index, torch.Tensor):
+            raise TypeError(f"group_index: expected a torch.Tensor of prompt indices, got {type(group_index).__name__}")
+        if group_index.dtype not in (torch.int64, torch.int32, torch.int16, torch.int8, torch.uint8):
+            raise TypeError(f"group_index: expected an integer tensor, got {group_index.dtype}")
+        if group_index.dim() != 1 or group_index.shape[0] != batch:
+            raise ValueError(f"group_index: expected shape [{batch}] (one prompt index per row), "
+                             f"got {tuple(group_index.shape)}")
+        if group_index.device != device:
+            raise ValueError(f"group_index: expected a tensor on {device} (the rewards' device), got {group_index.device}")
+        # Checked on every device (one sync, once per step): an index past the baselines would read out of bounds.
+        if not torch.compiler.is_compiling() and group_index.numel() and not bool(
+                ((group_index >= 0) & (group_index < baselines.shape[0])).all()):
+            raise ValueError(f"group_index: expected indices in [0, {baselines.shape[0]}) (one per baseline), got "
+                             f"values in [{int(group_index.min())}, {int(group_index.max())}]")
+        return baselines[group_index.long()]
+    if baselines.shape[0] != batch:
+        raise ValueError(f"reward_baselines: expected shape [{batch}] (one per row; or pass group_size / group_index "
+                         f"for one per prompt), got {tuple(baselines.shape)}")
+    return baselines

@@ -85,6 +85,7 @@ OPS: dict[str, tuple[str, tuple[str, ...]]] = {
     "gae_forward": ("gae", _FLOATS),
     "group_advantages_forward": ("advantages", ("float32",)),
     "discounted_returns": ("advantages", ("float32",)),
+    "remax_advantages_forward": ("advantages", ("float32",)),
 }
 
 

@@ -13,6 +13,10 @@ runs once. Statistics are in float64: a group of equal rewards centres to exactl
 right one column at a time (the recurrence is sequential in t, parallel across rows). It follows
 verl 0.9.1: masked tokens are skipped, the running return carried across them.
 
+``_remax_kernel``: the same walk from the right for ReMax: the reward-to-go of the masked rewards,
+accumulated in float64 (torch's CPU ``cumsum`` accumulates float32 in double, so verl's CPU
+numbers are met exactly), minus the greedy baseline on the response tokens.
+
 The per-element formula is documented in fastalign/reference/advantages.py.
 """
 
@@ -140,6 +144,24 @@ def _discounted_returns_kernel(r_ptr, m_ptr, out_ptr, B, T, gamma, BLOCK_ROWS: t
         running = new * m + running * (1.0 - m)
 
 
+@triton.jit(do_not_specialize=["B", "T"])
+def _remax_kernel(r_ptr, m_ptr, b_ptr, adv_ptr, ret_ptr, B, T, BLOCK_ROWS: tl.constexpr):
+    rows = tl.program_id(0).to(tl.int64) * BLOCK_ROWS + tl.arange(0, BLOCK_ROWS).to(tl.int64)
+    live = rows < B
+    base = rows * T
+    baseline = tl.load(b_ptr + rows, mask=live, other=0.0).to(tl.float32)
+    running = tl.zeros([BLOCK_ROWS], dtype=tl.float64)
+    for k in range(0, T):
+        t = T - 1 - k
+        r = tl.load(r_ptr + base + t, mask=live, other=0.0).to(tl.float32)
+        m = tl.load(m_ptr + base + t, mask=live, other=0.0).to(tl.float32)
+        # verl: (rewards * mask) rounded in float32, then the reverse cumsum.
+        running += (r * m).to(tl.float64)
+        ret = running.to(tl.float32)
+        tl.store(ret_ptr + base + t, ret, mask=live)
+        tl.store(adv_ptr + base + t, ret - baseline * m, mask=live)
+
+
 def _check_float(name: str, t: torch.Tensor) -> None:
     if t.dtype != torch.float32:
         raise TypeError(f"{name} must be float32 for the triton backend, got {t.dtype}")
@@ -207,3 +229,24 @@ def discounted_returns(rewards: torch.Tensor, mask: torch.Tensor, gamma: float) 
         enable_fp_fusion=False,
     )
     return out
+
+
+def remax_advantages_forward(
+    rewards: torch.Tensor, mask: torch.Tensor, baselines: torch.Tensor
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """ReMax advantages and returns for ``rewards`` [B, T] float32, ``mask`` [B, T], ``baselines`` [B]."""
+    _check_float("rewards", rewards)
+    rewards = rewards.contiguous()
+    mask = mask.to(torch.float32).contiguous()
+    baselines = baselines.to(torch.float32).contiguous()
+    B, T = rewards.shape
+    advantages, returns = torch.empty_like(rewards), torch.empty_like(rewards)
+    if B == 0 or T == 0:
+        return advantages, returns
+    _remax_kernel[(triton.cdiv(B, RETURNS_BLOCK_ROWS),)](
+        rewards, mask, baselines, advantages, returns, B, T, BLOCK_ROWS=RETURNS_BLOCK_ROWS,
+        num_warps=warps(RETURNS_THREADS),
+        # Pinned off: returns - baseline * mask rounded step by step, as verl's eager PyTorch does.
+        enable_fp_fusion=False,
+    )
+    return advantages, returns

@@ -21,6 +21,7 @@
 
 #include <cmath>
 #include <limits>
+#include <tuple>
 
 namespace fastalign {
 namespace {
@@ -170,6 +171,47 @@ at::Tensor discounted_returns(const at::Tensor& rewards, const at::Tensor& mask,
   return out;
 }
 
+// ReMax (verl 0.9.1's compute_remax_outcome_advantage): the reward-to-go of the masked rewards,
+// accumulated in double as torch's CPU cumsum does for verl's flip().cumsum().flip(), minus the
+// greedy baseline on the response tokens. The product and the subtraction stay in scalar_t.
+template <typename scalar_t>
+void remax_row(const scalar_t* r, const scalar_t* m, scalar_t baseline, scalar_t* adv, scalar_t* ret, int64_t T) {
+  double running = 0;
+  for (int64_t t = T - 1; t >= 0; --t) {
+    const scalar_t weighted = r[t] * m[t];
+    running += static_cast<double>(weighted);
+    const scalar_t value = static_cast<scalar_t>(running);
+    ret[t] = value;
+    const scalar_t shift = baseline * m[t];
+    adv[t] = value - shift;
+  }
+}
+
+std::tuple<at::Tensor, at::Tensor> remax_advantages_forward(const at::Tensor& rewards, const at::Tensor& mask,
+                                                            const at::Tensor& baselines) {
+  TORCH_CHECK(rewards.dim() == 2 && mask.sizes() == rewards.sizes(), "rewards and mask must both be [B, T]");
+  TORCH_CHECK(baselines.dim() == 1 && baselines.size(0) == rewards.size(0), "baselines must be [B]");
+  TORCH_CHECK(rewards.scalar_type() == at::kFloat || rewards.scalar_type() == at::kDouble,
+              "rewards must be float32 or float64, got ", rewards.scalar_type());
+  auto r = rewards.contiguous();
+  auto m = mask.to(rewards.scalar_type()).contiguous();
+  auto b = baselines.to(rewards.scalar_type()).contiguous();
+  auto adv = at::empty_like(r);
+  auto ret = at::empty_like(r);
+  const int64_t B = r.size(0), T = r.size(1);
+  AT_DISPATCH_FLOATING_TYPES(r.scalar_type(), "remax_advantages_forward", [&] {
+    const scalar_t* rp = r.data_ptr<scalar_t>();
+    const scalar_t* mp = m.data_ptr<scalar_t>();
+    const scalar_t* bp = b.data_ptr<scalar_t>();
+    scalar_t* ap = adv.data_ptr<scalar_t>();
+    scalar_t* op = ret.data_ptr<scalar_t>();
+    at::parallel_for(0, B, std::max<int64_t>(1, 65536 / std::max<int64_t>(T, 1)), [&](int64_t begin, int64_t end) {
+      for (int64_t i = begin; i < end; ++i) remax_row(rp + i * T, mp + i * T, bp[i], ap + i * T, op + i * T, T);
+    });
+  });
+  return {adv, ret};
+}
+
 }  // namespace
 }  // namespace fastalign
 
@@ -178,9 +220,11 @@ TORCH_LIBRARY_FRAGMENT(fastalign_cpu, m) {
       "group_advantages_forward(Tensor values, Tensor order, Tensor offsets, int group_size, bool rloo, int scale, "
       "Tensor denom, float eps, bool verl, bool nan_to_zero) -> Tensor");
   m.def("discounted_returns(Tensor rewards, Tensor mask, float gamma) -> Tensor");
+  m.def("remax_advantages_forward(Tensor rewards, Tensor mask, Tensor baselines) -> (Tensor, Tensor)");
 }
 
 TORCH_LIBRARY_IMPL(fastalign_cpu, CPU, m) {
   m.impl("group_advantages_forward", &fastalign::group_advantages_forward);
   m.impl("discounted_returns", &fastalign::discounted_returns);
+  m.impl("remax_advantages_forward", &fastalign::remax_advantages_forward);
 }

@@ -12,6 +12,7 @@ Importing this module registers, in `verl.trainer.ppo.core_algos`:
 | | `fastalign_rloo` | `rloo` |
 | | `fastalign_reinforce_plus_plus` | `reinforce_plus_plus` |
 | | `fastalign_reinforce_plus_plus_baseline` | `reinforce_plus_plus_baseline` |
+| | `fastalign_remax` | `remax` |
 
 Installing fastalign is enough: it declares this module in verl's `verl.plugins` entry-point group,
 which `import verl` loads in every process that imports verl (the driver and its Ray workers).
@@ -25,7 +26,11 @@ give a bf16 loss where verl's is bf16 ("token-mean" and "token-sum" with a bool 
 sequence means and SAPO divide by fp32 counts), computed in fp32 and rounded once.
 
 GAE is not registered: verl's trainer hands the critic's values only to its own "gae" and starts a
-critic only for that name, so a registered GAE would never receive them.
+critic only for that name, so a registered GAE would never receive them. For the same reason
+`fastalign_remax` receives the greedy responses' rewards (`reward_baselines`) only where the caller
+puts them in the batch: verl 0.9.1's `RayPPOTrainer.fit` generates the greedy baseline responses
+only when `algorithm.adv_estimator` is "remax"; `compute_advantage` hands a batch's
+`reward_baselines` to any estimator.
 """
 
 from __future__ import annotations
@@ -35,6 +40,7 @@ import contextlib
 import torch
 
 from .. import grpo_loss, grpo_options, group_advantages, reinforce_plus_plus_advantages
+from ..advantages import _remax
 
 try:
     from verl.trainer.ppo import core_algos
@@ -256,9 +262,33 @@ def compute_fastalign_reinforce_plus_plus_advantage(token_level_rewards, respons
     return advantages, returns.to(token_level_rewards.dtype)
 
 
+@core_algos.register_adv_est("fastalign_remax")
+def compute_fastalign_remax_advantage(token_level_rewards, response_mask, reward_baselines=None, config=None,
+                                      **kwargs):
+    """verl's "remax": the reward-to-go of the token-level rewards minus the greedy response's reward
+    (`reward_baselines`, one per row) on the response tokens; returns the reward-to-go."""
+    if reward_baselines is None:
+        raise ValueError(
+            "reward_baselines: fastalign_remax needs the greedy responses' rewards in the batch "
+            "(data.batch['reward_baselines'], one per row); verl's trainer generates them only for "
+            "algorithm.adv_estimator='remax'"
+        )
+    if not isinstance(token_level_rewards, torch.Tensor) or not isinstance(reward_baselines, torch.Tensor):
+        raise TypeError("token_level_rewards, reward_baselines: expected torch.Tensors")
+    # verl's arithmetic runs in the promoted dtype of the rewards, the baselines and a float mask.
+    dtype = torch.promote_types(_verl_advantage_dtype(token_level_rewards, response_mask), reward_baselines.dtype)
+    with _verl_names():
+        advantages, returns = _remax(token_level_rewards.to(dtype), reward_baselines.to(dtype), response_mask,
+                                     None, None)
+    returns_dtype = torch.promote_types(token_level_rewards.dtype, response_mask.dtype) \
+        if response_mask.is_floating_point() else token_level_rewards.dtype
+    return advantages.to(dtype), returns.to(returns_dtype)
+
+
 ADV_ESTIMATORS = {
     "fastalign_grpo": compute_fastalign_grpo_advantage,
     "fastalign_rloo": compute_fastalign_rloo_advantage,
     "fastalign_reinforce_plus_plus": compute_fastalign_reinforce_plus_plus_advantage,
     "fastalign_reinforce_plus_plus_baseline": compute_fastalign_reinforce_plus_plus_baseline_advantage,
+    "fastalign_remax": compute_fastalign_remax_advantage,
 }

@@ -3,7 +3,8 @@
 `group_advantages_forward` takes a flat vector and its group layout (contiguous runs of
 `group_size`, or a permutation `order` that sorts the elements by group plus the segment
 `offsets` into it) and returns one advantage per element; `discounted_returns` is REINFORCE++'s
-reverse scan (verl 0.9.1's: masked tokens skipped, the running return carried across them). The
+reverse scan (verl 0.9.1's: masked tokens skipped, the running return carried across them);
+`remax_advantages_forward` is ReMax's (the reward-to-go minus the greedy response's reward). The
 group statistics are accumulated in float64 whatever the input dtype: a group of equal rewards
 then centres to exactly 0, so `0 / (0 + eps)` stays 0 instead of amplifying a rounding residue
 by 1/eps.
@@ -114,3 +115,20 @@ def discounted_returns(rewards: torch.Tensor, mask: torch.Tensor, gamma: float) 
         out[:, t] = new * m[:, t]
         running = new * m[:, t] + running * (1 - m[:, t])
     return out
+
+
+def remax_advantages_forward(
+    rewards: torch.Tensor, mask: torch.Tensor, baselines: torch.Tensor
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """verl 0.9.1's ReMax (`compute_remax_outcome_advantage`, verl/trainer/ppo/core_algos.py; Li et
+    al. 2023, "ReMax", Algorithm 1: the greedy response's reward as the baseline):
+
+        returns[b, t]    = sum_{s >= t} rewards[b, s] * mask[b, s]
+        advantages[b, t] = returns[b, t] - baselines[b] * mask[b, t]
+
+    `rewards`, `mask` [B, T] and `baselines` [B] in one float dtype. The products are rounded in
+    that dtype and the reward-to-go is accumulated in float64, as torch's `cumsum` on CPU does it for
+    verl's `flip(-1).cumsum(-1).flip(-1)`: every backend gives verl-on-CPU's numbers."""
+    weighted = rewards * mask
+    returns = weighted.double().flip(-1).cumsum(-1).flip(-1).to(rewards.dtype)
+    return returns - baselines.unsqueeze(-1) * mask, returns

@@ -51,7 +51,7 @@ MODULE = "fastalign.integrations.verl"
 integration = importlib.import_module(MODULE)
 
 LOSSES = ("vanilla", "gspo", "cispo", "sapo")
-ESTIMATORS = ("grpo", "rloo", "reinforce_plus_plus", "reinforce_plus_plus_baseline")
+ESTIMATORS = ("grpo", "rloo", "reinforce_plus_plus", "reinforce_plus_plus_baseline", "remax")
 AGG_MODES = ("token-mean", "token-sum", "seq-mean-token-sum", "seq-mean-token-mean", "seq-mean-token-sum-norm")
 
 # fp64 inputs: verl's arithmetic and fastalign's agree to the last bits (order of summation aside).
@@ -311,6 +311,7 @@ ESTIMATOR_CASES = [
     ("reinforce_plus_plus_baseline", dict()),
     ("reinforce_plus_plus", dict(gamma=1.0)),
     ("reinforce_plus_plus", dict(gamma=0.9)),
+    ("remax", dict()),
 ]
 
 
@@ -323,9 +324,12 @@ def test_compute_advantage_with_fastalign_estimator(name, fields, kind, dtype, m
     with `algorithm.adv_estimator` set to verl's name and to fastalign's."""
     rewards, mask, uids = reward_batch(dtype, mask_dtype)
     config = algo_config(kind, **fields)
+    # The greedy responses' rewards, as verl's trainer adds them for ReMax (the other estimators ignore them).
+    baselines = torch.randn(rewards.shape[0], generator=torch.Generator().manual_seed(1)).to(dtype)
 
     def run(estimator):
-        data = DataProto.from_dict(tensors={"token_level_rewards": rewards.clone(), "response_mask": mask.clone()},
+        data = DataProto.from_dict(tensors={"token_level_rewards": rewards.clone(), "response_mask": mask.clone(),
+                                            "reward_baselines": baselines.clone()},
                                    non_tensors={"uid": uids})
         out = compute_advantage(data, adv_estimator=estimator, gamma=config.gamma, lam=config.lam, num_repeat=1,
                                 norm_adv_by_std_in_grpo=config.norm_adv_by_std_in_grpo, config=config)
@@ -343,10 +347,21 @@ def test_estimator_dtype_is_verls(name):
                                                (torch.int64, torch.float32, torch.float64)):
         rewards, mask, uids = reward_batch(dtype, mask_dtype)
         kwargs = dict(token_level_rewards=rewards, response_mask=mask, index=uids, config=AlgoConfig(gamma=0.9))
+        if name == "remax":
+            kwargs["reward_baselines"] = torch.randn(rewards.shape[0]).to(dtype)
         theirs = core_algos.get_adv_estimator_fn(name)(**{k: v.clone() if torch.is_tensor(v) else v
                                                           for k, v in kwargs.items()})
         ours = core_algos.get_adv_estimator_fn(f"fastalign_{name}")(**kwargs)
         assert [x.dtype for x in ours] == [x.dtype for x in theirs], (dtype, mask_dtype)
+
+
+def test_remax_without_baselines_names_them():
+    rewards, mask, _ = reward_batch()
+    data = DataProto.from_dict(tensors={"token_level_rewards": rewards, "response_mask": mask})
+    with pytest.raises(ValueError, match="reward_baselines: fastalign_remax needs the greedy responses' rewards"):
+        compute_advantage(data, adv_estimator="fastalign_remax", config=AlgoConfig())
+    with pytest.raises(ValueError, match=r"reward_baselines: expected shape \[9\]"):
+        core_algos.get_adv_estimator_fn("fastalign_remax")(rewards, mask, reward_baselines=torch.zeros(8))
 
 
 def test_multi_trajectory_grpo_is_verls_own_grpo_only():

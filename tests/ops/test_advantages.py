@@ -1,4 +1,4 @@
-"""group_advantages / reinforce_plus_plus_advantages against the trainers' own code, ported as
+"""group_advantages / reinforce_plus_plus_advantages / remax_advantages against the trainers' own code, ported as
 loops (TRL 1.16 GRPOTrainer / RLOOTrainer `_generate_and_score_completions`, verl
 `core_algos.compute_*_outcome_advantage`), on every backend, plus the argument errors."""
 
@@ -9,7 +9,9 @@ import pytest
 import torch
 
 peers.require("trl")
+peers.require("verl")
 from trl.trainer.utils import nanstd  # noqa: E402
+from verl.trainer.ppo.core_algos import compute_remax_outcome_advantage  # noqa: E402
 
 import fastalign
 from conftest import backend_params
@@ -361,6 +363,95 @@ def test_large_ragged_groups_loop_over_blocks(backend):
     want = trl_grpo(r.double()[torch.argsort(index, stable=True)][:1500].unsqueeze(1),
                     torch.ones(1, dtype=torch.float64), 1500)
     close(got[:1500], want, tol=1e-4)
+
+
+# --- ReMax ----------------------------------------------------------------------------------------
+
+
+def remax_paper(rewards, greedy_rewards):
+    """Li et al. 2023 (ReMax), Algorithm 1: the gradient weight of a sampled response is
+    r(x, y_sampled) - r(x, y_greedy), the same on every token of the response."""
+    return rewards - greedy_rewards
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64], ids=str)
+def test_remax_token_level_equals_verls_function(backend, dtype):
+    if dtype == torch.float64 and backend == "triton":
+        pytest.skip("the triton kernels take float32")
+    rewards, mask = multi_turn_batch(dtype)
+    rewards = rewards * torch.logspace(-4, 4, rewards.shape[1], dtype=dtype)  # sums that round
+    baselines = torch.randn(rewards.shape[0], dtype=dtype)
+    want_adv, want_ret = compute_remax_outcome_advantage(rewards, baselines, mask)
+    got = run(backend, fastalign.remax_advantages, rewards, baselines, response_mask=mask)
+    _, got_ret = run(backend, lambda *a: fastalign.advantages._remax(*a, None, None), rewards, baselines, mask)
+    assert got.dtype == want_adv.dtype
+    # verl on CPU: torch's cumsum accumulates in double, as every fastalign backend does.
+    assert torch.equal(got_ret, want_ret)
+    assert torch.equal(got, want_adv)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_remax_outcome_reward_is_the_papers_advantage(backend):
+    # One reward on the last response token (verl's outcome reward): every response token gets
+    # r(sampled) - r(greedy); the [B] form gives the same numbers directly.
+    B, T = 5, 7
+    lengths = torch.tensor([7, 3, 1, 5, 6])
+    mask = (torch.arange(T) < lengths.unsqueeze(1)).float()
+    scores, greedy = torch.randn(B), torch.randn(B)
+    token_rewards = torch.zeros(B, T)
+    token_rewards[torch.arange(B), lengths - 1] = scores
+    want = remax_paper(scores, greedy).unsqueeze(1) * mask
+    got = run(backend, fastalign.remax_advantages, token_rewards, greedy, response_mask=mask)
+    close(got, want, tol=1e-6)
+    close(run(backend, fastalign.remax_advantages, scores, greedy, response_mask=mask), want, tol=1e-6)
+    close(run(backend, fastalign.remax_advantages, scores, greedy), remax_paper(scores, greedy), tol=0)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_remax_baseline_per_prompt(backend):
+    # One greedy reward per prompt, shared by its samples: as runs (TRL's num_generations) or by index.
+    scores, greedy = torch.randn(12), torch.randn(3)
+    want = remax_paper(scores, greedy.repeat_interleave(4))
+    close(run(backend, fastalign.remax_advantages, scores, greedy, group_size=4), want, tol=0)
+    index = torch.tensor([2, 0, 1, 2, 0, 1])
+    close(run(backend, fastalign.remax_advantages, scores[:6], greedy, group_index=index),
+          remax_paper(scores[:6], greedy[index]), tol=0)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_remax_long_rows_and_many_blocks(backend):
+    g = torch.Generator().manual_seed(0)
+    rewards = torch.randn(300, 1100, generator=g)
+    mask = (torch.rand(300, 1100, generator=g) > 0.2).float()
+    baselines = torch.randn(300, generator=g)
+    want, _ = compute_remax_outcome_advantage(rewards, baselines, mask)
+    got = run(backend, fastalign.remax_advantages, rewards, baselines, response_mask=mask)
+    assert torch.equal(got, want)
+
+
+@pytest.mark.parametrize(
+    "args, kwargs, match",
+    [
+        ((torch.randn(4), torch.randn(3)), {}, r"reward_baselines: expected shape \[4\]"),
+        ((torch.randn(4), torch.randn(4, 1)), {}, "reward_baselines: expected shape"),
+        ((torch.randn(4, 3), torch.randn(4)), {}, "response_mask: token-level rewards"),
+        ((torch.randn(4, 3), torch.randn(4)), dict(response_mask=torch.ones(4, 2)), "response_mask: expected shape"),
+        ((torch.randn(2, 3, 4), torch.randn(2)), {}, "rewards: expected shape"),
+        ((torch.randn(4), torch.randn(2)), dict(group_size=3), "group_size: expected 4 rows"),
+        ((torch.randn(4), torch.randn(2)), dict(group_size=2.0), "group_size: expected an int"),
+        ((torch.randn(4), torch.randn(2)), dict(group_index=torch.tensor([0, 1, 2, 0])), r"group_index: expected indices in \[0, 2\)"),
+        ((torch.randn(4), torch.randn(2)), dict(group_index=torch.tensor([0, 1, -1, 0])), "group_index: expected indices"),
+        ((torch.randn(4), torch.randn(2)), dict(group_index=torch.zeros(4)), "group_index: expected an integer tensor"),
+        ((torch.randn(4), torch.randn(2)), dict(group_size=2, group_index=torch.zeros(4, dtype=torch.int64)),
+         "pass at most one"),
+        ((torch.randn(4), torch.ones(4, dtype=torch.bool)), {}, "reward_baselines: expected a float"),
+        ((torch.randn(0), torch.randn(0)), {}, "rewards: the batch is empty"),
+    ],
+)
+def test_remax_bad_arguments_name_the_argument(args, kwargs, match):
+    with pytest.raises((ValueError, TypeError), match=match):
+        fastalign.remax_advantages(*args, **kwargs)
 
 
 def test_compiles_fullgraph_on_cpu():

@@ -44,6 +44,7 @@ def _report(proc: subprocess.CompletedProcess) -> str:
 
 KERNELS = ("_token_logprobs_fwd_kernel", "_token_logprobs_bwd_kernel", "_policy_token_kernel",
            "_gae_scan_kernel", "_gae_whiten_kernel", "_group_advantages_kernel", "_discounted_returns_kernel",
+           "_remax_kernel",
            "_linear_logprobs_fwd_kernel", "_linear_logprobs_bwd_hidden_kernel", "_linear_logprobs_bwd_weight_kernel",
            "_token_divergence_fwd_kernel", "_token_divergence_bwd_kernel")
 TARGETS = ("sm_80", "sm_90", "sm_100", "sm_120", "gfx942", "gfx90a")

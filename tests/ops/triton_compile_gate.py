@@ -247,6 +247,7 @@ def _advantages_launcher_calls(module):
         for layout in ((empty, empty, 16), (empty, empty, n), (order, offsets, 0)):
             module.group_advantages_forward(values, *layout, rloo, scale, torch.ones(1), 1e-4, verl, nan_to_zero)
     module.discounted_returns(torch.zeros(4, 48), torch.ones(4, 48), 0.99)
+    module.remax_advantages_forward(torch.zeros(4, 48), torch.ones(4, 48), torch.zeros(4))
 
 
 # kernels/linear_logprobs.py: hidden [N, H] and weight [V, H] (V * H passes 2^31 for a 150k x 16k
