@@ -113,6 +113,8 @@ LEGEND = [
         "eager",
         "`fastalign.reference.token_logprobs` in eager PyTorch (log_softmax + gather + entropy); for dpo_loss, "
         "`fastalign.reference.dpo.dpo_loss_from_logits` (log_softmax + gather + masked sums + the loss, TRL's layout); "
+        "for rrhf_loss, `fastalign.reference.rrhf.rrhf_loss_from_logits` (the same, then the released RRHF "
+        "trainer's per-prompt ranking and SFT terms); "
         "for grpo_loss, TRL's dapo objective from logits as GRPOTrainer computes it (bench/bench_grpo.py); "
         "for linear_*, the unfused path: logits = hidden @ weight.T, then that eager math; "
         "for gae, verl's `compute_gae_advantage_return` loop (ported); for group_advantages, "

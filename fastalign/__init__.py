@@ -5,7 +5,7 @@ kernels for CPU tensors and a reference PyTorch implementation (the ground truth
 """
 
 from . import reference
-from .advantages import group_advantages, reinforce_plus_plus_advantages
+from .advantages import group_advantages, reinforce_plus_plus_advantages, remax_advantages
 from .backend import BACKENDS, available_backends, current_backend, use_backend
 from .cpo import CPOLoss, cpo_loss, cpo_loss_from_logits, cpo_options
 from .distillation import DistillationLoss, distillation_loss
@@ -21,6 +21,7 @@ from .logprobs import token_logprobs
 from .orpo import ORPOLoss, orpo_loss, orpo_loss_from_logits, orpo_options
 from .reward import RewardLoss, bradley_terry_loss, reward_loss, reward_options
 from .rloo import RLOOLoss, rloo_loss, rloo_options
+from .rrhf import RRHFLoss, rrhf_loss, rrhf_loss_from_logits, rrhf_options
 from .topk_divergence import topk_token_divergence
 # Internal since the losses take hidden=, weight=, bias=; importable for code that built it (passing it
 # as logits is deprecated).
@@ -38,6 +39,7 @@ __all__ = [
     "ORPOLoss",
     "RewardLoss",
     "RLOOLoss",
+    "RRHFLoss",
     "TokenDivergence",
     "TokenLogprobs",
     "available_backends",
@@ -69,10 +71,14 @@ __all__ = [
     "orpo_options",
     "reference",
     "reinforce_plus_plus_advantages",
+    "remax_advantages",
     "reward_loss",
     "reward_options",
     "rloo_loss",
     "rloo_options",
+    "rrhf_loss",
+    "rrhf_loss_from_logits",
+    "rrhf_options",
     "token_divergence",
     "token_logprobs",
     "topk_token_divergence",

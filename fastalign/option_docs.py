@@ -56,6 +56,14 @@ KTO = {
     "undesirable_weight": "weight of the undesirable completions' losses (>= 0).",
 }
 
+RRHF = {
+    "rank_weight": "weight of the ranking term (>= 0; the released training script's rrhf_weight, 100 there).",
+    "sft_weight": "weight of the SFT term on each prompt's best response (>= 0; not both weights 0).",
+    "length_penalty": "the exponent of the response length that divides each log-prob sum (>= 0; 1: the "
+                      "token mean, 0: the sum).",
+    "sft_reduction": '"sum" (the paper\'s Eq. 3: the best response\'s log-prob sum) or "mean" (over its tokens).',
+}
+
 REWARD = {
     "center_rewards_coefficient": "weight (>= 0) of the mean squared sum of each pair's scores, which pulls "
                                   "the rewards towards mean 0; None for none.",

@@ -71,6 +71,9 @@ def calls():
         "kto": lambda b, **k: fastalign.kto_loss_from_logits(
             b["logits"], b["pref_labels"], kto_ref, torch.tensor([True, False, True, False]),
             kl=torch.tensor(0.1, dtype=torch.float64), **k),
+        "rrhf": lambda b, **k: fastalign.rrhf_loss_from_logits(
+            b["logits"], b["pref_labels"], torch.tensor([1.0, 0.5, 2.0, -1.0], dtype=torch.float64),
+            group_index=torch.tensor([0, 1, 0, 1]), completion_mask=b["mask"], length_penalty=0.5, **k),
         "grpo trl dapo": lambda b, **k: fastalign.grpo_loss(
             b["logits"], b["labels"], completion_mask=b["mask"], advantages=b["adv"], old_logps=b["old"],
             ref_logps=b["ref"], beta=0.04, num_items_in_batch=20.0, **k),
@@ -96,7 +99,7 @@ def calls():
     }
 
 
-PACKED = ("dpo ld_alpha wpo", "kto", "grpo trl grpo top entropy", "gspo verl from hidden")
+PACKED = ("dpo ld_alpha wpo", "kto", "rrhf", "grpo trl grpo top entropy", "gspo verl from hidden")
 GRAD_KEYS = ("logits", "hidden", "vpreds")
 
 

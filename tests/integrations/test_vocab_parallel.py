@@ -98,6 +98,8 @@ def loss_calls():
         "kto": lambda x: fastalign.KTOLoss(beta=0.1)(
             labels=labels, **x, completion_mask=mask, ref_logps=torch.tensor([-30.0, -31.0, -29.0, -33.0]),
             desirable=torch.tensor([True, False, True, False]), kl=torch.tensor(0.1)),
+        "rrhf": lambda x: fastalign.RRHFLoss(length_penalty=0.5)(
+            labels=labels, **x, completion_mask=mask, rewards=torch.tensor([1.0, 0.5, 2.0, -1.0]), group_size=4),
     }
 
 

@@ -714,11 +714,13 @@ option_builder_cases = [
     (fastalign.reward_options, "center_rewards_coefficient", "x", TypeError),
     (fastalign.rloo_options, "epsilon", 1.0, ValueError), (fastalign.rloo_options, "epsilon_high", 0.0, ValueError),
     (fastalign.rloo_options, "temperature", 0.0, ValueError), (fastalign.rloo_options, "softcap", "x", TypeError),
+    (fastalign.rrhf_options, "rank_weight", -1.0, ValueError), (fastalign.rrhf_options, "sft_reduction", 3, ValueError),
+    (fastalign.rrhf_options, "length_penalty", "x", TypeError),
 ]
 for builder, name, value, error in option_builder_cases:
     case(builder.__name__, name, repr(value), (lambda b, kw: lambda: b(**kw))(builder, {name: value}), error)
 for builder in (fastalign.dpo_options, fastalign.cpo_options, fastalign.orpo_options, fastalign.kto_options,
-                fastalign.reward_options, fastalign.rloo_options):
+                fastalign.reward_options, fastalign.rloo_options, fastalign.rrhf_options):
     case(builder.__name__, "unknown_option", "typo", (lambda b: lambda: b(not_an_option=1.0))(builder), TypeError,
          r"not_an_option")
 
@@ -1053,6 +1055,94 @@ case(N, "response_mask", "one-token", rpp(response_mask=torch.tensor([[1.0, 0, 0
 for value, error in ((1.5, ValueError), (-0.1, ValueError), (NAN, ValueError), ("x", TypeError), (True, TypeError)):
     case(N, "gamma", repr(value), rpp(gamma=value), error)
 
+
+rmx = api(fastalign.remax_advantages, lambda: dict(rewards=fl(2 * B), reward_baselines=fl(2 * B)),
+          ("rewards", "reward_baselines"))
+N = "remax_advantages"
+case(N, "rewards", "list", rmx(rewards=[0.0] * 2 * B), TypeError)
+case(N, "rewards", "3-d", rmx(rewards=fl(2 * B, T, 2)))
+case(N, "rewards", "empty", rmx(rewards=fl(0), reward_baselines=fl(0)))
+case(N, "rewards", "bool", rmx(rewards=torch.zeros(2 * B, dtype=torch.bool)), TypeError)
+case(N, "reward_baselines", "list", rmx(reward_baselines=[0.0] * 2 * B), TypeError)
+case(N, "reward_baselines", "rows", rmx(reward_baselines=fl(2 * B + 1)))
+case(N, "reward_baselines", "2-d", rmx(reward_baselines=fl(2 * B, 1)))
+case(N, "reward_baselines", "device", rmx(reward_baselines=fl(2 * B, device="meta")))
+case(N, "response_mask", "missing-for-token-rewards", rmx(rewards=fl(2 * B, T)))
+case(N, "response_mask", "shape", rmx(rewards=fl(2 * B, T), response_mask=ones(2 * B, T + 1)))
+case(N, "response_mask", "rows", rmx(response_mask=ones(2 * B + 1, T)))
+case(N, "response_mask", "device", rmx(response_mask=ones(2 * B, T, device="meta")))
+case(N, "group_size", "not-dividing", rmx(reward_baselines=fl(B), group_size=3))
+case(N, "group_size", "float", rmx(reward_baselines=fl(B), group_size=2.0), TypeError)
+case(N, "group_index", "out-of-range", rmx(reward_baselines=fl(B), group_index=torch.tensor([0, 1, 2, 0])))
+case(N, "group_index", "float", rmx(reward_baselines=fl(B), group_index=fl(2 * B)), TypeError)
+case(N, "group_index", "rows", rmx(reward_baselines=fl(B), group_index=torch.zeros(3, dtype=torch.long)))
+case(N, "group_size", "with-group-index", rmx(reward_baselines=fl(B), group_size=2,
+                                              group_index=torch.zeros(2 * B, dtype=torch.long)),
+     pattern=r"^group_size, group_index")
+
+
+# --- RRHF ----------------------------------------------------------------------------------------------
+
+rrhf = api(fastalign.rrhf_loss, lambda: dict(logps=fl(2 * B) - 5, num_tokens=ones(2 * B) * 3, rewards=fl(2 * B),
+                                             group_size=2), ("logps", "num_tokens", "rewards"))
+N = "rrhf_loss"
+case(N, "logps", "list", rrhf(logps=[-1.0] * 2 * B), TypeError)
+case(N, "logps", "2-d", rrhf(logps=fl(2 * B, 1)))
+case(N, "logps", "empty", rrhf(logps=fl(0), num_tokens=ones(0), rewards=fl(0)))
+case(N, "logps", "int", rrhf(logps=torch.zeros(2 * B, dtype=torch.long)), TypeError)
+case(N, "num_tokens", "negative", rrhf(num_tokens=-ones(2 * B)))
+case(N, "num_tokens", "rows", rrhf(num_tokens=ones(2 * B + 1)))
+case(N, "num_tokens", "device", rrhf(num_tokens=ones(2 * B, device="meta")))
+case(N, "rewards", "list", rrhf(rewards=[0.0] * 2 * B), TypeError)
+case(N, "rewards", "rows", rrhf(rewards=fl(2 * B + 1)))
+case(N, "rewards", "nan", rrhf(rewards=torch.tensor([0.0, NAN, 1.0, 2.0])))
+case(N, "rewards", "inf", rrhf(rewards=torch.tensor([0.0, INF, 1.0, 2.0])))
+case(N, "rewards", "bool", rrhf(rewards=torch.zeros(2 * B, dtype=torch.bool)), TypeError)
+case(N, "rewards", "device", rrhf(rewards=fl(2 * B, device="meta")))
+case(N, "group_size", "not-dividing", rrhf(group_size=3))
+case(N, "group_size", "0", rrhf(group_size=0))
+case(N, "group_size", "str", rrhf(group_size="2"), TypeError)
+case(N, "group_size", "neither", rrhf(group_size=None), pattern=r"^group_size, group_index")
+case(N, "group_index", "float", rrhf(group_size=None, group_index=fl(2 * B)), TypeError)
+case(N, "group_index", "rows", rrhf(group_size=None, group_index=torch.zeros(3, dtype=torch.long)))
+case(N, "group_index", "device", rrhf(group_size=None, group_index=torch.zeros(2 * B, dtype=torch.long,
+                                                                               device="meta")))
+case(N, "rank_weight", "negative", rrhf(rank_weight=-1.0))
+case(N, "rank_weight", "str", rrhf(rank_weight="1"), TypeError)
+case(N, "sft_weight", "nan", rrhf(sft_weight=NAN))
+case(N, "length_penalty", "negative", rrhf(length_penalty=-1.0))
+case(N, "sft_reduction", "unknown", rrhf(sft_reduction="token"))
+case(N, "rank_weight", "both-zero", rrhf(rank_weight=0.0, sft_weight=0.0), pattern=r"^rank_weight, sft_weight")
+options_cases(N, rrhf, fastalign.rrhf_options, fastalign.cpo_options)
+
+rrhfl = api(fastalign.rrhf_loss_from_logits,
+            lambda: dict(logits=fl(2 * B, T, V), labels=ids(2 * B, T), rewards=fl(2 * B), group_size=2),
+            ("logits", "labels", "rewards"))
+N = "rrhf_loss_from_logits"
+case(N, "logits", "list", rrhfl(logits=[[0.0] * V]))
+case(N, "logits", "2-d", rrhfl(logits=fl(2 * B, V)))
+case(N, "logits", "no-rows", rrhfl(logits=fl(0, T, V), labels=ids(0, T), rewards=fl(0)))
+case(N, "logits", "int", rrhfl(logits=torch.zeros(2 * B, T, V, dtype=torch.long)), TypeError)
+case(N, "labels", "shape", rrhfl(labels=ids(2 * B, T + 1)))
+case(N, "labels", "float", rrhfl(labels=fl(2 * B, T)), TypeError)
+case(N, "labels", "too-large", rrhfl(labels=with_label(V, (2 * B, T))))
+case(N, "rewards", "rows", rrhfl(rewards=fl(2 * B + 1)))
+case(N, "rewards", "missing", rrhfl(rewards=None), TypeError)
+case(N, "completion_mask", "shape", rrhfl(completion_mask=ones(2 * B, T + 1)))
+case(N, "completion_mask", "device", rrhfl(completion_mask=ones(2 * B, T, device="meta")))
+case(N, "ignore_index", "float", rrhfl(ignore_index=-100.0), TypeError)
+case(N, "group_size", "not-dividing", rrhfl(group_size=3))
+options_cases(N, rrhfl, fastalign.rrhf_options, fastalign.orpo_options)
+hidden_cases(N, rrhfl, 2 * B)
+
+rrhfm = api(lambda options, **kw: fastalign.RRHFLoss(**options)(**kw),
+            lambda: dict(options={}, logits=fl(2 * B, T, V), labels=ids(2 * B, T), rewards=fl(2 * B), group_size=2))
+N = "RRHFLoss"
+case(N, "rank_weight", "negative", rrhfm(options=dict(rank_weight=-1.0)))
+case(N, "ignore_index", "str", rrhfm(options=dict(ignore_index="x")), TypeError)
+case(N, "rewards", "rows", rrhfm(rewards=fl(3)))
+case(N, "group_index", "rows", rrhfm(group_size=None, group_index=torch.zeros(3, dtype=torch.long)))
+hidden_cases(N, rrhfm, 2 * B)
 
 # --- backends ------------------------------------------------------------------------------------------
 

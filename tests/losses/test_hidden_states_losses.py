@@ -55,9 +55,13 @@ LOSSES = {
     "ppo_module": lambda **x: fastalign.PPOLoss(convention="trl")(**POLICY, old_logps=OLD, **x),
     "rloo": lambda **x: fastalign.rloo_loss(**POLICY, old_logps=OLD.sum(-1), **x),
     "rloo_module": lambda **x: fastalign.RLOOLoss(epsilon_high=0.28)(**POLICY, **x),
+    "rrhf": lambda **x: fastalign.rrhf_loss_from_logits(labels=LABELS, rewards=ADV, group_size=2,
+                                                        completion_mask=MASK, **x),
+    "rrhf_module": lambda **x: fastalign.RRHFLoss(sft_reduction="mean")(labels=LABELS, rewards=ADV, group_size=2,
+                                                                        completion_mask=MASK, **x),
 }
 # The losses that took a HiddenStates as their logits before they took hidden=.
-TOOK_HIDDEN_STATES = [name for name in LOSSES if not name.startswith(("grpo", "ppo", "rloo"))]
+TOOK_HIDDEN_STATES = [name for name in LOSSES if not name.startswith(("grpo", "ppo", "rloo", "rrhf"))]
 
 
 def assert_same(a, b, **tol):

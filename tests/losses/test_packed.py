@@ -1,4 +1,4 @@
-"""Packed rows (padding-free batches): DPO, CPO, ORPO and KTO from logits `[1, total, V]` with
+"""Packed rows (padding-free batches): DPO, CPO, ORPO, KTO and RRHF from logits `[1, total, V]` with
 `cu_seqlens` or `position_ids` equal the same sequences padded to `[B, T, V]` — loss, every metric,
 and the gradient of every packed logit — on every backend."""
 
@@ -50,6 +50,10 @@ CALLS = {
         b["logits"], b["labels"], torch.tensor([-30.0, -20.0, -31.0, -19.0], dtype=torch.float64, device=DEVICE),
         torch.tensor([True, False, True, False], device=DEVICE), completion_mask=b["completion_mask"],
         kl=torch.tensor(0.1, dtype=torch.float64, device=DEVICE), **k),
+    "rrhf": lambda b, **k: fastalign.rrhf_loss_from_logits(
+        b["logits"], b["labels"], torch.tensor([1.0, 0.5, 2.0, -1.0], device=DEVICE),
+        group_index=torch.tensor([0, 1, 0, 1], device=DEVICE), completion_mask=b["completion_mask"],
+        length_penalty=0.5, **k),
 }
 
 
