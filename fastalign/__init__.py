@@ -20,6 +20,14 @@ from .kto import KTOLoss, kto_loss, kto_loss_from_logits, kto_options
 from .logprobs import token_logprobs
 from .orpo import ORPOLoss, orpo_loss, orpo_loss_from_logits, orpo_options
 from .reward import RewardLoss, bradley_terry_loss, reward_loss, reward_options
+from .reward_ensemble import (
+    EnsemblePreferences,
+    FlaggedPairs,
+    ensemble_preferences,
+    ensemble_rewards,
+    flag_inconsistent_pairs,
+)
+from .reward_ensemble_dataset import flag_inconsistent_rows
 from .rloo import RLOOLoss, rloo_loss, rloo_options
 from .rrhf import RRHFLoss, rrhf_loss, rrhf_loss_from_logits, rrhf_options
 from .topk_divergence import topk_token_divergence
@@ -34,6 +42,8 @@ __all__ = [
     "CPOLoss",
     "DPOLoss",
     "DistillationLoss",
+    "EnsemblePreferences",
+    "FlaggedPairs",
     "GAEOutput",
     "KTOLoss",
     "ORPOLoss",
@@ -52,6 +62,10 @@ __all__ = [
     "dpo_loss",
     "dpo_loss_from_logits",
     "dpo_options",
+    "ensemble_preferences",
+    "ensemble_rewards",
+    "flag_inconsistent_pairs",
+    "flag_inconsistent_rows",
     "gae",
     "linear_token_divergence",
     "linear_token_logprobs",

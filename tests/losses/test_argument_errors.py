@@ -1144,6 +1144,100 @@ case(N, "rewards", "rows", rrhfm(rewards=fl(3)))
 case(N, "group_index", "rows", rrhfm(group_size=None, group_index=torch.zeros(3, dtype=torch.long)))
 hidden_cases(N, rrhfm, 2 * B)
 
+
+# --- reward-model ensembles ----------------------------------------------------------------------------
+
+er = api(fastalign.ensemble_rewards, lambda: dict(scores=fl(3, B)), ("scores",))
+N = "ensemble_rewards"
+case(N, "scores", "list-of-floats", er(scores=[[1.0, 2.0]]), TypeError)
+case(N, "scores", "str", er(scores="x"), TypeError)
+case(N, "scores", "empty-list", er(scores=[]))
+case(N, "scores", "1-d", er(scores=fl(B)))
+case(N, "scores", "3-d", er(scores=fl(3, B, 1)))
+case(N, "scores", "no-model", er(scores=fl(0, B)))
+case(N, "scores", "empty", er(scores=fl(3, 0)))
+case(N, "scores", "int", er(scores=torch.zeros(3, B, dtype=torch.long)), TypeError)
+case(N, "scores", "bool", er(scores=torch.zeros(3, B, dtype=torch.bool)), TypeError)
+case(N, "scores", "complex", er(scores=fl(3, B, dtype=torch.complex64)), TypeError)
+case(N, "scores", "inf", er(scores=torch.full((3, B), INF)))
+case(N, "scores", "rows-batch", er(scores=[fl(B), fl(B + 1)]))
+case(N, "scores", "rows-device", er(scores=[fl(B), fl(B, device="meta")]))
+case(N, "scores", "rows-int", er(scores=[fl(B), torch.ones(B, dtype=torch.int32)]), TypeError)
+case(N, "reduction", "unknown", er(reduction="median"))
+case(N, "uncertainty_penalty", "negative", er(reduction="mean_minus_std", uncertainty_penalty=-0.1))
+case(N, "uncertainty_penalty", "nan", er(reduction="mean_minus_var", uncertainty_penalty=NAN))
+case(N, "uncertainty_penalty", "inf", er(reduction="mean_minus_std", uncertainty_penalty=INF))
+case(N, "uncertainty_penalty", "bool", er(reduction="mean_minus_std", uncertainty_penalty=True), TypeError)
+case(N, "uncertainty_penalty", "str", er(reduction="mean_minus_std", uncertainty_penalty="1"), TypeError)
+case(N, "uncertainty_penalty", "with-min", er(reduction="min", uncertainty_penalty=1.0))
+case(N, "normalize", "str", er(normalize="yes"), TypeError)
+
+for _fn in (fastalign.ensemble_preferences, fastalign.flag_inconsistent_pairs):
+    ep = api(_fn, lambda: dict(chosen_scores=fl(3, B), rejected_scores=fl(3, B)), ("chosen_scores", "rejected_scores"))
+    N = _fn.__name__
+    case(N, "chosen_scores", "1-d", ep(chosen_scores=fl(B), rejected_scores=fl(B)))
+    case(N, "chosen_scores", "int", ep(chosen_scores=torch.zeros(3, B, dtype=torch.long)), TypeError)
+    case(N, "chosen_scores", "list", ep(chosen_scores=[[1.0]]), TypeError)
+    case(N, "rejected_scores", "models", ep(rejected_scores=fl(4, B)))
+    case(N, "rejected_scores", "batch", ep(rejected_scores=fl(3, B + 1)))
+    case(N, "rejected_scores", "device", ep(rejected_scores=fl(3, B, device="meta")))
+    case(N, "rejected_scores", "bool", ep(rejected_scores=torch.zeros(3, B, dtype=torch.bool)), TypeError)
+    case(N, "rejected_scores", "inf", ep(rejected_scores=torch.full((3, B), -INF)))
+    case(N, "rejected_scores", "none", ep(rejected_scores=None), TypeError)
+    case(N, "labels", "list", ep(labels=[1] * B), TypeError)
+    case(N, "labels", "float", ep(labels=fl(B)), TypeError)
+    case(N, "labels", "shape", ep(labels=torch.ones(B + 1, dtype=torch.bool)))
+    case(N, "labels", "device", ep(labels=torch.ones(B, dtype=torch.bool, device="meta")))
+    case(N, "labels", "value-2", ep(labels=torch.full((B,), 2)))
+N = "ensemble_preferences"
+ep = api(fastalign.ensemble_preferences, lambda: dict(chosen_scores=fl(3, B), rejected_scores=fl(3, B)))
+case(N, "normalize", "int", ep(normalize=1), TypeError)
+N = "flag_inconsistent_pairs"
+fp = api(fastalign.flag_inconsistent_pairs, lambda: dict(chosen_scores=fl(3, B), rejected_scores=fl(3, B)))
+case(N, "threshold", "above-1", fp(threshold=1.5))
+case(N, "threshold", "negative", fp(threshold=-0.1))
+case(N, "threshold", "nan", fp(threshold=NAN))
+case(N, "threshold", "str", fp(threshold="0.5"), TypeError)
+case(N, "threshold", "bool", fp(threshold=True), TypeError)
+
+
+def _score_table():
+    import datasets
+
+    return datasets.Dataset.from_dict({"c0": [1.0, 2.0], "c1": [0.5, 1.0], "r0": [0.0, 3.0], "r1": [1.0, 0.0],
+                                       "p": ["a", "b"], "l": [True, False], "l2": [0, 2], "x": [1.0, INF]})
+
+
+def _score_table_dict():
+    import datasets
+
+    return datasets.DatasetDict(train=_score_table())
+
+
+fr = api(fastalign.flag_inconsistent_rows,
+         lambda: dict(dataset=_score_table(), chosen_columns=["c0", "c1"], rejected_columns=["r0", "r1"]))
+N = "flag_inconsistent_rows"
+case(N, "dataset", "dict", fr(dataset={"c0": [1.0]}), TypeError)
+case(N, "dataset", "DatasetDict", lambda: fr(dataset=_score_table_dict())(), TypeError)
+case(N, "chosen_columns", "missing", fr(chosen_columns=["c0", "nope"]))
+case(N, "chosen_columns", "string-column", fr(chosen_columns=["c0", "p"]), TypeError)
+case(N, "chosen_columns", "int", fr(chosen_columns=3), TypeError)
+case(N, "chosen_columns", "names-not-str", fr(chosen_columns=[0, 1]), TypeError)
+case(N, "chosen_columns", "empty", fr(chosen_columns=[], rejected_columns=[]))
+case(N, "chosen_columns", "inf-value", fr(chosen_columns=["c0", "x"]))
+case(N, "rejected_columns", "count", fr(rejected_columns=["r0"]))
+case(N, "rejected_columns", "shared", fr(rejected_columns=["r0", "c0"]))
+case(N, "label_column", "string", fr(label_column="p"), TypeError)
+case(N, "label_column", "float", fr(label_column="c0"), TypeError)
+case(N, "label_column", "value-2", fr(label_column="l2"))
+case(N, "threshold", "above-1", fr(threshold=2.0))
+case(N, "agreement_column", "exists", fr(agreement_column="p"))
+case(N, "flagged_column", "empty", fr(flagged_column=""), TypeError)
+case(N, "flagged_column", "same", fr(flagged_column="agreement"))
+case(N, "drop_flagged", "str", fr(drop_flagged="no"), TypeError)
+case(N, "batch_size", "zero", fr(batch_size=0))
+case(N, "batch_size", "float", fr(batch_size=2.0), TypeError)
+
 # --- backends ------------------------------------------------------------------------------------------
 
 def _use(name):
@@ -1212,7 +1306,8 @@ def test_every_public_callable_is_swept():
     # the two backend queries, which answer for any device name.
     swept = {c.id.split("-", 1)[0] for c in CASES}
     public = {name for name in fastalign.__all__ if callable(getattr(fastalign, name))}
-    unswept = {"TokenLogprobs", "TokenDivergence", "GAEOutput", "current_backend", "available_backends"}
+    unswept = {"TokenLogprobs", "TokenDivergence", "GAEOutput", "EnsemblePreferences", "FlaggedPairs",
+               "current_backend", "available_backends"}
     assert public - unswept <= swept, sorted(public - unswept - swept)
 
 

@@ -77,3 +77,25 @@ def test_plain_pytorch_example():
     # must already favour the chosen completions.
     assert abs(dpo[0]["loss"] - math.log(2)) < 1e-4
     assert dpo[1]["rewards/margins"] > 0 and dpo[1]["loss"] < math.log(2)
+
+
+def test_reward_ensemble_example():
+    pytest.importorskip("datasets")
+    output = run_example("reward_ensemble_cleaning.py")
+    clean = assert_steps(output, "clean step", ("flagged", "precision", "recall", "agreement"))
+    picks = assert_steps(output, "best_of_n step", ("mean", "min", "mean_minus_std", "oracle", "hacked_mean",
+                                                     "hacked_min", "hacked_mean_minus_std"))
+    tables = assert_steps(output, "dataset step", ("rows", "kept", "same_as_tensors"))
+    for flags, best, table in zip(clean, picks, tables):
+        # The ensemble finds most flipped labels, and most of what it flags was flipped.
+        assert flags["recall"] > 0.7 and flags["precision"] > 0.5, flags
+        # The conservative reductions never pick the hack that one model loves; the mean sometimes does.
+        assert best["hacked_min"] == best["hacked_mean_minus_std"] == 0 < best["hacked_mean"], best
+        assert best["mean"] < min(best["min"], best["mean_minus_std"]) <= best["oracle"], best
+        # The Dataset path drops exactly the pairs the tensor call flags.
+        assert table["same_as_tensors"] == 1 and table["rows"] - table["kept"] == flags["flagged"], table
+    # Only torch is needed: without datasets the Dataset part is skipped, the rest still runs.
+    bare = run_example("reward_ensemble_cleaning.py", without=("datasets", "transformers", "trl", "verl"))
+    assert "dataset step" not in bare
+    assert_steps(bare, "clean step", ("flagged",))
+    assert_steps(bare, "best_of_n step", ("mean",))
