@@ -16,7 +16,17 @@ from .linear_divergence import linear_token_divergence
 from .linear_logprobs import linear_token_logprobs
 from .grpo import GRPOLoss, grpo_loss, grpo_options, vllm_importance_sampling_ratio
 from .ppo import PPOLoss, ppo_loss, ppo_options
+from .preference_diagnostics import (
+    BradleyTerryFit,
+    DatasetJudgements,
+    IntransitivityReport,
+    PairwiseJudgements,
+    bradley_terry_fit,
+    intransitive_cycles,
+    judgements_from_dataset,
+)
 from .kto import KTOLoss, kto_loss, kto_loss_from_logits, kto_options
+from .likelihood_displacement import DisplacementReport, likelihood_displacement, likelihood_displacement_from_logs
 from .logprobs import token_logprobs
 from .orpo import ORPOLoss, orpo_loss, orpo_loss_from_logits, orpo_options
 from .reward import RewardLoss, bradley_terry_loss, reward_loss, reward_options
@@ -39,20 +49,26 @@ __version__ = "0.1.0"
 
 __all__ = [
     "BACKENDS",
+    "BradleyTerryFit",
     "CPOLoss",
     "DPOLoss",
+    "DatasetJudgements",
+    "DisplacementReport",
     "DistillationLoss",
     "EnsemblePreferences",
     "FlaggedPairs",
     "GAEOutput",
+    "IntransitivityReport",
     "KTOLoss",
     "ORPOLoss",
+    "PairwiseJudgements",
     "RewardLoss",
     "RLOOLoss",
     "RRHFLoss",
     "TokenDivergence",
     "TokenLogprobs",
     "available_backends",
+    "bradley_terry_fit",
     "bradley_terry_loss",
     "cpo_loss",
     "cpo_loss_from_logits",
@@ -67,6 +83,8 @@ __all__ = [
     "flag_inconsistent_pairs",
     "flag_inconsistent_rows",
     "gae",
+    "likelihood_displacement",
+    "likelihood_displacement_from_logs",
     "linear_token_divergence",
     "linear_token_logprobs",
     "GRPOLoss",
@@ -77,6 +95,8 @@ __all__ = [
     "ppo_loss",
     "ppo_options",
     "group_advantages",
+    "intransitive_cycles",
+    "judgements_from_dataset",
     "kto_loss",
     "kto_loss_from_logits",
     "kto_options",

@@ -1238,6 +1238,104 @@ case(N, "drop_flagged", "str", fr(drop_flagged="no"), TypeError)
 case(N, "batch_size", "zero", fr(batch_size=0))
 case(N, "batch_size", "float", fr(batch_size=2.0), TypeError)
 
+
+# --- preference-data diagnostics -----------------------------------------------------------------------
+
+def _judged():
+    return dict(prompt_ids=torch.tensor([0, 0]), item_a=torch.tensor([1, 2]), item_b=torch.tensor([2, 3]),
+                a_won=torch.tensor([True, False]))
+
+
+_JUDGED = ("prompt_ids", "item_a", "item_b", "a_won")
+_EMPTY = dict(prompt_ids=torch.zeros(0, dtype=torch.int64), item_a=torch.zeros(0, dtype=torch.int64),
+              item_b=torch.zeros(0, dtype=torch.int64), a_won=torch.zeros(0, dtype=torch.bool))
+for N, _fn in (("intransitive_cycles", fastalign.intransitive_cycles), ("bradley_terry_fit", fastalign.bradley_terry_fit)):
+    judged = api(_fn, _judged, positional=_JUDGED)
+    case(N, "prompt_ids", "list", judged(prompt_ids=[0, 0]), TypeError)
+    case(N, "prompt_ids", "float", judged(prompt_ids=fl(2)), TypeError)
+    case(N, "prompt_ids", "empty", judged(**_EMPTY))
+    case(N, "item_a", "2-d", judged(item_a=torch.tensor([[1, 2]])))
+    case(N, "item_a", "bool", judged(item_a=torch.tensor([True, False])), TypeError)
+    case(N, "item_a", "device", judged(item_a=torch.tensor([1, 2], device="meta")))
+    case(N, "item_b", "shape", judged(item_b=torch.tensor([2, 3, 4])))
+    case(N, "item_b", "self-judged", judged(item_b=torch.tensor([1, 3])))
+    case(N, "a_won", "int", judged(a_won=torch.tensor([1, 0])), TypeError)
+    case(N, "a_won", "shape", judged(a_won=torch.tensor([True])))
+
+N = "bradley_terry_fit"
+btf = api(fastalign.bradley_terry_fit, _judged, positional=_JUDGED)
+case(N, "l2", "zero", btf(l2=0.0))
+case(N, "l2", "nan", btf(l2=NAN))
+case(N, "l2", "str", btf(l2="0.01"), TypeError)
+case(N, "max_iterations", "zero", btf(max_iterations=0))
+case(N, "max_iterations", "float", btf(max_iterations=10.0), TypeError)
+case(N, "tolerance", "negative", btf(tolerance=-1e-9))
+case(N, "tolerance", "inf", btf(tolerance=INF))
+
+
+def _preference_dataset():
+    from datasets import Dataset
+
+    return Dataset.from_dict({"prompt": ["p", "p"], "chosen": ["x", "y"], "rejected": ["y", "z"], "won": [1, 0]})
+
+
+N = "judgements_from_dataset"
+from_dataset = api(fastalign.judgements_from_dataset, lambda: dict(dataset=_preference_dataset()),
+                   positional=("dataset",))
+case(N, "dataset", "list", from_dataset(dataset=[{"prompt": "p", "chosen": "x", "rejected": "y"}]), TypeError)
+case(N, "dataset", "no-rows", lambda: fastalign.judgements_from_dataset(_preference_dataset().select([])))
+case(N, "prompt_column", "missing", from_dataset(prompt_column="question"))
+case(N, "a_column", "int", from_dataset(a_column=1), TypeError)
+case(N, "b_column", "missing", from_dataset(b_column="loser"))
+case(N, "a_won_column", "not-bool", from_dataset(a_won_column="won"), TypeError)
+case(N, "a_won_column", "missing", from_dataset(a_won_column="winner"))
+
+N = "likelihood_displacement"
+displaced = api(fastalign.likelihood_displacement, lambda: dict(chosen_rewards=[0.1, 0.0, -0.1, -0.2],
+                                                                rejected_rewards=[0.0, -0.2, -0.4, -0.6], window=3),
+                positional=("chosen_rewards", "rejected_rewards"))
+case(N, "chosen_rewards", "str", displaced(chosen_rewards="0.1"), TypeError)
+case(N, "chosen_rewards", "none-value", displaced(chosen_rewards=[0.1, None, 0.0, 0.0]), TypeError)
+case(N, "chosen_rewards", "bool-tensor", displaced(chosen_rewards=torch.ones(4, dtype=torch.bool)), TypeError)
+case(N, "chosen_rewards", "2-d", displaced(chosen_rewards=fl(2, 2)))
+case(N, "chosen_rewards", "shorter-than-window", displaced(chosen_rewards=[0.1, 0.0]))
+case(N, "chosen_rewards", "nan", displaced(chosen_rewards=[0.1, NAN, 0.0, 0.0]))
+case(N, "rejected_rewards", "length", displaced(rejected_rewards=[0.0, -0.2, -0.4]))
+case(N, "rejected_rewards", "inf", displaced(rejected_rewards=[0.0, -INF, -0.4, -0.6]))
+case(N, "steps", "not-increasing", displaced(steps=[1, 2, 2, 3]))
+case(N, "steps", "length", displaced(steps=[1, 2, 3]))
+case(N, "chosen_logps", "length", displaced(chosen_logps=[-1.0]))
+case(N, "rejected_logps", "nan", displaced(rejected_logps=[-1.0, NAN, -1.0, -1.0]))
+case(N, "window", "2", displaced(window=2))
+case(N, "window", "float", displaced(window=3.0), TypeError)
+
+N = "likelihood_displacement_from_logs"
+_LOGS = [{"rewards/chosen": 0.1 - 0.1 * k, "rewards/rejected": -0.2 * k, "step": k + 1} for k in range(4)]
+from_logs = api(fastalign.likelihood_displacement_from_logs, lambda: dict(log_history=_LOGS, window=3),
+                positional=("log_history",))
+case(N, "log_history", "dict", from_logs(log_history=_LOGS[0]), TypeError)
+case(N, "log_history", "not-dicts", from_logs(log_history=[("rewards/chosen", 0.1)]), TypeError)
+case(N, "log_history", "no-rewards", from_logs(log_history=[{"loss": 0.5, "step": 1}]))
+case(N, "log_history", "some-steps",
+     from_logs(log_history=_LOGS[:3] + [{"rewards/chosen": 0.0, "rewards/rejected": 0.0}]))
+case(N, "prefix", "none", from_logs(prefix=None), TypeError)
+case(N, "window", "2", from_logs(window=2))
+
+
+def _displacement_callback(**kwargs):
+    def call():
+        from fastalign.integrations.trl.displacement_callback import LikelihoodDisplacementCallback
+
+        return LikelihoodDisplacementCallback(**kwargs)
+
+    return call
+
+
+N = "integrations.trl.LikelihoodDisplacementCallback"
+case(N, "window", "2", _displacement_callback(window=2))
+case(N, "window", "str", _displacement_callback(window="10"), TypeError)
+case(N, "once", "str", _displacement_callback(once="yes"), TypeError)
+
 # --- backends ------------------------------------------------------------------------------------------
 
 def _use(name):
@@ -1307,7 +1405,8 @@ def test_every_public_callable_is_swept():
     swept = {c.id.split("-", 1)[0] for c in CASES}
     public = {name for name in fastalign.__all__ if callable(getattr(fastalign, name))}
     unswept = {"TokenLogprobs", "TokenDivergence", "GAEOutput", "EnsemblePreferences", "FlaggedPairs",
-               "current_backend", "available_backends"}
+               "BradleyTerryFit", "DatasetJudgements", "DisplacementReport", "IntransitivityReport",
+               "PairwiseJudgements", "current_backend", "available_backends"}
     assert public - unswept <= swept, sorted(public - unswept - swept)
 
 
