@@ -27,7 +27,7 @@ def trl_weights(
         return m / m.sum().clamp(min=1.0) / ga
     if loss_type == "dr_grpo":
         return m / (m.shape[0] * max_completion_length) / ga
-    if loss_type in ("dapo", "cispo"):
+    if loss_type in ("dapo", "cispo", "vespo"):
         n = torch.as_tensor(num_items_in_batch, dtype=m.dtype, device=m.device)
         normalizer = n.clamp(min=1.0) / num_processes
         normalizer = normalizer * ga / (steps_per_generation or ga)

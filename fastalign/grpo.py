@@ -1,17 +1,18 @@
-"""GRPO and its family (Dr.GRPO, DAPO, BNPO, CISPO, SAPO, GSPO, LUSPO) from logits or log-probs.
+"""GRPO and its family (Dr.GRPO, DAPO, BNPO, CISPO, SAPO, GSPO, LUSPO, VESPO) from logits or log-probs.
 
 convention="trl" is TRL 1.16's `GRPOTrainer._compute_loss` (loss types, `delta`, `beta` with the
-k3 KL and `use_bias_correction_kl`, GSPO via `importance_sampling_level="sequence"`, the vLLM
-importance-sampling ratio, `top_entropy_quantile`, the entropy bonus, off-policy sequence
-masking, the per-type normalizers) and its logged metrics. convention="verl" is verl's actor loss:
-`compute_policy_loss_vanilla` (dual-clip), `_gspo`, `_sapo`, `_cispo`, aggregated by `agg_loss`
-(token-mean, token-sum, seq-mean-token-mean, seq-mean-token-sum, seq-mean-token-sum-norm with
-`dp_size` and global counts), plus its KL loss (`kl_penalty`) and entropy loss, with verl's
-metric names.
+k3 KL and `use_bias_correction_kl`, GSPO via `importance_sampling_level="sequence"`, VESPO's Gamma
+sequence weight (`fastalign/vespo.py`), the vLLM importance-sampling ratio, `top_entropy_quantile`,
+the entropy bonus, off-policy sequence masking, the per-type normalizers) and its logged metrics.
+convention="verl" is verl's actor loss: `compute_policy_loss_vanilla` (dual-clip), `_gspo`, `_sapo`,
+`_cispo`, aggregated by `agg_loss` (token-mean, token-sum, seq-mean-token-mean, seq-mean-token-sum,
+seq-mean-token-sum-norm with `dp_size` and global counts), plus its KL loss (`kl_penalty`) and
+entropy loss, with verl's metric names.
 
 From logits, a token-level objective runs in one pass over the vocabulary (forward kernel writes
 the logits gradient); GSPO, the entropy-quantile mask and off-policy masking need all log-probs
-first and take two passes (see `fastalign/policy.py`).
+first and take two passes (see `fastalign/policy.py`); so does VESPO with old log-probs (its weight
+sums each completion's log-ratios), while on-policy VESPO's weight is known before the pass.
 """
 
 from __future__ import annotations
@@ -44,8 +45,9 @@ from .aggregation import trl_weights, verl_weights
 from .grpo_metrics import grpo_metrics
 from .token_objective import TokenObjective, kl_estimator_name
 from .types import LossOutput
+from .vespo import gamma_weights
 
-TRL_LOSS_TYPES = ("grpo", "bnpo", "dr_grpo", "dapo", "cispo", "sapo", "luspo")
+TRL_LOSS_TYPES = ("grpo", "bnpo", "dr_grpo", "dapo", "cispo", "sapo", "luspo", "vespo")
 VERL_LOSS_TYPES = ("vanilla", "gspo", "cispo", "sapo")
 AGG_MODES = ("token-mean", "token-sum", "seq-mean-token-mean", "seq-mean-token-sum", "seq-mean-token-sum-norm")
 
@@ -63,6 +65,10 @@ class GRPOOptions:
     importance_sampling_level: str
     sapo_temperature_pos: float
     sapo_temperature_neg: float
+    vespo_k_pos: float
+    vespo_lambda_pos: float
+    vespo_k_neg: float
+    vespo_lambda_neg: float
     top_entropy_quantile: float
     entropy_coef: float
     off_policy_mask_threshold: float | None
@@ -89,6 +95,11 @@ class GRPOOptions:
                 low, high = -math.inf, self.epsilon_high
         elif self.loss_type == "sapo":
             surrogate = "sapo"
+        elif self.loss_type == "vespo":
+            # -phi * A * l: CISPO's detached weight on A * l with the ratio clamped to exactly 1, and
+            # phi in the policy weights (the ratio itself stays for the KL's bias correction).
+            surrogate = "cispo"
+            low = high = 1.0
         else:
             surrogate = "clip"
         return TokenObjective(
@@ -121,6 +132,10 @@ def grpo_options(
     importance_sampling_level: str = "token",
     sapo_temperature_pos: float = 1.0,
     sapo_temperature_neg: float = 1.05,
+    vespo_k_pos: float = 2.0,
+    vespo_lambda_pos: float = 3.0,
+    vespo_k_neg: float = 3.0,
+    vespo_lambda_neg: float = 2.0,
     top_entropy_quantile: float = 1.0,
     entropy_coef: float = 0.0,
     off_policy_mask_threshold: float | None = None,
@@ -183,6 +198,11 @@ def grpo_options(
         raise ValueError(f"importance_sampling_level: 'sequence' is not defined for loss_type={loss_type!r}")
     sapo_temperature_pos = check_optional_positive("sapo_temperature_pos", sapo_temperature_pos)
     sapo_temperature_neg = check_optional_positive("sapo_temperature_neg", sapo_temperature_neg)
+    vespo_k_pos, vespo_lambda_pos, vespo_k_neg, vespo_lambda_neg = (
+        check_nonnegative(name, value) for name, value in (
+            ("vespo_k_pos", vespo_k_pos), ("vespo_lambda_pos", vespo_lambda_pos),
+            ("vespo_k_neg", vespo_k_neg), ("vespo_lambda_neg", vespo_lambda_neg))
+    )
     if isinstance(top_entropy_quantile, bool) or not isinstance(top_entropy_quantile, (int, float)):
         raise TypeError(f"top_entropy_quantile: expected a number in (0, 1], got {type(top_entropy_quantile).__name__}")
     if not 0 < top_entropy_quantile <= 1:
@@ -211,7 +231,8 @@ def grpo_options(
     return GRPOOptions(
         loss_type, convention, epsilon_low, epsilon_high, delta, beta, kl_estimator,
         check_flag("use_bias_correction_kl", use_bias_correction_kl),
-        importance_sampling_level, sapo_temperature_pos, sapo_temperature_neg, float(top_entropy_quantile),
+        importance_sampling_level, sapo_temperature_pos, sapo_temperature_neg,
+        vespo_k_pos, vespo_lambda_pos, vespo_k_neg, vespo_lambda_neg, float(top_entropy_quantile),
         entropy_coef, off_policy_mask_threshold, max_completion_length, gradient_accumulation_steps,
         num_processes, steps_per_generation, loss_agg_mode, dp_size, loss_scale_factor, float(clip_ratio_c),
         check_transform(temperature, logit_scale, softcap),
@@ -280,8 +301,11 @@ def grpo_loss(
     `logps` [B, T] (with `entropies` [B, T] for the entropy metric, bonus or mask). `completion_mask` [B, T];
     `advantages` [B] or [B, T]; `old_logps` [B, T] (None: on-policy, ratio 1 with its gradient);
     `ref_logps` [B, T] (required when beta > 0); `importance_sampling_ratio` [B, T] or [B, 1]
-    (TRL's vLLM correction, already truncated or masked); `sampling_logps` (off-policy masking;
-    defaults to old_logps); `num_items_in_batch` (TRL's dapo/cispo normalizer);
+    (TRL's vLLM correction, already truncated or masked; "vespo" folds its log into each sequence's
+    weight instead of multiplying the token losses, summed over every position as TRL does, so it
+    must be 1 off the completion mask, as `vllm_importance_sampling_ratio` makes it);
+    `sampling_logps` (off-policy masking; defaults to old_logps); `num_items_in_batch` (TRL's
+    dapo/cispo/vespo normalizer);
     `batch_num_tokens` / `global_batch_size` (verl's global counts, required when dp_size > 1).
     `gather` (convention="trl", several processes): a function returning every process's tensor
     concatenated along dim 0 (lengths may differ), e.g. `fastalign.integrations.trl.gather_for(accelerator)`;
@@ -327,7 +351,7 @@ def grpo_loss(
         if o.off_policy_mask_threshold is None:
             raise ValueError("sampling_logps: only used with off_policy_mask_threshold")
         sampling_logps = as_float(check_tokens("sampling_logps", sampling_logps, shape, device), like)
-    if o.convention == "trl" and o.loss_type in ("dapo", "cispo") and num_items_in_batch is None:
+    if o.convention == "trl" and o.loss_type in ("dapo", "cispo", "vespo") and num_items_in_batch is None:
         raise ValueError(
             f"num_items_in_batch: required for loss_type={o.loss_type!r} (the global count of completion tokens "
             "that normalizes the loss; TRL passes it to compute_loss)"
@@ -342,8 +366,21 @@ def grpo_loss(
     w = _weights(o, mask_f, num_items_in_batch, batch_num_tokens, global_batch_size, pg=True, mask_dtype=mask.dtype)
     w_other = w if o.convention == "trl" else _weights(o, mask_f, None, batch_num_tokens, global_batch_size, pg=False,
                                                        mask_dtype=mask.dtype)
-    w_pg = w if importance_sampling_ratio is None else w * importance_sampling_ratio
+    vespo = o.loss_type == "vespo"
+    # VESPO folds the vLLM ratio into its sequence weight rather than into the token weights.
+    w_pg = w if (importance_sampling_ratio is None or vespo) else w * importance_sampling_ratio
     w_kl = o.beta * w_other if o.beta != 0 else None
+
+    def vespo_phi(log_ratio_tokens):
+        return gamma_weights(adv, log_ratio_tokens, mask_f, importance_sampling_ratio, o.vespo_k_pos,
+                             o.vespo_lambda_pos, o.vespo_k_neg, o.vespo_lambda_neg)
+
+    state = {"phi": None}
+    if vespo and old_logps is None:
+        # On-policy every token log-ratio is 0 (TRL's logps - logps.detach()): phi is known before
+        # any log-prob, so the objective stays token-local and runs in the fused pass.
+        state["phi"] = vespo_phi(torch.zeros(shape, dtype=mask_f.dtype, device=device))
+        w_pg = w_pg * state["phi"]
 
     def entropy_weights(effective_mask):
         if o.entropy_coef == 0:
@@ -352,14 +389,14 @@ def grpo_loss(
             return o.entropy_coef * effective_mask / effective_mask.sum().clamp(min=1.0) / o.gradient_accumulation_steps
         return o.entropy_coef * w_other
 
-    state = {"entropy_mask": None}
-
     def adjust(logps_, entropies_):
         weights = w_pg
+        if vespo and old_logps is not None:
+            state["phi"] = vespo_phi(logps_.detach() - old_logps)
+            weights = weights * state["phi"]
         effective = mask_f
         if o.top_entropy_quantile < 1:
             keep = _high_entropy_mask(entropies_.detach(), mask_f, o.top_entropy_quantile, gather).to(mask_f.dtype)
-            state["entropy_mask"] = keep
             weights = weights * keep
             effective = mask_f * keep
         if o.off_policy_mask_threshold is not None:
@@ -368,10 +405,12 @@ def grpo_loss(
         log_ratio_ = None
         if o.importance_sampling_level == "sequence":
             log_ratio_ = _sequence_log_ratio(logps_, old_logps, mask_f, o.convention)
+        state["w_pg"] = weights
         return weights, entropy_weights(effective), log_ratio_
 
     token_local = (
         o.importance_sampling_level == "token" and o.top_entropy_quantile == 1 and o.off_policy_mask_threshold is None
+        and not (vespo and old_logps is not None)
     )
     pieces, token_logps, token_entropies = run_objective(
         logits=logits, labels=labels, lm_head=lm_head, logps=logps, entropies=entropies, mask=mask, old_logps=old_logps,
@@ -379,9 +418,9 @@ def grpo_loss(
         w_entropy=entropy_weights(mask_f), transform=transform,
         adjust=None if (token_local and logps is None) else adjust,
     )
-    w_pg_kept = w_pg if state["entropy_mask"] is None else w_pg * state["entropy_mask"]
-    metrics = grpo_metrics(o, obj, pieces, token_logps, old_logps, token_entropies, mask_f, adv, w_pg_kept, w_kl,
-                       entropy_weights(mask_f), gather)
+    # The policy weights the loss ran with (the entropy and off-policy masks, phi) for its metrics.
+    metrics = grpo_metrics(o, obj, pieces, token_logps, old_logps, token_entropies, mask_f, adv,
+                           state.get("w_pg", w_pg), w_kl, entropy_weights(mask_f), gather, vespo_phi=state["phi"])
     return LossOutput(pieces["loss"], metrics)
 
 

@@ -18,18 +18,20 @@ CLIP_TYPES = ("grpo", "bnpo", "dr_grpo", "dapo", "luspo")
 TRL_GA_SCALED = ("grpo", "sapo", "bnpo", "dr_grpo", "luspo")
 
 
-def grpo_metrics(o, obj, pieces, token_logps, old_logps, entropies, mask, adv, w_pg, w_kl, w_entropy, gather=None):
-    """The trainer's metrics under the option's convention (TRL's or verl's names and reductions)."""
+def grpo_metrics(o, obj, pieces, token_logps, old_logps, entropies, mask, adv, w_pg, w_kl, w_entropy, gather=None,
+                 vespo_phi=None):
+    """The trainer's metrics under the option's convention (TRL's or verl's names and reductions).
+    `vespo_phi`: VESPO's sequence weights ([B, 1], or [B, T] for per-token advantages)."""
     pg_loss = masked_sum(pieces["pg"].detach(), w_pg).detach()
     kl_loss = masked_sum(pieces["kl"].detach(), w_kl) if w_kl is not None else None
     if o.convention == "trl":
-        out = _trl_metrics(o, pieces, entropies, mask, adv, pg_loss, kl_loss, gather)
+        out = _trl_metrics(o, pieces, entropies, mask, adv, pg_loss, kl_loss, gather, vespo_phi)
     else:
         out = _verl_metrics(o, obj, pieces, token_logps, old_logps, entropies, mask, adv, w_entropy, pg_loss, kl_loss)
     return {name: metric(value) for name, value in out.items() if value is not None}
 
 
-def _trl_metrics(o, pieces, entropies, mask, adv, pg_loss, kl_loss, gather):
+def _trl_metrics(o, pieces, entropies, mask, adv, pg_loss, kl_loss, gather, vespo_phi=None):
     """GRPOTrainer's metrics: token means over every process (`gather`), per-sequence extremes."""
     ratio = pieces["ratio"].detach()
 
@@ -58,6 +60,9 @@ def _trl_metrics(o, pieces, entropies, mask, adv, pg_loss, kl_loss, gather):
         out["clip_ratio/high_max"] = _nan_extreme(seq_means(high), torch.max)
     elif o.loss_type == "cispo":
         out["cispo_clip_ratio"] = global_mean(((ratio > o.epsilon_high) & (adv > 0)).float())
+    elif o.loss_type == "vespo":
+        # Per sequence, every sequence counts once, those without a counted token too (as TRL logs it).
+        out["vespo/phi_seq_mean"] = global_mean(vespo_phi)
     if o.entropy_coef != 0:
         policy = pg_loss + (kl_loss if kl_loss is not None else 0.0)
         if o.loss_type in TRL_GA_SCALED:

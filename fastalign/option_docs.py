@@ -88,8 +88,9 @@ _TRANSFORM = {
 
 GRPO = {
     "loss_type": 'convention="trl": TRL 1.16 GRPOTrainer\'s "grpo", "bnpo", "dr_grpo", "dapo", "cispo", "sapo", '
-                 '"luspo"; convention="verl": verl\'s policy loss modes "vanilla" (dual-clip), "gspo", "cispo", '
-                 '"sapo".',
+                 '"luspo", "vespo" (-phi(w) * A * log pi with VESPO\'s Gamma weight phi of each completion\'s '
+                 'importance weight w, normalized as dapo); convention="verl": verl\'s policy loss modes "vanilla" '
+                 '(dual-clip), "gspo", "cispo", "sapo".',
     "convention": '"trl" (TRL\'s names, normalizers and metrics) or "verl" (verl\'s actor loss and metrics).',
     "epsilon": "the clipping range below and above 1, in (0, 1) (verl's cispo: any positive bound).",
     "epsilon_low": "the range below 1; None: epsilon (verl's clip_ratio_low).",
@@ -101,9 +102,18 @@ GRPO = {
                     'clamped k3); verl also takes "kl", "mse", and "k3" for low_var_kl; a "+" suffix takes the '
                     'k2 gradient (straight-through). None: "k3" for TRL, "low_var_kl" for verl.',
     "use_bias_correction_kl": "TRL's use_bias_correction_kl: the KL term times the importance ratio.",
-    "importance_sampling_level": '"token" or "sequence" (GSPO: the mean token log-ratio of each completion).',
+    "importance_sampling_level": '"token" or "sequence" (GSPO: the mean token log-ratio of each completion). '
+                                 '"vespo" weighs each completion by its summed log-ratio either way; "sequence" '
+                                 "then changes only the KL term's bias correction, as in TRL (which advises "
+                                 '"token").',
     "sapo_temperature_pos": "SAPO's temperature where the advantage is positive (> 0).",
     "sapo_temperature_neg": "SAPO's temperature elsewhere (> 0).",
+    "vespo_k_pos": "VESPO's power k in phi(w) = e^lambda * w^k * e^(-lambda * w) where the advantage is >= 0 "
+                   "(>= 0): how hard a completion with w < 1 is down-weighted.",
+    "vespo_lambda_pos": "VESPO's decay lambda where the advantage is >= 0 (>= 0; floored at 1e-4 as TRL does): "
+                        "how hard a completion with w > 1 is down-weighted.",
+    "vespo_k_neg": "VESPO's k where the advantage is < 0 (>= 0).",
+    "vespo_lambda_neg": "VESPO's lambda where the advantage is < 0 (>= 0; floored at 1e-4).",
     "top_entropy_quantile": "in (0, 1]: only the tokens whose entropy is in the top quantile get a policy "
                             "gradient (TRL); 1: all.",
     "entropy_coef": "the entropy bonus's weight (>= 0; verl's entropy_coeff).",
@@ -111,8 +121,8 @@ GRPO = {
                                  "mean log-ratio to the sampler exceeds it gets no gradient; None: off.",
     "max_completion_length": 'the L_max of "dr_grpo"\'s normalizer B * L_max (required there).',
     "gradient_accumulation_steps": "TRL's gradient accumulation steps (the loss is scaled as TRL scales it).",
-    "num_processes": "TRL's number of processes (dapo/cispo's normalizer).",
-    "steps_per_generation": "TRL's steps per generation (dapo/cispo's normalizer); None: "
+    "num_processes": "TRL's number of processes (dapo/cispo/vespo's normalizer).",
+    "steps_per_generation": "TRL's steps per generation (dapo/cispo/vespo's normalizer); None: "
                             "gradient_accumulation_steps.",
     "loss_agg_mode": 'verl\'s loss_agg_mode: "token-mean", "token-sum", "seq-mean-token-mean", '
                      '"seq-mean-token-sum", "seq-mean-token-sum-norm".',

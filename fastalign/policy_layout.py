@@ -32,6 +32,11 @@ of the lm_head (plain, or a DTensor sharded along dim 0), the ranks' slices in r
 vocabulary, and every rank gets the whole loss (`fastalign.vocab_parallel`)."""
 
 
+# What a per-token input holds past a packed sequence's end once in [S, T] rows: the vLLM ratio's
+# neutral 1, since VESPO sums its log over every position as TRL does; 0 for the rest.
+PADDING = {"importance_sampling_ratio": 1.0}
+
+
 def laid_out(cu_seqlens, position_ids, sequence_group, vocab_group=None) -> bool:
     """Whether a policy loss's tokens come packed or split over a sequence group, or its
     vocabulary split over a tensor-parallel group."""
@@ -81,5 +86,7 @@ def policy_on_sequences(
         inputs[name] = seq(value)
     for name, value in token_or_sequence_inputs.items():
         per_token = isinstance(value, torch.Tensor) and value.shape == shape and shape[-1] != 1
-        inputs[name] = seq(value) if per_token else value
+        if per_token and layout is not None:
+            value = layout.to_sequences(value, fill=PADDING.get(name, 0))
+        inputs[name] = value
     return loss_fn(logps=seq(logps), entropies=seq(entropies), completion_mask=seq(mask), **inputs, **passthrough)

@@ -21,6 +21,8 @@ CONFIGS = [
     dict(loss_type="dapo", epsilon_high=0.28, gradient_accumulation_steps=2, num_iterations=2),
     dict(loss_type="dapo", importance_sampling_level="sequence", num_iterations=2),  # GSPO
     dict(loss_type="dapo", top_entropy_quantile=0.5, entropy_coef=0.01, num_iterations=2),
+    # VESPO with old log-probs (a second iteration): phi from each completion's summed log-ratio.
+    dict(loss_type="vespo", beta=0.04, gradient_accumulation_steps=2, num_iterations=2),
     # The fused LM head reads softcapping and the logit scale from the model's config.
     dict(loss_type="dapo", beta=0.04, num_iterations=2, model=dict(final_logit_softcapping=3.0, logit_scale=0.7)),
 ]
@@ -69,12 +71,21 @@ def test_grpo_training_matches_stock_trl(saved_models, tmp_path, config):
     assert not fa_trl.is_patched()
     assert heads.count > 0 and losses.count > 0
     tiny_trl.assert_logs_match(stock, ours)
-    assert "entropy" in ours[0] and ("clip_ratio/region_mean" in ours[0]) == (config["loss_type"] != "cispo")
+    assert "entropy" in ours[0]
+    assert ("clip_ratio/region_mean" in ours[0]) == (config["loss_type"] not in ("cispo", "vespo"))
+    assert ("vespo/phi_seq_mean" in ours[0]) == (config["loss_type"] == "vespo")
 
 
-def test_unserved_option_fails_at_construction(model_dir, tmp_path):
-    with fa_trl.patched(trainers=("grpo",)), pytest.raises(ValueError, match=r"GRPOConfig.loss_type='vespo'"):
-        _trainer(model_dir, tmp_path, dict(loss_type="vespo"))
+@pytest.mark.parametrize("config,match", [
+    # A loss type TRL does not know either (TRL itself fails at its first loss).
+    (dict(loss_type="future_loss"), r"GRPOConfig.loss_type='future_loss': fastalign serves"),
+    (dict(loss_type="vespo", vespo_k_neg=-1.0), r"GRPOConfig.vespo_k_neg: expected a finite number >= 0"),
+    (dict(use_adaptive_entropy=True, entropy_coef_min=-0.1), r"GRPOConfig.entropy_coef_min: expected a finite"),
+], ids=["unknown-loss-type", "vespo-negative-k", "negative-coefficient-floor"])
+def test_unserved_option_fails_at_construction(model_dir, tmp_path, config, match):
+    with fa_trl.patched(trainers=("grpo",)), pytest.raises(ValueError, match=match):
+        _trainer(model_dir, tmp_path, config)
+    _trainer(model_dir, tmp_path, config)  # stock TRL builds it
 
 
 def test_unpatch_restores_stock_trl():
@@ -131,7 +142,7 @@ def test_fused_lm_head_fields_equal_trl_function():
                 torch.testing.assert_close(b, a, rtol=1e-5, atol=1e-5)
 
 
-@pytest.mark.parametrize("index", range(18), ids=lambda i: f"config{i}")
+@pytest.mark.parametrize("index", range(len(grpo_cases.CONFIGS)), ids=lambda i: f"config{i}")
 def test_compute_loss_equals_trl_for_every_option(index):
     """The replacement `_compute_loss` against TRL's on the same stand-in trainer, for every option
     the trainer passes on (delta, off-policy masking, the vLLM importance-sampling ratio, every

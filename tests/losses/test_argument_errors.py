@@ -821,6 +821,7 @@ case(N, "options", "dict", grpo(options={"loss_type": "dapo"}), TypeError)
 case(N, "options", "ppo-options", grpo(options=fastalign.ppo_options()), TypeError)
 case(N, "options", "with-keywords", grpo(options=fastalign.grpo_options(), beta=0.1))
 case(N, "gather", "not-callable", grpo(gather=5), TypeError)
+case(N, "num_items_in_batch", "missing-for-vespo", grpo(loss_type="vespo", num_items_in_batch=None))
 case(N, "unknown_option", "typo", grpo(epsilon_hi=0.3), TypeError, r"epsilon_hi")
 
 go = api(fastalign.grpo_options, dict)
@@ -837,6 +838,8 @@ option_cases = [
     ("use_bias_correction_kl", "yes", TypeError), ("use_bias_correction_kl", None, TypeError),
     ("importance_sampling_level", "group", ValueError),
     ("sapo_temperature_pos", 0.0, ValueError), ("sapo_temperature_neg", NAN, ValueError),
+    ("vespo_k_pos", -1.0, ValueError), ("vespo_k_pos", True, TypeError), ("vespo_lambda_pos", NAN, ValueError),
+    ("vespo_k_neg", INF, ValueError), ("vespo_lambda_neg", "x", TypeError),
     ("top_entropy_quantile", 0.0, ValueError), ("top_entropy_quantile", 1.5, ValueError),
     ("top_entropy_quantile", NAN, ValueError), ("top_entropy_quantile", "x", TypeError),
     ("top_entropy_quantile", True, TypeError),
@@ -858,6 +861,7 @@ for name, value, error in option_cases:
     case("GRPOLoss", name, repr(value), (lambda kw: lambda: fastalign.GRPOLoss(**kw))({name: value}), error)
 combos = [
     ("max_completion_length", dict(loss_type="dr_grpo")),
+    ("loss_type", dict(convention="verl", loss_type="vespo")),
     ("epsilon_high", dict(loss_type="cispo", epsilon_high=-1.0)),
     ("epsilon", dict(convention="verl", loss_type="cispo", epsilon=0.0)),
     ("delta", dict(convention="verl", loss_type="vanilla", delta=2.0)),

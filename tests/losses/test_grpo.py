@@ -94,7 +94,11 @@ def test_gradient_matches_float64_truth(backend, dtype, config):
     ref_loss, ref_grad = run(logits64.to(dtype), "reference")
     loss, grad = run(logits64.to(dtype), backend)
     assert grad.dtype == dtype
-    assert_as_accurate_as_reference(loss, ref_loss, truth_loss, "loss")
+    # VESPO's loss value reads each log-prob twice, in -A * l and through phi's summed log-ratio: a
+    # last-bit difference between backends' log-probs moves a whole sequence's term (phi is
+    # detached, so the gradient has no such path).
+    ratio = 1.001 if options["loss_type"] == "vespo" else 1.0
+    assert_as_accurate_as_reference(loss, ref_loss, truth_loss, "loss", ratio=ratio)
     assert_as_accurate_as_reference(grad, ref_grad, truth_grad, "grad")
 
 

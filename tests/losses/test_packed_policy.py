@@ -1,4 +1,5 @@
-"""Packed rows for the policy losses: GRPO (TRL and verl conventions, GSPO, per-token advantages),
+"""Packed rows for the policy losses: GRPO (TRL and verl conventions, GSPO, VESPO with the vLLM
+ratio, per-token advantages),
 PPO with its value loss, and RLOO on `[1, total, V]` logits (or hidden states, or log-probs) with
 `cu_seqlens` or `position_ids` equal the same sequences padded to `[S, T, V]`: loss, every metric,
 and the gradient of every packed logit."""
@@ -38,6 +39,11 @@ def batches(dtype=torch.float64):
     padded["sequence_old_logps"] = packed["sequence_old_logps"] = sequence_old_logps
     weight = torch.randn(V, H, generator=g, dtype=torch.float64).to(DEVICE, dtype)
     advantages = torch.randn(rows, generator=g, dtype=torch.float64).to(DEVICE, dtype)
+    # TRL's vLLM ratio is 1 wherever the completion mask is 0, padding included (VESPO sums its log
+    # over every position): the packed row's padding must read as 1 too.
+    ratio = (0.6 + 0.8 * torch.rand(rows, width, generator=g, dtype=torch.float64)).to(DEVICE, dtype)
+    padded["is_ratio"] = torch.where(padded["completion_mask"] != 0, ratio, 1.0)
+    packed["is_ratio"] = padded["is_ratio"][present][None]
     cu = torch.tensor([0, *torch.tensor(LENGTHS).cumsum(0).tolist()], device=DEVICE)
     position_ids = torch.cat([torch.arange(n) for n in LENGTHS])[None].to(DEVICE)
     return padded, packed, present, weight, advantages, cu, position_ids
@@ -64,6 +70,9 @@ CALLS = {
     "grpo trl top entropy": lambda b, adv, **k: fastalign.grpo_loss(
         **k, completion_mask=b["completion_mask"], advantages=adv, old_logps=b["old_logps"], loss_type="bnpo",
         top_entropy_quantile=0.5),
+    "vespo trl, vLLM ratio": lambda b, adv, **k: fastalign.grpo_loss(
+        **k, completion_mask=b["completion_mask"], advantages=adv, old_logps=b["old_logps"],
+        importance_sampling_ratio=b["is_ratio"], loss_type="vespo", num_items_in_batch=9.0),
     "grpo verl seq-mean-token-mean, token advantages": lambda b, adv, **k: fastalign.grpo_loss(
         **k, completion_mask=b["completion_mask"], advantages=b["token_advantages"], old_logps=b["old_logps"],
         ref_logps=b["ref_logps"], convention="verl", loss_type="vanilla", loss_agg_mode="seq-mean-token-mean",
@@ -107,7 +116,7 @@ def test_packed_policy_row_equals_the_padded_batch(loss, backend):
 
 
 @pytest.mark.parametrize("at", ["hidden", "logps"])
-@pytest.mark.parametrize("loss", ["grpo trl dapo", "gspo trl", "rloo"])
+@pytest.mark.parametrize("loss", ["grpo trl dapo", "gspo trl", "vespo trl, vLLM ratio", "rloo"])
 def test_packed_policy_row_at_other_levels(loss, at):
     padded, packed, present, weight, adv, _, position_ids = batches()
     key = "hidden" if at == "hidden" else "logps"

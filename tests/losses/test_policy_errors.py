@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import math
+
 import pytest
 import torch
 from conftest import DEVICE
@@ -31,7 +33,12 @@ def inputs(**overrides):
 @pytest.mark.parametrize(
     "options,match",
     [
-        (dict(loss_type="ppo"), r"loss_type: expected one of 'grpo', 'bnpo', 'dr_grpo', 'dapo', 'cispo', 'sapo', 'luspo'"),
+        (dict(loss_type="ppo"),
+         r"loss_type: expected one of 'grpo', 'bnpo', 'dr_grpo', 'dapo', 'cispo', 'sapo', 'luspo', 'vespo'"),
+        (dict(loss_type="vespo", convention="verl"), r"loss_type: expected one of 'vanilla', 'gspo', 'cispo', 'sapo'"),
+        (dict(loss_type="vespo", vespo_k_pos=-1.0), r"vespo_k_pos: expected a finite number >= 0, got -1.0"),
+        (dict(loss_type="vespo", vespo_lambda_neg=math.inf), r"vespo_lambda_neg: expected a finite number >= 0"),
+        (dict(loss_type="vespo", vespo_lambda_pos=math.nan), r"vespo_lambda_pos: expected a finite number >= 0"),
         (dict(loss_type="dapo", convention="verl"), r"loss_type: expected one of 'vanilla', 'gspo', 'cispo', 'sapo'"),
         (dict(epsilon=1.5), r"epsilon: expected a clipping range in \(0, 1\), got 1.5"),
         (dict(epsilon=0.0), r"epsilon: expected a clipping range in \(0, 1\)"),
@@ -57,12 +64,19 @@ def test_bad_grpo_options(options, match):
         fastalign.grpo_loss(**inputs(), **options)
 
 
+@pytest.mark.parametrize("name,value", [("vespo_k_pos", "2"), ("vespo_lambda_neg", True), ("vespo_k_neg", None)])
+def test_vespo_options_take_numbers(name, value):
+    with pytest.raises(TypeError, match=rf"{name}: expected a number, got {type(value).__name__}"):
+        fastalign.GRPOLoss(loss_type="vespo", **{name: value})
+
+
 @pytest.mark.parametrize(
     "options,overrides,match",
     [
         (dict(beta=0.04), dict(ref_logps=None), r"ref_logps: required when beta > 0"),
         (dict(loss_type="dapo"), dict(num_items_in_batch=None), r"num_items_in_batch: required for loss_type='dapo'"),
         (dict(loss_type="cispo", epsilon_high=5.0), dict(num_items_in_batch=None), r"num_items_in_batch: required"),
+        (dict(loss_type="vespo"), dict(num_items_in_batch=None), r"num_items_in_batch: required for loss_type='vespo'"),
         (dict(), dict(labels=torch.zeros(B, T + 1, dtype=torch.long)), r"labels: expected shape \(2, 5\)"),
         (dict(), dict(labels=torch.zeros(B, T)), r"labels: expected an int64 or int32 tensor"),
         (dict(), dict(labels=torch.full((B, T), V)), r"labels: every label where completion_mask is nonzero must lie in \[0, 17\)"),

@@ -435,6 +435,7 @@ PADDED_LOSSES = (
     ("grpo", dict(convention="trl", loss_type="dapo", beta=0.1, num_items_in_batch=7.0)),
     ("grpo", dict(convention="trl", loss_type="cispo", num_items_in_batch=7.0)),
     ("grpo", dict(convention="trl", loss_type="sapo", beta=0.1, use_bias_correction_kl=True)),
+    ("grpo", dict(convention="trl", loss_type="vespo", beta=0.1, num_items_in_batch=7.0)),
     ("grpo", dict(convention="verl", loss_type="vanilla", beta=0.1, clip_ratio_c=3.0)),
     ("grpo", dict(convention="verl", loss_type="cispo", beta=0.1)),
 )

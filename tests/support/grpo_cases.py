@@ -35,13 +35,14 @@ class _Accelerator:
         return x
 
 
-def trl_compute_loss(config: dict, logps, entropies, inputs, compute_loss=None):
-    """TRL's `_compute_loss` (or `compute_loss`, a replacement with its signature) on a stand-in
-    holding exactly the attributes it reads."""
+def stand_in_trainer(config: dict, use_vllm: bool = False, accelerator=None):
+    """A GRPOTrainer stand-in holding exactly the attributes `_compute_loss` reads (the adaptive
+    entropy controller's state included), for one process (`accelerator`: one of several)."""
     from trl.trainer.grpo_trainer import GRPOTrainer
 
     ga = config.get("gradient_accumulation_steps", 1)
     epsilon = config.get("epsilon", 0.2)
+    adaptive = config.get("use_adaptive_entropy", False)
     trainer = types.SimpleNamespace(
         loss_type=config.get("loss_type", "dapo"),
         beta=config.get("beta", 0.0),
@@ -50,29 +51,55 @@ def trl_compute_loss(config: dict, logps, entropies, inputs, compute_loss=None):
         importance_sampling_level=config.get("importance_sampling_level", "token"),
         top_entropy_quantile=config.get("top_entropy_quantile", 1.0),
         off_policy_mask_threshold=config.get("off_policy_mask_threshold"),
-        use_vllm="importance_sampling_ratio" in inputs,
+        use_vllm=use_vllm,
         vllm_importance_sampling_correction=True,
         aux_loss_enabled=False,
         entropy_coef=config.get("entropy_coef", 0.0),
-        _entropy_bonus_enabled=config.get("entropy_coef", 0.0) != 0,
-        use_adaptive_entropy=False,
+        _entropy_bonus_enabled=config.get("entropy_coef", 0.0) != 0 or adaptive,
+        use_adaptive_entropy=adaptive,
+        _last_world_entropy=float("inf"),
+        _entropy_window_stats=None,
         max_completion_length=config.get("max_completion_length"),
         current_gradient_accumulation_steps=ga,
-        accelerator=_Accelerator(),
+        accelerator=accelerator or _Accelerator(),
         model=types.SimpleNamespace(training=True),
         args=types.SimpleNamespace(
             use_bias_correction_kl=config.get("use_bias_correction_kl", True),
             delta=config.get("delta"),
             sapo_temperature_pos=config.get("sapo_temperature_pos", 1.0),
             sapo_temperature_neg=config.get("sapo_temperature_neg", 1.05),
+            vespo_k_pos=config.get("vespo_k_pos", 2.0),
+            vespo_lambda_pos=config.get("vespo_lambda_pos", 3.0),
+            vespo_k_neg=config.get("vespo_k_neg", 3.0),
+            vespo_lambda_neg=config.get("vespo_lambda_neg", 2.0),
             steps_per_generation=config.get("steps_per_generation", ga),
+            entropy_target=config.get("entropy_target", 0.2),
+            entropy_coef_delta=config.get("entropy_coef_delta", 0.005),
+            entropy_coef_min=config.get("entropy_coef_min", 0.0),
+            entropy_coef_max=config.get("entropy_coef_max", 1.0),
         ),
-        _metrics={"train": collections.defaultdict(list)},
+        _metrics={"train": collections.defaultdict(list), "eval": collections.defaultdict(list)},
     )
-    trainer._get_per_token_logps_and_entropies = lambda *args, **kwargs: (logps, entropies, None)
     trainer.get_high_entropy_mask = types.MethodType(GRPOTrainer.get_high_entropy_mask, trainer)
     trainer.get_off_policy_mask = GRPOTrainer.get_off_policy_mask
-    loss = (compute_loss or GRPOTrainer._compute_loss)(trainer, None, inputs)
+    trainer.get_gamma_weights = GRPOTrainer.get_gamma_weights
+    return trainer
+
+
+def run_compute_loss(trainer, logps, entropies, inputs, compute_loss=None):
+    """One `_compute_loss` call (TRL's, or `compute_loss`, a replacement with its signature) on a
+    stand-in, the forward answered with the given per-token log-probs and entropies."""
+    from trl.trainer.grpo_trainer import GRPOTrainer
+
+    trainer._get_per_token_logps_and_entropies = lambda *args, **kwargs: (logps, entropies, None)
+    return (compute_loss or GRPOTrainer._compute_loss)(trainer, None, inputs)
+
+
+def trl_compute_loss(config: dict, logps, entropies, inputs, compute_loss=None):
+    """TRL's `_compute_loss` (or `compute_loss`, a replacement with its signature) on a fresh
+    stand-in; the loss and the last value of each logged metric."""
+    trainer = stand_in_trainer(config, use_vllm="importance_sampling_ratio" in inputs)
+    loss = run_compute_loss(trainer, logps, entropies, inputs, compute_loss)
     return loss, {name: values[-1] for name, values in trainer._metrics["train"].items()}
 
 
@@ -113,6 +140,17 @@ CONFIGS = [
     dict(loss_type="dapo", off_policy_mask_threshold=0.05, sampling=True),
     dict(loss_type="dapo", is_ratio="token"),
     dict(loss_type="grpo", is_ratio="sequence", beta=0.04),
+    # VESPO: phi from the summed token log-ratios (some far from 0), both advantage signs; with the
+    # vLLM ratio folded into phi (token-level, and the [B, 1] ratio TRL's get_gamma_weights also takes).
+    dict(loss_type="vespo"),
+    dict(loss_type="vespo", on_policy=True, beta=0.04),
+    dict(loss_type="vespo", is_ratio="token", vespo_k_pos=1.5, vespo_lambda_neg=2.5, gradient_accumulation_steps=2,
+         steps_per_generation=4),
+    dict(loss_type="vespo", is_ratio="token", on_policy=True, vespo_lambda_pos=0.0),
+    dict(loss_type="vespo", is_ratio="sequence", beta=0.04, use_bias_correction_kl=True),
+    dict(loss_type="vespo", importance_sampling_level="sequence", beta=0.04),
+    dict(loss_type="vespo", top_entropy_quantile=0.5, entropy_coef=0.01),
+    dict(loss_type="dapo", off_policy_mask_threshold=0.05, sampling=True, entropy_coef=0.02),
 ]
 
 

@@ -11,12 +11,15 @@ import torch
 
 class ThreadedAccelerator:
     """accelerate's Accelerator as one of `size` processes run as threads: `gather` (and
-    `gather_for_metrics`) concatenates every process's tensor along dim 0, a 0-d tensor counting as [1]."""
+    `gather_for_metrics`) concatenates every process's tensor along dim 0, a 0-d tensor counting as [1];
+    `reduce` sums (or averages) every process's tensor; `pad_across_processes` pads dim 0 to the
+    longest process's. `sync_gradients` is the caller's to set (True: an optimizer step's micro-batch)."""
 
     def __init__(self, rank: int, shared: dict):
         self.rank, self.shared = rank, shared
         self.num_processes = len(shared["slots"])
         self.device = torch.device("cpu")
+        self.sync_gradients = True
 
     def gather(self, tensor: torch.Tensor) -> torch.Tensor:
         slots, barrier = self.shared["slots"], self.shared["barrier"]
@@ -27,6 +30,17 @@ class ThreadedAccelerator:
         return gathered
 
     gather_for_metrics = gather
+
+    def reduce(self, tensor: torch.Tensor, reduction: str = "sum") -> torch.Tensor:
+        total = self.gather(tensor.unsqueeze(0)).sum(0)
+        return total / self.num_processes if reduction == "mean" else total
+
+    def pad_across_processes(self, tensor: torch.Tensor, dim: int = 0, pad_index=0) -> torch.Tensor:
+        if dim != 0:
+            raise NotImplementedError("the stand-in pads dim 0 only")
+        longest = int(self.gather(torch.tensor([tensor.shape[0]])).max())
+        padding = tensor.new_full((longest - tensor.shape[0], *tensor.shape[1:]), pad_index)
+        return torch.cat([tensor, padding])
 
 
 def run_as_processes(step, size: int = 2) -> list:
