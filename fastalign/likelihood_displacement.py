@@ -26,6 +26,7 @@ trainer's logs as they come.
 from __future__ import annotations
 
 import math
+import sys
 from collections.abc import Sequence
 from typing import NamedTuple
 
@@ -168,9 +169,13 @@ def likelihood_displacement_from_logs(
         log_history: the logged dicts in order; those with `rewards/chosen` and `rewards/rejected`
             (after `prefix`) are read, at their `step` (every one has it, or none: then their
             position), with `logps/chosen` and `logps/rejected` where every read entry has them.
+            A `datasets.Dataset` with a column per logged key (a saved run's logs) is read the same
+            way, its None cells taken as keys the row did not log.
         window: as in `likelihood_displacement`.
         prefix: "" for the training logs, "eval_" for the evaluation ones.
     """
+    if _is_dataset(log_history):
+        log_history = [{k: v for k, v in row.items() if v is not None} for row in log_history.to_list()]
     if not isinstance(log_history, Sequence) or isinstance(log_history, str):
         raise TypeError(
             f"log_history: expected a list of dicts (trainer.state.log_history), got {type(log_history).__name__}"
@@ -194,6 +199,12 @@ def likelihood_displacement_from_logs(
         chosen, rejected, steps=steps, window=window,
         chosen_logps=logps[0] if logps else None, rejected_logps=logps[1] if logps else None,
     )
+
+
+def _is_dataset(value: object) -> bool:
+    # datasets is optional: a Dataset can only be passed when it is installed.
+    datasets = sys.modules.get("datasets")
+    return datasets is not None and isinstance(value, datasets.Dataset)
 
 
 def describe(report: DisplacementReport) -> str:

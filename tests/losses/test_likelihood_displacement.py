@@ -134,6 +134,12 @@ def test_log_history_of_a_trainer():
     # Entries without steps are read in order.
     no_steps = [{k: v for k, v in entry.items() if k != "step"} for entry in history]
     assert likelihood_displacement_from_logs(no_steps, window=8).start_step == report.start_step // 2 - 1
+    # The same logs as a datasets.Dataset (a saved run's): rows that did not log a key hold None there.
+    datasets = pytest.importorskip("datasets")
+    keys = sorted(set().union(*history))
+    table = datasets.Dataset.from_dict({key: [entry.get(key) for entry in history] for key in keys})
+    assert likelihood_displacement_from_logs(table, window=8) == report
+    assert likelihood_displacement_from_logs(table, window=3, prefix="eval_") == evaluation
 
 
 def test_description_gives_the_numbers_and_real_options():
