@@ -133,6 +133,19 @@ def check_label_range(labels: torch.Tensor, vocab_size: int, ignore_index: int) 
 # Checks shared by the sequence-level losses (DPO, CPO, ORPO, KTO, reward).
 
 
+def check_group_index(group_index: object, count: int, device: torch.device, per: str) -> torch.Tensor:
+    """An integer id per row, `[count]` on `device`; `per` says what a row is ("reward", "response")."""
+    if not isinstance(group_index, torch.Tensor):
+        raise TypeError(f"group_index: expected a torch.Tensor of ids, got {type(group_index).__name__}")
+    if group_index.dtype not in (torch.int64, torch.int32, torch.int16, torch.int8, torch.uint8):
+        raise TypeError(f"group_index: expected an integer tensor (int64 or int32 ids), got {group_index.dtype}")
+    if group_index.dim() != 1 or group_index.shape[0] != count:
+        raise ValueError(f"group_index: expected shape [{count}] (one id per {per}), got {tuple(group_index.shape)}")
+    if group_index.device != device:
+        raise ValueError(f"group_index: expected a tensor on {device} (that of the {per}s), got {group_index.device}")
+    return group_index
+
+
 def check_loss_type(loss_type: object, valid: tuple[str, ...]) -> str:
     if loss_type not in valid:
         raise ValueError(f"loss_type: expected one of {', '.join(repr(v) for v in valid)}; got {loss_type!r}")

@@ -30,7 +30,7 @@ import math
 
 import torch
 
-from ._checks import check_flag, values_checkable
+from ._checks import check_flag, check_group_index, values_checkable
 from .backend import resolve
 from .reference.advantages import SCALE_GIVEN, SCALE_GROUP, SCALE_NONE
 
@@ -144,14 +144,7 @@ def _layout(batch: int, group_size: object, group_index: object, device: torch.d
             raise ValueError(f"group_size: the batch of {batch} rewards is not divisible by group_size={group_size}")
         empty = torch.empty(0, dtype=torch.int64, device=device)
         return empty, empty, group_size
-    if not isinstance(group_index, torch.Tensor):
-        raise TypeError(f"group_index: expected a torch.Tensor of group ids, got {type(group_index).__name__}")
-    if group_index.dtype not in (torch.int64, torch.int32, torch.int16, torch.int8, torch.uint8):
-        raise TypeError(f"group_index: expected an integer tensor (int64 or int32 ids), got {group_index.dtype}")
-    if group_index.dim() != 1 or group_index.shape[0] != batch:
-        raise ValueError(f"group_index: expected shape [{batch}] (one id per reward), got {tuple(group_index.shape)}")
-    if group_index.device != device:
-        raise ValueError(f"group_index: expected a tensor on {device} (the rewards' device), got {group_index.device}")
+    check_group_index(group_index, batch, device, "reward")
     # One stable sort gives every backend the same segments (see csrc/cpu/advantages.cpp).
     sorted_ids, order = torch.sort(group_index.to(torch.int64), stable=True)
     _, counts = torch.unique_consecutive(sorted_ids, return_counts=True)
@@ -437,15 +430,7 @@ def _row_baselines(baselines, batch: int, group_size, group_index, device) -> to
                              f"got group_size={group_size}")
         return baselines.repeat_interleave(group_size)
     if group_index is not None:
-        if not isinstance(group_index, torch.Tensor):
-            raise TypeError(f"group_index: expected a torch.Tensor of prompt indices, got {type(group_index).__name__}")
-        if group_index.dtype not in (torch.int64, torch.int32, torch.int16, torch.int8, torch.uint8):
-            raise TypeError(f"group_index: expected an integer tensor, got {group_index.dtype}")
-        if group_index.dim() != 1 or group_index.shape[0] != batch:
-            raise ValueError(f"group_index: expected shape [{batch}] (one prompt index per row), "
-                             f"got {tuple(group_index.shape)}")
-        if group_index.device != device:
-            raise ValueError(f"group_index: expected a tensor on {device} (the rewards' device), got {group_index.device}")
+        check_group_index(group_index, batch, device, "reward")
         # Checked on every device (one sync, once per step): an index past the baselines would read out of bounds.
         if not torch.compiler.is_compiling() and group_index.numel() and not bool(
                 ((group_index >= 0) & (group_index < baselines.shape[0])).all()):

@@ -36,6 +36,7 @@ from torch import nn
 from . import option_docs
 from ._checks import (
     check_finite,
+    check_group_index,
     check_ignore_index,
     check_sequence_values,
     check_token_mask,
@@ -109,15 +110,7 @@ def response_groups(count: int, group_size: object, group_index: object, device:
         if count % group_size:
             raise ValueError(f"group_size: the batch of {count} responses is not divisible by group_size={group_size}")
         return torch.arange(count, device=device).view(-1, group_size)
-    if not isinstance(group_index, torch.Tensor):
-        raise TypeError(f"group_index: expected a torch.Tensor of prompt ids, got {type(group_index).__name__}")
-    if group_index.dtype not in (torch.int64, torch.int32, torch.int16, torch.int8, torch.uint8):
-        raise TypeError(f"group_index: expected an integer tensor of prompt ids, got {group_index.dtype}")
-    if group_index.dim() != 1 or group_index.shape[0] != count:
-        raise ValueError(f"group_index: expected shape [{count}] (one prompt id per response), "
-                         f"got {tuple(group_index.shape)}")
-    if group_index.device != device:
-        raise ValueError(f"group_index: expected a tensor on {device} (that of the responses), got {group_index.device}")
+    check_group_index(group_index, count, device, "response")
     sorted_ids, order = torch.sort(group_index.to(torch.int64), stable=True)
     _, group_of_sorted, counts = torch.unique_consecutive(sorted_ids, return_inverse=True, return_counts=True)
     starts = torch.cumsum(counts, 0) - counts
