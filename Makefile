@@ -5,7 +5,7 @@
 #   make test      the test suite, a line per test file (17 minutes measured on a quiet 2-core CPU
 #                  from a fresh clone, 5 of them installing dependencies; 30 when the machine is
 #                  busy; the two Triton compile-gate tests take 2.5 of the 12 minutes of tests)
-#   make bench     the headline benchmarks (about 6 minutes on a quiet 2-core CPU): a line per row
+#   make bench     the headline benchmarks (about 5 minutes on a quiet 2-core CPU): a line per row
 #                  as it finishes, each row kept in build/bench/last-run.jsonl at once, then markdown
 #                  tables and a chart in bench/results/<device>*. FULL=1 adds the hidden-states,
 #                  distillation and training-step suites (about 75 minutes in all; the distillation
