@@ -432,6 +432,14 @@ def check_advantages(report: Report, device: str, small: bool) -> None:
 
     _check_three_ways(report, "reinforce_plus_plus_advantages", "gamma 0.99", fn_rpp, [rewards])
 
+    baselines = torch.randn(B, device=device)
+
+    def fn_remax(r, b):
+        adv, ret = fastalign.advantages._remax(r, b, mask.float(), None, None)
+        return {"advantages": adv, "returns": ret, "weighted": []}
+
+    _check_three_ways(report, "remax_advantages", "token-level rewards", fn_remax, [rewards, baselines])
+
 
 def kernel_registers(report: Report) -> None:
     """Registers, spills and shared memory of every Triton kernel variant compiled in this process,

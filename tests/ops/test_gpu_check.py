@@ -30,7 +30,7 @@ def test_dry_run_passes_every_check(dry_run):
     report = json.loads((out / "dry-run.json").read_text())
     sections = {c["section"] for c in report["checks"]}
     for section in ("token_logprobs", "grpo_loss", "linear_token_logprobs", "gae", "group_advantages",
-                    "reinforce_plus_plus_advantages", "2^31", "kernels", "tests"):
+                    "reinforce_plus_plus_advantages", "remax_advantages", "2^31", "kernels", "tests"):
         assert section in sections, sections
     assert all(c["ok"] for c in report["checks"])
     # Gradients were compared too, not only forward values.
