@@ -173,9 +173,14 @@ at::Tensor discounted_returns(const at::Tensor& rewards, const at::Tensor& mask,
 
 // ReMax (verl 0.9.1's compute_remax_outcome_advantage): the reward-to-go of the masked rewards,
 // accumulated in double as torch's CPU cumsum does for verl's flip().cumsum().flip(), minus the
-// greedy baseline on the response tokens. The product and the subtraction stay in scalar_t.
+// greedy baseline on the response tokens. The product and the subtraction stay in scalar_t, each
+// rounded on its own (no FMA), as verl's eager ops round them.
 template <typename scalar_t>
-void remax_row(const scalar_t* r, const scalar_t* m, scalar_t baseline, scalar_t* adv, scalar_t* ret, int64_t T) {
+FASTALIGN_NO_FP_CONTRACT void remax_row(const scalar_t* r, const scalar_t* m, scalar_t baseline, scalar_t* adv,
+                                        scalar_t* ret, int64_t T) {
+#if defined(__clang__)
+#pragma clang fp contract(off)
+#endif
   double running = 0;
   for (int64_t t = T - 1; t >= 0; --t) {
     const scalar_t weighted = r[t] * m[t];
