@@ -48,7 +48,8 @@ TORCH_SPEC := torch==2.13.0
 # vocab_parallel_log_probs_from_logits, which the vocabulary-parallel tests compare with (on CPU,
 # gloo); it needs only torch>=2.6, numpy and packaging, and leaves torch as it is (0.16.1 is its
 # last release for Python 3.11).
-DEV_DEPS := numpy triton pytest pytest-benchmark hypothesis ninja \
+# scipy and networkx (torch brings the latter) are the preference-data diagnostics' references.
+DEV_DEPS := numpy scipy networkx triton pytest pytest-benchmark hypothesis ninja \
 	'transformers>=5.5.3,<5.11,!=5.6.0' trl liger-kernel matplotlib \
 	verl==0.9.1 cachetools uvicorn fastapi 'TransferQueue>=0.1.10' \
 	'setuptools>=77' wheel deepspeed==0.19.8 megatron-core==0.16.1
