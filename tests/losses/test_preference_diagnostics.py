@@ -1,6 +1,7 @@
-"""Preference-data diagnostics (fastalign/preference_diagnostics.py): intransitive cycles against
-networkx and Kendall & Babington Smith's circular-triad formula, the batched Bradley–Terry fit
-against scipy's optimiser and Hunter's MM algorithm, the Dataset helper, argument errors.
+"""Preference-data diagnostics (fastalign/preference_cycles.py, bradley_terry.py and
+preference_judgements.py): intransitive cycles against networkx and Kendall & Babington Smith's
+circular-triad formula, the batched Bradley–Terry fit against scipy's optimiser and Hunter's MM
+algorithm, the Dataset helper, argument errors.
 
 References:
 - Kendall & Babington Smith (1940), "On the method of paired comparisons", Biometrika 31: a
@@ -25,7 +26,7 @@ import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from fastalign import preference_diagnostics
+from fastalign import preference_judgements
 from fastalign.preference_diagnostics import (
     TIE_TOLERANCE,
     bradley_terry_fit,
@@ -186,7 +187,7 @@ def test_many_prompts_in_small_batches_match_one_batch(monkeypatch):
     whole = intransitive_cycles(*judgements(rows))
     assert_report_matches_networkx(whole, rows)
     assert 0 < whole.num_cyclic_prompts < 400
-    monkeypatch.setattr(preference_diagnostics, "_MAX_BATCH_ENTRIES", 300)  # 2 prompts of 12 items a batch
+    monkeypatch.setattr(preference_judgements, "_MAX_BATCH_ENTRIES", 300)  # 2 prompts of 12 items a batch
     split = intransitive_cycles(*judgements(rows))
     for name in ("prompts", "is_cyclic", "circular_triads", "num_items", "tied_pairs"):
         torch.testing.assert_close(getattr(split, name), getattr(whole, name), msg=name)
@@ -337,7 +338,7 @@ def test_separable_prompts_stay_finite_and_batches_are_independent(monkeypatch):
     assert (chain_scores[:-1] > chain_scores[1:]).all() and float(fit.unexplained_fraction[0]) == 0.0
     alone = bradley_terry_fit(*judgements(chain))
     torch.testing.assert_close(alone.scores, chain_scores, rtol=0, atol=1e-9)
-    monkeypatch.setattr(preference_diagnostics, "_MAX_BATCH_ENTRIES", 1)  # one prompt per batch
+    monkeypatch.setattr(preference_judgements, "_MAX_BATCH_ENTRIES", 1)  # one prompt per batch
     split = bradley_terry_fit(*judgements(chain + other))
     torch.testing.assert_close(split.scores, fit.scores, rtol=0, atol=1e-9)
 
